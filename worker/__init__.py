@@ -1,0 +1,1 @@
+"""The engine: model code and loaders, paged KV cache, radix prefix cache, scheduler, sampler, runner."""

@@ -1,0 +1,309 @@
+"""The engine: a plain Python object that serves one model from a paged KV cache with prefix reuse.
+
+Use it synchronously (``add_request`` then ``step`` until ``has_unfinished`` is false) or from asyncio with
+``generate``, which streams ``RequestOutput`` deltas. Neither needs Ray nor gRPC: the worker service and the
+Ray actor are thin shells around this object.
+
+Threading contract: ``add_request`` and ``abort`` may be called from any thread while ``step`` runs in
+another; they only validate and enqueue, and ``step`` applies them at its start. Everything else belongs to
+the thread that calls ``step``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from radixserve.cluster.config import EngineConfig
+from radixserve.cluster.model_store import ModelStore
+from radixserve.worker.kv.allocator import PageAllocator
+from radixserve.worker.kv.pool import KVPool
+from radixserve.worker.kv.radix_cache import KVEvent, RadixCache
+from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
+from radixserve.worker.models.llama import LlamaForCausalLM
+from radixserve.worker.outputs import CompletionOutput, RequestOutput
+from radixserve.worker.runner import ModelRunner
+from radixserve.worker.sampler import Sampler, SamplingState
+from radixserve.worker.sampling_params import SamplingParams
+from radixserve.worker.scheduler import Scheduler
+from radixserve.worker.sequence import Sequence, SeqStatus, TokenLogprob
+from radixserve.worker.stop_checker import StopChecker
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; the request was not accepted."""
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    seqs: list[Sequence]
+    checkers: list[StopChecker]
+    pending: list[Sequence] = field(default_factory=list)  # samples 1..n-1, admitted after sample 0's prefill
+    aborted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.status is SeqStatus.FINISHED for seq in self.seqs)
+
+
+class Engine:
+    """Serves one model. See the module docstring for the calling contract."""
+
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint):
+        self.config = config
+        self.tokenizer = checkpoint.tokenizer
+        self.model_config = checkpoint.config
+        self.device = torch.device(config.device)
+        dtype = getattr(torch, config.dtype)
+        num_pages = self._num_pages(dtype)
+        context_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                          self.model_config.max_position_embeddings)
+        self.max_model_len = min(context_len, num_pages * config.cache.page_size)
+        self.model = _build_model(checkpoint, self.max_model_len, dtype, self.device)
+        self.kv = KVPool(self.model_config.num_hidden_layers, num_pages, config.cache.page_size,
+                         self.model_config.num_key_value_heads, self.model_config.head_dim, dtype, self.device)
+        self.allocator = PageAllocator(num_pages)
+        self.cache = RadixCache(self.allocator, config.cache.page_size, config.hash_namespace)
+        self.scheduler = Scheduler(config.scheduler, self.cache, self.allocator, config.cache.page_size)
+        self.runner = ModelRunner(self.model, self.kv, self.device)
+        self.sampler = Sampler()
+        self.eos_token_ids = self.model_config.eos_token_ids or (self.tokenizer.eos_token_id,)
+        self._requests: dict[str, _Request] = {}
+        self._inbox: deque[_Request] = deque()
+        self._aborts: deque[str] = deque()
+        self._seq_ids = itertools.count()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._driver: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        """Opens ``config.model`` (a model-store name or a path) and builds the engine around it."""
+        return cls(config, open_checkpoint(ModelStore().resolve(config.model)))
+
+    def _num_pages(self, dtype: torch.dtype) -> int:
+        cache = self.config.cache
+        if cache.num_pages is not None:
+            return cache.num_pages
+        m = self.model_config
+        page_bytes = KVPool.page_bytes(m.num_hidden_layers, cache.page_size, m.num_key_value_heads, m.head_dim, dtype)
+        return max(2, int(cache.memory_gib * 2**30) // page_bytes)
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validates and enqueues a request; returns its id.
+
+        ``prompt`` is text (tokenized as is: apply a chat template first for chat) or token ids.
+        Raises ValueError naming the field for bad input, EngineOverloaded when the queue is full.
+        """
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        if request_id in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        if len(self._requests) >= self.config.scheduler.max_waiting_requests:
+            raise EngineOverloaded(f"queue full: {len(self._requests)} requests in flight")
+        prompt_ids = self._prompt_ids(prompt)
+        self._check_token_ids(params.stop_token_ids, "stop_token_ids")
+        request = self._make_request(request_id, prompt_ids, params)
+        self._requests[request_id] = request
+        self._inbox.append(request)
+        return request_id
+
+    def _prompt_ids(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            self._check_token_ids(ids, "prompt_token_ids")
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within the context of "
+                             f"{self.max_model_len} tokens")
+        return ids
+
+    def _check_token_ids(self, ids: Seq[int], name: str) -> None:
+        vocab_size = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{name}: token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
+
+    def _make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> _Request:
+        seqs = []
+        for i in range(params.n):
+            sample_params = params.for_sample(i)
+            seqs.append(Sequence(
+                seq_id=next(self._seq_ids), request_id=request_id, index=i, token_ids=list(prompt_ids),
+                prompt_len=len(prompt_ids), params=sample_params,
+                sampling=SamplingState(sample_params, prompt_ids, self.model_config.vocab_size, self.device),
+            ))
+        checkers = [StopChecker(s, self.tokenizer, self.eos_token_ids, self.max_model_len) for s in seqs]
+        return _Request(request_id, seqs, checkers, pending=seqs[1:])
+
+    def abort(self, request_id: str) -> None:
+        """Asks for the request to end; the next ``step`` frees everything it holds and reports ``abort``."""
+        self._aborts.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    # ---- stepping -------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduling iteration and returns the progress of every request that moved."""
+        touched: dict[str, _Request] = {}
+        self._drain_inbox(touched)
+        batch = self.scheduler.schedule()
+        if batch.items:
+            logits, sampled = self.runner.run(batch)
+            for seq, num_tokens in batch.items:
+                seq.num_computed += num_tokens
+                if num_tokens > 1 and seq.status is SeqStatus.RUNNING:
+                    self.scheduler.cache_computed(seq)
+            if sampled:
+                self._accept(logits, sampled, touched)
+        return [self._output(request) for request in touched.values()]
+
+    def _drain_inbox(self, touched: dict[str, _Request]) -> None:
+        while self._inbox:
+            request = self._inbox.popleft()
+            self.scheduler.add(request.seqs[0])
+        while self._aborts:
+            request = self._requests.get(self._aborts.popleft())
+            if request is None or request.aborted:
+                continue
+            request.aborted = True
+            for seq in request.seqs:
+                if seq.status is not SeqStatus.FINISHED:
+                    self._finish(seq, "abort", in_scheduler=seq not in request.pending)
+            request.pending.clear()
+            touched[request.request_id] = request
+
+    def _accept(self, logits: torch.Tensor, sampled: list[Sequence], touched: dict[str, _Request]) -> None:
+        out = self.sampler(logits, [seq.sampling for seq in sampled], self.eos_token_ids)
+        now = time.monotonic()
+        for row, seq in enumerate(sampled):
+            request = self._requests[seq.request_id]
+            token_id = out.token_ids[row]
+            seq.token_ids.append(token_id)
+            seq.sampling.append(token_id)
+            seq.first_token_time = seq.first_token_time or now
+            if out.logprobs[row] is not None:
+                top = tuple(out.top_logprobs[row] or ())
+                seq.logprobs.append(TokenLogprob(token_id, out.logprobs[row], top))
+            reason = request.checkers[seq.index].append(token_id)
+            if reason is not None:
+                self._finish(seq, reason, in_scheduler=True)
+            if request.pending and seq.index == 0:
+                self._release_pending(request)
+            touched[request.request_id] = request
+
+    def _release_pending(self, request: _Request) -> None:
+        """Admits samples 1..n-1 once sample 0's prompt pages are in the radix cache, so they share them."""
+        for seq in reversed(request.pending):
+            self.scheduler.waiting.appendleft(seq)
+        request.pending.clear()
+
+    def _finish(self, seq: Sequence, reason: str, in_scheduler: bool) -> None:
+        if in_scheduler:
+            self.scheduler.finish(seq, reason)
+        else:
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+
+    def _output(self, request: _Request) -> RequestOutput:
+        outputs = []
+        for seq, checker in zip(request.seqs, request.checkers):
+            new_ids = seq.token_ids[seq.prompt_len + checker.num_emitted_tokens :]
+            new_logprobs = seq.logprobs[checker.num_emitted_tokens :]
+            checker.num_emitted_tokens += len(new_ids)
+            finished = seq.status is SeqStatus.FINISHED
+            text = checker.take_text(finished)
+            if new_ids or text or finished:
+                outputs.append(CompletionOutput(seq.index, tuple(new_ids), text, tuple(new_logprobs),
+                                                seq.finish_reason))
+        finished = request.finished
+        if finished:
+            del self._requests[request.request_id]
+        leader = request.seqs[0]
+        return RequestOutput(request.request_id, tuple(outputs), leader.prompt_len,
+                             leader.num_cached_prompt_tokens, finished)
+
+    def take_events(self) -> list[KVEvent]:
+        """KV events (pages stored / removed) since the last call, for the router's prefix index."""
+        return self.cache.take_events()
+
+    # ---- asyncio --------------------------------------------------------------------------------------
+
+    async def generate(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Streams the request's outputs; closing the iterator early aborts the request.
+
+        Validation errors raise before anything is yielded. Steps run in a worker thread so the event loop
+        stays responsive; one driver task serves every concurrent ``generate`` of this engine.
+        """
+        request_id = self.add_request(prompt, params, request_id)
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._ensure_driver()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+                self._ensure_driver()
+
+    def _ensure_driver(self) -> None:
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        self._wakeup.set()
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.get_running_loop().create_task(self._drive())
+
+    async def _drive(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            if not self._requests and not self._aborts:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            try:
+                outputs = await asyncio.to_thread(self.step)
+            except Exception as exc:  # a failed step fails every request it could have touched
+                self._fail_all(exc)
+                continue
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    stream.put_nowait(output)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id in list(self._requests):
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.put_nowait(RuntimeError(f"engine step failed: {exc!r}"))
+            self.abort(request_id)
+
+
+def _build_model(checkpoint: Checkpoint, max_len: int, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    with torch.device(device):
+        model = LlamaForCausalLM(checkpoint.config, max_len)
+    model.load_weights(checkpoint.weights())
+    for param in model.parameters():  # RoPE tables stay fp32
+        param.data = param.data.to(dtype)
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Paged KV storage: page allocator, KV tensor pool and the radix prefix cache."""

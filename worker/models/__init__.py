@@ -1,0 +1,1 @@
+"""Llama-family model code, checkpoint loaders (GGUF and Hugging Face) and tokenizers."""

@@ -1,0 +1,85 @@
+"""Attention over a paged KV cache.
+
+A step's new tokens are flattened into one [T] axis: first one token for each decoding sequence, then
+the chunks of the sequences being prefilled. Keys and values are written to their cache slots
+(``slot = page * page_size + offset``), then each query attends to its sequence's cached context read
+back through the slot table, so a cached prefix is never recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    """One sequence's prefill chunk: queries ``[q_start, q_start + q_len)`` of the step, attending to
+    the ``slots`` of its whole context so far (cached prefix + this chunk), causally."""
+
+    q_start: int
+    q_len: int
+    slots: torch.Tensor  # [ctx_len] int64
+    mask: torch.Tensor | None  # [q_len, ctx_len] bool (True = attend); None when the chunk starts at 0
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Where the step's tokens go in the cache and what each attends to; built once per step."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    num_decode: int
+    decode_slots: torch.Tensor | None  # [num_decode, max_ctx_len] int64, padded with slot 0
+    decode_bias: torch.Tensor | None  # [num_decode, 1, 1, max_ctx_len] float: 0 to attend, -inf for padding
+    prefills: tuple[PrefillSpan, ...]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D]; caches [num_slots, Hkv, D]. Returns [T, Hq, D].
+
+    Writes k/v into the caches at ``batch.slot_mapping`` first.
+    """
+    k_cache.index_copy_(0, batch.slot_mapping, k)
+    v_cache.index_copy_(0, batch.slot_mapping, v)
+    out = torch.empty_like(q)
+    if batch.num_decode:
+        out[: batch.num_decode] = _decode(q[: batch.num_decode], k_cache, v_cache, batch, scale)
+    for span in batch.prefills:
+        end = span.q_start + span.q_len
+        out[span.q_start : end] = _prefill(q[span.q_start : end], k_cache, v_cache, span, scale)
+    return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch, scale: float) -> torch.Tensor:
+    # Grouped-query attention as two batched matmuls: each KV head serves its group of query heads without
+    # repeating keys; one query token per sequence makes fused kernels gain nothing here.
+    num_seqs, max_len = batch.decode_slots.shape
+    num_kv_heads, head_dim = k_cache.shape[1:]
+    flat = batch.decode_slots.view(-1)
+    keys = k_cache.index_select(0, flat).view(num_seqs, max_len, num_kv_heads, head_dim).permute(0, 2, 3, 1)
+    values = v_cache.index_select(0, flat).view(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    grouped = q.view(num_seqs, num_kv_heads, -1, head_dim)  # [B, Hkv, G, D]
+    scores = torch.matmul(grouped, keys).mul_(scale).add_(batch.decode_bias)  # [B, Hkv, G, max_len]
+    out = torch.matmul(scores.softmax(dim=-1), values)  # [B, Hkv, G, D]
+    return out.view(num_seqs, -1, head_dim)
+
+
+def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: PrefillSpan, scale: float) -> torch.Tensor:
+    group = q.shape[1] // k_cache.shape[1]
+    keys = k_cache.index_select(0, span.slots).transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, ctx, D]
+    values = v_cache.index_select(0, span.slots).transpose(0, 1).repeat_interleave(group, dim=0)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+        attn_mask=span.mask, is_causal=span.mask is None, scale=scale,
+    )  # [1, Hq, q_len, D]
+    return out.squeeze(0).transpose(0, 1)

@@ -1,0 +1,133 @@
+"""Building blocks of the decoder with per-parameter weight loaders.
+
+Every parameter carries a ``weight_loader(param, loaded, shard_id)`` that copies a checkpoint tensor
+into its slice of the parameter. Fused layers (QKV, gate/up) declare which checkpoint tensors feed which
+rows, and every loader narrows to this rank's shard, so tensor parallelism and expert layers can reuse the
+same checkpoints without rewriting the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in a tensor-parallel group (``size`` 1: no parallelism)."""
+
+    rank: int = 0
+    size: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank: must be in [0, {self.size}), got {self.rank}")
+
+    def split(self, n: int, name: str) -> int:
+        """This rank's share of ``n`` rows; ``n`` must divide evenly."""
+        if n % self.size:
+            raise ValueError(f"{name}: {n} is not divisible by the tensor-parallel size {self.size}")
+        return n // self.size
+
+
+def _narrow(loaded: torch.Tensor, dim: int, shard: Shard) -> torch.Tensor:
+    size = loaded.shape[dim] // shard.size
+    return loaded.narrow(dim, shard.rank * size, size)
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+class ColumnLinear(nn.Module):
+    """y = x W^T (+ b), output rows split across ranks; fused from ``output_sizes`` checkpoint tensors.
+
+    ``shard_id`` in the weight loader is the index into ``output_sizes`` of the tensor being loaded.
+    """
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, shard: Shard = Shard()):
+        super().__init__()
+        self.shard = shard
+        self.local_sizes = [shard.split(n, "output_size") for n in output_sizes]
+        self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), input_size), requires_grad=False)
+        self.weight.weight_loader = self._load
+        self.weight.num_shards = len(output_sizes)  # checkpoint tensors that fill it
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(sum(self.local_sizes)), requires_grad=False)
+            self.bias.weight_loader = self._load
+            self.bias.num_shards = len(output_sizes)
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        offset = sum(self.local_sizes[:shard_id])
+        dst = param.data.narrow(0, offset, self.local_sizes[shard_id])
+        _copy_checked(dst, _narrow(loaded, 0, self.shard), "weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowLinear(nn.Module):
+    """y = x W^T (+ b), input columns split across ranks; the caller all-reduces when ``shard.size`` > 1."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, shard: Shard = Shard()):
+        super().__init__()
+        self.shard = shard
+        self.weight = nn.Parameter(
+            torch.empty(output_size, shard.split(input_size, "input_size")), requires_grad=False
+        )
+        self.weight.weight_loader = self._load_weight
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = self._load_bias
+
+    def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        _copy_checked(param.data, _narrow(loaded, 1, self.shard), "weight")
+
+    def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        _copy_checked(param.data, loaded, "bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Only rank 0 adds the bias so that the all-reduced sum adds it once.
+        bias = self.bias if self.shard.rank == 0 else None
+        return F.linear(x, self.weight, bias)
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding, replicated on every rank."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        _copy_checked(param.data, loaded, "weight")
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, weight applied in the input dtype (as Llama does)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        _copy_checked(param.data, loaded, "weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)

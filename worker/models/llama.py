@@ -1,0 +1,134 @@
+"""A Llama-family decoder over a paged KV cache: grouped-query attention, RoPE, RMSNorm, SwiGLU.
+
+Q/K/V and gate/up projections are fused; ``load_weights`` maps Hugging Face parameter names onto the
+fused parameters through each parameter's ``weight_loader``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radixserve.worker.kv.pool import KVPool
+from radixserve.worker.models.attention import AttentionBatch, paged_attention
+from radixserve.worker.models.config import ModelConfig
+from radixserve.worker.models.layers import ColumnLinear, RMSNorm, RowLinear, VocabEmbedding
+from radixserve.worker.models.rope import RotaryEmbedding
+
+# Hugging Face name fragment -> (our fused parameter fragment, shard id within it)
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = ColumnLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias)
+        self.o_proj = RowLinear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
+        out = paged_attention(q, k, v, kv.k[self.layer_id], kv.v[self.layer_id], batch, self.scale)
+        return self.o_proj(out.view(num_tokens, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = ColumnLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
+        self.down_proj = RowLinear(size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_id)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, batch, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, max_len: int):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, max_len)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
+        x = self.embed_tokens(token_ids)  # [T, hidden]
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, batch, kv)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder plus LM head. ``forward`` returns final hidden states [T, hidden] for the step's
+    tokens; ``compute_logits`` turns the selected rows into fp32 logits [N, vocab]."""
+
+    def __init__(self, config: ModelConfig, max_len: int):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, max_len)
+        self.lm_head = None if config.tie_word_embeddings else ColumnLinear(config.hidden_size, [config.vocab_size])
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
+        return self.model(token_ids, positions, batch, kv)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies Hugging Face-named tensors into the parameters; every parameter must be filled once."""
+        params = dict(self.named_parameters())
+        expected = {name: 0 for name in params}
+        for hf_name, tensor in weights:
+            name, shard_id = _our_name(hf_name)
+            if name not in params:
+                raise ValueError(f"weights: unexpected checkpoint tensor {hf_name!r}")
+            param = params[name]
+            param.weight_loader(param, tensor.to(param.dtype), shard_id)
+            expected[name] += 1
+        missing = [n for n, count in expected.items() if count != getattr(params[n], "num_shards", 1)]
+        if missing:
+            raise ValueError(f"weights: checkpoint lacks tensors for {missing[:5]}")
+
+
+def _our_name(hf_name: str) -> tuple[str, int]:
+    for fragment, (fused, shard_id) in _FUSED.items():
+        if f".{fragment}." in hf_name:
+            return hf_name.replace(fragment, fused), shard_id
+    return hf_name, 0

@@ -1,0 +1,34 @@
+"""What the engine reports per step: the new tokens and text of each sample of a request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from radixserve.worker.sequence import TokenLogprob
+
+
+@dataclass(frozen=True)
+class CompletionOutput:
+    """The part of sample ``index`` produced since the previous output (a delta).
+
+    ``finish_reason`` is None while the sample runs, then ``"stop"`` (eos, a stop token id or a stop string),
+    ``"length"`` (max_tokens or the context length) or ``"abort"``. Text that could still turn out to begin
+    a stop string is held back until it cannot.
+    """
+
+    index: int
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A step's progress of one request; ``finished`` once every sample has finished."""
+
+    request_id: str
+    outputs: tuple[CompletionOutput, ...]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    finished: bool
