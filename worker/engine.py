@@ -37,6 +37,22 @@ from radixserve.worker.sequence import Sequence, SeqStatus, TokenLogprob
 from radixserve.worker.stop_checker import StopChecker
 
 
+@dataclass
+class EngineStats:
+    """Cumulative counters since the engine started.
+
+    ``num_prompt_tokens`` / ``num_cached_prompt_tokens``: prompt tokens of admitted samples and how many of
+    them were served from the radix cache on first admission; ``num_computed_tokens``: every token fed to the
+    model (prefill, recompute and decode); ``num_generated_tokens``: sampled tokens.
+    """
+
+    num_steps: int = 0
+    num_prompt_tokens: int = 0
+    num_cached_prompt_tokens: int = 0
+    num_computed_tokens: int = 0
+    num_generated_tokens: int = 0
+
+
 class EngineOverloaded(RuntimeError):
     """The waiting queue is full; the request was not accepted."""
 
@@ -76,6 +92,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.sampler = Sampler()
         self.eos_token_ids = self.model_config.eos_token_ids or (self.tokenizer.eos_token_id,)
+        self.stats = EngineStats()
         self._requests: dict[str, _Request] = {}
         self._inbox: deque[_Request] = deque()
         self._aborts: deque[str] = deque()
@@ -166,7 +183,12 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch.items:
             logits, sampled = self.runner.run(batch)
+            self.stats.num_steps += 1
+            self.stats.num_computed_tokens += batch.num_tokens
             for seq, num_tokens in batch.items:
+                if seq.num_computed == seq.num_cached_prompt_tokens and seq.num_generated == 0:
+                    self.stats.num_prompt_tokens += seq.prompt_len
+                    self.stats.num_cached_prompt_tokens += seq.num_cached_prompt_tokens
                 seq.num_computed += num_tokens
                 if num_tokens > 1 and seq.status is SeqStatus.RUNNING:
                     self.scheduler.cache_computed(seq)
@@ -195,6 +217,7 @@ class Engine:
         for row, seq in enumerate(sampled):
             request = self._requests[seq.request_id]
             token_id = out.token_ids[row]
+            self.stats.num_generated_tokens += 1
             seq.token_ids.append(token_id)
             seq.sampling.append(token_id)
             seq.first_token_time = seq.first_token_time or now
@@ -228,7 +251,8 @@ class Engine:
             checker.num_emitted_tokens += len(new_ids)
             finished = seq.status is SeqStatus.FINISHED
             text = checker.take_text(finished)
-            if new_ids or text or finished:
+            if new_ids or text or (finished and not checker.finish_reported):
+                checker.finish_reported = finished
                 outputs.append(CompletionOutput(seq.index, tuple(new_ids), text, tuple(new_logprobs),
                                                 seq.finish_reason))
         finished = request.finished

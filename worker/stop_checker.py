@@ -24,6 +24,7 @@ class StopChecker:
         self.text = ""
         self.num_emitted_chars = 0
         self.num_emitted_tokens = 0
+        self.finish_reported = False
 
     def append(self, token_id: int) -> str | None:
         """Records a sampled token (already in ``seq.token_ids``); returns a finish reason or None."""

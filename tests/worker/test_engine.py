@@ -1,0 +1,286 @@
+"""The engine end to end on a tiny random model: prefix reuse, chunking, batching, memory pressure, input checks."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from engine_runs import assert_all_pages_free, collect, run_to_completion
+
+from radixserve.cluster.hashing import namespace_seed, page_hashes
+from radixserve.cluster.config import CacheConfig, EngineConfig, SchedulerConfig
+from radixserve.worker.engine import Engine, EngineOverloaded
+from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
+from radixserve.worker.sampling_params import SamplingParams
+
+PAGE = 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_hf_dir: Path) -> Checkpoint:
+    return open_checkpoint(tiny_hf_dir)
+
+
+def make_engine(checkpoint: Checkpoint, num_pages: int = 512, budget: int = 256, running: int = 64,
+                waiting: int = 4096) -> Engine:
+    config = EngineConfig(model="tiny", cache=CacheConfig(page_size=PAGE, num_pages=num_pages),
+                          scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_running_requests=running,
+                                                    max_waiting_requests=waiting))
+    return Engine(config, checkpoint)
+
+
+def prompts(n: int, length: int | tuple[int, int], seed: int = 0, vocab: int = 300) -> list[list[int]]:
+    rng = random.Random(seed)
+    lo, hi = (length, length) if isinstance(length, int) else length
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+def solo(checkpoint: Checkpoint, prompt: list[int], params: SamplingParams = GREEDY, **engine_args) -> list[int]:
+    engine = make_engine(checkpoint, **engine_args)
+    rid = engine.add_request(prompt, params)
+    return run_to_completion(engine)[rid].tokens
+
+
+def test_cached_prefix_gives_the_same_greedy_output(checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint)
+    [prompt] = prompts(1, 61)
+    first = run_to_completion(engine) if engine.add_request(prompt, GREEDY, "a") else None
+    engine.add_request(prompt, GREEDY, "b")
+    second = run_to_completion(engine)
+    assert first["a"].num_cached_tokens == 0
+    assert second["b"].num_cached_tokens == 60  # whole pages, leaving the last prompt token to compute
+    assert second["b"].tokens == first["a"].tokens
+    # A prompt that shares only a prefix reuses it and still matches a cold engine.
+    branch = prompt[:40] + prompts(1, 9, seed=1)[0]
+    engine.add_request(branch, GREEDY, "c")
+    warm = run_to_completion(engine)["c"]
+    assert warm.num_cached_tokens == 40
+    assert warm.tokens == solo(checkpoint, branch)
+    assert_all_pages_free(engine)
+
+
+@pytest.mark.parametrize("budget", [1, 7, 16])
+def test_chunked_prefill_gives_the_same_greedy_output(checkpoint: Checkpoint, budget: int) -> None:
+    [prompt] = prompts(1, 83, seed=2)
+    assert solo(checkpoint, prompt, budget=budget) == solo(checkpoint, prompt, budget=512)
+
+
+def mixed_params(i: int) -> SamplingParams:
+    kinds = [
+        SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True),
+        SamplingParams(max_tokens=16, temperature=1.0, top_k=20, min_p=0.05, seed=i, repetition_penalty=1.2),
+        SamplingParams(max_tokens=8, temperature=0, logprobs=2, frequency_penalty=0.5, presence_penalty=0.3),
+        SamplingParams(max_tokens=14, temperature=0.7, n=2, seed=i, ignore_eos=True),
+    ]
+    return kinds[i % len(kinds)]
+
+
+def test_a_batch_of_32_mixed_requests_matches_each_run_alone(checkpoint: Checkpoint) -> None:
+    batch_prompts = prompts(32, (1, 90), seed=3)
+    batch_prompts[5] = batch_prompts[0][:50] + batch_prompts[5]  # some shared prefixes too
+    batch_prompts[10] = list(batch_prompts[0])
+    engine = make_engine(checkpoint, budget=64)
+    for i, prompt in enumerate(batch_prompts):
+        engine.add_request(prompt, mixed_params(i), str(i))
+    together = run_to_completion(engine)
+    for i, prompt in enumerate(batch_prompts):
+        alone_engine = make_engine(checkpoint)
+        alone_engine.add_request(prompt, mixed_params(i), "x")
+        alone = run_to_completion(alone_engine)["x"]
+        for index, sample in alone.samples.items():
+            assert together[str(i)].samples[index].token_ids == sample.token_ids, f"request {i} sample {index}"
+    assert engine.stats.num_cached_prompt_tokens > 0
+    assert_all_pages_free(engine)
+
+
+def test_distinct_prefixes_needing_ten_times_the_pool_all_complete_correctly(checkpoint: Checkpoint) -> None:
+    num_pages = 48
+    work = prompts(40, (40, 60), seed=4)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    pages_needed = sum(-(-(len(p) + params.max_tokens) // PAGE) for p in work)
+    assert pages_needed >= 10 * num_pages
+    engine = make_engine(checkpoint, num_pages=num_pages, budget=32)
+    for i, prompt in enumerate(work):
+        engine.add_request(prompt, params, str(i))
+    done = run_to_completion(engine)
+    removed = sum(len(e.page_hashes) for e in engine.take_events() if e.kind == "removed")
+    assert removed > 0  # the radix cache was evicted to make room
+    reference = make_engine(checkpoint, num_pages=4096)
+    for i, prompt in enumerate(work):
+        reference.add_request(prompt, params, str(i))
+    expected = run_to_completion(reference)
+    assert {k: v.tokens for k, v in done.items()} == {k: v.tokens for k, v in expected.items()}
+    assert_all_pages_free(engine)
+
+
+def test_running_requests_are_preempted_and_recomputed_when_the_pool_runs_dry(checkpoint: Checkpoint) -> None:
+    work = prompts(8, 20, seed=5)
+    params = SamplingParams(max_tokens=40, temperature=0.9, seed=7, ignore_eos=True)
+    # Each request ends up with 15 pages; 8 of them cannot all run in 40.
+    engine = make_engine(checkpoint, num_pages=40, budget=256)
+    for i, prompt in enumerate(work):
+        engine.add_request(prompt, params, str(i))
+    done = run_to_completion(engine)
+    assert engine.scheduler.num_preemptions > 0
+    for i, prompt in enumerate(work):
+        assert done[str(i)].tokens == solo(checkpoint, prompt, params), f"request {i}"
+    assert_all_pages_free(engine)
+
+
+def test_abort_frees_everything_the_request_held(checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint, num_pages=64, running=1)
+    [running_prompt, waiting_prompt] = prompts(2, 30, seed=6)
+    engine.add_request(running_prompt, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), "run")
+    engine.add_request(waiting_prompt, GREEDY, "wait")
+    done: dict = {}
+    for _ in range(5):
+        collect(engine.step(), done)
+    assert engine.allocator.num_free < 64
+    engine.abort("run")
+    engine.abort("wait")
+    engine.abort("never-existed")
+    collect(engine.step(), done)
+    assert done["run"].samples[0].finish_reason == "abort"
+    assert done["wait"].samples[0].finish_reason == "abort" and done["wait"].finished
+    assert not engine.has_unfinished()
+    assert_all_pages_free(engine)
+
+
+BAD_REQUESTS = [
+    ("prompt", "", {}),
+    ("prompt", [], {}),
+    ("prompt", [5] * 256, {}),  # the tiny model's context is 256 tokens
+    ("prompt_token_ids", [5, 300_000], {}),
+    ("prompt_token_ids", [-1, 5], {}),
+    ("stop_token_ids", [5], {"stop_token_ids": [10**6]}),
+]
+
+
+@pytest.mark.parametrize("field,prompt,params", BAD_REQUESTS, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_REQUESTS)])
+def test_bad_requests_name_the_field_and_the_engine_keeps_serving(checkpoint: Checkpoint, field: str,
+                                                                 prompt: object, params: dict) -> None:
+    engine = make_engine(checkpoint)
+    engine.add_request([7, 8, 9], GREEDY, "good")
+    with pytest.raises(ValueError, match=f"^{field}"):
+        engine.add_request(prompt, SamplingParams(**params))
+    assert run_to_completion(engine)["good"].tokens == solo(checkpoint, [7, 8, 9])
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", 0), ("top_p", 0.0), ("top_p", 1.5), ("temperature", -1.0)])
+def test_bad_sampling_params_name_the_field(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"^{field}"):
+        SamplingParams(**{field: value})
+
+
+def test_duplicate_request_ids_and_a_full_queue_are_refused(checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint, waiting=2)
+    engine.add_request([5, 6], GREEDY, "a")
+    with pytest.raises(ValueError, match="^request_id"):
+        engine.add_request([5, 6], GREEDY, "a")
+    engine.add_request([5, 6], GREEDY, "b")
+    with pytest.raises(EngineOverloaded):
+        engine.add_request([5, 6], GREEDY, "c")
+    assert set(run_to_completion(engine)) == {"a", "b"}
+
+
+def test_stop_strings_stop_tokens_and_lengths(checkpoint: Checkpoint) -> None:
+    [prompt] = prompts(1, 12, seed=8)
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    engine = make_engine(checkpoint)
+    engine.add_request(prompt, params, "free")
+    free = run_to_completion(engine)["free"].samples[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 48
+    assert free.text == checkpoint.tokenizer.decode(free.token_ids)
+    stop = free.text[len(free.text) // 2:][:3]
+    assert stop.strip()
+    engine.add_request(prompt, SamplingParams(max_tokens=48, temperature=0, ignore_eos=True, stop=[stop]), "s")
+    stopped = run_to_completion(engine)["s"].samples[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.index(stop)]
+    stop_id = free.token_ids[10]
+    engine.add_request(prompt, SamplingParams(max_tokens=48, temperature=0, stop_token_ids=[stop_id]), "t")
+    by_id = run_to_completion(engine)["t"].samples[0]
+    assert by_id.finish_reason == "stop"
+    assert by_id.token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1]
+    engine.add_request(prompt, SamplingParams(max_tokens=48, temperature=0, min_tokens=20,
+                                              stop_token_ids=[stop_id]), "m")
+    assert len(run_to_completion(engine)["m"].tokens) > 20
+
+
+def test_n_samples_share_the_prompt_pages_and_are_reproducible(checkpoint: Checkpoint) -> None:
+    [prompt] = prompts(1, 50, seed=9)
+    params = SamplingParams(max_tokens=10, temperature=1.0, n=4, seed=123, ignore_eos=True)
+    engine = make_engine(checkpoint)
+    engine.add_request(prompt, params, "n")
+    first = run_to_completion(engine)["n"]
+    # Sample 0 prefills 50 tokens; samples 1-3 reuse its 12 whole pages (48 tokens) and compute 2 each.
+    assert engine.stats.num_computed_tokens == 50 + 3 * 2 + 4 * (10 - 1)
+    outputs = [first.samples[i].token_ids for i in range(4)]
+    assert len({tuple(o) for o in outputs}) == 4
+    engine.add_request(prompt, params, "again")
+    again = run_to_completion(engine)["again"]
+    assert [again.samples[i].token_ids for i in range(4)] == outputs
+
+
+def test_logprobs_come_from_the_raw_distribution(checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint)
+    engine.add_request([5, 6, 7, 8], SamplingParams(max_tokens=6, temperature=0, logprobs=3, ignore_eos=True), "l")
+    sample = run_to_completion(engine)["l"].samples[0]
+    assert [lp.token_id for lp in sample.logprobs] == sample.token_ids
+    for lp in sample.logprobs:
+        assert len(lp.top) == 3 and lp.top[0] == (lp.token_id, pytest.approx(lp.logprob))
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+        assert lp.logprob <= 0
+
+
+def test_kv_events_name_the_pages_the_cache_holds(checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint)
+    [prompt] = prompts(1, 30, seed=10)
+    engine.add_request(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), "e")
+    tokens = prompt + run_to_completion(engine)["e"].tokens
+    stored = [h for e in engine.take_events() if e.kind == "stored" for h in e.page_hashes]
+    # All computed tokens (the last sampled one has no KV) in whole pages, hashed as the router will.
+    assert stored == page_hashes(tokens[:-1], PAGE, namespace_seed("tiny"))
+    engine.cache.flush()
+    removed = engine.take_events()
+    assert {e.kind for e in removed} == {"removed"}
+    assert sorted(h for e in removed for h in e.page_hashes) == sorted(stored)
+
+
+def test_async_generate_streams_concurrently_and_cancellation_aborts(checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint)
+    [p1, p2, p3] = prompts(3, 25, seed=11)
+
+    async def stream(prompt: list[int], limit: int | None = None) -> list[int]:
+        tokens: list[int] = []
+        agen = engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+        async for output in agen:
+            tokens += output.outputs[0].token_ids if output.outputs else []
+            if limit is not None and len(tokens) >= limit:
+                await agen.aclose()
+                break
+        return tokens
+
+    async def main() -> tuple[list[int], list[int], list[int]]:
+        with pytest.raises(ValueError, match="^prompt"):
+            await anext(engine.generate([], GREEDY))
+        results = await asyncio.gather(stream(p1), stream(p2), stream(p3, limit=3))
+        for _ in range(100):  # let the driver apply the abort
+            if not engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        return results
+
+    a, b, c = asyncio.run(main())
+    assert a == solo(checkpoint, p1, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    assert b == solo(checkpoint, p2, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    assert 3 <= len(c) < 30
+    assert not engine.has_unfinished()
+    assert_all_pages_free(engine)

@@ -1,0 +1,56 @@
+"""A model on disk: its architecture, tokenizer and weights, whatever the file format.
+
+Weights contract (every loader): ``weights()`` yields ``(name, tensor)`` pairs, each tensor float32, on the CPU,
+contiguous, shaped ``[out_features, in_features]`` for projections (``[vocab, hidden]`` for the embedding,
+``[hidden]`` for norms), under Hugging Face Llama names::
+
+    model.embed_tokens.weight
+    model.layers.{i}.input_layernorm.weight
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight      (+ .bias when config.attention_bias)
+    model.layers.{i}.post_attention_layernorm.weight
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight       (+ .bias when config.mlp_bias)
+    model.norm.weight
+    lm_head.weight                                        (absent when config.tie_word_embeddings)
+
+Rows of ``q_proj``/``k_proj`` are in Hugging Face's rotate-half order: within each head, the first ``head_dim / 2``
+rows pair with the last ``head_dim / 2`` rows for rotary embedding. Each name is yielded once; the order is the
+file's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from radixserve.worker.models.config import ModelConfig
+from radixserve.worker.models.tokenizer import Tokenizer
+
+
+class Checkpoint(ABC):
+    """A loaded checkpoint's metadata; tensors are read lazily by ``weights()``, which may be called again."""
+
+    def __init__(self, name: str, config: ModelConfig, tokenizer: Tokenizer) -> None:
+        self.name = name
+        self.config = config
+        self.tokenizer = tokenizer
+
+    @abstractmethod
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield every weight under the contract in this module's docstring."""
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a ``.gguf`` file or a Hugging Face directory (one holding ``config.json``)."""
+    # The loaders subclass Checkpoint, so they are imported here rather than at module level.
+    from radixserve.worker.models.gguf_loader import GGUFCheckpoint
+    from radixserve.worker.models.hf_loader import HFCheckpoint
+
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return GGUFCheckpoint(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return HFCheckpoint(path)
+    raise ValueError(f"model: {str(path)!r} is neither a .gguf file nor a directory with a config.json")

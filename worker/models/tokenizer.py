@@ -1,0 +1,167 @@
+"""Text <-> token ids for a checkpoint: a ``tokenizers.Tokenizer`` plus special tokens and the chat template."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import jinja2
+import jinja2.ext
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer.
+
+    ``encode`` recognises added/special tokens written in the text (``"<|im_start|>"`` is one id).
+    ``bos_token_id``/``eos_token_id`` are the tokenizer's own (``None`` when it has none); a model's full set of
+    stop ids is ``ModelConfig.eos_token_ids``.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None, chat_template: str | None = None) -> None:
+        size = backend.get_vocab_size(with_added_tokens=True)
+        for field, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)):
+            if value is not None and not 0 <= value < size:
+                raise ValueError(f"{field}: {value} is outside the vocabulary of {size} tokens")
+        self._backend = backend
+        self._bos_token_id = bos_token_id
+        self._eos_token_id = eos_token_id
+        self._chat_template = chat_template
+        self._compiled_template: jinja2.Template | None = None
+        added = backend.get_added_tokens_decoder()
+        self._special_ids = tuple(sorted(i for i, token in added.items() if token.special))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (the model's embedding may have more rows)."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._eos_token_id
+
+    @property
+    def all_special_ids(self) -> tuple[int, ...]:
+        """Ids of the special tokens, ascending; ``decode`` drops them when ``skip_special_tokens``."""
+        return self._special_ids
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_special_tokens`` applies the tokenizer's post-processor (e.g. a BOS)."""
+        if not isinstance(text, str):
+            raise ValueError(f"text: must be a str, got {type(text).__name__}")
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; an incomplete or invalid UTF-8 byte sequence decodes to U+FFFD."""
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` (each with str ``role`` and ``content``) with the checkpoint's chat template.
+
+        The result already holds the template's special tokens: encode it with ``add_special_tokens=False``.
+        """
+        _check_messages(messages)
+        template = self._template()
+        try:
+            return template.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                                   bos_token=self._token_text(self._bos_token_id),
+                                   eos_token=self._token_text(self._eos_token_id))
+        except jinja2.TemplateError as error:
+            raise ValueError(f"messages: the chat template rejected them: {error}") from error
+
+    def _template(self) -> jinja2.Template:
+        if self._chat_template is None:
+            raise ValueError("messages: this model has no chat template; send a plain prompt instead")
+        if self._compiled_template is None:
+            self._compiled_template = _compile_template(self._chat_template)
+        return self._compiled_template
+
+    def _token_text(self, token_id: int | None) -> str:
+        return "" if token_id is None else self._backend.id_to_token(token_id)
+
+
+def _check_messages(messages: Sequence[Mapping[str, str]]) -> None:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError("messages: must be a non-empty list of {'role': ..., 'content': ...} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"messages[{i}]: must be an object with 'role' and 'content'")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise ValueError(f"messages[{i}].{key}: must be a string")
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    # Chat templates are written against Hugging Face's rendering, which trims block whitespace and allows
+    # loop controls; templates call raise_exception() to reject conversations they cannot express.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.globals["raise_exception"] = _raise_exception
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as error:
+        raise ValueError(f"messages: the model's chat template does not compile: {error}") from error
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text deltas for streaming.
+
+    ``push`` returns the text completed by one more id. Text that may still change (a multi-byte character split
+    across tokens decodes to a trailing U+FFFD until its last byte arrives) is held back; ``finish`` releases it at
+    the end of the stream. The concatenation of every ``push`` and ``finish`` — also ``text`` after ``finish`` —
+    equals ``tokenizer.decode(all_ids, skip_special_tokens)``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = []
+        # Each push re-decodes ids[_prefix:]; ids[_prefix:_read] were emitted last time and give the decoder the
+        # context it needs (e.g. a leading-space rule), ids[_read:] are not emitted yet.
+        self._prefix = 0
+        self._read = 0
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        return self._text
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text ("" while a character is incomplete)."""
+        self._ids.append(token_id)
+        window = self._decode(self._prefix, len(self._ids))
+        if window.endswith(_REPLACEMENT_CHAR):
+            return ""
+        return self._emit(window)
+
+    def finish(self) -> str:
+        """Return the held-back text, U+FFFD for bytes that never formed a character."""
+        if self._read == len(self._ids):
+            return ""
+        return self._emit(self._decode(self._prefix, len(self._ids)))
+
+    def _emit(self, window: str) -> str:
+        delta = window[len(self._decode(self._prefix, self._read)):]
+        self._prefix, self._read = self._read, len(self._ids)
+        self._text += delta
+        return delta
+
+    def _decode(self, start: int, stop: int) -> str:
+        if start == stop:
+            return ""
+        return self._tokenizer.decode(self._ids[start:stop], skip_special_tokens=self._skip_special_tokens)
