@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import tiny_checkpoints
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM as HFLlama
+from transformers import LlamaForCausalLM as HFLlama
 
 from radixserve.cluster.config import CacheConfig, EngineConfig, SchedulerConfig
 from radixserve.worker.engine import Engine
@@ -17,33 +17,10 @@ from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
 from radixserve.worker.models.config import ModelConfig
 from radixserve.worker.models.layers import ColumnLinear, RowLinear, Shard
 from radixserve.worker.models.llama import LlamaForCausalLM
+from radixserve.worker.models.reference import transformers_model
 from radixserve.worker.sampling_params import SamplingParams
 
 LOGITS_ATOL = 1e-3
-
-
-def hf_model_from(checkpoint: Checkpoint) -> HFLlama:
-    """transformers' Llama holding exactly the checkpoint's weights as our loader yields them."""
-    c = checkpoint.config
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
-    if c.rope_scaling is not None:
-        s = c.rope_scaling
-        rope = {"rope_type": s.kind, "rope_theta": c.rope_theta, "factor": s.factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings,
-                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-                "beta_fast": s.beta_fast, "beta_slow": s.beta_slow}
-    config = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
-        max_position_embeddings=c.max_position_embeddings, rope_parameters=rope, rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=c.tie_word_embeddings, attention_bias=c.attention_bias, mlp_bias=c.mlp_bias,
-        attn_implementation="sdpa",
-    )
-    model = HFLlama(config).eval()
-    missing, unexpected = model.load_state_dict(dict(checkpoint.weights()), strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    return model
 
 
 def our_logits(checkpoint: Checkpoint, token_ids: list[int]) -> torch.Tensor:
@@ -67,8 +44,7 @@ def hf_logits(model: HFLlama, token_ids: list[int]) -> torch.Tensor:
 
 
 def hf_greedy(model: HFLlama, token_ids: list[int], num_tokens: int) -> list[int]:
-    """transformers' greedy continuation, eos treated as an ordinary token (like ``ignore_eos``)."""
-    model.generation_config.eos_token_id = None
+    """transformers' greedy continuation; the reference model treats eos as an ordinary token."""
     with torch.inference_mode():
         out = model.generate(torch.tensor([token_ids]), attention_mask=torch.ones(1, len(token_ids), dtype=torch.long),
                              max_new_tokens=num_tokens, do_sample=False)
@@ -106,7 +82,7 @@ def test_tiny_hf_checkpoint_matches_transformers(tmp_path: Path, rope_scaling: d
     directory = tiny_checkpoints.write_tiny_hf_checkpoint(tmp_path, rope_scaling=rope_scaling,
                                                           tie_word_embeddings=tied, attention_bias=tied)
     checkpoint = open_checkpoint(directory)
-    reference = hf_model_from(checkpoint)
+    reference = transformers_model(checkpoint)
     ids = prompt_ids(checkpoint)
     torch.testing.assert_close(our_logits(checkpoint, ids), hf_logits(reference, ids), atol=LOGITS_ATOL, rtol=0)
     assert engine_greedy(checkpoint, ids, 64) == hf_greedy(reference, ids, 64)
@@ -114,26 +90,23 @@ def test_tiny_hf_checkpoint_matches_transformers(tmp_path: Path, rope_scaling: d
 
 def test_tiny_gguf_checkpoint_matches_transformers_on_the_original_weights(tiny_hf_dir: Path,
                                                                           tiny_gguf_path: Path) -> None:
-    reference = hf_model_from(open_checkpoint(tiny_hf_dir))  # weights as transformers saved them
+    reference = transformers_model(open_checkpoint(tiny_hf_dir))  # weights as transformers saved them
     checkpoint = open_checkpoint(tiny_gguf_path)  # the same weights, Q/K permuted by the GGUF writer
     ids = prompt_ids(checkpoint)
     torch.testing.assert_close(our_logits(checkpoint, ids), hf_logits(reference, ids), atol=LOGITS_ATOL, rtol=0)
     assert engine_greedy(checkpoint, ids, 64) == hf_greedy(reference, ids, 64)
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path: Path) -> Checkpoint:
-    return open_checkpoint(smollm2_path)
-
-
-def test_smollm2_matches_transformers(smollm2: Checkpoint) -> None:
-    reference = hf_model_from(smollm2)
+def test_smollm2_matches_transformers(smollm2_checkpoint: Checkpoint) -> None:
+    smollm2 = smollm2_checkpoint
+    reference = transformers_model(smollm2)
     ids = prompt_ids(smollm2)
     torch.testing.assert_close(our_logits(smollm2, ids), hf_logits(reference, ids), atol=LOGITS_ATOL, rtol=0)
     assert engine_greedy(smollm2, ids, 64) == hf_greedy(reference, ids, 64)
 
 
-def test_smollm2_answers_sensibly(smollm2: Checkpoint) -> None:
+def test_smollm2_answers_sensibly(smollm2_checkpoint: Checkpoint) -> None:
+    smollm2 = smollm2_checkpoint
     # Logit parity alone would not catch a wrong Q/K un-permutation shared by both models.
     text = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     answer = smollm2.tokenizer.decode(engine_greedy(smollm2, smollm2.tokenizer.encode(text), 16))
