@@ -9,9 +9,14 @@ cd "$(dirname "$0")/.."
 task="${1:-demo}"
 python="${PYTHON:-python3.11}"
 
-if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepip' >/dev/null 2>&1; then
-    echo "==> installing Python venv support (apt-get)"
-    apt-get update -qq && apt-get install -y -qq python3.11-venv
+# System packages: venv support, and a C++ compiler plus Python headers for the JIT-built attention kernel.
+missing=()
+"$python" -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3.11-venv)
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
+[ -f "$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || missing+=(python3.11-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> installing ${missing[*]} (apt-get)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 if [ ! -x .venv/bin/python ]; then
     echo "==> creating .venv"

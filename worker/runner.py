@@ -24,45 +24,48 @@ class ModelRunner:
         self.device = device
         self.page_size = kv.page_size
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        positions = torch.arange(start, end)
+    def _slots(self, seq: Sequence, end: int) -> torch.Tensor:
+        """Cache slots of the sequence's positions [0, end)."""
+        positions = torch.arange(end)
         pages = torch.tensor(seq.pages, dtype=torch.int64)
         return pages[positions // self.page_size] * self.page_size + positions % self.page_size
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         token_ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slot_mapping: list[torch.Tensor] = []
-        decode_contexts: list[torch.Tensor] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        decode_seqs: list[Sequence] = []
         prefills: list[PrefillSpan] = []
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
         for seq, num_tokens in batch.items:
             start, end = seq.num_computed, seq.num_computed + num_tokens
-            context = self._slots(seq, 0, end)
             q_start = len(token_ids)
             token_ids.extend(seq.token_ids[start:end])
-            positions.append(torch.arange(start, end))
-            slot_mapping.append(context[start:end])
+            positions.extend(range(start, end))
             if num_tokens == 1:
-                decode_contexts.append(context)
+                decode_seqs.append(seq)
+                slot_mapping.append(seq.pages[start // self.page_size] * self.page_size + start % self.page_size)
             else:
-                prefills.append(PrefillSpan(q_start, num_tokens, context, _chunk_mask(start, end)))
+                context = self._slots(seq, end)
+                slot_mapping.extend(context[start:end].tolist())
+                prefills.append(PrefillSpan(q_start, num_tokens, context.to(self.device), _chunk_mask(start, end)))
             if end == len(seq.token_ids):
                 sample_rows.append(len(token_ids) - 1)
                 sampled.append(seq)
-        decode_slots, decode_bias = _decode_table(decode_contexts, self.device) if decode_contexts else (None, None)
+        page_table, context_lens = _decode_tables(decode_seqs, self.device) if decode_seqs else (None, None)
         attn = AttentionBatch(
-            slot_mapping=torch.cat(slot_mapping).to(self.device),
-            num_decode=len(decode_contexts),
-            decode_slots=decode_slots,
-            decode_bias=decode_bias,
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=self.device),
+            num_decode=len(decode_seqs),
+            decode_page_table=page_table,
+            decode_context_lens=context_lens,
+            page_size=self.page_size,
             prefills=tuple(prefills),
         )
         hidden = self.model(
             torch.tensor(token_ids, dtype=torch.int64, device=self.device),
-            torch.cat(positions).to(self.device),
+            torch.tensor(positions, dtype=torch.int64, device=self.device),
             attn,
             self.kv,
         )
@@ -78,12 +81,9 @@ def _chunk_mask(start: int, end: int) -> torch.Tensor | None:
     return torch.arange(end).unsqueeze(0) <= query_pos
 
 
-def _decode_table(contexts: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slot table [B, max_len] padded with slot 0, and its additive bias [B, 1, 1, max_len] (-inf on padding)."""
-    max_len = max(len(c) for c in contexts)
-    table = torch.zeros(len(contexts), max_len, dtype=torch.int64)
-    bias = torch.full((len(contexts), 1, 1, max_len), float("-inf"))
-    for i, context in enumerate(contexts):
-        table[i, : len(context)] = context
-        bias[i, 0, 0, : len(context)] = 0.0
-    return table.to(device), bias.to(device)
+def _decode_tables(seqs: list[Sequence], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Page table [B, max_pages] (rows padded with page 0) and context lengths [B] of the decoding sequences."""
+    max_pages = max(len(seq.pages) for seq in seqs)
+    table = torch.tensor([seq.pages + [0] * (max_pages - len(seq.pages)) for seq in seqs], dtype=torch.int64)
+    lengths = torch.tensor([seq.num_computed + 1 for seq in seqs], dtype=torch.int64)
+    return table.to(device), lengths.to(device)

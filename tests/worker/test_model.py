@@ -32,7 +32,7 @@ def our_logits(checkpoint: Checkpoint, token_ids: list[int]) -> torch.Tensor:
     num_pages = -(-len(token_ids) // page_size)
     kv = KVPool(c.num_hidden_layers, num_pages, page_size, c.num_key_value_heads, c.head_dim, torch.float32, "cpu")
     slots = torch.arange(len(token_ids))
-    batch = AttentionBatch(slots, 0, None, None, (PrefillSpan(0, len(token_ids), slots, None),))
+    batch = AttentionBatch(slots, 0, None, None, page_size, (PrefillSpan(0, len(token_ids), slots, None),))
     with torch.inference_mode():
         hidden = model(torch.tensor(token_ids), slots, batch, kv)
         return model.compute_logits(hidden)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from radixserve.worker.kernels import paged_decode_attention
+
 
 @dataclass(frozen=True)
 class PrefillSpan:
@@ -31,8 +33,9 @@ class AttentionBatch:
 
     slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
     num_decode: int
-    decode_slots: torch.Tensor | None  # [num_decode, max_ctx_len] int64, padded with slot 0
-    decode_bias: torch.Tensor | None  # [num_decode, 1, 1, max_ctx_len] float: 0 to attend, -inf for padding
+    decode_page_table: torch.Tensor | None  # [num_decode, max_pages] int64, rows padded with page 0
+    decode_context_lens: torch.Tensor | None  # [num_decode] int64: tokens each decode query attends to
+    page_size: int
     prefills: tuple[PrefillSpan, ...]
 
 
@@ -53,25 +56,13 @@ def paged_attention(
     v_cache.index_copy_(0, batch.slot_mapping, v)
     out = torch.empty_like(q)
     if batch.num_decode:
-        out[: batch.num_decode] = _decode(q[: batch.num_decode], k_cache, v_cache, batch, scale)
+        out[: batch.num_decode] = paged_decode_attention(
+            q[: batch.num_decode], k_cache, v_cache, batch.decode_page_table, batch.decode_context_lens,
+            batch.page_size, scale)
     for span in batch.prefills:
         end = span.q_start + span.q_len
         out[span.q_start : end] = _prefill(q[span.q_start : end], k_cache, v_cache, span, scale)
     return out
-
-
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch, scale: float) -> torch.Tensor:
-    # Grouped-query attention as two batched matmuls: each KV head serves its group of query heads without
-    # repeating keys; one query token per sequence makes fused kernels gain nothing here.
-    num_seqs, max_len = batch.decode_slots.shape
-    num_kv_heads, head_dim = k_cache.shape[1:]
-    flat = batch.decode_slots.view(-1)
-    keys = k_cache.index_select(0, flat).view(num_seqs, max_len, num_kv_heads, head_dim).permute(0, 2, 3, 1)
-    values = v_cache.index_select(0, flat).view(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
-    grouped = q.view(num_seqs, num_kv_heads, -1, head_dim)  # [B, Hkv, G, D]
-    scores = torch.matmul(grouped, keys).mul_(scale).add_(batch.decode_bias)  # [B, Hkv, G, max_len]
-    out = torch.matmul(scores.softmax(dim=-1), values)  # [B, Hkv, G, D]
-    return out.view(num_seqs, -1, head_dim)
 
 
 def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: PrefillSpan, scale: float) -> torch.Tensor:

@@ -1,0 +1,77 @@
+"""Native kernels, compiled on first use with torch's C++ extension loader (g++ and ninja).
+
+``paged_decode_attention`` runs the C++ kernel for CPU tensors; on other devices, or if the kernel cannot be
+built here, it computes the same result with torch operations over a gathered copy of the context.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_SOURCE = Path(__file__).with_name("paged_attention.cpp")
+_log = logging.getLogger(__name__)
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@functools.cache
+def _native() -> ModuleType | None:
+    """The compiled extension, or None when it cannot be built (logged once)."""
+    from torch.utils.cpp_extension import load
+
+    # -march=native code must never run on another CPU: the build is keyed by the source and the CPU's flags.
+    digest = hashlib.sha256(_SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:12]
+    try:
+        return load(name=f"radixserve_paged_attention_{digest}", sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-march=native"], verbose=False)
+    except Exception as error:  # no compiler, no ninja, ...: serve slower rather than not at all
+        _log.warning("paged attention kernel unavailable, using the torch fallback: %s", error)
+        return None
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           page_table: torch.Tensor, context_lens: torch.Tensor, page_size: int,
+                           scale: float) -> torch.Tensor:
+    """Attention of one query token per sequence over its paged context.
+
+    q [B, Hq, D]; caches [num_slots, Hkv, D] (slot = page * page_size + offset); page_table [B, max_pages] int64
+    (rows padded with any valid page); context_lens [B] int64. Returns [B, Hq, D] in q's dtype.
+    """
+    native = _native() if q.device.type == "cpu" else None
+    if native is not None:
+        return native.paged_decode_attention(q, k_cache, v_cache, page_table, context_lens, page_size,
+                                             scale).to(q.dtype)
+    return _torch_decode_attention(q, k_cache, v_cache, page_table, context_lens, page_size, scale)
+
+
+def _torch_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            page_table: torch.Tensor, context_lens: torch.Tensor, page_size: int,
+                            scale: float) -> torch.Tensor:
+    num_seqs, max_pages = page_table.shape
+    num_kv_heads, head_dim = k_cache.shape[1:]
+    max_len = max_pages * page_size
+    offsets = torch.arange(page_size, device=q.device)
+    slots = (page_table.unsqueeze(-1) * page_size + offsets).view(num_seqs, max_len)
+    positions = torch.arange(max_len, device=q.device)
+    bias = torch.zeros(num_seqs, 1, 1, max_len, dtype=q.dtype, device=q.device)
+    bias.masked_fill_((positions >= context_lens.unsqueeze(-1)).view(num_seqs, 1, 1, max_len), float("-inf"))
+    keys = k_cache[slots].view(num_seqs, max_len, num_kv_heads, head_dim).permute(0, 2, 3, 1)
+    values = v_cache[slots].view(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    grouped = q.view(num_seqs, num_kv_heads, -1, head_dim)  # [B, Hkv, G, D]
+    scores = torch.matmul(grouped, keys).mul_(scale).add_(bias)  # [B, Hkv, G, max_len]
+    return torch.matmul(scores.softmax(dim=-1), values).view(num_seqs, -1, head_dim)
