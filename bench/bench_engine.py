@@ -39,6 +39,7 @@ class BenchConfig:
     prefill_len: int = 2048
     suffix_len: int = 32
     repeats: int = 3
+    kv_memory_gib: float = 2.0
     out: Path = Path("bench/results/engine.json")
 
 
@@ -119,7 +120,7 @@ def decode_rows(engine: Engine, hf: torch.nn.Module, llama: object | None, promp
         engine.cache.flush()
         theirs, theirs_all = median_of(lambda: hf_decode(hf, prompts, batch, cfg), cfg.repeats)
         target = {1: 1.0, 32: 1.3}.get(batch)
-        row = Row(f"decode batch {batch}", "tok/s", ours, theirs,
+        row = Row(f"decode batch {batch}, {cfg.prompt_len}-token prompts", "tok/s", ours, theirs,
                   target=f">= {target}x transformers" if target else "",
                   met=ours / theirs >= target if target else None,
                   samples={"radixserve": ours_all, "transformers": theirs_all})
@@ -233,7 +234,7 @@ def build(cfg: BenchConfig) -> tuple[Engine, torch.nn.Module, object | None, Che
     path = ModelStore().resolve(cfg.model)
     checkpoint = open_checkpoint(path)
     budget = max(SchedulerConfig().max_num_batched_tokens, max(cfg.batch_sizes) * cfg.prompt_len)
-    engine = Engine(EngineConfig(model=cfg.model, cache=CacheConfig(),
+    engine = Engine(EngineConfig(model=cfg.model, cache=CacheConfig(memory_gib=cfg.kv_memory_gib),
                                  scheduler=SchedulerConfig(max_num_batched_tokens=budget)), checkpoint)
     return engine, transformers_model(checkpoint), load_llama_cpp(path) if path.suffix == ".gguf" else None, checkpoint
 
@@ -255,10 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=BenchConfig.repeats)
     parser.add_argument("--decode-tokens", type=int, default=BenchConfig.decode_tokens)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(BenchConfig.batch_sizes))
+    parser.add_argument("--prompt-len", type=int, default=BenchConfig.prompt_len,
+                        help="prompt tokens of each decoding request")
+    parser.add_argument("--kv-memory-gib", type=float, default=BenchConfig.kv_memory_gib)
     parser.add_argument("--out", type=Path, default=BenchConfig.out)
     args = parser.parse_args(argv)
     cfg = BenchConfig(model=args.model, repeats=args.repeats, decode_tokens=args.decode_tokens,
-                      batch_sizes=tuple(args.batch_sizes), out=args.out)
+                      batch_sizes=tuple(args.batch_sizes), prompt_len=args.prompt_len,
+                      kv_memory_gib=args.kv_memory_gib, out=args.out)
     rows = run(cfg)
     print_table(rows)
     report = {

@@ -11,54 +11,131 @@
 
 namespace {
 
-constexpr int64_t kLanes = 16;
+// dot(a, b), out += p * b and the softmax's exponentials, in a fixed summation order whatever the batch.
+// AVX2/FMA when the build machine has them (-march=native), plain loops otherwise.
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
 
-// A dot product in kLanes independent partial sums (vectorizable without -ffast-math, and the same
-// summation order whatever the batch).
-template <typename scalar_t>
-inline float dot(const float* a, const scalar_t* b, int64_t n) {
-  float partial[kLanes] = {0.f};
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) partial[j] += a[d + j] * static_cast<float>(b[d + j]);
-  float total = 0.f;
-  for (; d < n; ++d) total += a[d] * static_cast<float>(b[d]);
-  for (int64_t j = 0; j < kLanes; ++j) total += partial[j];
+  for (; d + 16 <= n; d += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+  }
+  const __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_shuffle_ps(sum, sum, 1));
+  float total = _mm_cvtss_f32(sum);
+  for (; d < n; ++d) total += a[d] * b[d];
   return total;
+}
+
+// exp(x) for x <= 0 (Cephes' polynomial, about 1e-7 relative error); underflows to 0 below -87.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
+}
+
+// s[t] = exp(s[t] - shift) in place; returns the sum.
+inline float exp_shifted(float* s, int64_t n, float shift) {
+  const __m256 offset = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + t), offset));
+    _mm256_storeu_ps(s + t, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_shuffle_ps(sum, sum, 1));
+  float total = _mm_cvtss_f32(sum);
+  for (; t < n; ++t) {
+    s[t] = std::exp(s[t] - shift);
+    total += s[t];
+  }
+  return total;
+}
+
+inline void axpy(float p, const float* b, float* out, int64_t n) {
+  const __m256 scale = _mm256_set1_ps(p);
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    _mm256_storeu_ps(out + d, _mm256_fmadd_ps(scale, _mm256_loadu_ps(b + d), _mm256_loadu_ps(out + d)));
+  for (; d < n; ++d) out[d] += p * b[d];
+}
+#else
+inline float dot(const float* a, const float* b, int64_t n) {
+  float total = 0.f;
+  for (int64_t d = 0; d < n; ++d) total += a[d] * b[d];
+  return total;
+}
+
+inline void axpy(float p, const float* b, float* out, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) out[d] += p * b[d];
+}
+
+inline float exp_shifted(float* s, int64_t n, float shift) {
+  float total = 0.f;
+  for (int64_t t = 0; t < n; ++t) {
+    s[t] = std::exp(s[t] - shift);
+    total += s[t];
+  }
+  return total;
+}
+#endif
+
+// Reduced-precision caches are widened one row at a time.
+template <typename scalar_t>
+inline const float* as_float(const scalar_t* row, int64_t n, std::vector<float>& buffer) {
+  buffer.resize(n);
+  for (int64_t d = 0; d < n; ++d) buffer[d] = static_cast<float>(row[d]);
+  return buffer.data();
+}
+
+template <>
+inline const float* as_float<float>(const float* row, int64_t, std::vector<float>&) {
+  return row;
 }
 
 // All query heads of one sequence: each key/value row (every KV head of a token) is read once.
 template <typename scalar_t>
 void decode_sequence(const float* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* pages,
                      int64_t context_len, int64_t page_size, int64_t num_heads, int64_t num_kv_heads,
-                     int64_t head_dim, float scale, float* out, std::vector<float>& scores) {
+                     int64_t head_dim, float scale, float* out, std::vector<float>& scores,
+                     std::vector<float>& row) {
   const int64_t group = num_heads / num_kv_heads, row_stride = num_kv_heads * head_dim;
   scores.resize(num_heads * context_len);
   for (int64_t t = 0; t < context_len; ++t) {
-    const scalar_t* key = k_cache + (pages[t / page_size] * page_size + t % page_size) * row_stride;
+    const int64_t slot = pages[t / page_size] * page_size + t % page_size;
+    const float* key = as_float(k_cache + slot * row_stride, row_stride, row);
     for (int64_t h = 0; h < num_heads; ++h)
       scores[h * context_len + t] = dot(q + h * head_dim, key + (h / group) * head_dim, head_dim) * scale;
   }
   for (int64_t h = 0; h < num_heads; ++h) {
     float* s = scores.data() + h * context_len;
-    const float max_score = *std::max_element(s, s + context_len);
-    float total = 0.f;
-    for (int64_t t = 0; t < context_len; ++t) {
-      s[t] = std::exp(s[t] - max_score);
-      total += s[t];
-    }
-    const float inv_total = 1.f / total;
+    const float inv_total = 1.f / exp_shifted(s, context_len, *std::max_element(s, s + context_len));
     for (int64_t t = 0; t < context_len; ++t) s[t] *= inv_total;
   }
   std::fill(out, out + num_heads * head_dim, 0.f);
   for (int64_t t = 0; t < context_len; ++t) {
-    const scalar_t* value = v_cache + (pages[t / page_size] * page_size + t % page_size) * row_stride;
-    for (int64_t h = 0; h < num_heads; ++h) {
-      const float p = scores[h * context_len + t];
-      const scalar_t* vh = value + (h / group) * head_dim;
-      float* oh = out + h * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * static_cast<float>(vh[d]);
-    }
+    const int64_t slot = pages[t / page_size] * page_size + t % page_size;
+    const float* value = as_float(v_cache + slot * row_stride, row_stride, row);
+    for (int64_t h = 0; h < num_heads; ++h)
+      axpy(scores[h * context_len + t], value + (h / group) * head_dim, out + h * head_dim, head_dim);
   }
 }
 
@@ -86,12 +163,12 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
     const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
     const scalar_t* v_ptr = v_cache.data_ptr<scalar_t>();
     at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
+      std::vector<float> scores, row;
       for (int64_t b = begin; b < end; ++b) {
         const int64_t offset = b * num_heads * head_dim;
         decode_sequence<scalar_t>(q_ptr + offset, k_ptr, v_ptr, table + b * max_pages, lens[b], page_size,
                                   num_heads, num_kv_heads, head_dim, static_cast<float>(scale), out_ptr + offset,
-                                  scores);
+                                  scores, row);
       }
     });
   });

@@ -66,11 +66,10 @@ def paged_attention(
 
 
 def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: PrefillSpan, scale: float) -> torch.Tensor:
-    group = q.shape[1] // k_cache.shape[1]
-    keys = k_cache.index_select(0, span.slots).transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, ctx, D]
-    values = v_cache.index_select(0, span.slots).transpose(0, 1).repeat_interleave(group, dim=0)
+    keys = k_cache.index_select(0, span.slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+    values = v_cache.index_select(0, span.slots).transpose(0, 1).unsqueeze(0)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-        attn_mask=span.mask, is_causal=span.mask is None, scale=scale,
+        q.transpose(0, 1).unsqueeze(0), keys, values,
+        attn_mask=span.mask, is_causal=span.mask is None, scale=scale, enable_gqa=True,
     )  # [1, Hq, q_len, D]
     return out.squeeze(0).transpose(0, 1)

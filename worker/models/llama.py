@@ -38,17 +38,16 @@ class LlamaAttention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = ColumnLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias)
         self.o_proj = RowLinear(q_size, config.hidden_size, bias=config.attention_bias)
-        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qk_v_sizes = [q_size + kv_size, kv_size]
         self.scale = self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        qk, v = self.qkv_proj(x).split(self.qk_v_sizes, dim=-1)
+        qk = rotary(positions, qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim))
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, Hq, D], [T, Hkv, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
         out = paged_attention(q, k, v, kv.k[self.layer_id], kv.v[self.layer_id], batch, self.scale)
         return self.o_proj(out.view(num_tokens, -1))
 

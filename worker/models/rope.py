@@ -67,27 +67,25 @@ def rope_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None, max_l
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to query and key rows given each token's absolute position.
+    """Applies RoPE to rows of heads given each token's absolute position.
 
-    cos/sin are precomputed for positions [0, max_len) in fp32.
+    cos/sin tables for positions [0, max_len) are precomputed in fp32; the sine table carries the sign of the
+    rotate-half convention (``x * cos + cat(x2, x1) * sin``), saving a negation per call.
     """
 
     def __init__(self, head_dim: int, base: float, scaling: RopeScaling | None, max_len: int):
         super().__init__()
         inv_freq, factor = rope_inv_freq(head_dim, base, scaling, max_len)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [max_len, head_dim/2]
+        sin = angles.sin() * factor
         self.register_buffer("cos", (angles.cos() * factor).repeat(1, 2), persistent=False)
-        self.register_buffer("sin", (angles.sin() * factor).repeat(1, 2), persistent=False)
+        self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hkv, D], positions [T] -> rotated q, k (same shapes and dtypes)."""
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] (query and key heads together), positions [T] -> rotated x (same shape and dtype)."""
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x32 = x.float()
-    rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+        x32 = x.float()
+        half = x.shape[-1] // 2
+        swapped = torch.cat((x32[..., half:], x32[..., :half]), dim=-1)
+        return torch.addcmul(x32 * cos, swapped, sin).to(x.dtype)
