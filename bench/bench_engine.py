@@ -2,7 +2,7 @@
 
 Measured side by side in one process on the same weights against transformers' ``generate()`` (fp32, sdpa,
 warmed up) and, when ``llama_cpp`` is importable, llama.cpp on the same GGUF file. Prints a table and writes
-JSON. Every figure is the median of ``--repeats`` runs after one warm-up run.
+JSON. Every figure is the median of ``--repeats`` runs after one warm-up run, the contenders' runs interleaved.
 
     python bench/bench_engine.py [--model smollm2-135m-instruct] [--repeats 3] [--out bench/results/engine.json]
 """
@@ -55,10 +55,16 @@ class Row:
     samples: dict[str, list[float]] = field(default_factory=dict)
 
 
-def median_of(fn: Callable[[], float], repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up
-    values = [fn() for _ in range(repeats)]
-    return statistics.median(values), values
+def medians(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, tuple[float, list[float]]]:
+    """Median of ``repeats`` runs of each function after one warm-up each, the runs interleaved
+    (a, b, a, b, ...) so that drift in the machine's speed hits every contender alike."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(fn())
+    return {name: (statistics.median(values), values) for name, values in samples.items()}
 
 
 class Prompts:
@@ -96,12 +102,27 @@ def hf_generate_seconds(model: torch.nn.Module, ids: torch.Tensor, new_tokens: i
     return time.perf_counter() - started
 
 
+class _StepClock:
+    """A logits processor that only records when each generated token's logits are ready."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
 def hf_decode(model: torch.nn.Module, prompts: Prompts, batch: int, cfg: BenchConfig) -> float:
-    """Decode tokens/s: (generate N+1 tokens) - (generate 1 token), on the same prompts."""
+    """Decode tokens/s from the first token's logits to the last (one generate call, as for ours)."""
+    from transformers import LogitsProcessorList
+
     ids = torch.tensor([prompts.make(cfg.prompt_len) for _ in range(batch)])
-    full = hf_generate_seconds(model, ids, cfg.decode_tokens + 1)
-    first = hf_generate_seconds(model, ids, 1)
-    return batch * cfg.decode_tokens / max(full - first, 1e-9)
+    clock = _StepClock()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.decode_tokens + 1,
+                       do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    return batch * cfg.decode_tokens / (clock.times[-1] - clock.times[0])
 
 
 def ours_ttft(engine: Engine, prompt: list[int]) -> float:
@@ -116,16 +137,19 @@ def decode_rows(engine: Engine, hf: torch.nn.Module, llama: object | None, promp
                 cfg: BenchConfig) -> list[Row]:
     rows = []
     for batch in cfg.batch_sizes:
-        ours, ours_all = median_of(lambda: ours_decode(engine, prompts, batch, cfg), cfg.repeats)
+        contenders = {"radixserve": lambda: ours_decode(engine, prompts, batch, cfg),
+                      "transformers": lambda: hf_decode(hf, prompts, batch, cfg)}
+        if llama is not None and batch == 1:
+            contenders["llama_cpp"] = lambda: llama_decode(llama, prompts, cfg)
+        results = medians(contenders, cfg.repeats)
         engine.cache.flush()
-        theirs, theirs_all = median_of(lambda: hf_decode(hf, prompts, batch, cfg), cfg.repeats)
+        ours, theirs = results["radixserve"][0], results["transformers"][0]
         target = {1: 1.0, 32: 1.3}.get(batch)
         row = Row(f"decode batch {batch}, {cfg.prompt_len}-token prompts", "tok/s", ours, theirs,
+                  llama_cpp=results["llama_cpp"][0] if "llama_cpp" in results else None,
                   target=f">= {target}x transformers" if target else "",
                   met=ours / theirs >= target if target else None,
-                  samples={"radixserve": ours_all, "transformers": theirs_all})
-        if llama is not None and batch == 1:
-            row.llama_cpp, row.samples["llama_cpp"] = median_of(lambda: llama_decode(llama, prompts, cfg), cfg.repeats)
+                  samples={name: values for name, (_, values) in results.items()})
         rows.append(row)
         _print_progress(row)
     return rows
@@ -139,35 +163,36 @@ def prefill_rows(engine: Engine, hf: torch.nn.Module, llama: object | None, prom
         engine.cache.flush()
         return ours_ttft(engine, prompt)
 
-    ours, ours_all = median_of(uncached, cfg.repeats)
     ids = torch.tensor([prompt])
-    theirs, theirs_all = median_of(lambda: hf_generate_seconds(hf, ids, 1), cfg.repeats)
-    row = Row(f"prefill {cfg.prefill_len} tokens", "tok/s", cfg.prefill_len / ours, cfg.prefill_len / theirs,
-              samples={"radixserve_s": ours_all, "transformers_s": theirs_all})
+    contenders = {"radixserve": uncached, "transformers": lambda: hf_generate_seconds(hf, ids, 1)}
     if llama is not None:
-        seconds, row.samples["llama_cpp_s"] = median_of(lambda: llama_prefill(llama, prompt), cfg.repeats)
-        row.llama_cpp = cfg.prefill_len / seconds
+        contenders["llama_cpp"] = lambda: llama_prefill(llama, prompt)
+    results = medians(contenders, cfg.repeats)
+    seconds = {name: median for name, (median, _) in results.items()}
+    row = Row(f"prefill {cfg.prefill_len} tokens", "tok/s", cfg.prefill_len / seconds["radixserve"],
+              cfg.prefill_len / seconds["transformers"],
+              llama_cpp=cfg.prefill_len / seconds["llama_cpp"] if "llama_cpp" in seconds else None,
+              samples={f"{name}_s": values for name, (_, values) in results.items()})
     _print_progress(row)
     return [row]
 
 
 def ttft_rows(engine: Engine, hf: torch.nn.Module, prompts: Prompts, cfg: BenchConfig) -> list[Row]:
     prefix = prompts.make(cfg.prefill_len)
-    suffixes = [prompts.make(cfg.suffix_len) for _ in range(cfg.repeats + 1)]
 
     def cached() -> float:
         engine.cache.flush()
         ours_ttft(engine, prefix)  # leaves the prefix's pages in the radix cache
-        return ours_ttft(engine, prefix + suffixes.pop())
+        return ours_ttft(engine, prefix + prompts.make(cfg.suffix_len))
 
     def uncached() -> float:
         engine.cache.flush()
         return ours_ttft(engine, prefix + prompts.make(cfg.suffix_len))
 
-    hot, hot_all = median_of(cached, cfg.repeats)
-    cold, cold_all = median_of(uncached, cfg.repeats)
     ids = torch.tensor([prefix + prompts.make(cfg.suffix_len)])
-    theirs, theirs_all = median_of(lambda: hf_generate_seconds(hf, ids, 1), cfg.repeats)
+    results = medians({"cached": cached, "uncached": uncached,
+                       "transformers": lambda: hf_generate_seconds(hf, ids, 1)}, cfg.repeats)
+    (hot, hot_all), (cold, cold_all), (theirs, theirs_all) = (results[k] for k in ("cached", "uncached", "transformers"))
     label = f"TTFT {cfg.prefill_len} cached + {cfg.suffix_len} new"
     rows = [
         Row(f"{label} (cached)", "ms", hot * 1e3, target=">= 20x faster than uncached",

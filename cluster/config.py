@@ -37,7 +37,7 @@ class SchedulerConfig:
 
     ``max_num_batched_tokens`` bounds the tokens one step feeds the model (decode tokens plus prefill chunks);
     a prompt longer than the budget left in a step is prefilled in chunks. ``max_running_requests`` bounds the
-    batch; ``max_waiting_requests`` bounds the queue (further requests are refused).
+    batch; ``max_waiting_requests`` bounds the requests in flight, queued or running (further ones are refused).
     """
 
     max_num_batched_tokens: int = 512

@@ -2,8 +2,9 @@
 
 A step's new tokens are flattened into one [T] axis: first one token for each decoding sequence, then
 the chunks of the sequences being prefilled. Keys and values are written to their cache slots
-(``slot = page * page_size + offset``), then each query attends to its sequence's cached context read
-back through the slot table, so a cached prefix is never recomputed.
+(``slot = page * page_size + offset``), then each query attends to its sequence's cached context, so a
+cached prefix is never recomputed: decode queries read the cache in place through the page table (the
+native kernel), prefill chunks gather their context once and use SDPA with a causal mask.
 """
 
 from __future__ import annotations
