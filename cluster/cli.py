@@ -42,7 +42,8 @@ def run_generate(args: argparse.Namespace) -> int:
                               scheduler=SchedulerConfig())
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)
-        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+        print(f"loading {args.model} (a first run also builds the attention kernel, about 30 s) ...",
+              file=sys.stderr, flush=True)
         started = time.monotonic()
         engine = Engine.from_config(config)
         print(f"loaded in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)

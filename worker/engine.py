@@ -23,6 +23,7 @@ import torch
 
 from radixserve.cluster.config import EngineConfig
 from radixserve.cluster.model_store import ModelStore
+from radixserve.worker import kernels
 from radixserve.worker.kv.allocator import PageAllocator
 from radixserve.worker.kv.pool import KVPool
 from radixserve.worker.kv.radix_cache import KVEvent, RadixCache
@@ -90,6 +91,7 @@ class Engine:
         self.cache = RadixCache(self.allocator, config.cache.page_size, config.hash_namespace)
         self.scheduler = Scheduler(config.scheduler, self.cache, self.allocator, config.cache.page_size)
         self.runner = ModelRunner(self.model, self.kv, self.device)
+        kernels.build(self.device)
         self.sampler = Sampler()
         self.eos_token_ids = self.model_config.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.stats = EngineStats()

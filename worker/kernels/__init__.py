@@ -44,6 +44,14 @@ def _native() -> ModuleType | None:
         return None
 
 
+def build(device: torch.device) -> bool:
+    """Builds (or loads the cached build of) the kernels a device uses; True when native code will run.
+
+    The first build takes tens of seconds, so engines call this while loading rather than on the first request.
+    """
+    return device.type == "cpu" and _native() is not None
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, context_lens: torch.Tensor, page_size: int,
                            scale: float) -> torch.Tensor:
