@@ -10,9 +10,13 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from radixserve.cluster.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig
 from radixserve.cluster.model_store import add_model_commands
+
+if TYPE_CHECKING:
+    from radixserve.worker.engine import Engine
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -65,7 +69,7 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chat_prompt(engine: "Engine", system: str | None, user: str) -> str:
+def _chat_prompt(engine: Engine, system: str | None, user: str) -> str:
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 

@@ -12,8 +12,6 @@ the thread that calls ``step``.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence as Seq
@@ -98,7 +96,6 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._inbox: deque[_Request] = deque()
         self._aborts: deque[str] = deque()
-        self._seq_ids = itertools.count()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._driver: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
@@ -162,7 +159,7 @@ class Engine:
         for i in range(params.n):
             sample_params = params.for_sample(i)
             seqs.append(Sequence(
-                seq_id=next(self._seq_ids), request_id=request_id, index=i, token_ids=list(prompt_ids),
+                request_id=request_id, index=i, token_ids=list(prompt_ids),
                 prompt_len=len(prompt_ids), params=sample_params,
                 sampling=SamplingState(sample_params, prompt_ids, self.model_config.vocab_size, self.device),
             ))
@@ -215,14 +212,12 @@ class Engine:
 
     def _accept(self, logits: torch.Tensor, sampled: list[Sequence], touched: dict[str, _Request]) -> None:
         out = self.sampler(logits, [seq.sampling for seq in sampled], self.eos_token_ids)
-        now = time.monotonic()
         for row, seq in enumerate(sampled):
             request = self._requests[seq.request_id]
             token_id = out.token_ids[row]
             self.stats.num_generated_tokens += 1
             seq.token_ids.append(token_id)
             seq.sampling.append(token_id)
-            seq.first_token_time = seq.first_token_time or now
             if out.logprobs[row] is not None:
                 top = tuple(out.top_logprobs[row] or ())
                 seq.logprobs.append(TokenLogprob(token_id, out.logprobs[row], top))

@@ -43,10 +43,6 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
-
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
@@ -61,15 +57,15 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted while making room for an earlier sequence
             num_tokens = min(seq.num_uncomputed, budget)
-            if not self._reserve(seq, num_tokens):
+            if not self._allocate(seq, num_tokens, preempt=True):
                 continue  # seq itself was preempted
             budget -= num_tokens
             (decodes if num_tokens == 1 else prefills).append(ScheduledSeq(seq, num_tokens))
-        budget = self._admit(budget, prefills, decodes)
+        self._admit(budget, prefills, decodes)
         items = decodes + prefills
         return ScheduledBatch(items, sum(item.num_tokens for item in items))
 
-    def _admit(self, budget: int, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq]) -> int:
+    def _admit(self, budget: int, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             seq = self.waiting[0]
             self._match(seq)
@@ -82,7 +78,6 @@ class Scheduler:
             self.running.append(seq)
             budget -= num_tokens
             (decodes if num_tokens == 1 else prefills).append(ScheduledSeq(seq, num_tokens))
-        return budget
 
     def _match(self, seq: Sequence) -> None:
         # Leave at least one token uncached: its logits are needed to sample.
@@ -99,11 +94,9 @@ class Scheduler:
         total = -(-(seq.num_computed + num_tokens) // self.page_size)
         return max(0, total - len(seq.pages))
 
-    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Pages for a running sequence, preempting later-admitted ones (or itself) if need be."""
-        return self._allocate(seq, num_tokens, preempt=True)
-
     def _allocate(self, seq: Sequence, num_tokens: int, preempt: bool) -> bool:
+        """Pages for ``num_tokens`` more tokens of ``seq``, evicting the radix cache first; with ``preempt``,
+        then preempting the most recently admitted running sequences (possibly ``seq`` itself: False)."""
         needed = self._pages_needed(seq, num_tokens)
         while True:
             pages = self._alloc_evicting(needed)

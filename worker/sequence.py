@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from radixserve.worker.kv.radix_cache import TreeNode
@@ -35,7 +34,6 @@ class Sequence:
     their keys/values in those pages; the next step feeds ``token_ids[num_computed:]``.
     """
 
-    seq_id: int
     request_id: str
     index: int
     token_ids: list[int]
@@ -51,8 +49,6 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
 
     @property
     def num_generated(self) -> int:
@@ -62,10 +58,3 @@ class Sequence:
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
 
-    @property
-    def is_decoding(self) -> bool:
-        return self.num_uncomputed == 1 and self.num_generated > 0
-
-    @property
-    def generated_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len :]

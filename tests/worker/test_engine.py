@@ -7,7 +7,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from engine_runs import assert_all_pages_free, collect, run_to_completion
 
 from radixserve.cluster.hashing import namespace_seed, page_hashes

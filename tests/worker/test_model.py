@@ -9,7 +9,7 @@ import tiny_checkpoints
 import torch
 from transformers import LlamaForCausalLM as HFLlama
 
-from radixserve.cluster.config import CacheConfig, EngineConfig, SchedulerConfig
+from radixserve.cluster.config import CacheConfig, EngineConfig
 from radixserve.worker.engine import Engine
 from radixserve.worker.kv.pool import KVPool
 from radixserve.worker.models.attention import AttentionBatch, PrefillSpan
