@@ -40,8 +40,8 @@ from radixserve.worker.stop_checker import StopChecker
 class EngineStats:
     """Cumulative counters since the engine started.
 
-    ``num_prompt_tokens`` / ``num_cached_prompt_tokens``: prompt tokens of admitted samples and how many of
-    them were served from the radix cache on first admission; ``num_computed_tokens``: every token fed to the
+    ``num_prompt_tokens`` / ``num_cached_prompt_tokens``: prompt tokens of samples that reached their first
+    token and how many of them were served from the radix cache on first admission; ``num_computed_tokens``: every token fed to the
     model (prefill, recompute and decode); ``num_generated_tokens``: sampled tokens.
     """
 
@@ -185,9 +185,6 @@ class Engine:
             self.stats.num_steps += 1
             self.stats.num_computed_tokens += batch.num_tokens
             for seq, num_tokens in batch.items:
-                if seq.num_computed == seq.num_cached_prompt_tokens and seq.num_generated == 0:
-                    self.stats.num_prompt_tokens += seq.prompt_len
-                    self.stats.num_cached_prompt_tokens += seq.num_cached_prompt_tokens
                 seq.num_computed += num_tokens
                 if num_tokens > 1 and seq.status is SeqStatus.RUNNING:
                     self.scheduler.cache_computed(seq)
@@ -215,9 +212,9 @@ class Engine:
         for row, seq in enumerate(sampled):
             request = self._requests[seq.request_id]
             token_id = out.token_ids[row]
-            self.stats.num_generated_tokens += 1
             seq.token_ids.append(token_id)
             seq.sampling.append(token_id)
+            self._count(seq)
             if out.logprobs[row] is not None:
                 top = tuple(out.top_logprobs[row] or ())
                 seq.logprobs.append(TokenLogprob(token_id, out.logprobs[row], top))
@@ -227,6 +224,12 @@ class Engine:
             if request.pending and seq.index == 0:
                 self._release_pending(request)
             touched[request.request_id] = request
+
+    def _count(self, seq: Sequence) -> None:
+        self.stats.num_generated_tokens += 1
+        if seq.num_generated == 1:  # the prompt is done: count it once, however often it was preempted
+            self.stats.num_prompt_tokens += seq.prompt_len
+            self.stats.num_cached_prompt_tokens += seq.num_cached_prompt_tokens
 
     def _release_pending(self, request: _Request) -> None:
         """Admits samples 1..n-1 once sample 0's prompt pages are in the radix cache, so they share them."""

@@ -55,6 +55,7 @@ def test_cached_prefix_gives_the_same_greedy_output(checkpoint: Checkpoint) -> N
     assert first["a"].num_cached_tokens == 0
     assert second["b"].num_cached_tokens == 60  # whole pages, leaving the last prompt token to compute
     assert second["b"].tokens == first["a"].tokens
+    assert (engine.stats.num_prompt_tokens, engine.stats.num_cached_prompt_tokens) == (2 * 61, 60)
     # A prompt that shares only a prefix reuses it and still matches a cold engine.
     branch = prompt[:40] + prompts(1, 9, seed=1)[0]
     engine.add_request(branch, GREEDY, "c")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import tiny_checkpoints
 import torch
+from engine_runs import run_to_completion
 from transformers import LlamaForCausalLM as HFLlama
 
 from radixserve.cluster.config import CacheConfig, EngineConfig
@@ -53,12 +54,8 @@ def hf_greedy(model: HFLlama, token_ids: list[int], num_tokens: int) -> list[int
 
 def engine_greedy(checkpoint: Checkpoint, token_ids: list[int], num_tokens: int) -> list[int]:
     engine = Engine(EngineConfig(model=checkpoint.name, cache=CacheConfig(num_pages=256)), checkpoint)
-    engine.add_request(token_ids, SamplingParams(max_tokens=num_tokens, temperature=0, ignore_eos=True))
-    tokens: list[int] = []
-    while engine.has_unfinished():
-        for output in engine.step():
-            tokens += output.outputs[0].token_ids
-    return tokens
+    request_id = engine.add_request(token_ids, SamplingParams(max_tokens=num_tokens, temperature=0, ignore_eos=True))
+    return run_to_completion(engine)[request_id].tokens
 
 
 def prompt_ids(checkpoint: Checkpoint) -> list[int]:
