@@ -27,7 +27,7 @@ from radixserve.cluster.model_store import ModelStore
 from radixserve.worker.engine import Engine
 from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
 from radixserve.worker.models.reference import transformers_model
-from radixserve.worker.sampling_params import SamplingParams
+from radixserve.cluster.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

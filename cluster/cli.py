@@ -38,7 +38,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     """``radixserve generate PROMPT``: load, stream the completion to stdout, report timings to stderr."""
     from radixserve.worker.engine import Engine
-    from radixserve.worker.sampling_params import SamplingParams
+    from radixserve.cluster.sampling_params import SamplingParams
 
     try:
         config = EngineConfig(model=args.model, cache=CacheConfig(page_size=args.page_size,

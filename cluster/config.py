@@ -1,15 +1,25 @@
 """Frozen, validated configuration dataclasses.
 
 Every config validates itself in ``__post_init__`` and raises ``ValueError`` naming the offending field.
-Configs compose: ``EngineConfig`` holds a ``CacheConfig`` and a ``SchedulerConfig``.
+Configs compose: ``EngineConfig`` holds a ``CacheConfig`` and a ``SchedulerConfig``; ``ClusterConfig`` holds the
+pool, the engine every worker runs and the router, and is filled from a TOML file (its tables mirror the
+nesting: ``[pool]``, ``[engine]``, ``[engine.cache]``, ...) and then CLI flags, over the embedded defaults.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DTYPES = ("float32", "bfloat16", "float16")
+T = TypeVar("T")
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -76,3 +86,146 @@ class EngineConfig:
     @property
     def hash_namespace(self) -> str:
         return self.namespace if self.namespace is not None else self.model
+
+
+POLICIES = ("prefix", "round_robin", "least_load", "random", "power_of_two")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The router: where it listens, how it routes, how it watches workers.
+
+    ``policy`` is one of ``POLICIES``. The ``prefix`` policy sends a request to the worker with the least
+    estimated work before its first token: the prompt tokens it would have to prefill (those not cached there)
+    plus ``load_weight`` times the tokens still owed to requests already routed to it. A cached prefix therefore
+    keeps attracting its requests until its worker is behind the others by more than the prefill it would save.
+    The prefix index learns from the workers' KV events; a routed request also counts its pages as held by the
+    chosen worker for ``pending_ttl_s`` (the gap until its events arrive) or, while that worker's events are not
+    flowing, for ``approx_ttl_s``. ``health_interval_s`` paces load polling and probing of unanswering workers.
+    ``max_message_bytes`` caps one request message; ``drain_timeout_s`` bounds a graceful shutdown.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    policy: str = "prefix"
+    load_weight: float = 1.0
+    pending_ttl_s: float = 30.0
+    approx_ttl_s: float = 300.0
+    health_interval_s: float = 0.5
+    max_message_bytes: int = 4 * 2**20
+    drain_timeout_s: float = 30.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port < 65536, "router.port", f"must be in [0, 65535], got {self.port}")
+        _require(self.policy in POLICIES, "router.policy", f"must be one of {POLICIES}, got {self.policy!r}")
+        _require(self.load_weight >= 0, "router.load_weight", "must be >= 0")
+        for name in ("pending_ttl_s", "approx_ttl_s", "health_interval_s", "drain_timeout_s"):
+            _require(getattr(self, name) > 0, f"router.{name}", "must be > 0")
+        _require(self.max_message_bytes >= 1024, "router.max_message_bytes", "must be >= 1024")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """The worker pool: how many engines, where Ray runs them.
+
+    ``ray_address`` None starts a local Ray; otherwise it is joined (``"auto"`` or ``host:port``).
+    ``num_gpus_per_worker`` None asks for one GPU per worker where the Ray cluster has GPUs, none otherwise.
+    ``worker_port`` 0 lets each worker pick a free port. A worker that dies is restarted by Ray up to
+    ``max_restarts`` times (-1: always).
+    """
+
+    num_workers: int = 2
+    ray_address: str | None = None
+    worker_host: str = "127.0.0.1"
+    worker_port: int = 0
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float | None = None
+    max_restarts: int = -1
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "pool.num_workers", f"must be >= 1, got {self.num_workers}")
+        _require(self.num_cpus_per_worker > 0, "pool.num_cpus_per_worker", "must be > 0")
+        _require(self.num_gpus_per_worker is None or self.num_gpus_per_worker >= 0, "pool.num_gpus_per_worker",
+                 "must be >= 0")
+        _require(self.max_restarts >= -1, "pool.max_restarts", "must be >= -1")
+        _require(0 <= self.worker_port < 65536, "pool.worker_port", "must be in [0, 65535]")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Everything ``radixserve up`` starts: the pool, the engine each worker runs, and the router."""
+
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+
+def build_config(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
+    """Build the config dataclass ``cls`` from nested mappings (a parsed TOML file).
+
+    Nested configs are nested tables. An unknown key or a value of the wrong type raises ValueError naming the
+    dotted key (``"engine.cache.page_size"``).
+    """
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ValueError(f"{name}: unknown setting (known: {', '.join(sorted(known))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = build_config(hint, value, f"{name}.")
+        else:
+            kwargs[key] = _coerce(name, hint, value)
+    return cls(**kwargs)
+
+
+def with_overrides(config: T, overrides: Mapping[str, Any]) -> T:
+    """A copy of ``config`` with dotted keys replaced (``{"router.policy": "random"}``), validated again."""
+    tree = _as_tree(config)
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"{dotted}: unknown setting")
+            node = node[part]
+        if leaf not in node or isinstance(node[leaf], dict):
+            raise ValueError(f"{dotted}: unknown setting")
+        node[leaf] = value
+    return build_config(type(config), tree)
+
+
+def load_cluster_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> ClusterConfig:
+    """The embedded defaults, then the TOML file at ``path`` (if any), then ``overrides`` (dotted keys)."""
+    config = ClusterConfig()
+    if path is not None:
+        try:
+            with open(path, "rb") as file:
+                config = build_config(ClusterConfig, tomllib.load(file))
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ValueError(f"config: cannot read {str(path)!r}: {error}") from error
+    return with_overrides(config, overrides or {})
+
+
+def _as_tree(config: Any) -> dict[str, Any]:
+    return {f.name: _as_tree(v) if dataclasses.is_dataclass(v := getattr(config, f.name)) else v
+            for f in fields(config)}
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against a field's annotation (bool, int, float, str, or ``X | None``)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option in (bool, int, str) and type(value) is option:
+            return value
+    expected = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    raise ValueError(f"{name}: must be {expected}, got {value!r}")

@@ -30,7 +30,7 @@ from radixserve.worker.models.llama import LlamaForCausalLM
 from radixserve.worker.outputs import CompletionOutput, RequestOutput
 from radixserve.worker.runner import ModelRunner
 from radixserve.worker.sampler import Sampler, SamplingState
-from radixserve.worker.sampling_params import SamplingParams
+from radixserve.cluster.sampling_params import SamplingParams
 from radixserve.worker.scheduler import Scheduler
 from radixserve.worker.sequence import Sequence, SeqStatus, TokenLogprob
 from radixserve.worker.stop_checker import StopChecker

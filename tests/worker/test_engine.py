@@ -13,7 +13,7 @@ from radixserve.cluster.hashing import namespace_seed, page_hashes
 from radixserve.cluster.config import CacheConfig, EngineConfig, SchedulerConfig
 from radixserve.worker.engine import Engine, EngineOverloaded
 from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
-from radixserve.worker.sampling_params import SamplingParams
+from radixserve.cluster.sampling_params import SamplingParams
 
 PAGE = 4
 

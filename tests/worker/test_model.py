@@ -19,7 +19,7 @@ from radixserve.worker.models.config import ModelConfig
 from radixserve.worker.models.layers import ColumnLinear, RowLinear, Shard
 from radixserve.worker.models.llama import LlamaForCausalLM
 from radixserve.worker.models.reference import transformers_model
-from radixserve.worker.sampling_params import SamplingParams
+from radixserve.cluster.sampling_params import SamplingParams
 
 LOGITS_ATOL = 1e-3
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from radixserve.worker.models.config import ModelConfig
-from radixserve.worker.models.tokenizer import Tokenizer
+from radixserve.cluster.tokenizer import Tokenizer
 
 
 class Checkpoint(ABC):

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as Backend
 
 from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
-from radixserve.worker.models.tokenizer import IncrementalDetokenizer, Tokenizer
+from radixserve.cluster.tokenizer import IncrementalDetokenizer, Tokenizer
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 

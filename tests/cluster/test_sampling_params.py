@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from radixserve.worker.sampling_params import SamplingParams
+from radixserve.cluster.sampling_params import SamplingParams
 
 BAD_VALUES = [
     ("max_tokens", 0), ("max_tokens", -1), ("max_tokens", 1.5), ("max_tokens", True),

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs of radixserve.v1 (see proto/codegen.py)."""

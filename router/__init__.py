@@ -1,0 +1,1 @@
+"""The gRPC front door: validation, tokenization, prefix index, routing policies, worker clients."""
