@@ -130,7 +130,7 @@ class PoolConfig:
     """The worker pool: how many engines, where Ray runs them.
 
     ``ray_address`` None starts a local Ray; otherwise it is joined (``"auto"`` or ``host:port``).
-    ``num_gpus_per_worker`` None asks for one GPU per worker where the Ray cluster has GPUs, none otherwise.
+    ``num_gpus_per_worker`` None asks Ray for one GPU per worker when the engine runs on CUDA, none otherwise.
     ``worker_port`` 0 lets each worker pick a free port. A worker that dies is restarted by Ray up to
     ``max_restarts`` times (-1: always).
     """

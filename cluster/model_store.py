@@ -41,9 +41,14 @@ class CachedModel:
     size_bytes: int
 
 
-def default_root() -> Path:
+def radixserve_home() -> Path:
+    """Where radixserve keeps its files: ``$RADIXSERVE_HOME``, default ``~/.cache/radixserve``."""
     home = os.environ.get("RADIXSERVE_HOME")
-    return Path(home) / "models" if home else Path.home() / ".cache" / "radixserve" / "models"
+    return Path(home) if home else Path.home() / ".cache" / "radixserve"
+
+
+def default_root() -> Path:
+    return radixserve_home() / "models"
 
 
 class ModelStore:

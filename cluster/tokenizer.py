@@ -34,6 +34,23 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         self._special_ids = tuple(sorted(i for i, token in added.items() if token.special))
 
+    @classmethod
+    def from_json(cls, backend_json: str, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
+                  chat_template: str | None = None) -> Tokenizer:
+        """Rebuilds a tokenizer from ``to_json()`` and its special ids and chat template (a worker's TokenizerSpec).
+
+        Raises ValueError naming ``backend_json`` when it is not a ``tokenizers`` JSON.
+        """
+        try:
+            backend = tokenizers.Tokenizer.from_str(backend_json)
+        except Exception as error:  # the Rust side raises a bare Exception
+            raise ValueError(f"backend_json: not a tokenizers JSON: {error}") from error
+        return cls(backend, bos_token_id=bos_token_id, eos_token_id=eos_token_id, chat_template=chat_template)
+
+    def to_json(self) -> str:
+        """The ``tokenizers`` JSON of the backend (vocabulary, merges, normalizers, added tokens)."""
+        return self._backend.to_str()
+
     @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included (the model's embedding may have more rows)."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets radixserve up on a fresh Debian/Ubuntu machine with Python 3.11, then runs one task:
-#   demo  the main job: pull the default model and answer a demo prompt with it
+#   demo  the main job: start the cluster in the background (Ray, 2 workers, the router) on its embedded defaults
+#         with the default model, answer a demo request through the router and show `radixserve status`
 #   test  the test suite
 # Idempotent: a second run reuses .venv and the model cache.
 set -euo pipefail
@@ -32,8 +33,12 @@ echo "==> pulling the default model"
 
 case "$task" in
     demo)
+        .venv/bin/radixserve down >/dev/null  # a cluster left by an earlier run of this script
+        .venv/bin/radixserve up --detach
         .venv/bin/radixserve generate "In one sentence, why does caching a shared prompt prefix speed up LLM serving?" \
             --max-tokens 64
+        .venv/bin/radixserve status
+        echo "==> the cluster keeps running: try .venv/bin/radixserve generate \"...\"; stop it with .venv/bin/radixserve down"
         ;;
     test)
         .venv/bin/python -m pytest -q -p no:cacheprovider

@@ -4,17 +4,26 @@ Use it synchronously (``add_request`` then ``step`` until ``has_unfinished`` is 
 ``generate``, which streams ``RequestOutput`` deltas. Neither needs Ray nor gRPC: the worker service and the
 Ray actor are thin shells around this object.
 
-Threading contract: ``add_request`` and ``abort`` may be called from any thread while ``step`` runs in
-another; they only validate and enqueue, and ``step`` applies them at its start. Everything else belongs to
-the thread that calls ``step``.
+Threading contract: one thread at a time calls ``step`` (and owns everything not listed here). From any
+thread, also while ``step`` runs in another:
+
+- ``add_request`` and ``abort`` only validate and enqueue; ``step`` applies them at its start.
+- ``flush_cache`` runs at once between steps, or at the end of the step in progress; its future tells how
+  many pages it freed.
+- ``take_events`` returns the radix cache's events in order: ``step`` moves them into a lock-protected
+  buffer at its end, and between steps ``take_events`` also collects those of direct cache calls.
+- ``load`` reads counters without locking: a snapshot that may be a step out of date under concurrency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence as Seq
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +51,8 @@ class EngineStats:
 
     ``num_prompt_tokens`` / ``num_cached_prompt_tokens``: prompt tokens of samples that reached their first
     token and how many of them were served from the radix cache on first admission; ``num_computed_tokens``: every token fed to the
-    model (prefill, recompute and decode); ``num_generated_tokens``: sampled tokens.
+    model (prefill, recompute and decode); ``num_generated_tokens``: sampled tokens; ``num_requests_finished``:
+    requests that ended, aborted ones included.
     """
 
     num_steps: int = 0
@@ -50,10 +60,42 @@ class EngineStats:
     num_cached_prompt_tokens: int = 0
     num_computed_tokens: int = 0
     num_generated_tokens: int = 0
+    num_requests_finished: int = 0
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """A snapshot of the engine's load (``Engine.load``): the ``EngineStats`` counters plus queue and pool state.
+
+    ``num_running``: requests with a sample in the running batch; ``num_waiting``: the other requests in flight.
+    ``num_pages_used`` = pages not free (held by requests or the radix cache); ``num_pages_evictable``: cached
+    pages no request holds, which ``flush_cache`` would free.
+    """
+
+    num_running: int
+    num_waiting: int
+    num_pages_used: int
+    num_pages_free: int
+    num_pages_evictable: int
+    num_steps: int
+    num_prompt_tokens: int
+    num_cached_prompt_tokens: int
+    num_computed_tokens: int
+    num_generated_tokens: int
+    num_requests_finished: int
+
+    @property
+    def hit_ratio(self) -> float:
+        """Share of prompt tokens served from the radix cache; 0 before any prompt."""
+        return self.num_cached_prompt_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
 
 
 class EngineOverloaded(RuntimeError):
     """The waiting queue is full; the request was not accepted."""
+
+
+class RequestIdInUse(ValueError):
+    """A request with this id is still in flight."""
 
 
 @dataclass(eq=False)
@@ -97,6 +139,11 @@ class Engine:
         self._inbox: deque[_Request] = deque()
         self._aborts: deque[str] = deque()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        # Guards the three fields below, which let other threads flush the cache and take its events.
+        self._lock = threading.Lock()
+        self._stepping = False
+        self._events: list[KVEvent] = []
+        self._flushes: list[Future[int]] = []
         self._driver: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
 
@@ -125,7 +172,7 @@ class Engine:
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         if request_id in self._requests:
-            raise ValueError(f"request_id: {request_id!r} is already in flight")
+            raise RequestIdInUse(f"request_id: {request_id!r} is already in flight")
         if len(self._requests) >= self.config.scheduler.max_waiting_requests:
             raise EngineOverloaded(f"queue full: {len(self._requests)} requests in flight")
         prompt_ids = self._prompt_ids(prompt)
@@ -177,6 +224,18 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduling iteration and returns the progress of every request that moved."""
+        with self._lock:
+            self._stepping = True
+        try:
+            return self._step()
+        finally:
+            with self._lock:
+                self._stepping = False
+                flushed = self._run_flushes()
+                self._events.extend(self.cache.take_events())
+            _resolve(flushed)
+
+    def _step(self) -> list[RequestOutput]:
         touched: dict[str, _Request] = {}
         self._drain_inbox(touched)
         batch = self.scheduler.schedule()
@@ -258,13 +317,52 @@ class Engine:
         finished = request.finished
         if finished:
             del self._requests[request.request_id]
+            self.stats.num_requests_finished += 1
         leader = request.seqs[0]
         return RequestOutput(request.request_id, tuple(outputs), leader.prompt_len,
                              leader.num_cached_prompt_tokens, finished)
 
     def take_events(self) -> list[KVEvent]:
-        """KV events (pages stored / removed) since the last call, for the router's prefix index."""
-        return self.cache.take_events()
+        """KV events (pages stored / removed) since the last call, oldest first, for the router's prefix index.
+
+        Any thread. While a step runs, its events are not included yet: they come with the next call after it.
+        """
+        with self._lock:
+            if not self._stepping:
+                self._events.extend(self.cache.take_events())
+            events, self._events = self._events, []
+        return events
+
+    def flush_cache(self) -> Future[int]:
+        """Drops every cached page no request holds; the future gives the number of pages freed.
+
+        Any thread. Runs at once between steps, else at the end of the step in progress; the ``removed``
+        events come out of ``take_events`` as usual.
+        """
+        future: Future[int] = Future()
+        with self._lock:
+            self._flushes.append(future)
+            flushed = [] if self._stepping else self._run_flushes()
+        _resolve(flushed)
+        return future
+
+    def _run_flushes(self) -> list[tuple[Future[int], int]]:
+        """Flushes for the pending futures not cancelled; call with ``_lock`` held and no step running.
+
+        The futures are resolved by the caller once it released the lock, so their callbacks may use the engine.
+        """
+        flushed = [(future, self.cache.flush()) for future in self._flushes if future.set_running_or_notify_cancel()]
+        self._flushes.clear()
+        return flushed
+
+    def load(self) -> EngineLoad:
+        """The current load; any thread (lock-free, so possibly a step out of date while one runs)."""
+        running = len({seq.request_id for seq in list(self.scheduler.running)})
+        num_free = self.allocator.num_free
+        return EngineLoad(num_running=running, num_waiting=max(0, len(self._requests) - running),
+                          num_pages_used=self.allocator.num_pages - num_free, num_pages_free=num_free,
+                          # a read between two counter updates of a running step could dip below zero
+                          num_pages_evictable=max(0, self.cache.num_evictable_pages), **dataclasses.asdict(self.stats))
 
     # ---- asyncio --------------------------------------------------------------------------------------
 
@@ -322,6 +420,11 @@ class Engine:
             if stream is not None:
                 stream.put_nowait(RuntimeError(f"engine step failed: {exc!r}"))
             self.abort(request_id)
+
+
+def _resolve(flushed: list[tuple[Future[int], int]]) -> None:
+    for future, num_freed in flushed:
+        future.set_result(num_freed)
 
 
 def _build_model(checkpoint: Checkpoint, max_len: int, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:

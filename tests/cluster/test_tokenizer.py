@@ -135,3 +135,19 @@ def test_smollm2_stream(smollm2_tokenizer: Tokenizer) -> None:
 @given(ids=st.lists(st.integers(0, 49151), max_size=30))
 def test_smollm2_stream_equals_decode_for_any_ids(smollm2_tokenizer: Tokenizer, ids: list[int]) -> None:
     assert "".join(stream(smollm2_tokenizer, ids)) == smollm2_tokenizer.decode(ids)
+
+
+def test_json_round_trip_rebuilds_an_equal_tokenizer(tokenizer: Tokenizer) -> None:
+    rebuilt = Tokenizer.from_json(tokenizer.to_json(), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, chat_template=tokenizer.chat_template)
+    text = "<|im_start|>user\nnaïve 𝄞 text<|im_end|>"
+    assert rebuilt.encode(text) == tokenizer.encode(text)
+    assert rebuilt.decode(tokenizer.encode(text), skip_special_tokens=False) == text
+    assert (rebuilt.vocab_size, rebuilt.all_special_ids) == (tokenizer.vocab_size, tokenizer.all_special_ids)
+    assert (rebuilt.bos_token_id, rebuilt.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert rebuilt.apply_chat_template(CHAT) == tokenizer.apply_chat_template(CHAT)
+
+
+def test_from_json_rejects_what_is_not_a_tokenizer() -> None:
+    with pytest.raises(ValueError, match="^backend_json"):
+        Tokenizer.from_json("{not json")

@@ -1,0 +1,163 @@
+"""Routing policies: given a request and the workers that may take it, pick one.
+
+A policy sees only ``Candidate`` snapshots (matched pages from the prefix index, the router's own load
+accounting) and returns an index into them. Candidates are non-empty and all healthy and accepting. Policies are
+pure and deterministic given their injected ``random.Random``; only ``round_robin`` keeps state between calls.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from radixserve.cluster.config import POLICIES
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A worker that may take the request, as the router sees it now.
+
+    ``matched_pages``: leading pages of the prompt the worker holds (``PrefixIndex.match``).
+    ``num_in_flight``: requests this router has outstanding on the worker.
+    ``pending_tokens``: the router's estimate of the work still owed there, summed over those requests:
+    uncached prompt tokens plus ``max_tokens``.
+    ``num_waiting``: the queue length the worker last reported.
+    """
+
+    worker_id: str
+    matched_pages: int
+    num_in_flight: int
+    pending_tokens: int
+    num_waiting: int = 0
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What a policy knows of the request: prompt length, output budget, and the pool's page size."""
+
+    num_prompt_tokens: int
+    max_tokens: int
+    page_size: int
+
+
+class Policy(ABC):
+    """Chooses a candidate for a request."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
+        """The index in ``candidates`` (non-empty) of the worker to send ``request`` to."""
+
+
+def uncached_tokens(request: RouteRequest, candidate: Candidate) -> int:
+    """Prompt tokens the candidate would have to prefill: those past its matched pages, and at least one."""
+    return max(request.num_prompt_tokens - candidate.matched_pages * request.page_size, 1)
+
+
+class PrefixPolicy(Policy):
+    """Least estimated work before the first token: ``uncached_tokens + load_weight * pending_tokens``.
+
+    Ties go to more matched pages, then fewer requests in flight, then candidate order.
+
+    When a hot prefix spreads: a worker holding the prefix keeps winning its requests until
+    ``load_weight * (its pending_tokens - another's pending_tokens)`` exceeds the prefill it saves over that
+    other worker (the difference of their ``uncached_tokens``); at equality it still wins. A larger
+    ``load_weight`` spreads sooner; 0 never spreads a cached prefix.
+    """
+
+    name = "prefix"
+
+    def __init__(self, load_weight: float) -> None:
+        if not load_weight >= 0:
+            raise ValueError(f"load_weight: must be >= 0, got {load_weight}")
+        self._load_weight = load_weight
+
+    def cost(self, request: RouteRequest, candidate: Candidate) -> float:
+        """The estimated work the request would wait on at the candidate, in tokens."""
+        return uncached_tokens(request, candidate) + self._load_weight * candidate.pending_tokens
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
+        def key(i: int) -> tuple[float, int, int, int]:
+            c = candidates[i]
+            return self.cost(request, c), -c.matched_pages, c.num_in_flight, i
+
+        return min(range(len(candidates)), key=key)
+
+
+class RoundRobinPolicy(Policy):
+    """Cycles over worker ids in sorted order: the next id after the last chosen one, wrapping around.
+
+    Stable when the candidate set changes: a worker that leaves is skipped, one that joins takes its place in
+    the order, and the cycle goes on from the last chosen id (even if that worker has left).
+    """
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._last: str | None = None
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
+        ids = [c.worker_id for c in candidates]
+        after = [i for i, worker_id in enumerate(ids) if self._last is None or worker_id > self._last]
+        index = min(after or range(len(ids)), key=ids.__getitem__)
+        self._last = ids[index]
+        return index
+
+
+class LeastLoadPolicy(Policy):
+    """Fewest requests in flight; ties by fewer pending tokens, then candidate order."""
+
+    name = "least_load"
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
+        return min(range(len(candidates)), key=lambda i: (candidates[i].num_in_flight, candidates[i].pending_tokens))
+
+
+class RandomPolicy(Policy):
+    """Uniform over the candidates, drawn from the injected ``rng``."""
+
+    name = "random"
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
+        return self._rng.randrange(len(candidates))
+
+
+class PowerOfTwoPolicy(Policy):
+    """Two distinct candidates drawn uniformly from ``rng``; the one with fewer requests in flight wins.
+
+    Ties by fewer pending tokens, then the first drawn. A single candidate is chosen without a draw.
+    """
+
+    name = "power_of_two"
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
+        if len(candidates) == 1:
+            return 0
+        pair = self._rng.sample(range(len(candidates)), 2)
+        return min(pair, key=lambda i: (candidates[i].num_in_flight, candidates[i].pending_tokens))
+
+
+_FACTORIES: dict[str, Callable[[float, random.Random], Policy]] = {
+    PrefixPolicy.name: lambda load_weight, rng: PrefixPolicy(load_weight),
+    RoundRobinPolicy.name: lambda load_weight, rng: RoundRobinPolicy(),
+    LeastLoadPolicy.name: lambda load_weight, rng: LeastLoadPolicy(),
+    RandomPolicy.name: lambda load_weight, rng: RandomPolicy(rng),
+    PowerOfTwoPolicy.name: lambda load_weight, rng: PowerOfTwoPolicy(rng),
+}
+
+
+def make_policy(name: str, load_weight: float, rng: random.Random) -> Policy:
+    """The policy named ``name`` (one of ``cluster.config.POLICIES``); ``load_weight`` is used by ``prefix``."""
+    if name not in POLICIES:
+        raise ValueError(f"policy: must be one of {POLICIES}, got {name!r}")
+    return _FACTORIES[name](load_weight, rng)

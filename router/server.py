@@ -1,0 +1,276 @@
+"""The router: the cluster's public gRPC endpoint (service ``radixserve.v1.Generation``).
+
+For each request it validates, applies the chat template and tokenizes once (``router.requests``), hashes the
+prompt into pages, asks the prefix index how many leading pages each routable worker holds, lets the policy
+pick one, and streams the worker's tokens back. Guarantees:
+
+- every accepted request ends with its tokens or an error status: a worker that fails before the first token
+  is marked down and the request is retried on another; after the first token the client gets UNAVAILABLE
+  naming the worker;
+- cancelling the call or its deadline passing cancels the worker's call, which aborts the request there and
+  frees its KV pages; the deadline sent to the worker is the earlier of the gRPC deadline and
+  ``timeout_seconds``;
+- bad input is answered INVALID_ARGUMENT naming the field; a full cluster RESOURCE_EXHAUSTED; a cluster without
+  a routable worker (or a draining router) UNAVAILABLE.
+
+The tokenizer and the model's limits come from the workers (``GetInfo``), so a router needs no model files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from radixserve.cluster.bus import EventBus
+from radixserve.cluster.config import RouterConfig
+from radixserve.cluster.grpc_util import HealthReporter, server_options
+from radixserve.cluster.hashing import namespace_seed, page_hashes
+from radixserve.cluster.tokenizer import Tokenizer
+from radixserve.router.policies import Candidate, RouteRequest, make_policy, uncached_tokens
+from radixserve.router.prefix_index import PrefixIndex
+from radixserve.router.requests import ModelLimits, PreparedRequest, prepare
+from radixserve.router.workers import WorkerClient, WorkerSet
+from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2
+
+log = logging.getLogger(__name__)
+
+# Failures of a worker call, before any token was sent to the client, that another worker may not share.
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN,
+              grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What the router needs of the model every worker serves, learned from the first worker's ``GetInfo``."""
+
+    model: str
+    hash_namespace: str
+    page_size: int
+    tokenizer: Tokenizer
+    limits: ModelLimits
+
+    @classmethod
+    def from_info(cls, info: worker_pb2.WorkerInfo) -> ModelView:
+        spec = info.tokenizer
+        tokenizer = Tokenizer.from_json(
+            spec.backend_json, chat_template=spec.chat_template or None,
+            bos_token_id=spec.bos_token_id if spec.HasField("bos_token_id") else None,
+            eos_token_id=spec.eos_token_id if spec.HasField("eos_token_id") else None)
+        return cls(info.model, info.hash_namespace, info.page_size, tokenizer,
+                   ModelLimits(info.vocab_size, info.max_model_len))
+
+    def serves(self, info: worker_pb2.WorkerInfo) -> bool:
+        """Whether a worker's pages hash like ours (same namespace and page size) and it takes our prompts."""
+        return (info.hash_namespace == self.hash_namespace and info.page_size == self.page_size
+                and info.vocab_size == self.limits.vocab_size)
+
+
+class _Failure(Exception):
+    """A worker call failed; the request ends with ``code`` and ``details``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _Retry(_Failure):
+    """The chosen worker failed before the first token; another worker may serve the request."""
+
+
+class GenerationService(api_pb2_grpc.GenerationServicer):
+    """The public API; see the module docstring for its guarantees."""
+
+    def __init__(self, config: RouterConfig, workers: WorkerSet, index: PrefixIndex) -> None:
+        self._config = config
+        self._workers = workers
+        self._index = index
+        self._policy = make_policy(config.policy, config.load_weight, random.Random(config.seed))
+        self._model: ModelView | None = None
+        self.draining = False
+        self.num_in_flight = 0
+
+    async def Generate(self, request: api_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.GenerateResponse]:
+        self.num_in_flight += 1
+        try:
+            async for response in self._serve(request, context):
+                yield response
+        finally:
+            self.num_in_flight -= 1
+
+    async def Complete(self, request: api_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> api_pb2.CompleteResponse:
+        result = api_pb2.CompleteResponse()
+        choices: dict[int, api_pb2.Completion] = {}
+        async for response in self.Generate(request, context):
+            result.request_id, result.worker_id = response.request_id, response.worker_id
+            for chunk in response.choices:
+                choice = choices.setdefault(chunk.index, api_pb2.Completion(index=chunk.index))
+                choice.text += chunk.text
+                choice.token_ids.extend(chunk.token_ids)
+                choice.logprobs.extend(chunk.logprobs)
+                choice.finish_reason = chunk.finish_reason or choice.finish_reason
+            if response.HasField("usage"):
+                result.usage.CopyFrom(response.usage)
+        result.choices.extend(choices[i] for i in sorted(choices))
+        return result
+
+    async def ListWorkers(self, request: api_pb2.ListWorkersRequest,
+                          context: grpc.aio.ServicerContext) -> api_pb2.ListWorkersResponse:
+        response = api_pb2.ListWorkersResponse(policy=self._config.policy)
+        for client in sorted(self._workers.clients.values(), key=lambda c: c.worker_id):
+            response.workers.append(api_pb2.WorkerStatus(
+                worker_id=client.worker_id, address=client.record.address, model=client.record.model,
+                state=client.state, load=client.load, num_routed=client.num_routed,
+                num_in_flight=client.num_in_flight, num_indexed_pages=self._index.num_pages(client.worker_id),
+                events_live=client.events_live))
+        return response
+
+    # ---- one request --------------------------------------------------------------------------------
+
+    async def _serve(self, request: api_pb2.GenerateRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.GenerateResponse]:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the router is draining; send to another router")
+        model = self._model_view()
+        if model is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is up yet; retry shortly")
+        try:
+            prepared = prepare(request, model.tokenizer, model.limits)
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        hashes = page_hashes(prepared.token_ids, model.page_size, namespace_seed(model.hash_namespace))
+        deadline = _deadline(context, prepared.timeout_s)
+        failures: list[_Retry] = []
+        tried: set[str] = set()
+        while (choice := self._choose(prepared, hashes, model, tried)) is not None:
+            client, cost = choice
+            tried.add(client.worker_id)
+            try:
+                async for response in self._attempt(client, cost, request.sampling, prepared, hashes, deadline):
+                    yield response
+                return
+            except _Retry as failure:
+                failures.append(failure)
+            except _Failure as failure:
+                await context.abort(failure.code, failure.details)
+        await context.abort(*_exhausted(failures))
+
+    def _model_view(self) -> ModelView | None:
+        if self._model is None:
+            informed = [c.info for c in self._workers.clients.values() if c.info is not None]
+            if informed:
+                self._model = ModelView.from_info(informed[0])
+        return self._model
+
+    def _choose(self, prepared: PreparedRequest, hashes: list[int], model: ModelView,
+                tried: set[str]) -> tuple[WorkerClient, int] | None:
+        """The policy's pick among routable workers not tried yet, with the work the request will cost it."""
+        clients = [c for c in self._workers.routable()
+                   if c.worker_id not in tried and c.info is not None and model.serves(c.info)]
+        if not clients:
+            return None
+        matched = self._index.match(hashes, [c.worker_id for c in clients])
+        candidates = [Candidate(c.worker_id, matched.get(c.worker_id, 0), c.num_in_flight, c.pending_tokens,
+                                c.load.num_waiting) for c in clients]
+        route = RouteRequest(len(prepared.token_ids), prepared.params.max_tokens * prepared.params.n,
+                             model.page_size)
+        chosen = self._policy.choose(route, candidates)
+        return clients[chosen], uncached_tokens(route, candidates[chosen]) + route.max_tokens
+
+    async def _attempt(self, client: WorkerClient, cost: int, sampling: types_pb2.SamplingOptions,
+                       prepared: PreparedRequest, hashes: list[int],
+                       deadline: float | None) -> AsyncIterator[api_pb2.GenerateResponse]:
+        """Stream one worker's answer; raise ``_Retry`` when it fails before anything reached the client."""
+        attempt_id = uuid.uuid4().hex
+        client.begin(attempt_id, cost)
+        self._index.record_routed(client.worker_id, hashes)
+        call = client.stub.Generate(
+            worker_pb2.WorkerGenerateRequest(request_id=attempt_id, token_ids=prepared.token_ids, sampling=sampling),
+            timeout=None if deadline is None else max(deadline - time.monotonic(), 0.001))
+        num_tokens = 0
+        try:
+            async for part in call:
+                num_tokens += sum(len(choice.token_ids) for choice in part.choices)
+                response = api_pb2.GenerateResponse(request_id=prepared.request_id, choices=part.choices,
+                                                    worker_id=client.worker_id)
+                if part.finished:
+                    response.usage.CopyFrom(api_pb2.Usage(prompt_tokens=part.num_prompt_tokens,
+                                                          cached_tokens=part.num_cached_tokens,
+                                                          completion_tokens=num_tokens))
+                yield response
+        except grpc.aio.AioRpcError as error:
+            raise self._classify(client, error, num_tokens) from None
+        finally:
+            call.cancel()  # no-op once finished; otherwise the worker aborts the request and frees its pages
+            client.end(attempt_id)
+
+    def _classify(self, client: WorkerClient, error: grpc.aio.AioRpcError, num_tokens: int) -> _Failure:
+        code, details = error.code(), error.details() or error.code().name
+        if code == grpc.StatusCode.UNAVAILABLE:
+            client.mark_down(details)
+        if num_tokens == 0 and code in _RETRYABLE:
+            log.info("retrying a request off worker %s: %s: %s", client.worker_id, code.name, details)
+            return _Retry(code, f"worker {client.worker_id}: {details}")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = f"worker {client.worker_id} failed after streaming {num_tokens} tokens: {details}"
+        return _Failure(code, details)
+
+
+def _deadline(context: grpc.aio.ServicerContext, timeout_s: float | None) -> float | None:
+    remaining = [t for t in (context.time_remaining(), timeout_s) if t is not None]
+    return time.monotonic() + min(remaining) if remaining else None
+
+
+def _exhausted(failures: list[_Retry]) -> tuple[grpc.StatusCode, str]:
+    if failures and all(f.code == grpc.StatusCode.RESOURCE_EXHAUSTED for f in failures):
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"every worker's queue is full ({len(failures)} tried); retry later or add workers")
+    if not failures:
+        return grpc.StatusCode.UNAVAILABLE, "no worker is routable (all down, full or draining); retry shortly"
+    return (grpc.StatusCode.UNAVAILABLE,
+            "no worker could serve the request: " + "; ".join(f.details for f in failures))
+
+
+class Router:
+    """The router process: the public server, its worker set and prefix index. Runs on one asyncio loop."""
+
+    def __init__(self, config: RouterConfig, bus: EventBus) -> None:
+        self.config = config
+        self.index = PrefixIndex(config.pending_ttl_s, config.approx_ttl_s)
+        self.workers = WorkerSet(bus, self.index, config.health_interval_s, config.max_message_bytes)
+        self.service = GenerationService(config, self.workers, self.index)
+        self._server = grpc.aio.server(options=server_options(config.max_message_bytes))
+        api_pb2_grpc.add_GenerationServicer_to_server(self.service, self._server)
+        self._health = HealthReporter(self._server, [api_pb2.DESCRIPTOR.services_by_name["Generation"].full_name])
+        self.address = ""
+
+    async def start(self) -> str:
+        """Listen and follow the workers; returns the bound ``host:port``."""
+        port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if port == 0:
+            raise RuntimeError(f"router: cannot listen on {self.config.host}:{self.config.port} (port in use?)")
+        await self.workers.start()
+        await self.workers.wait_informed(timeout_s=30)
+        await self._server.start()
+        await self._health.set_serving(True)
+        self.address = f"{self.config.host}:{port}"
+        return self.address
+
+    async def stop(self) -> None:
+        """Drain: refuse new requests, let those in flight finish (up to ``drain_timeout_s``), then stop."""
+        self.service.draining = True
+        await self._health.set_serving(False)
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while self.service.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self._server.stop(grace=1.0)
+        await self.workers.close()

@@ -1,0 +1,245 @@
+"""The router's view of its workers: one gRPC client each, their health, load and KV events.
+
+``WorkerSet`` follows the event bus registry: a worker announced there gets a ``WorkerClient``; a withdrawn one
+is closed and forgotten by the prefix index. Each client polls its worker's load every ``health_interval_s``,
+which doubles as the health probe: a worker that stops answering is marked ``down`` and routed around until a
+poll succeeds again. A changed incarnation means the worker restarted with an empty cache, so the index forgets
+it. Each client also follows the worker's KV event stream and republishes the batches on the bus; the index
+applies them from there (``IndexFeeder``), so routers learn of events the same way whatever the bus backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from radixserve.cluster.bus import (KV_EVENTS_TOPIC, REGISTRY_TOPIC, ChangeKind, EventBus, Lost, RegistryChange,
+                                    Subscription, WorkerRecord)
+from radixserve.router.prefix_index import PrefixIndex
+from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_RETRY_S = 0.5  # pause before re-subscribing to a worker's KV events
+
+
+class WorkerState:
+    UP = "up"
+    DOWN = "down"
+    DRAINING = "draining"
+
+
+@dataclass
+class _InFlight:
+    pending_tokens: int
+
+
+class WorkerClient:
+    """One worker as the router sees it. Methods run on the router's event loop.
+
+    ``info`` is None until the worker has answered ``GetInfo`` once; until then it is not routable.
+    """
+
+    def __init__(self, record: WorkerRecord, bus: EventBus, index: PrefixIndex, health_interval_s: float,
+                 max_message_bytes: int) -> None:
+        self.record = record
+        self.info: worker_pb2.WorkerInfo | None = None
+        self.load = types_pb2.LoadReport()
+        self.state = WorkerState.DOWN
+        self.num_routed = 0
+        self.events_live = False
+        self._in_flight: dict[str, _InFlight] = {}
+        self._bus = bus
+        self._index = index
+        self._interval = health_interval_s
+        self._channel = grpc.aio.insecure_channel(record.address, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
+        self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._informed = asyncio.Event()
+        self._poller = asyncio.create_task(self._poll())
+        self._follower = asyncio.create_task(self._follow_events())
+
+    @property
+    def worker_id(self) -> str:
+        return self.record.worker_id
+
+    @property
+    def routable(self) -> bool:
+        """Up, informed, and its queue (as last reported plus what this router sent since) not full."""
+        if self.state != WorkerState.UP or self.info is None:
+            return False
+        return self.load.num_running + self.load.num_waiting < self.info.max_waiting_requests
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def pending_tokens(self) -> int:
+        return sum(entry.pending_tokens for entry in self._in_flight.values())
+
+    def begin(self, request_id: str, pending_tokens: int) -> None:
+        """Count a request routed here until ``end``; ``pending_tokens`` is the work it is expected to cost."""
+        self._in_flight[request_id] = _InFlight(pending_tokens)
+        self.num_routed += 1
+
+    def end(self, request_id: str) -> None:
+        self._in_flight.pop(request_id, None)
+
+    def mark_down(self, reason: str) -> None:
+        """The worker failed a call: stop routing to it until a load poll succeeds."""
+        if self.state == WorkerState.UP:
+            log.warning("worker %s is down: %s", self.worker_id, reason)
+        self.state = WorkerState.DOWN
+
+    def resubscribe(self) -> None:
+        """Restart the KV event stream: the worker answers with a fresh reset snapshot."""
+        self._index.set_events_live(self.worker_id, False)
+        self.events_live = False
+        self._follower.cancel()
+        self._follower = asyncio.create_task(self._follow_events())
+
+    async def close(self) -> None:
+        await _cancel(self._poller, self._follower)
+        await self._channel.close()
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await self._refresh()
+            except grpc.aio.AioRpcError as error:
+                self.mark_down(f"{error.code().name}: {error.details()}")
+            await asyncio.sleep(self._interval)
+
+    async def _refresh(self) -> None:
+        timeout = max(self._interval * 4, 1.0)
+        load = await self.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=timeout)
+        if self.info is None or load.incarnation != self.info.incarnation:
+            restarted = self.info is not None
+            self.info = await self.stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=timeout)
+            self._index.reset(self.worker_id)  # a new incarnation starts with an empty cache
+            self._informed.set()
+            if restarted:
+                self.resubscribe()
+        self.load = load
+        if self.state != WorkerState.UP:
+            log.info("worker %s is up at %s", self.worker_id, self.record.address)
+        self.state = WorkerState.UP
+
+    async def _follow_events(self) -> None:
+        await self._informed.wait()  # batches are checked against the incarnation GetInfo reported
+        while True:
+            try:
+                async for batch in self.stub.StreamKvEvents(worker_pb2.StreamKvEventsRequest()):
+                    await self._bus.publish(KV_EVENTS_TOPIC, batch.SerializeToString())
+            except grpc.aio.AioRpcError as error:
+                log.debug("kv events of %s interrupted: %s", self.worker_id, error.code().name)
+            self._index.set_events_live(self.worker_id, False)
+            self.events_live = False
+            await asyncio.sleep(_RETRY_S)
+
+
+class WorkerSet:
+    """The workers a router knows, kept in step with the bus registry; feeds the prefix index from the bus."""
+
+    def __init__(self, bus: EventBus, index: PrefixIndex, health_interval_s: float, max_message_bytes: int) -> None:
+        self._bus = bus
+        self._index = index
+        self._interval = health_interval_s
+        self._max_message_bytes = max_message_bytes
+        self.clients: dict[str, WorkerClient] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Subscribe first, then read the current members, so no announcement falls in between."""
+        registry = self._bus.subscribe(REGISTRY_TOPIC)
+        events = self._bus.subscribe(KV_EVENTS_TOPIC)
+        for record in (await self._bus.members()).values():
+            await self._upsert(record)
+        self._tasks = [asyncio.create_task(self._watch_registry(registry)),
+                       asyncio.create_task(self._feed_index(events))]
+
+    async def close(self) -> None:
+        await _cancel(*self._tasks)
+        for client in list(self.clients.values()):
+            await client.close()
+        self.clients.clear()
+
+    async def wait_informed(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until every known worker has answered ``GetInfo``."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while any(c.info is None for c in self.clients.values()):
+            if asyncio.get_running_loop().time() > deadline:
+                return
+            await asyncio.sleep(0.05)
+
+    def routable(self) -> list[WorkerClient]:
+        return [client for client in self.clients.values() if client.routable]
+
+    async def _upsert(self, record: WorkerRecord) -> None:
+        current = self.clients.get(record.worker_id)
+        if current is not None and current.record == record:
+            return
+        if current is not None:
+            await current.close()
+            self._index.reset(record.worker_id)
+        self.clients[record.worker_id] = WorkerClient(record, self._bus, self._index, self._interval,
+                                                      self._max_message_bytes)
+
+    async def _remove(self, worker_id: str) -> None:
+        client = self.clients.pop(worker_id, None)
+        if client is not None:
+            await client.close()
+        self._index.remove_worker(worker_id)
+
+    async def _watch_registry(self, subscription: Subscription) -> None:
+        async for item in subscription:
+            if isinstance(item, Lost):  # membership changes were dropped: re-read the whole registry
+                members = await self._bus.members()
+                for worker_id in set(self.clients) - set(members):
+                    await self._remove(worker_id)
+                for record in members.values():
+                    await self._upsert(record)
+                continue
+            change = RegistryChange.from_bytes(item)
+            if change.kind == ChangeKind.LEFT:
+                await self._remove(change.record.worker_id)
+            else:
+                await self._upsert(change.record)
+
+    async def _feed_index(self, subscription: Subscription) -> None:
+        async for item in subscription:
+            if isinstance(item, Lost):  # events were dropped: every worker must resend its whole cache
+                for client in self.clients.values():
+                    client.resubscribe()
+                continue
+            self.apply_batch(worker_pb2.KvEventBatch.FromString(item))
+
+    def apply_batch(self, batch: worker_pb2.KvEventBatch) -> None:
+        """Apply one worker's event batch to the index; a reset replaces what was known of the worker."""
+        client = self.clients.get(batch.worker_id)
+        if client is None or client.info is None or batch.incarnation != client.info.incarnation:
+            return  # a worker we do not know (yet), or a stale incarnation: its reset will come again
+        if batch.reset:
+            self._index.reset(batch.worker_id, [h for event in batch.events for h in event.page_hashes])
+            self._index.set_events_live(batch.worker_id, True)
+            client.events_live = True
+            return
+        for event in batch.events:
+            if event.kind == worker_pb2.KvEvent.STORED:
+                self._index.apply_stored(batch.worker_id, event.page_hashes)
+            elif event.kind == worker_pb2.KvEvent.REMOVED:
+                self._index.apply_removed(batch.worker_id, event.page_hashes)
+
+
+async def _cancel(*tasks: asyncio.Task[None]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,50 @@
+"""A real cluster for the end-to-end tests: a local Ray, two SmolLM2 workers and the router, in this process.
+
+Tests talk to it only through the generated gRPC stubs, as a user's client would; they reach Ray only to kill
+a worker actor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cluster_calls import free_port
+
+from radixserve.cluster.config import load_cluster_config
+from radixserve.cluster.launcher import ClusterRunner
+from radixserve.v1 import api_pb2_grpc
+
+# Small enough to start fast, big enough that no e2e workload evicts: 4,096 tokens of context, 0.25 GiB of KV.
+E2E_SETTINGS = {
+    "pool.num_workers": 2,
+    "engine.max_model_len": 4096,
+    "engine.cache.memory_gib": 0.25,
+    "router.health_interval_s": 0.2,
+    "router.drain_timeout_s": 5.0,
+}
+
+
+@pytest.fixture(scope="session")
+def cluster(smollm2_path: Path) -> Iterator[ClusterRunner]:
+    config = load_cluster_config(None, {**E2E_SETTINGS, "router.port": free_port()})
+    runner = ClusterRunner(config)
+    try:
+        runner.start(print)
+        yield runner
+    finally:
+        runner.stop(print)
+
+
+@pytest.fixture(scope="session")
+def channel(cluster: ClusterRunner) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(cluster.router_address) as chan:
+        grpc.channel_ready_future(chan).result(timeout=30)
+        yield chan
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.Channel) -> api_pb2_grpc.GenerationStub:
+    return api_pb2_grpc.GenerationStub(channel)

@@ -1,0 +1,389 @@
+"""The worker's gRPC service (``radixserve.v1.Worker``) over one ``Engine``, and the server that hosts it.
+
+``WorkerServer`` owns a ``grpc.aio`` server with the Worker service, the standard health service
+(``""`` and ``radixserve.v1.Worker``) and server reflection. Create, start and stop it on one asyncio loop;
+any thread's loop will do (a Ray actor runs it in a dedicated thread).
+
+Errors: a bad field of a Generate request is ``INVALID_ARGUMENT`` whose details start with the field's path
+in ``WorkerGenerateRequest`` (``request_id``, ``token_ids``, ``sampling.<name>``); a full engine queue is
+``RESOURCE_EXHAUSTED``; a request id already in flight is ``ALREADY_EXISTS``; a draining worker answers
+new Generate calls with ``UNAVAILABLE``.
+
+KV events: the service keeps a mirror of the page hashes the engine caches, built from every event batch in
+order, so a new subscriber's reset snapshot and the live batches after it neither miss nor repeat an event.
+The service must be the engine's only consumer of ``take_events`` from before the engine caches anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+
+import grpc
+
+from radixserve.cluster.grpc_util import HealthReporter, server_options
+from radixserve.cluster.sampling_params import SamplingParams
+from radixserve.cluster.wire import sampling_params_from_proto
+from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+from radixserve.worker.engine import Engine, EngineOverloaded, RequestIdInUse
+from radixserve.worker.kv.radix_cache import KVEvent
+from radixserve.worker.outputs import CompletionOutput, RequestOutput
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+MAX_REQUEST_ID_CHARS = 128
+DEFAULT_MAX_PENDING_BATCHES = 1024  # ~10 s of event batches at the pump's pace
+_PUMP_INTERVAL_S = 0.01
+_CANCEL_GRACE_S = 0.2  # lets the streams ended at stop send their status before the server cancels the rest
+# Engine error fields -> the WorkerGenerateRequest fields they come from.
+_WIRE_FIELDS = {"prompt": "token_ids", "prompt_token_ids": "token_ids", "stop_token_ids": "sampling.stop_token_ids"}
+_EVENT_KINDS = {"stored": worker_pb2.KvEvent.STORED, "removed": worker_pb2.KvEvent.REMOVED}
+
+
+class KvSubscriberLagged(Exception):
+    """The subscriber fell too many batches behind and was dropped; it must resubscribe."""
+
+
+class KvHubClosed(Exception):
+    """The hub was closed because the worker is stopping."""
+
+
+class KvSubscription:
+    """One subscriber's view of the cache: ``snapshot`` when it subscribed, then every later batch in order.
+
+    A context manager: leaving it unsubscribes.
+    """
+
+    def __init__(self, hub: KvEventHub, snapshot: tuple[int, ...], max_pending_batches: int) -> None:
+        self.snapshot = snapshot
+        self._hub = hub
+        self._queue: asyncio.Queue[tuple[KVEvent, ...] | Exception] = asyncio.Queue(max_pending_batches)
+
+    async def next_batch(self) -> tuple[KVEvent, ...]:
+        """The next live batch; raises ``KvSubscriberLagged`` or ``KvHubClosed`` when the subscription ended."""
+        item = await self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def __enter__(self) -> KvSubscription:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._hub.unsubscribe(self)
+
+    def _offer(self, batch: tuple[KVEvent, ...]) -> bool:
+        try:
+            self._queue.put_nowait(batch)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def _end(self, error: Exception) -> None:
+        """Replaces whatever is still queued by ``error``, which ``next_batch`` raises."""
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(error)
+
+
+class KvEventHub:
+    """The cached page hashes (a mirror built from the engine's events) and the fan-out of live batches.
+
+    Subscribing and publishing are synchronous, so on one event loop every batch is either in a new
+    subscriber's snapshot or delivered to it live, never both or neither. A subscriber holding
+    ``max_pending_batches`` undelivered batches is dropped (``KvSubscriberLagged``) instead of holding up others.
+    """
+
+    def __init__(self, max_pending_batches: int = DEFAULT_MAX_PENDING_BATCHES) -> None:
+        if max_pending_batches < 1:
+            raise ValueError(f"max_pending_batches: must be >= 1, got {max_pending_batches}")
+        self._max_pending_batches = max_pending_batches
+        self._cached: dict[int, None] = {}  # insertion-ordered: a prefix's pages come before its extensions
+        self._subscribers: set[KvSubscription] = set()
+        self._closed = False
+
+    @property
+    def cached_hashes(self) -> tuple[int, ...]:
+        """Every cached page hash, oldest first."""
+        return tuple(self._cached)
+
+    def publish(self, events: Sequence[KVEvent]) -> None:
+        """Applies ``events`` (oldest first) to the mirror and queues them as one batch for every subscriber."""
+        if not events:
+            return
+        for event in events:
+            for page_hash in event.page_hashes:
+                if event.kind == "stored":
+                    self._cached[page_hash] = None
+                else:
+                    self._cached.pop(page_hash, None)
+        batch = tuple(events)
+        for subscriber in list(self._subscribers):
+            if not subscriber._offer(batch):
+                self._subscribers.discard(subscriber)
+                subscriber._end(KvSubscriberLagged("kv event subscriber fell behind; resubscribe"))
+
+    def subscribe(self) -> KvSubscription:
+        """A subscription whose snapshot is the cache now; raises ``KvHubClosed`` once the hub is closed."""
+        if self._closed:
+            raise KvHubClosed("worker is stopping")
+        subscription = KvSubscription(self, self.cached_hashes, self._max_pending_batches)
+        self._subscribers.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: KvSubscription) -> None:
+        self._subscribers.discard(subscription)
+
+    def close(self) -> None:
+        """Ends every subscription with ``KvHubClosed`` and refuses new ones."""
+        self._closed = True
+        for subscriber in self._subscribers:
+            subscriber._end(KvHubClosed("worker is stopping"))
+        self._subscribers.clear()
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    """``radixserve.v1.Worker`` over one engine. ``start`` and ``close`` bracket its event pump."""
+
+    def __init__(self, engine: Engine, worker_id: str, address: str, incarnation: str,
+                 max_pending_batches: int = DEFAULT_MAX_PENDING_BATCHES) -> None:
+        self._engine = engine
+        self._worker_id = worker_id
+        self._incarnation = incarnation
+        self._info = _worker_info(engine, worker_id, address, incarnation)
+        self._hub = KvEventHub(max_pending_batches)
+        self._pump_task: asyncio.Task[None] | None = None
+        self._draining = False
+        self._num_generating = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def start(self) -> None:
+        """Starts draining the engine's KV events every ``_PUMP_INTERVAL_S``; call on the serving loop."""
+        self._pump_task = asyncio.create_task(self._pump())
+
+    def begin_drain(self) -> None:
+        """From now on, new Generate calls are refused with UNAVAILABLE."""
+        self._draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Waits up to ``timeout_s`` for the Generate calls in flight to end; True if they all did."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stops the pump after a last drain and ends every KV event stream with UNAVAILABLE."""
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump_task
+        self._drain_events()
+        self._hub.close()
+
+    async def _pump(self) -> None:
+        while True:
+            self._drain_events()
+            await asyncio.sleep(_PUMP_INTERVAL_S)
+
+    def _drain_events(self) -> None:
+        self._hub.publish(self._engine.take_events())
+
+    # ---- RPCs -----------------------------------------------------------------------------------------
+
+    async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        self._num_generating += 1
+        self._idle.clear()
+        try:
+            async with contextlib.aclosing(self._generate(request, context)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            self._num_generating -= 1
+            if not self._num_generating:
+                self._idle.set()
+
+    async def _generate(self, request: worker_pb2.WorkerGenerateRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        try:
+            outputs = self._engine.generate(list(request.token_ids), _request_params(request), request.request_id)
+            first = await anext(outputs)  # the engine validates the request before its first output
+        except (ValueError, EngineOverloaded) as error:
+            await context.abort(*_refusal(error))
+        # Closing the engine's stream (also when this call is cancelled) aborts the request and frees its pages.
+        async with contextlib.aclosing(outputs):
+            yield _response(first)
+            async for output in outputs:
+                yield _response(output)
+
+    async def Abort(self, request: worker_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
+        self._engine.abort(request.request_id)
+        return worker_pb2.AbortResponse()
+
+    async def GetInfo(self, request: worker_pb2.GetInfoRequest,
+                      context: grpc.aio.ServicerContext) -> worker_pb2.WorkerInfo:
+        return self._info
+
+    async def GetLoad(self, request: worker_pb2.GetLoadRequest,
+                      context: grpc.aio.ServicerContext) -> types_pb2.LoadReport:
+        load = self._engine.load()
+        return types_pb2.LoadReport(
+            num_running=load.num_running, num_waiting=load.num_waiting, num_pages_used=load.num_pages_used,
+            num_pages_free=load.num_pages_free, num_pages_evictable=load.num_pages_evictable,
+            num_prompt_tokens=load.num_prompt_tokens, num_cached_prompt_tokens=load.num_cached_prompt_tokens,
+            hit_ratio=load.hit_ratio, num_requests_finished=load.num_requests_finished,
+            num_generated_tokens=load.num_generated_tokens, incarnation=self._incarnation)
+
+    async def StreamKvEvents(self, request: worker_pb2.StreamKvEventsRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.KvEventBatch]:
+        self._drain_events()  # the freshest snapshot
+        try:
+            subscription = self._hub.subscribe()
+        except KvHubClosed as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+        with subscription:
+            snapshot = [worker_pb2.KvEvent(kind=worker_pb2.KvEvent.STORED, page_hashes=subscription.snapshot)]
+            yield self._batch(0, snapshot if subscription.snapshot else [], reset=True)
+            sequence = 1
+            while True:
+                try:
+                    batch = await subscription.next_batch()
+                except KvSubscriberLagged as error:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+                except KvHubClosed as error:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+                yield self._batch(sequence, [_event(e) for e in batch])
+                sequence += 1
+
+    async def FlushCache(self, request: worker_pb2.FlushCacheRequest,
+                         context: grpc.aio.ServicerContext) -> worker_pb2.FlushCacheResponse:
+        num_freed = await asyncio.wrap_future(self._engine.flush_cache())
+        return worker_pb2.FlushCacheResponse(num_pages_freed=num_freed)
+
+    def _batch(self, sequence: int, events: list[worker_pb2.KvEvent], reset: bool = False) -> worker_pb2.KvEventBatch:
+        return worker_pb2.KvEventBatch(worker_id=self._worker_id, incarnation=self._incarnation,
+                                       sequence=sequence, reset=reset, events=events)
+
+
+class WorkerServer:
+    """Serves one engine over gRPC: the Worker service, health checking and reflection.
+
+    Runs once: ``start``, then ``stop``. ``address`` is the ``host:port`` actually bound (None before
+    ``start``); ``incarnation`` is a fresh uuid per server, so routers notice a restarted worker.
+    """
+
+    def __init__(self, engine: Engine, worker_id: str, host: str = "127.0.0.1", port: int = 0,
+                 max_message_bytes: int = 4 * 2**20,
+                 max_pending_batches: int = DEFAULT_MAX_PENDING_BATCHES) -> None:
+        self._engine = engine
+        self._worker_id = worker_id
+        self._host = host
+        self._port = port
+        self._max_message_bytes = max_message_bytes
+        self._max_pending_batches = max_pending_batches
+        self._incarnation = uuid.uuid4().hex
+        self._address: str | None = None
+        self._server: grpc.aio.Server | None = None
+        self._service: WorkerService | None = None
+        self._health: HealthReporter | None = None
+        self._stopping = False
+
+    @property
+    def address(self) -> str | None:
+        return self._address
+
+    @property
+    def incarnation(self) -> str:
+        return self._incarnation
+
+    async def start(self) -> str:
+        """Binds, starts serving (health SERVING) and returns the bound ``host:port``."""
+        if self._server is not None:
+            raise RuntimeError("WorkerServer: already started")
+        server = grpc.aio.server(options=server_options(self._max_message_bytes))
+        self._address = _host_port(self._host, server.add_insecure_port(_host_port(self._host, self._port)))
+        self._service = WorkerService(self._engine, self._worker_id, self._address, self._incarnation,
+                                      self._max_pending_batches)
+        worker_pb2_grpc.add_WorkerServicer_to_server(self._service, server)
+        self._health = HealthReporter(server, [SERVICE_NAME])
+        await self._health.set_serving(True)
+        await server.start()
+        self._service.start()
+        self._server = server
+        return self._address
+
+    async def stop(self, grace_s: float) -> None:
+        """Drains, then stops: health NOT_SERVING and new Generate calls refused with UNAVAILABLE, up to
+        ``grace_s`` for the Generate calls in flight (the rest are cancelled, which aborts them), KV event
+        streams ended with UNAVAILABLE. A no-op before ``start`` or when already stopping."""
+        server, service, health = self._server, self._service, self._health
+        if server is None or service is None or health is None or self._stopping:
+            return
+        self._stopping = True
+        service.begin_drain()
+        await health.set_serving(False)
+        await service.wait_idle(grace_s)
+        await service.close()
+        await server.stop(_CANCEL_GRACE_S)
+
+
+def _request_params(request: worker_pb2.WorkerGenerateRequest) -> SamplingParams:
+    """Checks the request id and returns the sampling parameters; ValueError naming the field."""
+    if not request.request_id:
+        raise ValueError("request_id: must not be empty")
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise ValueError(f"request_id: {len(request.request_id)} characters, at most {MAX_REQUEST_ID_CHARS} allowed")
+    return sampling_params_from_proto(request.sampling)
+
+
+def _refusal(error: ValueError | EngineOverloaded) -> tuple[grpc.StatusCode, str]:
+    """The status and details a refused Generate gets."""
+    if isinstance(error, RequestIdInUse):
+        return grpc.StatusCode.ALREADY_EXISTS, str(error)
+    if isinstance(error, ValueError):
+        field, sep, rest = str(error).partition(": ")
+        return grpc.StatusCode.INVALID_ARGUMENT, f"{_WIRE_FIELDS.get(field, field)}{sep}{rest}"
+    return grpc.StatusCode.RESOURCE_EXHAUSTED, f"worker overloaded, retry later or elsewhere: {error}"
+
+
+def _response(output: RequestOutput) -> worker_pb2.WorkerGenerateResponse:
+    return worker_pb2.WorkerGenerateResponse(choices=[_chunk(c) for c in output.outputs],
+                                             num_prompt_tokens=output.num_prompt_tokens,
+                                             num_cached_tokens=output.num_cached_tokens, finished=output.finished)
+
+
+def _chunk(output: CompletionOutput) -> types_pb2.CompletionChunk:
+    logprobs = [types_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                                       top=[types_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+                for lp in output.logprobs]
+    return types_pb2.CompletionChunk(index=output.index, token_ids=output.token_ids, text=output.text,
+                                     logprobs=logprobs, finish_reason=output.finish_reason or "")
+
+
+def _event(event: KVEvent) -> worker_pb2.KvEvent:
+    return worker_pb2.KvEvent(kind=_EVENT_KINDS[event.kind], page_hashes=event.page_hashes)
+
+
+def _worker_info(engine: Engine, worker_id: str, address: str, incarnation: str) -> worker_pb2.WorkerInfo:
+    tokenizer = engine.tokenizer
+    spec = worker_pb2.TokenizerSpec(backend_json=tokenizer.to_json(), bos_token_id=tokenizer.bos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id, chat_template=tokenizer.chat_template or "")
+    config = engine.config
+    return worker_pb2.WorkerInfo(
+        worker_id=worker_id, address=address, model=config.model, hash_namespace=config.hash_namespace,
+        page_size=config.cache.page_size, num_pages=engine.allocator.num_pages, max_model_len=engine.max_model_len,
+        vocab_size=engine.model_config.vocab_size, max_running_requests=config.scheduler.max_running_requests,
+        max_waiting_requests=config.scheduler.max_waiting_requests, incarnation=incarnation, tokenizer=spec)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
