@@ -117,12 +117,12 @@ class RouterConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(0 <= self.port < 65536, "router.port", f"must be in [0, 65535], got {self.port}")
-        _require(self.policy in POLICIES, "router.policy", f"must be one of {POLICIES}, got {self.policy!r}")
-        _require(self.load_weight >= 0, "router.load_weight", "must be >= 0")
+        _require(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
+        _require(self.policy in POLICIES, "policy", f"must be one of {POLICIES}, got {self.policy!r}")
+        _require(self.load_weight >= 0, "load_weight", "must be >= 0")
         for name in ("pending_ttl_s", "approx_ttl_s", "health_interval_s", "drain_timeout_s"):
-            _require(getattr(self, name) > 0, f"router.{name}", "must be > 0")
-        _require(self.max_message_bytes >= 1024, "router.max_message_bytes", "must be >= 1024")
+            _require(getattr(self, name) > 0, f"{name}", "must be > 0")
+        _require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
 
 
 @dataclass(frozen=True)
@@ -144,12 +144,12 @@ class PoolConfig:
     max_restarts: int = -1
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "pool.num_workers", f"must be >= 1, got {self.num_workers}")
-        _require(self.num_cpus_per_worker > 0, "pool.num_cpus_per_worker", "must be > 0")
-        _require(self.num_gpus_per_worker is None or self.num_gpus_per_worker >= 0, "pool.num_gpus_per_worker",
+        _require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        _require(self.num_cpus_per_worker > 0, "num_cpus_per_worker", "must be > 0")
+        _require(self.num_gpus_per_worker is None or self.num_gpus_per_worker >= 0, "num_gpus_per_worker",
                  "must be >= 0")
-        _require(self.max_restarts >= -1, "pool.max_restarts", "must be >= -1")
-        _require(0 <= self.worker_port < 65536, "pool.worker_port", "must be in [0, 65535]")
+        _require(self.max_restarts >= -1, "max_restarts", "must be >= -1")
+        _require(0 <= self.worker_port < 65536, "worker_port", "must be in [0, 65535]")
 
 
 @dataclass(frozen=True)
@@ -181,11 +181,14 @@ def build_config(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T
             kwargs[key] = build_config(hint, value, f"{name}.")
         else:
             kwargs[key] = _coerce(name, hint, value)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as error:  # the dataclass names the field; say where it sits in the file
+        raise ValueError(f"{prefix}{error}") from None
 
 
 def with_overrides(config: T, overrides: Mapping[str, Any]) -> T:
-    """A copy of ``config`` with dotted keys replaced (``{"router.policy": "random"}``), validated again."""
+    """A copy of ``config`` with dotted keys replaced (``{"policy": "random"}``), validated again."""
     tree = _as_tree(config)
     for dotted, value in overrides.items():
         node = tree

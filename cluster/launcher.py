@@ -230,7 +230,7 @@ def _foreground(config: ClusterConfig) -> int:
     state = ClusterState(os.getpid(), runner.router_address, runner.ray_address,
                          os.environ.get("RADIXSERVE_LOG", ""))
     state.save()
-    say(f"ready: try `radixserve generate \"Hello\"` or `radixserve status`; Ctrl-C (or `radixserve down`) stops")
+    say("ready: try `radixserve generate \"Hello\"` or `radixserve status`; Ctrl-C (or `radixserve down`) stops")
     try:
         while not stop.wait(0.5):
             pass

@@ -24,14 +24,12 @@ class Candidate:
     ``num_in_flight``: requests this router has outstanding on the worker.
     ``pending_tokens``: the router's estimate of the work still owed there, summed over those requests:
     uncached prompt tokens plus ``max_tokens``.
-    ``num_waiting``: the queue length the worker last reported.
     """
 
     worker_id: str
     matched_pages: int
     num_in_flight: int
     pending_tokens: int
-    num_waiting: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The router: the cluster's public gRPC endpoint (service ``radixserve.v1.Generation``).
 
 For each request it validates, applies the chat template and tokenizes once (``router.requests``), hashes the
-prompt into pages, asks the prefix index how many leading pages each routable worker holds, lets the policy
+prompt into pages, asks the prefix index how many leading pages each serving worker holds, lets the policy
 pick one, and streams the worker's tokens back. Guarantees:
 
 - every accepted request ends with its tokens or an error status: a worker that fails before the first token
@@ -10,8 +10,8 @@ pick one, and streams the worker's tokens back. Guarantees:
 - cancelling the call or its deadline passing cancels the worker's call, which aborts the request there and
   frees its KV pages; the deadline sent to the worker is the earlier of the gRPC deadline and
   ``timeout_seconds``;
-- bad input is answered INVALID_ARGUMENT naming the field; a full cluster RESOURCE_EXHAUSTED; a cluster without
-  a routable worker (or a draining router) UNAVAILABLE.
+- bad input is answered INVALID_ARGUMENT naming the field; a full cluster (every worker refused it)
+  RESOURCE_EXHAUSTED; a cluster without an up worker (or a draining router) UNAVAILABLE.
 
 The tokenizer and the model's limits come from the workers (``GetInfo``), so a router needs no model files.
 """
@@ -125,6 +125,7 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
 
     async def ListWorkers(self, request: api_pb2.ListWorkersRequest,
                           context: grpc.aio.ServicerContext) -> api_pb2.ListWorkersResponse:
+        await self._workers.refresh()
         response = api_pb2.ListWorkersResponse(policy=self._config.policy)
         for client in sorted(self._workers.clients.values(), key=lambda c: c.worker_id):
             response.workers.append(api_pb2.WorkerStatus(
@@ -173,14 +174,20 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
 
     def _choose(self, prepared: PreparedRequest, hashes: list[int], model: ModelView,
                 tried: set[str]) -> tuple[WorkerClient, int] | None:
-        """The policy's pick among routable workers not tried yet, with the work the request will cost it."""
-        clients = [c for c in self._workers.routable()
+        """The policy's pick among serving workers not tried yet, with the work the request will cost it.
+
+        Workers whose last load report showed a full queue are offered only when every other one is full too:
+        that report may be a poll interval old, so the worker itself decides (RESOURCE_EXHAUSTED, retried on
+        the next worker) rather than the router refusing on stale figures.
+        """
+        clients = [c for c in self._workers.serving()
                    if c.worker_id not in tried and c.info is not None and model.serves(c.info)]
+        clients = [c for c in clients if not c.full] or clients
         if not clients:
             return None
         matched = self._index.match(hashes, [c.worker_id for c in clients])
-        candidates = [Candidate(c.worker_id, matched.get(c.worker_id, 0), c.num_in_flight, c.pending_tokens,
-                                c.load.num_waiting) for c in clients]
+        candidates = [Candidate(c.worker_id, matched.get(c.worker_id, 0), c.num_in_flight, c.pending_tokens)
+                      for c in clients]
         route = RouteRequest(len(prepared.token_ids), prepared.params.max_tokens * prepared.params.n,
                              model.page_size)
         chosen = self._policy.choose(route, candidates)
@@ -231,11 +238,12 @@ def _deadline(context: grpc.aio.ServicerContext, timeout_s: float | None) -> flo
 
 
 def _exhausted(failures: list[_Retry]) -> tuple[grpc.StatusCode, str]:
+    """The status for a request no worker took, given the attempts that failed before their first token."""
     if failures and all(f.code == grpc.StatusCode.RESOURCE_EXHAUSTED for f in failures):
         return (grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"every worker's queue is full ({len(failures)} tried); retry later or add workers")
     if not failures:
-        return grpc.StatusCode.UNAVAILABLE, "no worker is routable (all down, full or draining); retry shortly"
+        return grpc.StatusCode.UNAVAILABLE, "no worker is up (all down or draining); retry shortly"
     return (grpc.StatusCode.UNAVAILABLE,
             "no worker could serve the request: " + "; ".join(f.details for f in failures))
 

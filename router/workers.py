@@ -41,7 +41,7 @@ class _InFlight:
 class WorkerClient:
     """One worker as the router sees it. Methods run on the router's event loop.
 
-    ``info`` is None until the worker has answered ``GetInfo`` once; until then it is not routable.
+    ``info`` is None until the worker has answered ``GetInfo`` once; until then the router sends it nothing.
     """
 
     def __init__(self, record: WorkerRecord, bus: EventBus, index: PrefixIndex, health_interval_s: float,
@@ -69,11 +69,16 @@ class WorkerClient:
         return self.record.worker_id
 
     @property
-    def routable(self) -> bool:
-        """Up, informed, and its queue (as last reported plus what this router sent since) not full."""
-        if self.state != WorkerState.UP or self.info is None:
+    def serving(self) -> bool:
+        """Up and informed: it could take a request if its queue has room."""
+        return self.state == WorkerState.UP and self.info is not None
+
+    @property
+    def full(self) -> bool:
+        """Its queue, as last reported, holds ``max_waiting_requests`` requests (False until informed)."""
+        if self.info is None:
             return False
-        return self.load.num_running + self.load.num_waiting < self.info.max_waiting_requests
+        return self.load.num_running + self.load.num_waiting >= self.info.max_waiting_requests
 
     @property
     def num_in_flight(self) -> int:
@@ -108,12 +113,16 @@ class WorkerClient:
         await _cancel(self._poller, self._follower)
         await self._channel.close()
 
+    async def refresh(self) -> None:
+        """Poll the worker's load now; a failed poll marks it down."""
+        try:
+            await self._refresh()
+        except grpc.aio.AioRpcError as error:
+            self.mark_down(f"{error.code().name}: {error.details()}")
+
     async def _poll(self) -> None:
         while True:
-            try:
-                await self._refresh()
-            except grpc.aio.AioRpcError as error:
-                self.mark_down(f"{error.code().name}: {error.details()}")
+            await self.refresh()
             await asyncio.sleep(self._interval)
 
     async def _refresh(self) -> None:
@@ -178,8 +187,12 @@ class WorkerSet:
                 return
             await asyncio.sleep(0.05)
 
-    def routable(self) -> list[WorkerClient]:
-        return [client for client in self.clients.values() if client.routable]
+    async def refresh(self) -> None:
+        """Poll every worker's load now (for status answers fresher than the poll interval)."""
+        await asyncio.gather(*(client.refresh() for client in self.clients.values()))
+
+    def serving(self) -> list[WorkerClient]:
+        return [client for client in self.clients.values() if client.serving]
 
     async def _upsert(self, record: WorkerRecord) -> None:
         current = self.clients.get(record.worker_id)

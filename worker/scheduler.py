@@ -2,7 +2,9 @@
 
 Each ``schedule()`` builds one step under a token budget: every running sequence that is decoding gets
 one token, sequences still prefilling get the next chunk of their prompt, and waiting sequences are
-admitted in arrival order, first reusing the longest cached prefix of their tokens. When the KV pool runs
+admitted in arrival order, first reusing the longest cached prefix of their tokens; a waiting sequence whose
+prompt shares a page still being prefilled by a running one waits for it rather than computing it again.
+When the KV pool runs
 short, unlocked radix-cache pages are evicted first (LRU); then the most recently admitted running sequence
 is preempted: its computed full pages go into the radix cache, the rest is freed, and it waits to be
 recomputed (which mostly re-matches what it just cached).
@@ -17,6 +19,8 @@ from radixserve.cluster.config import SchedulerConfig
 from radixserve.worker.kv.allocator import PageAllocator
 from radixserve.worker.kv.radix_cache import RadixCache
 from radixserve.worker.sequence import Sequence, SeqStatus
+
+_MAX_DEFERRED = 64  # waiting sequences one step may pass over while their prefix is being prefilled
 
 
 class ScheduledSeq(NamedTuple):
@@ -66,18 +70,37 @@ class Scheduler:
         return ScheduledBatch(items, sum(item.num_tokens for item in items))
 
     def _admit(self, budget: int, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq]) -> None:
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
-            seq = self.waiting[0]
+            seq = self.waiting.popleft()
+            if len(deferred) < _MAX_DEFERRED and self._prefix_in_progress(seq):
+                deferred.append(seq)
+                continue
             self._match(seq)
             num_tokens = min(seq.num_uncomputed, budget)
             if not self._allocate(seq, num_tokens, preempt=False):
                 self._release(seq)
+                self.waiting.appendleft(seq)
                 break
-            self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             budget -= num_tokens
             (decodes if num_tokens == 1 else prefills).append(ScheduledSeq(seq, num_tokens))
+        self.waiting.extendleft(reversed(deferred))
+
+    def _prefix_in_progress(self, seq: Sequence) -> bool:
+        """Whether a running sequence is still prefilling at least one more full page of ``seq``'s prompt.
+
+        Admitting ``seq`` now would compute that page twice; waiting lets it match the page once the other
+        sequence's chunk is cached (chunks enter the radix cache as they complete).
+        """
+        for other in self.running:
+            if other.num_computed >= other.prompt_len:
+                continue
+            need = (other.num_computed // self.page_size + 1) * self.page_size
+            if need <= min(len(seq.token_ids) - 1, other.prompt_len) and seq.token_ids[:need] == other.token_ids[:need]:
+                return True
+        return False
 
     def _match(self, seq: Sequence) -> None:
         # Leave at least one token uncached: its logits are needed to sample.

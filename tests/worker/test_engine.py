@@ -65,6 +65,22 @@ def test_cached_prefix_gives_the_same_greedy_output(checkpoint: Checkpoint) -> N
     assert_all_pages_free(engine)
 
 
+def test_requests_arriving_together_compute_their_shared_prefix_once(checkpoint: Checkpoint) -> None:
+    [shared] = prompts(1, 96, seed=11)
+    tails = prompts(3, 5, seed=12)
+    engine = make_engine(checkpoint, budget=32)  # the shared prefix takes three steps to prefill
+    for i, tail in enumerate(tails):
+        engine.add_request(shared + tail, GREEDY, str(i))
+    done = run_to_completion(engine)
+    # The first computes the prefix; the others wait for its pages instead of computing them alongside.
+    assert [done[str(i)].num_cached_tokens for i in range(3)] == [0, 96, 96]
+    decode_tokens = 3 * (GREEDY.max_tokens - 1)
+    assert engine.stats.num_computed_tokens == 96 + 3 * 5 + decode_tokens
+    for i, tail in enumerate(tails):
+        assert done[str(i)].tokens == solo(checkpoint, shared + tail)
+    assert_all_pages_free(engine)
+
+
 @pytest.mark.parametrize("budget", [1, 7, 16])
 def test_chunked_prefill_gives_the_same_greedy_output(checkpoint: Checkpoint, budget: int) -> None:
     [prompt] = prompts(1, 83, seed=2)

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from engine_runs import Completed, run_to_completion
+from gated_engine import GatedEngine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -25,7 +26,6 @@ from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from radixserve.worker.engine import Engine
 from radixserve.worker.kv.radix_cache import KVEvent
 from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
-from radixserve.worker.outputs import RequestOutput
 from radixserve.worker.service import SERVICE_NAME, KvEventHub, KvSubscriberLagged, WorkerServer
 
 T = TypeVar("T")
@@ -41,19 +41,6 @@ PROMPT = [(7 * i + 3) % 300 + 5 for i in range(30)]  # 7 full pages and 2 tokens
 @pytest.fixture(scope="module")
 def checkpoint(tiny_hf_dir: Path) -> Checkpoint:
     return open_checkpoint(tiny_hf_dir)
-
-
-class GatedEngine(Engine):
-    """An engine whose steps wait while ``gate`` is clear, to hold requests in flight for as long as a test needs."""
-
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint) -> None:
-        super().__init__(config, checkpoint)
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def step(self) -> list[RequestOutput]:
-        assert self.gate.wait(RPC_TIMEOUT_S), "the test never reopened the gate"
-        return super().step()
 
 
 def make_engine(checkpoint: Checkpoint, waiting: int = 64) -> GatedEngine:

@@ -1,0 +1,136 @@
+"""The router over real worker servers (tiny engines, no Ray): full queues, drain, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from gated_engine import GatedEngine
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from radixserve.cluster.bus import InProcessBus, WorkerRecord
+from radixserve.cluster.config import CacheConfig, EngineConfig, RouterConfig, SchedulerConfig
+from radixserve.router.server import Router
+from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2
+from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
+from radixserve.worker.service import WorkerServer
+
+TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_hf_dir: Path) -> Checkpoint:
+    return open_checkpoint(tiny_hf_dir)
+
+
+@dataclass
+class Cluster:
+    engines: list[GatedEngine]
+    router: Router
+    stub: api_pb2_grpc.GenerationStub
+    channel: grpc.aio.Channel
+
+
+@contextlib.asynccontextmanager
+async def cluster(checkpoint: Checkpoint, num_workers: int = 2, max_waiting: int = 64) -> AsyncIterator[Cluster]:
+    config = EngineConfig(model="tiny", cache=CacheConfig(page_size=4, num_pages=256),
+                          scheduler=SchedulerConfig(max_waiting_requests=max_waiting))
+    engines = [GatedEngine(config, checkpoint) for _ in range(num_workers)]
+    servers = [WorkerServer(engine, f"w{i}") for i, engine in enumerate(engines)]
+    bus = InProcessBus()
+    for i, server in enumerate(servers):
+        address = await server.start()
+        await bus.announce(WorkerRecord(f"w{i}", address, "tiny", server.incarnation, 64))
+    router = Router(RouterConfig(port=0, health_interval_s=0.05, drain_timeout_s=10), bus)
+    address = await router.start()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            yield Cluster(engines, router, api_pb2_grpc.GenerationStub(channel), channel)
+    finally:
+        for engine in engines:
+            engine.gate.set()
+        if not router.service.draining:
+            await router.stop()
+        for server in servers:
+            await server.stop(grace_s=2)
+        await bus.close()
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def request(max_tokens: int = 4) -> api_pb2.GenerateRequest:
+    return api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=list(range(5, 25))),
+                                   sampling=types_pb2.SamplingOptions(max_tokens=max_tokens, temperature=0))
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(400):
+        if condition():
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_when_every_queue_is_full_the_router_answers_resource_exhausted(checkpoint: Checkpoint):
+    async def main() -> None:
+        async with cluster(checkpoint, max_waiting=1) as c:
+            for engine in c.engines:
+                engine.gate.clear()
+            held = [asyncio.ensure_future(c.stub.Complete(request(), timeout=TIMEOUT_S)) for _ in c.engines]
+            await eventually(lambda: all(e.load().num_waiting + e.load().num_running == 1 for e in c.engines),
+                             "both workers to hold one request")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await c.stub.Complete(request(), timeout=TIMEOUT_S)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue is full" in caught.value.details()
+            for engine in c.engines:
+                engine.gate.set()
+            replies = await asyncio.gather(*held)
+            assert sorted(r.worker_id for r in replies) == ["w0", "w1"]
+            assert (await c.stub.Complete(request(), timeout=TIMEOUT_S)).choices[0].token_ids
+    run(main)
+
+
+def test_drain_finishes_requests_in_flight_and_refuses_new_ones(checkpoint: Checkpoint):
+    async def main() -> None:
+        async with cluster(checkpoint, num_workers=1) as c:
+            c.engines[0].gate.clear()
+            in_flight = asyncio.ensure_future(c.stub.Complete(request(max_tokens=6), timeout=TIMEOUT_S))
+            await eventually(lambda: c.router.service.num_in_flight == 1, "the request to reach the router")
+            stopping = asyncio.ensure_future(c.router.stop())
+            await eventually(lambda: c.router.service.draining, "the drain to begin")
+            health = health_pb2_grpc.HealthStub(c.channel)
+            status = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S)
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await c.stub.Complete(request(), timeout=TIMEOUT_S)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in caught.value.details()
+            c.engines[0].gate.set()
+            assert len((await in_flight).choices[0].token_ids) == 6
+            await stopping
+    run(main)
+
+
+def test_the_router_serves_health_and_reflection(checkpoint: Checkpoint):
+    async def main() -> None:
+        async with cluster(checkpoint, num_workers=1) as c:
+            health = health_pb2_grpc.HealthStub(c.channel)
+            for service in ("", "radixserve.v1.Generation"):
+                status = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S)
+                assert status.status == health_pb2.HealthCheckResponse.SERVING
+            reflection = reflection_pb2_grpc.ServerReflectionStub(c.channel)
+            call = reflection.ServerReflectionInfo(timeout=TIMEOUT_S)
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            reply = await call.read()
+            await call.done_writing()
+            names = {s.name for s in reply.list_services_response.service}
+            assert {"radixserve.v1.Generation", "grpc.health.v1.Health"} <= names
+    run(main)
