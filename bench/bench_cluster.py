@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ class Workload:
     system_len: int = 1024
     question_len: int = 64
     output_len: int = 32
-    rate: float = 1.0
+    rate: float = 4.0
     seed: int = 0
 
 
@@ -261,8 +260,8 @@ def main() -> int:
     for name, default in asdict(Workload()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
-    parser.add_argument("--kv-memory-gib", type=float, default=0.25,
-                        help="KV cache per worker (0.25 GiB holds about 5 of the 8 groups' prompts)")
+    parser.add_argument("--kv-memory-gib", type=float, default=0.3,
+                        help="KV cache per worker (0.3 GiB, 6.5k tokens, holds about 6 of the 8 groups' prompts)")
     parser.add_argument("--port", type=int, default=50071)
     parser.add_argument("--overhead-pairs", type=int, default=30)
     parser.add_argument("--out", type=Path, default=RESULTS / "cluster.json")
