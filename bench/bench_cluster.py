@@ -8,7 +8,7 @@ tokens, ``output_len`` generated tokens each (eos ignored), in a shuffled order 
 For each policy the bench starts a fresh cluster (``radixserve up --detach``, so client and router are separate
 processes and every policy starts cold), replays the same arrival schedule through the router, then measures
 the router's own overhead: the TTFT of a short, cached request through the router minus the same request sent
-straight to the worker the router chose, alternating, medians of the paired differences.
+straight to the worker the router chose, in pairs whose order alternates, medians of the paired differences.
 
 Reported per policy: prefix hit ratio (cached / prompt tokens, as the workers report them) and its share of the
 oracle's (one unbounded cache that sees every request in arrival order), TTFT and end-to-end p50/p99,
@@ -188,11 +188,21 @@ async def router_overhead(target: str, num_pairs: int) -> list[float]:
             direct = worker_pb2_grpc.WorkerStub(direct_channel)
             diffs = []
             for i in range(num_pairs):
-                via_router = await _ttft(stub.Generate(api_pb2.GenerateRequest(
-                    token_ids=api_pb2.TokenIds(ids=ids), sampling=sampling)))
-                straight = await _ttft(direct.Generate(worker_pb2.WorkerGenerateRequest(
-                    request_id=f"bench-direct-{i}", token_ids=ids, sampling=sampling)))
-                diffs.append(via_router - straight)
+                def routed() -> grpc.aio.UnaryStreamCall:
+                    return stub.Generate(api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=ids),
+                                                                 sampling=sampling))
+
+                def straight() -> grpc.aio.UnaryStreamCall:
+                    return direct.Generate(worker_pb2.WorkerGenerateRequest(
+                        request_id=f"bench-direct-{i}", token_ids=ids, sampling=sampling))
+
+                if i % 2:  # alternate which goes first, so a drift in the machine's load cancels out
+                    straight_s = await _ttft(straight())
+                    routed_s = await _ttft(routed())
+                else:
+                    routed_s = await _ttft(routed())
+                    straight_s = await _ttft(straight())
+                diffs.append(routed_s - straight_s)
     return diffs
 
 
@@ -263,7 +273,7 @@ def main() -> int:
     parser.add_argument("--kv-memory-gib", type=float, default=0.3,
                         help="KV cache per worker (0.3 GiB, 6.5k tokens, holds about 6 of the 8 groups' prompts)")
     parser.add_argument("--port", type=int, default=50071)
-    parser.add_argument("--overhead-pairs", type=int, default=30)
+    parser.add_argument("--overhead-pairs", type=int, default=60)
     parser.add_argument("--out", type=Path, default=RESULTS / "cluster.json")
     args = parser.parse_args()
     workload = Workload(**{name: getattr(args, name) for name in asdict(Workload())})

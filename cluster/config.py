@@ -88,7 +88,7 @@ class EngineConfig:
         return self.namespace if self.namespace is not None else self.model
 
 
-POLICIES = ("prefix", "round_robin", "least_load", "random", "power_of_two")
+POLICIES = ("prefix", "round_robin", "least_load", "random", "power_of_two", "sglang_cache_aware", "dynamo_kv")
 
 
 @dataclass(frozen=True)
@@ -97,18 +97,22 @@ class RouterConfig:
 
     ``policy`` is one of ``POLICIES``. The ``prefix`` policy sends a request to the worker with the least
     estimated work before its first token: the prompt tokens it would have to prefill (those not cached there)
-    plus ``load_weight`` times the tokens still owed to requests already routed to it. A cached prefix therefore
-    keeps attracting its requests until its worker is behind the others by more than the prefill it would save.
-    The prefix index learns from the workers' KV events; a routed request also counts its pages as held by the
-    chosen worker for ``pending_ttl_s`` (the gap until its events arrive) or, while that worker's events are not
-    flowing, for ``approx_ttl_s``. ``health_interval_s`` paces load polling and probing of unanswering workers.
+    plus ``load_weight`` times the work still owed there (``router.routing.WorkerLoad.pending_tokens``). A cached
+    prefix therefore keeps attracting its requests until its worker is behind the others by more than the
+    prefill it would save. The default 0.5 was chosen with the simulator (``bench/bench_sim.py`` and
+    ``bench_sim_fidelity.py``): on the Mooncake trace and on the cluster benchmark's shared-prefix workload it
+    keeps hit ratios at the oracle's while spreading hot prefixes under load (1.0 spread the cluster benchmark's
+    groups too early). The prefix index learns from the workers' KV events; a routed request also counts its
+    pages as held by the chosen worker for ``pending_ttl_s`` (the gap until its events arrive) or, while that
+    worker's events are not flowing, for ``approx_ttl_s``. ``health_interval_s`` paces load polling and probing
+    of unanswering workers.
     ``max_message_bytes`` caps one request message; ``drain_timeout_s`` bounds a graceful shutdown.
     """
 
     host: str = "127.0.0.1"
     port: int = 50051
     policy: str = "prefix"
-    load_weight: float = 1.0
+    load_weight: float = 0.5
     pending_ttl_s: float = 30.0
     approx_ttl_s: float = 300.0
     health_interval_s: float = 0.5

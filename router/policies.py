@@ -24,12 +24,14 @@ class Candidate:
     ``num_in_flight``: requests this router has outstanding on the worker.
     ``pending_tokens``: the router's estimate of the work still owed there, summed over those requests:
     uncached prompt tokens plus ``max_tokens``.
+    ``active_pages``: the KV pages those requests' prompts and outputs will occupy there.
     """
 
     worker_id: str
     matched_pages: int
     num_in_flight: int
     pending_tokens: int
+    active_pages: int
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,13 @@ class Policy(ABC):
         """The index in ``candidates`` (non-empty) of the worker to send ``request`` to."""
 
 
+def lowest(keys: Sequence[object], rng: random.Random) -> int:
+    """The index of the smallest key; ties drawn uniformly from ``rng`` (no draw without a tie)."""
+    best = min(keys)
+    tied = [i for i, key in enumerate(keys) if key == best]
+    return tied[0] if len(tied) == 1 else rng.choice(tied)
+
+
 def uncached_tokens(request: RouteRequest, candidate: Candidate) -> int:
     """Prompt tokens the candidate would have to prefill: those past its matched pages, and at least one."""
     return max(request.num_prompt_tokens - candidate.matched_pages * request.page_size, 1)
@@ -59,7 +68,8 @@ def uncached_tokens(request: RouteRequest, candidate: Candidate) -> int:
 class PrefixPolicy(Policy):
     """Least estimated work before the first token: ``uncached_tokens + load_weight * pending_tokens``.
 
-    Ties go to more matched pages, then fewer requests in flight, then candidate order.
+    Ties go to more matched pages, then fewer requests in flight, then one drawn uniformly from ``rng``, so that
+    idle workers share cold requests evenly.
 
     When a hot prefix spreads: a worker holding the prefix keeps winning its requests until
     ``load_weight * (its pending_tokens - another's pending_tokens)`` exceeds the prefill it saves over that
@@ -69,21 +79,18 @@ class PrefixPolicy(Policy):
 
     name = "prefix"
 
-    def __init__(self, load_weight: float) -> None:
+    def __init__(self, load_weight: float, rng: random.Random) -> None:
         if not load_weight >= 0:
             raise ValueError(f"load_weight: must be >= 0, got {load_weight}")
         self._load_weight = load_weight
+        self._rng = rng
 
     def cost(self, request: RouteRequest, candidate: Candidate) -> float:
         """The estimated work the request would wait on at the candidate, in tokens."""
         return uncached_tokens(request, candidate) + self._load_weight * candidate.pending_tokens
 
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
-        def key(i: int) -> tuple[float, int, int, int]:
-            c = candidates[i]
-            return self.cost(request, c), -c.matched_pages, c.num_in_flight, i
-
-        return min(range(len(candidates)), key=key)
+        return lowest([(self.cost(request, c), -c.matched_pages, c.num_in_flight) for c in candidates], self._rng)
 
 
 class RoundRobinPolicy(Policy):
@@ -107,12 +114,15 @@ class RoundRobinPolicy(Policy):
 
 
 class LeastLoadPolicy(Policy):
-    """Fewest requests in flight; ties by fewer pending tokens, then candidate order."""
+    """Fewest requests in flight; ties by fewer pending tokens, then drawn uniformly from ``rng``."""
 
     name = "least_load"
 
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
-        return min(range(len(candidates)), key=lambda i: (candidates[i].num_in_flight, candidates[i].pending_tokens))
+        return lowest([(c.num_in_flight, c.pending_tokens) for c in candidates], self._rng)
 
 
 class RandomPolicy(Policy):
@@ -145,12 +155,70 @@ class PowerOfTwoPolicy(Policy):
         return min(pair, key=lambda i: (candidates[i].num_in_flight, candidates[i].pending_tokens))
 
 
+class SglangCacheAwarePolicy(Policy):
+    """SGLang's cache-aware routing, written from its documented rules, as a peer baseline.
+
+    Load is the requests in flight from this router. When the load is imbalanced (the busiest worker has more than
+    ``balance_abs_threshold`` requests more than the idlest and more than ``balance_rel_threshold`` times as many),
+    the least loaded worker wins. Otherwise the worker with the longest matched prefix (ties: less loaded, then
+    candidate order) wins if that prefix covers more than ``cache_threshold`` of the prompt's tokens; on a miss, the
+    least loaded. Ties among the least loaded are drawn from ``rng`` (SGLang's own rule on a miss, the smallest
+    radix tree, also spreads cold requests over idle workers). Defaults are SGLang's: 0.3, 64 and 1.5.
+    """
+
+    name = "sglang_cache_aware"
+
+    def __init__(self, rng: random.Random, cache_threshold: float = 0.3, balance_abs_threshold: int = 64,
+                 balance_rel_threshold: float = 1.5) -> None:
+        self._rng = rng
+        self._cache_threshold = cache_threshold
+        self._abs = balance_abs_threshold
+        self._rel = balance_rel_threshold
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
+        loads = [c.num_in_flight for c in candidates]
+        least = lowest(loads, self._rng)
+        busiest, idlest = max(loads), min(loads)
+        if busiest - idlest > self._abs and busiest > self._rel * idlest:
+            return least
+        best = min(range(len(candidates)), key=lambda i: (-candidates[i].matched_pages, loads[i]))
+        matched_tokens = min(candidates[best].matched_pages * request.page_size, request.num_prompt_tokens)
+        return best if matched_tokens > self._cache_threshold * request.num_prompt_tokens else least
+
+
+class DynamoKvPolicy(Policy):
+    """Dynamo's KV router cost, written from its documented rules, as a peer baseline.
+
+    Cost = ``overlap_score_weight`` x prefill blocks + decode blocks; the lowest wins (router temperature 0),
+    ties broken uniformly at random from ``rng``. Prefill blocks are the prompt tokens not cached on the worker,
+    in pages; decode blocks are the pages the worker's in-flight requests occupy (``active_pages``) plus the
+    request's own. Dynamo updates active blocks as tokens are generated; here they are the prompt plus
+    ``max_tokens`` from the start.
+    """
+
+    name = "dynamo_kv"
+
+    def __init__(self, rng: random.Random, overlap_score_weight: float = 1.0) -> None:
+        self._rng = rng
+        self._weight = overlap_score_weight
+
+    def cost(self, request: RouteRequest, candidate: Candidate) -> float:
+        prefill_blocks = uncached_tokens(request, candidate) / request.page_size
+        own_blocks = -(-(request.num_prompt_tokens + request.max_tokens) // request.page_size)
+        return self._weight * prefill_blocks + candidate.active_pages + own_blocks
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
+        return lowest([self.cost(request, c) for c in candidates], self._rng)
+
+
 _FACTORIES: dict[str, Callable[[float, random.Random], Policy]] = {
-    PrefixPolicy.name: lambda load_weight, rng: PrefixPolicy(load_weight),
+    PrefixPolicy.name: lambda load_weight, rng: PrefixPolicy(load_weight, rng),
     RoundRobinPolicy.name: lambda load_weight, rng: RoundRobinPolicy(),
-    LeastLoadPolicy.name: lambda load_weight, rng: LeastLoadPolicy(),
+    LeastLoadPolicy.name: lambda load_weight, rng: LeastLoadPolicy(rng),
     RandomPolicy.name: lambda load_weight, rng: RandomPolicy(rng),
     PowerOfTwoPolicy.name: lambda load_weight, rng: PowerOfTwoPolicy(rng),
+    SglangCacheAwarePolicy.name: lambda load_weight, rng: SglangCacheAwarePolicy(rng),
+    DynamoKvPolicy.name: lambda load_weight, rng: DynamoKvPolicy(rng),
 }
 
 

@@ -33,9 +33,10 @@ from radixserve.cluster.config import RouterConfig
 from radixserve.cluster.grpc_util import HealthReporter, server_options
 from radixserve.cluster.hashing import namespace_seed, page_hashes
 from radixserve.cluster.tokenizer import Tokenizer
-from radixserve.router.policies import Candidate, RouteRequest, make_policy, uncached_tokens
+from radixserve.router.policies import RouteRequest, make_policy
 from radixserve.router.prefix_index import PrefixIndex
 from radixserve.router.requests import ModelLimits, PreparedRequest, prepare
+from radixserve.router.routing import Decision, decide
 from radixserve.router.workers import WorkerClient, WorkerSet
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2
 
@@ -131,8 +132,8 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
             response.workers.append(api_pb2.WorkerStatus(
                 worker_id=client.worker_id, address=client.record.address, model=client.record.model,
                 state=client.state, load=client.load, num_routed=client.num_routed,
-                num_in_flight=client.num_in_flight, num_indexed_pages=self._index.num_pages(client.worker_id),
-                events_live=client.events_live))
+                num_in_flight=client.outstanding.num_in_flight,
+                num_indexed_pages=self._index.num_pages(client.worker_id), events_live=client.events_live))
         return response
 
     # ---- one request --------------------------------------------------------------------------------
@@ -153,10 +154,10 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         failures: list[_Retry] = []
         tried: set[str] = set()
         while (choice := self._choose(prepared, hashes, model, tried)) is not None:
-            client, cost = choice
+            client, decision = choice
             tried.add(client.worker_id)
             try:
-                async for response in self._attempt(client, cost, request.sampling, prepared, hashes, deadline):
+                async for response in self._attempt(client, decision, request.sampling, prepared, hashes, deadline):
                     yield response
                 return
             except _Retry as failure:
@@ -173,8 +174,8 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         return self._model
 
     def _choose(self, prepared: PreparedRequest, hashes: list[int], model: ModelView,
-                tried: set[str]) -> tuple[WorkerClient, int] | None:
-        """The policy's pick among serving workers not tried yet, with the work the request will cost it.
+                tried: set[str]) -> tuple[WorkerClient, Decision] | None:
+        """The policy's pick among serving workers not tried yet (``router.routing.decide``).
 
         Workers whose last load report showed a full queue are offered only when every other one is full too:
         that report may be a poll interval old, so the worker itself decides (RESOURCE_EXHAUSTED, retried on
@@ -185,20 +186,19 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         clients = [c for c in clients if not c.full] or clients
         if not clients:
             return None
-        matched = self._index.match(hashes, [c.worker_id for c in clients])
-        candidates = [Candidate(c.worker_id, matched.get(c.worker_id, 0), c.num_in_flight, c.pending_tokens)
-                      for c in clients]
         route = RouteRequest(len(prepared.token_ids), prepared.params.max_tokens * prepared.params.n,
                              model.page_size)
-        chosen = self._policy.choose(route, candidates)
-        return clients[chosen], uncached_tokens(route, candidates[chosen]) + route.max_tokens
+        decision = decide(self._policy, self._index, route, hashes, [c.worker_id for c in clients],
+                          [c.outstanding for c in clients])
+        return clients[decision.worker], decision
 
-    async def _attempt(self, client: WorkerClient, cost: int, sampling: types_pb2.SamplingOptions,
+    async def _attempt(self, client: WorkerClient, decision: Decision, sampling: types_pb2.SamplingOptions,
                        prepared: PreparedRequest, hashes: list[int],
                        deadline: float | None) -> AsyncIterator[api_pb2.GenerateResponse]:
         """Stream one worker's answer; raise ``_Retry`` when it fails before anything reached the client."""
         attempt_id = uuid.uuid4().hex
-        client.begin(attempt_id, cost)
+        client.outstanding.begin(attempt_id, decision.prefill_tokens, decision.output_tokens, decision.active_pages)
+        client.num_routed += 1
         self._index.record_routed(client.worker_id, hashes)
         call = client.stub.Generate(
             worker_pb2.WorkerGenerateRequest(request_id=attempt_id, token_ids=prepared.token_ids, sampling=sampling),
@@ -206,6 +206,8 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         num_tokens = 0
         try:
             async for part in call:
+                if num_tokens == 0:
+                    client.outstanding.first_token(attempt_id)
                 num_tokens += sum(len(choice.token_ids) for choice in part.choices)
                 response = api_pb2.GenerateResponse(request_id=prepared.request_id, choices=part.choices,
                                                     worker_id=client.worker_id)
@@ -218,7 +220,7 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
             raise self._classify(client, error, num_tokens) from None
         finally:
             call.cancel()  # no-op once finished; otherwise the worker aborts the request and frees its pages
-            client.end(attempt_id)
+            client.outstanding.end(attempt_id)
 
     def _classify(self, client: WorkerClient, error: grpc.aio.AioRpcError, num_tokens: int) -> _Failure:
         code, details = error.code(), error.details() or error.code().name

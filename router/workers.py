@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
 
 import grpc
 
 from radixserve.cluster.bus import (KV_EVENTS_TOPIC, REGISTRY_TOPIC, ChangeKind, EventBus, Lost, RegistryChange,
                                     Subscription, WorkerRecord)
 from radixserve.router.prefix_index import PrefixIndex
+from radixserve.router.routing import WorkerLoad
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,6 @@ class WorkerState:
     UP = "up"
     DOWN = "down"
     DRAINING = "draining"
-
-
-@dataclass
-class _InFlight:
-    pending_tokens: int
 
 
 class WorkerClient:
@@ -51,8 +46,8 @@ class WorkerClient:
         self.load = types_pb2.LoadReport()
         self.state = WorkerState.DOWN
         self.num_routed = 0
+        self.outstanding = WorkerLoad()  # what this router has in flight there
         self.events_live = False
-        self._in_flight: dict[str, _InFlight] = {}
         self._bus = bus
         self._index = index
         self._interval = health_interval_s
@@ -79,22 +74,6 @@ class WorkerClient:
         if self.info is None:
             return False
         return self.load.num_running + self.load.num_waiting >= self.info.max_waiting_requests
-
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._in_flight)
-
-    @property
-    def pending_tokens(self) -> int:
-        return sum(entry.pending_tokens for entry in self._in_flight.values())
-
-    def begin(self, request_id: str, pending_tokens: int) -> None:
-        """Count a request routed here until ``end``; ``pending_tokens`` is the work it is expected to cost."""
-        self._in_flight[request_id] = _InFlight(pending_tokens)
-        self.num_routed += 1
-
-    def end(self, request_id: str) -> None:
-        self._in_flight.pop(request_id, None)
 
     def mark_down(self, reason: str) -> None:
         """The worker failed a call: stop routing to it until a load poll succeeds."""

@@ -8,6 +8,7 @@ import pytest
 from radixserve.cluster.config import POLICIES
 from radixserve.router.policies import (
     Candidate,
+    DynamoKvPolicy,
     LeastLoadPolicy,
     Policy,
     PowerOfTwoPolicy,
@@ -15,6 +16,7 @@ from radixserve.router.policies import (
     RandomPolicy,
     RoundRobinPolicy,
     RouteRequest,
+    SglangCacheAwarePolicy,
     make_policy,
 )
 
@@ -23,16 +25,16 @@ REQUEST = RouteRequest(num_prompt_tokens=40 * PAGE + 5, max_tokens=64, page_size
 
 
 def idle(worker_id: str, matched_pages: int = 0) -> Candidate:
-    return Candidate(worker_id, matched_pages, num_in_flight=0, pending_tokens=0)
+    return Candidate(worker_id, matched_pages, num_in_flight=0, pending_tokens=0, active_pages=0)
 
 
 def busy(worker_id: str, num_in_flight: int, pending_tokens: int, matched_pages: int = 0) -> Candidate:
-    return Candidate(worker_id, matched_pages, num_in_flight, pending_tokens)
+    return Candidate(worker_id, matched_pages, num_in_flight, pending_tokens, active_pages=0)
 
 
 @pytest.mark.parametrize("load_weight", [0.5, 1.0, 2.0, 4.0])
 def test_hot_prefix_spreads_exactly_when_its_backlog_outweighs_the_prefill_saved(load_weight: float) -> None:
-    policy = PrefixPolicy(load_weight)
+    policy = PrefixPolicy(load_weight, random.Random(0))
     matched = 32
     saved = matched * PAGE  # the cold worker prefills these prompt tokens on top of what both prefill
     threshold = int(saved / load_weight)  # pending tokens on the hot worker at which both costs are equal
@@ -44,7 +46,7 @@ def test_hot_prefix_spreads_exactly_when_its_backlog_outweighs_the_prefill_saved
 
 def test_a_full_hit_still_prefills_one_token() -> None:
     request = RouteRequest(num_prompt_tokens=4 * PAGE, max_tokens=8, page_size=PAGE)
-    policy = PrefixPolicy(1.0)
+    policy = PrefixPolicy(1.0, random.Random(0))
     full = busy("full", 1, pending_tokens=4 * PAGE - 1, matched_pages=4)  # cost 1 + 63 = 64 = a cold prefill
     assert policy.choose(request, [idle("cold"), full]) == 1  # equal cost: more matched pages wins
     full = busy("full", 1, pending_tokens=4 * PAGE, matched_pages=4)
@@ -53,22 +55,24 @@ def test_a_full_hit_still_prefills_one_token() -> None:
 
 def test_prefix_prefers_an_idle_worker_on_a_miss() -> None:
     candidates = [busy("a", 2, 300), idle("b"), busy("c", 1, 50)]
-    assert PrefixPolicy(1.0).choose(REQUEST, candidates) == 1
+    assert PrefixPolicy(1.0, random.Random(0)).choose(REQUEST, candidates) == 1
 
 
 def test_prefix_falls_back_to_the_least_loaded_once_the_prefix_is_evicted() -> None:
     candidates = [busy("a", 3, 900), busy("b", 1, 120), busy("c", 2, 400)]
-    assert PrefixPolicy(1.0).choose(REQUEST, candidates) == 1
+    assert PrefixPolicy(1.0, random.Random(0)).choose(REQUEST, candidates) == 1
 
 
-def test_prefix_ties_go_to_fewer_in_flight_then_order() -> None:
-    policy = PrefixPolicy(1.0)
-    assert policy.choose(REQUEST, [busy("a", 3, 100), busy("b", 2, 100), busy("c", 2, 100)]) == 1
+def test_prefix_ties_go_to_fewer_in_flight_then_spread_evenly() -> None:
+    policy = PrefixPolicy(1.0, random.Random(0))
+    tied = [busy("a", 3, 100), busy("b", 2, 100), busy("c", 2, 100), busy("d", 2, 100)]
+    picks = Counter(policy.choose(REQUEST, tied) for _ in range(600))
+    assert set(picks) == {1, 2, 3} and min(picks.values()) > 150  # never "a"; b, c, d about 200 each
 
 
 def test_load_weight_zero_never_spreads_a_cached_prefix() -> None:
     hot = busy("hot", 50, 10**9, matched_pages=1)
-    assert PrefixPolicy(0.0).choose(REQUEST, [idle("cold"), hot]) == 1
+    assert PrefixPolicy(0.0, random.Random(0)).choose(REQUEST, [idle("cold"), hot]) == 1
 
 
 def test_round_robin_cycles_in_id_order_whatever_the_candidate_order() -> None:
@@ -93,10 +97,11 @@ def test_round_robin_survives_workers_leaving_and_joining() -> None:
     assert pick("w0", "w1", "w3") == "w0"  # wraps around
 
 
-def test_least_load_orders_by_in_flight_then_pending_then_position() -> None:
-    policy = LeastLoadPolicy()
+def test_least_load_orders_by_in_flight_then_pending_then_spreads_ties() -> None:
+    policy = LeastLoadPolicy(random.Random(0))
     assert policy.choose(REQUEST, [busy("a", 2, 0), busy("b", 1, 500), busy("c", 1, 400)]) == 2
-    assert policy.choose(REQUEST, [busy("a", 1, 400), busy("b", 1, 400)]) == 0
+    tied = [busy("a", 1, 400), busy("b", 1, 400), busy("c", 2, 0)]
+    assert Counter(policy.choose(REQUEST, tied) for _ in range(400)).keys() == {0, 1}
 
 
 def test_power_of_two_never_picks_the_more_loaded_of_its_pair() -> None:
@@ -130,6 +135,41 @@ def test_random_covers_every_worker_and_replays_for_a_seed() -> None:
 
     assert set(draws(1)) == set(range(8))
     assert draws(1) == draws(1) != draws(2)
+
+
+def test_sglang_follows_a_prefix_covering_more_than_its_cache_threshold() -> None:
+    # cache_threshold 0.3 of REQUEST's 645 tokens: more than 193.5, so 13 pages
+    policy = SglangCacheAwarePolicy(random.Random(0))
+    assert policy.choose(REQUEST, [busy("a", 0, 0), busy("holder", 30, 0, matched_pages=13)]) == 1
+    assert policy.choose(REQUEST, [busy("a", 0, 0), busy("holder", 30, 0, matched_pages=12)]) == 0  # a miss
+
+
+def test_sglang_breaks_match_ties_by_load_and_misses_go_to_the_least_loaded() -> None:
+    policy = SglangCacheAwarePolicy(random.Random(0))
+    holders = [busy("a", 4, 0, matched_pages=20), busy("b", 3, 0, matched_pages=20), busy("c", 9, 0)]
+    assert policy.choose(REQUEST, holders) == 1
+    misses = [busy("a", 4, 0), busy("b", 2, 0), busy("c", 2, 0)]
+    assert {policy.choose(REQUEST, misses) for _ in range(50)} == {1, 2}
+
+
+def test_sglang_balances_only_when_both_thresholds_are_exceeded() -> None:
+    policy = SglangCacheAwarePolicy(random.Random(0))
+    hot = lambda n: busy("hot", n, 0, matched_pages=40)  # noqa: E731
+    assert policy.choose(REQUEST, [hot(66), busy("idle", 1, 0)]) == 1  # 65 more and 66x as many
+    assert policy.choose(REQUEST, [hot(64), busy("idle", 0, 0)]) == 0  # not more than 64 more
+    assert policy.choose(REQUEST, [hot(200), busy("idle", 134, 0)]) == 0  # 66 more, but under 1.5x
+
+
+def test_dynamo_minimises_weighted_prefill_blocks_plus_active_blocks() -> None:
+    policy = DynamoKvPolicy(random.Random(0))
+    cached = Candidate("cached", 30, num_in_flight=1, pending_tokens=0, active_pages=20)
+    cold = Candidate("cold", 0, num_in_flight=0, pending_tokens=0, active_pages=0)
+    # cached: (645 - 480) / 16 + 20 = 30.3; cold: 645 / 16 = 40.3 (plus the same own blocks for both)
+    assert policy.cost(REQUEST, cached) == (645 - 480) / 16 + 20 + 45
+    assert policy.choose(REQUEST, [cold, cached]) == 1
+    busier = Candidate("cached", 30, num_in_flight=1, pending_tokens=0, active_pages=31)
+    assert policy.choose(REQUEST, [cold, busier]) == 0
+    assert {policy.choose(REQUEST, [cold, cold, busier]) for _ in range(50)} == {0, 1}  # ties drawn at random
 
 
 def test_make_policy_builds_every_configured_policy_and_nothing_else() -> None:
