@@ -1,7 +1,8 @@
 """The ``radixserve`` command line.
 
 ``up``/``down`` run the cluster (``cluster/launcher.py``), ``generate``/``status`` talk to its router
-(``cluster/client.py``), ``model pull|list`` manage the model cache. Heavy modules (Ray, torch) are imported inside
+(``cluster/client.py``), ``model pull|list`` manage the model cache, ``sim``/``calibrate`` run the cluster
+simulator (``cluster/sim/``). Heavy modules (Ray, torch) are imported inside
 the commands that need them, so ``radixserve status`` starts fast.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from radixserve.cluster.client import add_client_commands
 from radixserve.cluster.launcher import add_launcher_commands
 from radixserve.cluster.model_store import add_model_commands
+from radixserve.cluster.sim.cli import add_sim_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_launcher_commands(subparsers)
     add_client_commands(subparsers)
     add_model_commands(subparsers)
+    add_sim_commands(subparsers)
     return parser
 
 

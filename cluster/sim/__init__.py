@@ -1,0 +1,1 @@
+"""A trace-driven discrete-event simulator of a radixserve cluster (see ``simulator``)."""
