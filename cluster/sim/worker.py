@@ -4,11 +4,12 @@ The KV pool is counted in blocks of the workload's ``block_size`` tokens; the ca
 ``worker.kv.RadixCache`` over block ids (``page_size`` 1, so one cache page is one block) with its LRU eviction
 and KV events. Batching follows the engine's scheduler (``worker/scheduler.py``):
 
-- each step decodes one token for every running request that finished its prefill, then gives the rest of
-  ``max_batch_tokens`` to prefill chunks in admission order, then admits waiting requests in arrival order;
+- each step walks the running requests in admission order, giving one token of ``max_batch_tokens`` to each
+  that finished its prefill and its next chunk to each still prefilling, then admits waiting requests in arrival
+  order with what is left;
 - an admitted request locks its longest cached prefix (its last prompt token is always computed); every request
   takes blocks as its prefill chunks and its output need them;
-- when blocks run short, unlocked cached blocks are evicted (LRU); then, for a decoding request, the most
+- when blocks run short, unlocked cached blocks are evicted (LRU); then, for a running request, the most
   recently admitted request is preempted (its computed prompt blocks stay cached, the rest is freed, and it
   waits to recompute its prompt and the tokens it generated, then goes on generating); a waiting request that
   does not fit stays waiting;
@@ -21,7 +22,8 @@ and KV events. Batching follows the engine's scheduler (``worker/scheduler.py``)
   them. The worker's KV events then describe both tiers: a block is ``removed`` only when neither holds it.
 
 Time advances in steps priced by ``CostModel.step_time``. A run of decode-only steps is simulated as one
-*macro-step* of ``k`` steps (``k`` = the fewest tokens any running request still owes) priced at its midpoint
+*macro-step* of ``k`` steps (``k`` = the fewest tokens any running request still owes or has room for in its
+blocks) priced at its midpoint
 context; an arrival during a macro-step cuts it at the end of the step then in progress, as continuous batching
 would admit the newcomer there.
 """
@@ -152,7 +154,7 @@ class SimWorker:
         return events
 
     def kv_use(self, end_s: float) -> tuple[float, float]:
-        """Time-averaged and peak fraction of blocks in use (cached or reserved) from 0 to ``end_s``."""
+        """Time-averaged and peak fraction of blocks in use (cached or held by requests) from 0 to ``end_s``."""
         self._account(end_s)
         mean = self._used_area / end_s / self.config.num_blocks if end_s > 0 else 0.0
         return mean, self._peak_used / self.config.num_blocks
