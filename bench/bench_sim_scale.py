@@ -20,7 +20,7 @@ from radixserve.cluster.sim.simulator import SimConfig, compare
 from radixserve.cluster.sim.workload import load_mooncake, tile
 
 RESULTS = Path(__file__).parent / "results"
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
+TRACE = Path(__file__).parent / "traces" / "mooncake_synthetic_trace.jsonl"
 TARGET_S = 120.0
 
 

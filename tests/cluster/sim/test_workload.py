@@ -19,7 +19,7 @@ from radixserve.cluster.sim.workload import (
     tile,
 )
 
-TRACE = Path(__file__).resolve().parents[4] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
+TRACE = Path(__file__).resolve().parents[3] / "bench" / "traces" / "mooncake_synthetic_trace.jsonl"
 
 GOOD_LINES = [
     '{"timestamp": 0, "input_length": 1000, "output_length": 5, "hash_ids": [0, 1]}',
@@ -149,7 +149,6 @@ def test_load_mooncake_names_the_line_and_field_of_a_bad_line(tmp_path: Path, li
         load_mooncake(write_trace(tmp_path, [GOOD_LINES[0], line]))
 
 
-@pytest.mark.skipif(not TRACE.exists(), reason="the shared Mooncake trace is not checked out beside the repo")
 def test_the_mooncake_trace_matches_its_readme() -> None:
     workload = load_mooncake(TRACE)
     assert workload.num_requests == 3993
