@@ -27,7 +27,8 @@ from pathlib import Path
 from radixserve.cluster.config import RouterConfig
 from radixserve.cluster.sim.costmodel import MODELS
 from radixserve.cluster.sim.simulator import SimConfig, simulate
-from radixserve.cluster.sim.workload import TokenPrompt, Workload, from_token_prompts
+from radixserve.cluster.sim.report import summarize
+from radixserve.cluster.sim.workload import TokenPrompt, Workload, from_token_prompts, oracle_hit_ratio
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_cluster  # noqa: E402  (the cluster benchmark's workload generator, beside this file)
@@ -53,12 +54,11 @@ def sim_config(measured: dict, policy: str) -> SimConfig:
                      kv_event_lag_s=0.01)
 
 
-def _figures(workload: Workload, config: SimConfig) -> dict[str, float]:
+def _figures(workload: Workload, config: SimConfig, oracle: float) -> dict[str, float]:
     run = simulate(workload, config)
-    ttfts = sorted(o.first_token_s - o.arrival_s for o in run.outcomes)
-    makespan = max(o.finish_s for o in run.outcomes) - min(o.arrival_s for o in run.outcomes)
-    return {"hit_ratio": sum(o.cached_tokens for o in run.outcomes) / sum(o.input_len for o in run.outcomes),
-            "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2], "requests_per_s": len(ttfts) / makespan}
+    stats = summarize(config.policy, run.outcomes, run.workers, oracle, run.wall_s)
+    return {"hit_ratio": stats.hit_ratio, "ttft_p50_ms": 1000 * stats.ttft_p50_s,
+            "requests_per_s": stats.throughput_rps}
 
 
 def measured_runs(paths: list[Path]) -> tuple[dict, dict[str, list[dict]]]:
@@ -85,9 +85,10 @@ def main() -> int:
 
     measured, by_policy = measured_runs(args.measured)
     workload = cluster_workload(measured)
+    oracle = oracle_hit_ratio(workload)
     rows = []
     for policy, reals in by_policy.items():
-        runs = [_figures(workload, dataclasses.replace(sim_config(measured, policy), seed=seed))
+        runs = [_figures(workload, dataclasses.replace(sim_config(measured, policy), seed=seed), oracle)
                 for seed in range(args.seeds)]
         hits = [r["hit_ratio"] for r in runs]
         real_hits = [r["hit_ratio"] for r in reals]

@@ -22,7 +22,8 @@ _DTYPES = ("float32", "bfloat16", "float16")
 T = TypeVar("T")
 
 
-def _require(ok: bool, name: str, message: str) -> None:
+def require(ok: bool, name: str, message: str) -> None:
+    """Raise ``ValueError("<name>: <message>")`` unless ``ok``: the field-named errors configs raise."""
     if not ok:
         raise ValueError(f"{name}: {message}")
 
@@ -36,9 +37,9 @@ class CacheConfig:
     memory_gib: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.page_size >= 1, "page_size", f"must be >= 1, got {self.page_size}")
-        _require(self.num_pages is None or self.num_pages >= 2, "num_pages", f"must be >= 2, got {self.num_pages}")
-        _require(self.memory_gib > 0, "memory_gib", f"must be > 0, got {self.memory_gib}")
+        require(self.page_size >= 1, "page_size", f"must be >= 1, got {self.page_size}")
+        require(self.num_pages is None or self.num_pages >= 2, "num_pages", f"must be >= 2, got {self.num_pages}")
+        require(self.memory_gib > 0, "memory_gib", f"must be > 0, got {self.memory_gib}")
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,9 @@ class SchedulerConfig:
     max_waiting_requests: int = 4096
 
     def __post_init__(self) -> None:
-        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
-        _require(self.max_running_requests >= 1, "max_running_requests", "must be >= 1")
-        _require(self.max_waiting_requests >= 1, "max_waiting_requests", "must be >= 1")
+        require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        require(self.max_running_requests >= 1, "max_running_requests", "must be >= 1")
+        require(self.max_waiting_requests >= 1, "max_waiting_requests", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,9 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
-        _require(bool(self.model), "model", "must not be empty")
-        _require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
-        _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
+        require(bool(self.model), "model", "must not be empty")
+        require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
 
     @property
     def hash_namespace(self) -> str:
@@ -121,12 +122,12 @@ class RouterConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
-        _require(self.policy in POLICIES, "policy", f"must be one of {POLICIES}, got {self.policy!r}")
-        _require(self.load_weight >= 0, "load_weight", "must be >= 0")
+        require(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
+        require(self.policy in POLICIES, "policy", f"must be one of {POLICIES}, got {self.policy!r}")
+        require(self.load_weight >= 0, "load_weight", "must be >= 0")
         for name in ("pending_ttl_s", "approx_ttl_s", "health_interval_s", "drain_timeout_s"):
-            _require(getattr(self, name) > 0, f"{name}", "must be > 0")
-        _require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
+            require(getattr(self, name) > 0, f"{name}", "must be > 0")
+        require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
 
 
 @dataclass(frozen=True)
@@ -148,12 +149,12 @@ class PoolConfig:
     max_restarts: int = -1
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
-        _require(self.num_cpus_per_worker > 0, "num_cpus_per_worker", "must be > 0")
-        _require(self.num_gpus_per_worker is None or self.num_gpus_per_worker >= 0, "num_gpus_per_worker",
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.num_cpus_per_worker > 0, "num_cpus_per_worker", "must be > 0")
+        require(self.num_gpus_per_worker is None or self.num_gpus_per_worker >= 0, "num_gpus_per_worker",
                  "must be >= 0")
-        _require(self.max_restarts >= -1, "max_restarts", "must be >= -1")
-        _require(0 <= self.worker_port < 65536, "worker_port", "must be in [0, 65535]")
+        require(self.max_restarts >= -1, "max_restarts", "must be >= -1")
+        require(0 <= self.worker_port < 65536, "worker_port", "must be in [0, 65535]")
 
 
 @dataclass(frozen=True)

@@ -44,13 +44,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
+from radixserve.cluster.config import require
+
 DEFAULT_KV_MEMORY_FRACTION = 0.9
 CPU_PRESET_PATH = Path(__file__).with_name("presets") / "cpu.json"  # written by ``calibrate``
-
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {message}")
 
 
 @dataclass(frozen=True)
@@ -76,17 +73,17 @@ class DeviceSpec:
     overlap: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(bool(self.name), "name", "must not be empty")
+        require(bool(self.name), "name", "must not be empty")
         for name in ("flops", "mem_bw", "mem_bytes"):
             value = getattr(self, name)
-            _require(value > 0 and math.isfinite(value), name, f"must be > 0 and finite, got {value}")
+            require(value > 0 and math.isfinite(value), name, f"must be > 0 and finite, got {value}")
         for name in ("interconnect_bw", "step_overhead_s"):
             value = getattr(self, name)
-            _require(value >= 0 and math.isfinite(value), name, f"must be >= 0 and finite, got {value}")
+            require(value >= 0 and math.isfinite(value), name, f"must be >= 0 and finite, got {value}")
         for name in ("compute_efficiency", "memory_efficiency"):
             value = getattr(self, name)
-            _require(0 < value <= 1, name, f"must be in (0, 1], got {value}")
-        _require(0 <= self.overlap <= 1, "overlap", f"must be in [0, 1], got {self.overlap}")
+            require(0 < value <= 1, name, f"must be in (0, 1], got {value}")
+        require(0 <= self.overlap <= 1, "overlap", f"must be in [0, 1], got {self.overlap}")
 
 
 class _Params(NamedTuple):
@@ -124,18 +121,18 @@ class ModelShape:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        _require(bool(self.name), "name", "must not be empty")
+        require(bool(self.name), "name", "must not be empty")
         for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
                      "vocab_size", "dtype_bytes", "tensor_parallel"):
-            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        _require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
                  f"must divide num_heads ({self.num_heads}), got {self.num_kv_heads}")
-        _require(self.num_experts >= 0, "num_experts", f"must be >= 0, got {self.num_experts}")
+        require(self.num_experts >= 0, "num_experts", f"must be >= 0, got {self.num_experts}")
         top_k = (1, self.num_experts) if self.num_experts else (0, 0)
-        _require(top_k[0] <= self.experts_per_token <= top_k[1], "experts_per_token",
+        require(top_k[0] <= self.experts_per_token <= top_k[1], "experts_per_token",
                  f"must be in [{top_k[0]}, {top_k[1]}] with {self.num_experts} experts, got {self.experts_per_token}")
         tp, kv = self.tensor_parallel, self.num_kv_heads
-        _require(self.num_heads % tp == 0 and (kv % tp == 0 or tp % kv == 0), "tensor_parallel",
+        require(self.num_heads % tp == 0 and (kv % tp == 0 or tp % kv == 0), "tensor_parallel",
                  f"must divide num_heads ({self.num_heads}) and divide or be a multiple of num_kv_heads ({kv}), "
                  f"got {tp}")
 
@@ -190,8 +187,8 @@ class PrefillChunk:
     context_tokens: int
 
     def __post_init__(self) -> None:
-        _require(self.new_tokens >= 1, "new_tokens", f"must be >= 1, got {self.new_tokens}")
-        _require(self.context_tokens >= 0, "context_tokens", f"must be >= 0, got {self.context_tokens}")
+        require(self.new_tokens >= 1, "new_tokens", f"must be >= 1, got {self.new_tokens}")
+        require(self.context_tokens >= 0, "context_tokens", f"must be >= 0, got {self.context_tokens}")
 
 
 class StepWork(NamedTuple):
@@ -212,16 +209,16 @@ class CostModel:
 
     def __init__(self, device: DeviceSpec, model: ModelShape,
                  kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION) -> None:
-        _require(0 < kv_memory_fraction <= 1, "kv_memory_fraction", f"must be in (0, 1], got {kv_memory_fraction}")
+        require(0 < kv_memory_fraction <= 1, "kv_memory_fraction", f"must be in (0, 1], got {kv_memory_fraction}")
         tp = model.tensor_parallel
-        _require(tp == 1 or device.interconnect_bw > 0, "tensor_parallel",
+        require(tp == 1 or device.interconnect_bw > 0, "tensor_parallel",
                  f"{tp} needs a device with interconnect_bw > 0, and {device.name} has none")
         self.device = device
         self.model = model
         self.kv_memory_fraction = kv_memory_fraction
         weight_bytes = model.weight_bytes_per_rank
         kv_budget = device.mem_bytes * kv_memory_fraction - weight_bytes
-        _require(kv_budget >= model.kv_bytes_per_token_per_rank, "model",
+        require(kv_budget >= model.kv_bytes_per_token_per_rank, "model",
                  f"{model.name} needs {weight_bytes / 1e9:.2f} GB of weights per rank, which leaves no KV cache in "
                  f"{kv_memory_fraction:g} of {device.name}'s {device.mem_bytes / 1e9:.2f} GB; "
                  f"raise tensor_parallel or pick a larger device")

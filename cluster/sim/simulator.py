@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -158,7 +159,8 @@ class _Simulation:
         outcomes = tuple(o for o in self._outcomes if o is not None)
         assert len(outcomes) == len(self._outcomes), "a request never finished"
         end_s = max(o.finish_s for o in outcomes)
-        return outcomes, tuple(self._worker_stats(w, end_s) for w in range(len(self._workers)))
+        served = Counter(o.worker for o in outcomes)
+        return outcomes, tuple(self._worker_stats(w, end_s, served[w]) for w in range(len(self._workers)))
 
     def _at(self, time_s: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._events, (time_s, self._num_scheduled, action))
@@ -219,10 +221,9 @@ class _Simulation:
             else:
                 self._index.apply_removed(self._ids[w], event.page_hashes)
 
-    def _worker_stats(self, w: int, end_s: float) -> WorkerStats:
+    def _worker_stats(self, w: int, end_s: float, num_requests: int) -> WorkerStats:
         worker = self._workers[w]
         kv_mean, kv_peak = worker.kv_use(end_s)
-        num_requests = sum(1 for o in self._outcomes if o is not None and o.worker == w)
         return WorkerStats(num_requests, kv_mean, kv_peak, worker.num_evicted_blocks, worker.num_preemptions)
 
 

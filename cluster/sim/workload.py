@@ -23,18 +23,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from radixserve.cluster.config import require
+
 BLOCK_ID_LIMIT = 2**32  # block ids are hashed as uint32 by the simulator
 MOONCAKE_BLOCK_SIZE = 512
 _VOCAB = 49_152  # synthetic token ids are drawn below this (the default model's vocabulary); only equality matters
 
 
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {message}")
-
-
 def _require_positive(name: str, value: float) -> None:
-    _require(math.isfinite(value) and value > 0, name, f"must be finite and > 0, got {value}")
+    require(math.isfinite(value) and value > 0, name, f"must be finite and > 0, got {value}")
 
 
 def _is_seconds(value: float) -> bool:
@@ -42,10 +39,10 @@ def _is_seconds(value: float) -> bool:
 
 
 def _check_request_fields(arrival_s: float, output_len: int, after: int, think_s: float) -> None:
-    _require(_is_seconds(arrival_s), "arrival_s", f"must be finite and >= 0, got {arrival_s}")
-    _require(output_len >= 1, "output_len", f"must be >= 1, got {output_len}")
-    _require(after >= -1, "after", f"must be >= -1, got {after}")
-    _require(_is_seconds(think_s), "think_s", f"must be finite and >= 0, got {think_s}")
+    require(_is_seconds(arrival_s), "arrival_s", f"must be finite and >= 0, got {arrival_s}")
+    require(output_len >= 1, "output_len", f"must be >= 1, got {output_len}")
+    require(after >= -1, "after", f"must be >= -1, got {after}")
+    require(_is_seconds(think_s), "think_s", f"must be finite and >= 0, got {think_s}")
 
 
 @dataclass(frozen=True)
@@ -69,10 +66,10 @@ class SimRequest:
 
     def __post_init__(self) -> None:
         _check_request_fields(self.arrival_s, self.output_len, self.after, self.think_s)
-        _require(len(self.block_ids) >= 1, "block_ids", "must be non-empty, got ()")
+        require(len(self.block_ids) >= 1, "block_ids", "must be non-empty, got ()")
         low, high = min(self.block_ids), max(self.block_ids)
-        _require(0 <= low and high < BLOCK_ID_LIMIT, "block_ids", f"must be in [0, 2**32), got ids {low}..{high}")
-        _require(self.input_len >= 1, "input_len", f"must be >= 1, got {self.input_len}")
+        require(0 <= low and high < BLOCK_ID_LIMIT, "block_ids", f"must be in [0, 2**32), got ids {low}..{high}")
+        require(self.input_len >= 1, "input_len", f"must be >= 1, got {self.input_len}")
 
 
 @dataclass(frozen=True)
@@ -89,14 +86,14 @@ class Workload:
 
     def __post_init__(self) -> None:
         size = self.block_size
-        _require(size >= 1, "block_size", f"must be >= 1, got {size}")
-        _require(len(self.requests) >= 1, "requests", "must be non-empty, got 0 requests")
+        require(size >= 1, "block_size", f"must be >= 1, got {size}")
+        require(len(self.requests) >= 1, "requests", "must be non-empty, got 0 requests")
         for i, request in enumerate(self.requests):
             num_blocks = len(request.block_ids)
             low, high = (num_blocks - 1) * size, num_blocks * size
-            _require(low < request.input_len <= high, f"requests[{i}].input_len",
+            require(low < request.input_len <= high, f"requests[{i}].input_len",
                      f"must be in ({low}, {high}] for {num_blocks} blocks of {size}, got {request.input_len}")
-            _require(request.after < i, f"requests[{i}].after", f"must be an earlier index, got {request.after}")
+            require(request.after < i, f"requests[{i}].after", f"must be an earlier index, got {request.after}")
 
     @property
     def num_requests(self) -> int:
@@ -113,7 +110,7 @@ class Workload:
     def block_tokens(self, request: SimRequest, k: int) -> int:
         """Tokens in block ``k`` of ``request``: ``block_size``, or the remainder for the last block."""
         num_blocks = len(request.block_ids)
-        _require(0 <= k < num_blocks, "k", f"must be in [0, {num_blocks}), got {k}")
+        require(0 <= k < num_blocks, "k", f"must be in [0, {num_blocks}), got {k}")
         return self.block_size if k < num_blocks - 1 else request.input_len - (num_blocks - 1) * self.block_size
 
 
@@ -123,7 +120,7 @@ def cached_tokens(workload: Workload, request: SimRequest, matched_blocks: int) 
     Their tokens, capped at ``input_len - 1``: the last prompt token is always computed, as in the engine.
     """
     num_blocks = len(request.block_ids)
-    _require(0 <= matched_blocks <= num_blocks, "matched_blocks", f"must be in [0, {num_blocks}], got {matched_blocks}")
+    require(0 <= matched_blocks <= num_blocks, "matched_blocks", f"must be in [0, {num_blocks}], got {matched_blocks}")
     return min(matched_blocks * workload.block_size, request.input_len - 1)
 
 
@@ -194,7 +191,7 @@ def load_mooncake(path: Path, time_scale: float = 1.0, limit: int | None = None)
     A bad line raises ``ValueError("line <n>: <field>: ...")``, lines numbered from 1.
     """
     _require_positive("time_scale", time_scale)
-    _require(limit is None or limit >= 1, "limit", f"must be None or >= 1, got {limit}")
+    require(limit is None or limit >= 1, "limit", f"must be None or >= 1, got {limit}")
     with path.open(encoding="utf-8") as lines:
         requests = [_mooncake_request(line, line_no, time_scale)
                     for line_no, line in enumerate(itertools.islice(lines, limit), start=1)]
@@ -215,7 +212,7 @@ class TokenPrompt:
 
     def __post_init__(self) -> None:
         _check_request_fields(self.arrival_s, self.output_len, self.after, self.think_s)
-        _require(len(self.token_ids) >= 1, "token_ids", "must be non-empty, got ()")
+        require(len(self.token_ids) >= 1, "token_ids", "must be non-empty, got ()")
 
 
 def from_token_prompts(name: str, prompts: Sequence[TokenPrompt], block_size: int) -> Workload:
@@ -224,7 +221,7 @@ def from_token_prompts(name: str, prompts: Sequence[TokenPrompt], block_size: in
     Block ids are interned: equal (previous block id, block tokens) pairs get equal ids, numbered from 0 in order
     of first appearance, the partial last block included (so a partial block never shares an id with a full one).
     """
-    _require(block_size >= 1, "block_size", f"must be >= 1, got {block_size}")
+    require(block_size >= 1, "block_size", f"must be >= 1, got {block_size}")
     ids: dict[tuple[int, tuple[int, ...]], int] = {}
     requests = []
     for prompt in prompts:
@@ -251,7 +248,7 @@ def _poisson_arrivals(rng: random.Random, num_arrivals: int, rate: float) -> lis
 def _require_counts(**counts: tuple[int, int]) -> None:
     """Each keyword is ``name=(value, lowest allowed)``."""
     for name, (value, low) in counts.items():
-        _require(value >= low, name, f"must be >= {low}, got {value}")
+        require(value >= low, name, f"must be >= {low}, got {value}")
 
 
 def shared_prefix(groups: int = 8, prompts_per_group: int = 8, system_len: int = 1024, question_len: int = 64,
@@ -291,7 +288,7 @@ def chat_sessions(num_sessions: int = 32, turns: int = 4, num_system_prompts: in
     """
     _require_counts(num_sessions=(num_sessions, 1), turns=(turns, 1), num_system_prompts=(num_system_prompts, 1),
                     system_len=(system_len, 0), user_len=(user_len, 1), output_len=(output_len, 1))
-    _require(_is_seconds(think_s), "think_s", f"must be finite and >= 0, got {think_s}")
+    require(_is_seconds(think_s), "think_s", f"must be finite and >= 0, got {think_s}")
     _require_positive("session_rate", session_rate)
     rng = random.Random(seed)
     systems = [_random_tokens(rng, system_len) for _ in range(num_system_prompts)]
@@ -323,9 +320,9 @@ def tile(workload: Workload, copies: int) -> Workload:
     ``i * copies + c``, ``after`` remapped alike: a stable merge in arrival order that keeps release order.
     Raises ``ValueError`` if block ids would reach ``2**32``.
     """
-    _require(copies >= 1, "copies", f"must be >= 1, got {copies}")
+    require(copies >= 1, "copies", f"must be >= 1, got {copies}")
     id_offset = max(max(r.block_ids) for r in workload.requests) + 1
-    _require(copies * id_offset <= BLOCK_ID_LIMIT, "copies",
+    require(copies * id_offset <= BLOCK_ID_LIMIT, "copies",
              f"must keep block ids below 2**32 (ids reach {id_offset - 1} in one copy), got {copies}")
     group_offset = max(r.group for r in workload.requests) + 1
     requests = tuple(_copy(r, c, copies, id_offset, group_offset) for r in workload.requests for c in range(copies))
