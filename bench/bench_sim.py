@@ -11,7 +11,8 @@ The ``prefix`` policy runs with ``--load-weight`` (0.5, the router's default, ch
 Targets at 8 workers: ``prefix`` reaches 95% of the oracle hit ratio with a max/mean request share of at most
 1.3, a TTFT p99 at least 2x better than ``round_robin``'s, a hit ratio no worse than either peer baseline and a
 better TTFT p99. Ties among equally good workers are drawn at random, so the targets are checked on the medians
-of ``--seeds`` runs of the policies they name.
+of ``--seeds`` runs of the policies they name. A last line gives the TTFT p99 floor no router can beat
+(``simulator.ttft_floor``) and how far above it each policy is.
 
     python bench/bench_sim.py                    # about 2 minutes
 """
@@ -23,9 +24,11 @@ import dataclasses
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 from radixserve.cluster.config import POLICIES
 from radixserve.cluster.sim import report
-from radixserve.cluster.sim.simulator import SimConfig, compare
+from radixserve.cluster.sim.simulator import SimConfig, compare, ttft_floor
 from radixserve.cluster.sim.workload import load_mooncake
 
 RESULTS = Path(__file__).parent / "results"
@@ -69,6 +72,12 @@ def check_targets(by_policy: dict[str, Medians]) -> list[str]:
     return lines
 
 
+def floor_line(floor_s: float, by_policy: dict[str, Medians]) -> str:
+    """How far each policy's TTFT p99 is above the floor no router can beat (``simulator.ttft_floor``)."""
+    above = ", ".join(f"{m.policy} +{m.ttft_p99_s / floor_s - 1:.1%}" for m in by_policy.values())
+    return f"- TTFT p99 floor for any router {report.format_duration(floor_s)}; above it: {above}"
+
+
 def _target(figure: str, target: str, met: bool) -> str:
     return f"- {figure} (target {target}): {'met' if met else 'NOT met'}"
 
@@ -92,6 +101,7 @@ def main() -> int:
     print(report.format_table(stats))
     print()
     checked = 8 if 8 in args.workers else args.workers[0]
+    floor = float(np.percentile(ttft_floor(trace, base), 99))  # the same for any number of workers
     if {"prefix", "round_robin"} <= set(args.policies):
         named = [p for p in args.policies if p in ("prefix", "round_robin", *PEERS)]
         reruns = compare(trace, [dataclasses.replace(base, num_workers=checked, policy=p, seed=seed)
@@ -100,8 +110,9 @@ def main() -> int:
                      for p in named}
         print(f"targets at {checked} workers, medians of {args.seeds} seeds:")
         print("\n".join(check_targets(by_policy)))
+        print(floor_line(floor, by_policy))
     meta = {"trace": args.trace.name, "num_requests": len(trace.requests), "time_scale": args.time_scale,
-            "config": dataclasses.asdict(base)}
+            "ttft_p99_floor_s": floor, "config": dataclasses.asdict(base)}
     report.write_json(args.out, stats, meta)
     title = f"Mooncake trace, Llama-3-8B on H100, {args.host_kv_gib:g} GiB host KV per GPU"
     report.plot_scaling(stats, args.out.with_name("sim_scaling.png"), title=title)

@@ -24,7 +24,7 @@ from radixserve.cluster.config import POLICIES
 from radixserve.cluster.hashing import namespace_seed, page_hashes
 from radixserve.cluster.sim.costmodel import DEVICES, MODELS, CostModel
 from radixserve.cluster.sim.report import PolicyStats, Progress, RequestOutcome, WorkerStats, summarize
-from radixserve.cluster.sim.workload import Workload, oracle_hit_ratio
+from radixserve.cluster.sim.workload import Workload, oracle_cached_tokens, oracle_hit_ratio
 from radixserve.cluster.sim.worker import Notice, SimSeq, SimWorker, WorkerConfig
 from radixserve.router.policies import RouteRequest, make_policy
 from radixserve.router.prefix_index import PrefixIndex
@@ -99,6 +99,19 @@ def simulate(workload: Workload, config: SimConfig, progress: Progress | None = 
     simulation = _Simulation(workload, config, progress)
     outcomes, workers = simulation.run()
     return SimRun(config, outcomes, workers, time.monotonic() - started)
+
+
+def ttft_floor(workload: Workload, config: SimConfig) -> list[float]:
+    """A lower bound on each request's TTFT under any routing policy on ``config``'s workers, in workload order.
+
+    The request alone on an idle worker, its uncached suffix prefilled in one step after the prefix the unbounded
+    oracle would hold (``oracle_cached_tokens``): no cluster caches more of a prompt, chunking and batching only add
+    weight reads and step overheads, and queueing only adds time. A percentile of these bounds the same percentile
+    of any run's TTFTs from below.
+    """
+    cost = config.cost_model()
+    return [cost.prefill_time(request.input_len - cached, cached)
+            for request, cached in zip(workload.requests, oracle_cached_tokens(workload), strict=True)]
 
 
 def compare(workload: Workload, configs: Sequence[SimConfig],

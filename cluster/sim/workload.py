@@ -124,14 +124,14 @@ def cached_tokens(workload: Workload, request: SimRequest, matched_blocks: int) 
     return min(matched_blocks * workload.block_size, request.input_len - 1)
 
 
-def oracle_hit_ratio(workload: Workload) -> float:
-    """The share of prompt tokens one unbounded cache serves, seeing every request in list order.
+def oracle_cached_tokens(workload: Workload) -> list[int]:
+    """Each request's ``cached_tokens`` in one unbounded cache that sees every request in list order.
 
-    A request's matched blocks are its leading blocks some earlier request began with; then all of its blocks are
-    cached. The result is sum of ``cached_tokens`` over sum of ``input_len``, in ``[0, 1)``.
+    A request's matched blocks are its leading blocks some earlier request began with (whether or not that request
+    has finished), so no cluster serves a request more of its prompt from cache than this.
     """
     root: dict[int, dict] = {}  # a trie of block ids: block id -> children
-    cached = 0
+    cached = []
     for request in workload.requests:
         node, matched = root, 0
         for block in request.block_ids:
@@ -141,8 +141,13 @@ def oracle_hit_ratio(workload: Workload) -> float:
             else:
                 matched += 1
             node = child
-        cached += cached_tokens(workload, request, matched)
-    return cached / sum(r.input_len for r in workload.requests)
+        cached.append(cached_tokens(workload, request, matched))
+    return cached
+
+
+def oracle_hit_ratio(workload: Workload) -> float:
+    """The share of prompt tokens the unbounded cache of ``oracle_cached_tokens`` serves, in ``[0, 1)``."""
+    return sum(oracle_cached_tokens(workload)) / sum(r.input_len for r in workload.requests)
 
 
 def _is_int(value: object) -> bool:

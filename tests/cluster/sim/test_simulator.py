@@ -4,7 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from radixserve.cluster.sim.simulator import SimConfig, simulate
+from radixserve.cluster.config import POLICIES
+from radixserve.cluster.sim.simulator import SimConfig, simulate, ttft_floor
 from radixserve.cluster.sim.workload import SimRequest, Workload, shared_prefix
 
 BLOCK = 4
@@ -83,6 +84,20 @@ def test_the_simulation_is_deterministic_for_a_seed() -> None:
         assert first.outcomes == second.outcomes and first.workers == second.workers
     runs = {simulate(trace, replace(SMALL, policy="random", num_blocks=128, seed=s)).outcomes for s in range(4)}
     assert len(runs) > 1
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_no_policy_beats_the_ttft_floor_and_a_lone_request_meets_it(policy: str) -> None:
+    trace = shared_prefix(groups=3, prompts_per_group=8, system_len=96, question_len=12, output_len=6, rate=400.0)
+    config = replace(SMALL, policy=policy, num_blocks=128, device="a100")
+    run = simulate(trace, config)
+    floors = ttft_floor(trace, config)
+    ttfts = [o.first_token_s - o.arrival_s for o in run.outcomes]
+    assert all(t >= f for t, f in zip(ttfts, floors, strict=True))
+    assert sum(t > f * 1.01 for t, f in zip(ttfts, floors, strict=True)) > 0  # the burst does queue somewhere
+    lone = workload(request(0, tuple(range(1, 9))))
+    first = simulate(lone, config).outcomes[0]
+    assert first.first_token_s - first.arrival_s == pytest.approx(ttft_floor(lone, config)[0])
 
 
 def test_follow_up_turns_arrive_think_time_after_their_parent_finishes() -> None:
