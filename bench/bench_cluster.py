@@ -133,6 +133,11 @@ class Cluster:
         self._args = ["up", "--detach", "--port", str(port), "--policy", policy, "--kv-memory-gib",
                       str(kv_memory_gib), "--set", "engine.max_model_len=4096"]
 
+    @property
+    def targets_path(self) -> Path:
+        """The Prometheus targets file ``up`` keeps for this cluster."""
+        return Path(self._home.name) / "run" / "prometheus_targets.json"
+
     def _cli(self, *args: str) -> None:
         subprocess.run([sys.executable, "-m", "radixserve.cluster.cli", *args], env=self._env, check=True,
                        stdout=subprocess.DEVNULL, timeout=900)

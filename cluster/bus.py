@@ -70,7 +70,8 @@ class WorkerRecord:
     """One worker as the registry knows it: how to reach it, what it serves, how much it takes.
 
     ``address`` is ``"host:port"`` of its worker service. ``incarnation`` changes whenever the worker restarts
-    (its cache is then empty). ``max_running_requests`` is its batch capacity. Every field is validated on
+    (its cache is then empty). ``max_running_requests`` is its batch capacity. ``metrics_address`` is the
+    ``"host:port"`` of its Prometheus ``/metrics`` endpoint, None if it serves none. Every field is validated on
     construction and a bad one raises ValueError naming it.
     """
 
@@ -79,12 +80,15 @@ class WorkerRecord:
     model: str
     incarnation: str
     max_running_requests: int
+    metrics_address: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("worker_id", "model", "incarnation"):
             value = getattr(self, name)
             _require(isinstance(value, str) and bool(value), name, "a non-empty string", value)
         _require(_is_address(self.address), "address", '"host:port" with a port in [1, 65535]', self.address)
+        _require(self.metrics_address is None or _is_address(self.metrics_address), "metrics_address",
+                 'null or "host:port" with a port in [1, 65535]', self.metrics_address)
         capacity = self.max_running_requests
         _require(type(capacity) is int and capacity >= 1, "max_running_requests", "an int >= 1", capacity)
 

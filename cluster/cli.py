@@ -1,7 +1,7 @@
 """The ``radixserve`` command line.
 
 ``up``/``down`` run the cluster (``cluster/launcher.py``), ``generate``/``status`` talk to its router
-(``cluster/client.py``), ``model pull|list`` manage the model cache, ``sim``/``calibrate`` run the cluster
+(``cluster/client.py``), ``top`` reads its /metrics endpoints (``cluster/top.py``), ``model pull|list`` manage the model cache, ``sim``/``calibrate`` run the cluster
 simulator (``cluster/sim/``). Heavy modules (Ray, torch) are imported inside
 the commands that need them, so ``radixserve status`` starts fast.
 """
@@ -16,6 +16,7 @@ from radixserve.cluster.client import add_client_commands
 from radixserve.cluster.launcher import add_launcher_commands
 from radixserve.cluster.model_store import add_model_commands
 from radixserve.cluster.sim.cli import add_sim_commands
+from radixserve.cluster.top import add_top_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_commands(subparsers)
     add_model_commands(subparsers)
     add_sim_commands(subparsers)
+    add_top_command(subparsers)
     return parser
 
 

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from radixserve.cluster.discovery import read_targets
+from radixserve.cluster.top import format_frame, read_frame, targets_path
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -207,6 +209,10 @@ def run_status(args: argparse.Namespace) -> int:
     except grpc.RpcError as error:
         return _report(error, args.target)
     print(format_status(response))
+    path = targets_path(None)
+    if path is not None and path.exists():
+        print(f"\nfrom /metrics (as Prometheus sees it; live view: radixserve top):\n"
+              f"{format_frame(read_frame(read_targets(path)), None)}")
     return 0
 
 

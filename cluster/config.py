@@ -158,12 +158,34 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Where the processes serve Prometheus ``/metrics`` and where ``up`` lists them for Prometheus.
+
+    ``router_port`` and ``worker_port`` 0 let each process pick a free port. ``sd_file`` is the Prometheus
+    file-based service discovery file (default ``$RADIXSERVE_HOME/run/prometheus_targets.json``), rewritten as
+    workers come and go.
+    """
+
+    host: str = "127.0.0.1"
+    router_port: int = 0
+    worker_port: int = 0
+    sd_file: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("router_port", "worker_port"):
+            port = getattr(self, name)
+            require(0 <= port < 65536, name, f"must be in [0, 65535], got {port}")
+        require(self.sd_file is None or bool(self.sd_file), "sd_file", "must not be empty")
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
-    """Everything ``radixserve up`` starts: the pool, the engine each worker runs, and the router."""
+    """Everything ``radixserve up`` starts: the pool, the engine each worker runs, the router, their metrics."""
 
     pool: PoolConfig = field(default_factory=PoolConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def build_config(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from radixserve.cluster.bus import EventBus, make_bus
+from radixserve.cluster.discovery import keep_targets
 from radixserve.cluster.config import ClusterConfig, load_cluster_config
 from radixserve.cluster.model_store import ModelStore, radixserve_home
 
@@ -39,6 +40,7 @@ class ClusterState:
     router_address: str
     ray_address: str
     log_path: str
+    targets_path: str
 
     @staticmethod
     def path() -> Path:
@@ -76,7 +78,10 @@ class ClusterRunner:
         self._bus: EventBus | None = None
         self._pool: Any = None
         self._router: Any = None
+        self._targets_task: asyncio.Task[None] | None = None
         self._owns_ray = False
+        sd_file = config.metrics.sd_file
+        self.targets_path = Path(sd_file) if sd_file else radixserve_home() / "run" / "prometheus_targets.json"
 
     def start(self, progress: Callable[[str], None] = lambda _: None) -> str:
         """Start everything; returns the router's address. Raises ValueError for a bad config or model."""
@@ -98,6 +103,7 @@ class ClusterRunner:
         timer.step("starting the router")
         self.router_address = self._run(self._start_router())
         timer.step(f"router listening on {self.router_address} (policy {self.config.router.policy})")
+        timer.step(f"metrics: router at {self._router.metrics_address}; Prometheus targets in {self.targets_path}")
         return self.router_address
 
     def stop(self, progress: Callable[[str], None] = lambda _: None) -> None:
@@ -105,6 +111,8 @@ class ClusterRunner:
         import ray
 
         timer = _Timer(progress)
+        if self._targets_task is not None:
+            self._loop.call_soon_threadsafe(self._targets_task.cancel)
         if self._router is not None:
             timer.step("draining the router")
             self._run(self._router.stop())
@@ -135,8 +143,12 @@ class ClusterRunner:
         from radixserve.router.server import Router
 
         assert self._bus is not None
-        self._router = Router(self.config.router, self._bus)
-        return await self._router.start()
+        metrics = self.config.metrics
+        self._router = Router(self.config.router, self._bus, metrics.host, metrics.router_port)
+        address = await self._router.start()
+        self._targets_task = asyncio.create_task(keep_targets(self._bus, self.targets_path,
+                                                              self._router.metrics_address))
+        return address
 
 
 class _Timer:
@@ -228,7 +240,7 @@ def _foreground(config: ClusterConfig) -> int:
         runner.stop()
         return 2
     state = ClusterState(os.getpid(), runner.router_address, runner.ray_address,
-                         os.environ.get("RADIXSERVE_LOG", ""))
+                         os.environ.get("RADIXSERVE_LOG", ""), str(runner.targets_path))
     state.save()
     say("ready: try `radixserve generate \"Hello\"` or `radixserve status`; Ctrl-C (or `radixserve down`) stops")
     try:

@@ -23,7 +23,7 @@ from typing import Any
 import ray
 
 from radixserve.cluster.bus import EventBus, WorkerRecord
-from radixserve.cluster.config import ClusterConfig, EngineConfig, PoolConfig
+from radixserve.cluster.config import ClusterConfig, EngineConfig, MetricsConfig, PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def worker_name(index: int) -> str:
 class WorkerActor:
     """One engine behind the internal gRPC API. Wrapped with ``ray.remote`` by ``WorkerPool``."""
 
-    def __init__(self, worker_id: str, engine_config: EngineConfig, host: str, port: int, num_threads: int) -> None:
+    def __init__(self, worker_id: str, engine_config: EngineConfig, host: str, port: int, num_threads: int,
+                 metrics: MetricsConfig) -> None:
         import torch
 
         from radixserve.worker.engine import Engine
@@ -49,9 +50,10 @@ class WorkerActor:
         torch.set_num_threads(num_threads)
         self._worker_id = worker_id
         self._engine_config = engine_config
-        engine = Engine.from_config(engine_config)
+        engine = Engine.from_config(engine_config, worker_id)
         self._loop = asyncio.new_event_loop()
-        self._server = WorkerServer(engine, worker_id, host=host, port=port)
+        self._server = WorkerServer(engine, worker_id, host=host, port=port, metrics_host=metrics.host,
+                                    metrics_port=metrics.worker_port)
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{worker_id}-loop", daemon=True)
         self._thread.start()
         self._address = self._call(self._server.start())
@@ -64,7 +66,8 @@ class WorkerActor:
         config = self._engine_config
         return WorkerRecord(worker_id=self._worker_id, address=self._address, model=config.model,
                             incarnation=self._server.incarnation,
-                            max_running_requests=config.scheduler.max_running_requests).to_bytes()
+                            max_running_requests=config.scheduler.max_running_requests,
+                            metrics_address=self._server.metrics_address).to_bytes()
 
     def drain(self, grace_s: float) -> None:
         """Finish the requests in flight (refusing new ones) for at most ``grace_s``, then stop serving."""
@@ -95,7 +98,7 @@ class WorkerPool:
                 num_gpus=_num_gpus(pool, self._config.engine), max_restarts=pool.max_restarts, max_task_retries=-1,
                 max_concurrency=4)
             self.actors.append(options.remote(worker_name(i), self._config.engine, pool.worker_host,
-                                              pool.worker_port, num_threads))
+                                              pool.worker_port, num_threads, self._config.metrics))
         records = []
         for i, actor in enumerate(self.actors):
             record = WorkerRecord.from_bytes(await asyncio.wait_for(actor.record.remote(), _STARTUP_TIMEOUT_S))

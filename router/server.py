@@ -27,12 +27,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from radixserve.cluster.bus import EventBus
 from radixserve.cluster.config import RouterConfig
 from radixserve.cluster.grpc_util import HealthReporter, server_options
 from radixserve.cluster.hashing import namespace_seed, page_hashes
+from radixserve.cluster.metrics import MetricsEndpoint
 from radixserve.cluster.tokenizer import Tokenizer
+from radixserve.router.metrics import RouterMetrics
 from radixserve.router.policies import RouteRequest, make_policy
 from radixserve.router.prefix_index import PrefixIndex
 from radixserve.router.requests import ModelLimits, PreparedRequest, prepare
@@ -89,10 +92,11 @@ class _Retry(_Failure):
 class GenerationService(api_pb2_grpc.GenerationServicer):
     """The public API; see the module docstring for its guarantees."""
 
-    def __init__(self, config: RouterConfig, workers: WorkerSet, index: PrefixIndex) -> None:
+    def __init__(self, config: RouterConfig, workers: WorkerSet, index: PrefixIndex, metrics: RouterMetrics) -> None:
         self._config = config
         self._workers = workers
         self._index = index
+        self._metrics = metrics
         self._policy = make_policy(config.policy, config.load_weight, random.Random(config.seed))
         self._model: ModelView | None = None
         self.draining = False
@@ -100,18 +104,14 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
 
     async def Generate(self, request: api_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.GenerateResponse]:
-        self.num_in_flight += 1
-        try:
-            async for response in self._serve(request, context):
-                yield response
-        finally:
-            self.num_in_flight -= 1
+        async for response in self._tracked("Generate", request, context):
+            yield response
 
     async def Complete(self, request: api_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> api_pb2.CompleteResponse:
         result = api_pb2.CompleteResponse()
         choices: dict[int, api_pb2.Completion] = {}
-        async for response in self.Generate(request, context):
+        async for response in self._tracked("Complete", request, context):
             result.request_id, result.worker_id = response.request_id, response.worker_id
             for chunk in response.choices:
                 choice = choices.setdefault(chunk.index, api_pb2.Completion(index=chunk.index))
@@ -138,6 +138,28 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
 
     # ---- one request --------------------------------------------------------------------------------
 
+    async def _tracked(self, method: str, request: api_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.GenerateResponse]:
+        """``_serve``, counted in flight and in the request metrics (final code, TTFT, end to end)."""
+        self.num_in_flight += 1
+        started = time.monotonic()
+        code = "UNKNOWN"
+        first_token = True
+        try:
+            async for response in self._serve(request, context):
+                if first_token and any(choice.token_ids for choice in response.choices):
+                    first_token = False
+                    self._metrics.ttft.observe(time.monotonic() - started)
+                yield response
+            code = "OK"
+            self._metrics.e2e.observe(time.monotonic() - started)
+        except BaseException:
+            code = _final_code(context)
+            raise
+        finally:
+            self.num_in_flight -= 1
+            self._metrics.requests.labels(method, code).inc()
+
     async def _serve(self, request: api_pb2.GenerateRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.GenerateResponse]:
         if self.draining:
@@ -162,6 +184,7 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
                 return
             except _Retry as failure:
                 failures.append(failure)
+                self._metrics.retries.labels(failure.code.name).inc()
             except _Failure as failure:
                 await context.abort(failure.code, failure.details)
         await context.abort(*_exhausted(failures))
@@ -188,9 +211,13 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
             return None
         route = RouteRequest(len(prepared.token_ids), prepared.params.max_tokens * prepared.params.n,
                              model.page_size)
+        started = time.perf_counter()
         decision = decide(self._policy, self._index, route, hashes, [c.worker_id for c in clients],
                           [c.outstanding for c in clients])
-        return clients[decision.worker], decision
+        chosen = clients[decision.worker]
+        matched = min(decision.matched_pages * model.page_size / route.num_prompt_tokens, 1.0)
+        self._metrics.on_decision(chosen.worker_id, time.perf_counter() - started, matched)
+        return chosen, decision
 
     async def _attempt(self, client: WorkerClient, decision: Decision, sampling: types_pb2.SamplingOptions,
                        prepared: PreparedRequest, hashes: list[int],
@@ -215,12 +242,18 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
                     response.usage.CopyFrom(api_pb2.Usage(prompt_tokens=part.num_prompt_tokens,
                                                           cached_tokens=part.num_cached_tokens,
                                                           completion_tokens=num_tokens))
+                    self._count_tokens(client.worker_id, response.usage)
                 yield response
         except grpc.aio.AioRpcError as error:
             raise self._classify(client, error, num_tokens) from None
         finally:
             call.cancel()  # no-op once finished; otherwise the worker aborts the request and frees its pages
             client.outstanding.end(attempt_id)
+
+    def _count_tokens(self, worker_id: str, usage: api_pb2.Usage) -> None:
+        self._metrics.prompt_tokens.labels(worker_id).inc(usage.prompt_tokens)
+        self._metrics.cached_tokens.labels(worker_id).inc(usage.cached_tokens)
+        self._metrics.completion_tokens.labels(worker_id).inc(usage.completion_tokens)
 
     def _classify(self, client: WorkerClient, error: grpc.aio.AioRpcError, num_tokens: int) -> _Failure:
         code, details = error.code(), error.details() or error.code().name
@@ -232,6 +265,12 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         if code == grpc.StatusCode.UNAVAILABLE:
             details = f"worker {client.worker_id} failed after streaming {num_tokens} tokens: {details}"
         return _Failure(code, details)
+
+
+def _final_code(context: grpc.aio.ServicerContext) -> str:
+    """The status a request that raised ends with: the code it aborted with, else CANCELLED (the client left)."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "CANCELLED"
 
 
 def _deadline(context: grpc.aio.ServicerContext, timeout_s: float | None) -> float | None:
@@ -251,13 +290,25 @@ def _exhausted(failures: list[_Retry]) -> tuple[grpc.StatusCode, str]:
 
 
 class Router:
-    """The router process: the public server, its worker set and prefix index. Runs on one asyncio loop."""
+    """The router process: the public server, its worker set and prefix index. Runs on one asyncio loop.
 
-    def __init__(self, config: RouterConfig, bus: EventBus) -> None:
+    Its metrics (``self.metrics``) are served at ``metrics_address`` from ``start`` until ``stop`` when
+    ``metrics_port`` is given (0: a free port) on ``metrics_host``.
+    """
+
+    def __init__(self, config: RouterConfig, bus: EventBus, metrics_host: str = "127.0.0.1",
+                 metrics_port: int | None = None) -> None:
         self.config = config
         self.index = PrefixIndex(config.pending_ttl_s, config.approx_ttl_s)
-        self.workers = WorkerSet(bus, self.index, config.health_interval_s, config.max_message_bytes)
-        self.service = GenerationService(config, self.workers, self.index)
+        self.metrics = RouterMetrics(CollectorRegistry(), config.policy)
+        self.workers = WorkerSet(bus, self.index, config.health_interval_s, config.max_message_bytes, self.metrics)
+        self.metrics.bind(self.workers, self.index)
+        for code in _RETRYABLE:  # every retry series exists from the start, at 0
+            self.metrics.retries.labels(code.name)
+        self.service = GenerationService(config, self.workers, self.index, self.metrics)
+        self._metrics_at = None if metrics_port is None else (metrics_host, metrics_port)
+        self._endpoint: MetricsEndpoint | None = None
+        self.metrics_address: str | None = None
         self._server = grpc.aio.server(options=server_options(config.max_message_bytes))
         api_pb2_grpc.add_GenerationServicer_to_server(self.service, self._server)
         self._health = HealthReporter(self._server, [api_pb2.DESCRIPTOR.services_by_name["Generation"].full_name])
@@ -273,6 +324,9 @@ class Router:
         await self._server.start()
         await self._health.set_serving(True)
         self.address = f"{self.config.host}:{port}"
+        if self._metrics_at is not None:
+            self._endpoint = MetricsEndpoint(self.metrics.registry, *self._metrics_at)
+            self.metrics_address = self._endpoint.address
         return self.address
 
     async def stop(self) -> None:
@@ -284,3 +338,5 @@ class Router:
             await asyncio.sleep(0.05)
         await self._server.stop(grace=1.0)
         await self.workers.close()
+        if self._endpoint is not None:
+            self._endpoint.stop()

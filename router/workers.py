@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import grpc
 
 from radixserve.cluster.bus import (KV_EVENTS_TOPIC, REGISTRY_TOPIC, ChangeKind, EventBus, Lost, RegistryChange,
                                     Subscription, WorkerRecord)
+from radixserve.router.metrics import RouterMetrics
 from radixserve.router.prefix_index import PrefixIndex
 from radixserve.router.routing import WorkerLoad
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
@@ -135,9 +137,11 @@ class WorkerClient:
 class WorkerSet:
     """The workers a router knows, kept in step with the bus registry; feeds the prefix index from the bus."""
 
-    def __init__(self, bus: EventBus, index: PrefixIndex, health_interval_s: float, max_message_bytes: int) -> None:
+    def __init__(self, bus: EventBus, index: PrefixIndex, health_interval_s: float, max_message_bytes: int,
+                 metrics: RouterMetrics) -> None:
         self._bus = bus
         self._index = index
+        self._metrics = metrics
         self._interval = health_interval_s
         self._max_message_bytes = max_message_bytes
         self.clients: dict[str, WorkerClient] = {}
@@ -217,6 +221,9 @@ class WorkerSet:
         client = self.clients.get(batch.worker_id)
         if client is None or client.info is None or batch.incarnation != client.info.incarnation:
             return  # a worker we do not know (yet), or a stale incarnation: its reset will come again
+        self._metrics.kv_events.labels(batch.worker_id).inc(len(batch.events))
+        if batch.sent_unix_s > 0:
+            self._metrics.kv_event_lag.observe(max(time.time() - batch.sent_unix_s, 0.0))
         if batch.reset:
             self._index.reset(batch.worker_id, [h for event in batch.events for h in event.page_hashes])
             self._index.set_events_live(batch.worker_id, True)

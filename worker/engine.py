@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence as Seq
@@ -27,6 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from radixserve.cluster.config import EngineConfig
 from radixserve.cluster.model_store import ModelStore
@@ -34,13 +36,14 @@ from radixserve.worker import kernels
 from radixserve.worker.kv.allocator import PageAllocator
 from radixserve.worker.kv.pool import KVPool
 from radixserve.worker.kv.radix_cache import KVEvent, RadixCache
+from radixserve.worker.metrics import EngineMetrics
 from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
 from radixserve.worker.models.llama import LlamaForCausalLM
 from radixserve.worker.outputs import CompletionOutput, RequestOutput
 from radixserve.worker.runner import ModelRunner
 from radixserve.worker.sampler import Sampler, SamplingState
 from radixserve.cluster.sampling_params import SamplingParams
-from radixserve.worker.scheduler import Scheduler
+from radixserve.worker.scheduler import ScheduledBatch, Scheduler
 from radixserve.worker.sequence import Sequence, SeqStatus, TokenLogprob
 from radixserve.worker.stop_checker import StopChecker
 
@@ -69,7 +72,8 @@ class EngineLoad:
 
     ``num_running``: requests with a sample in the running batch; ``num_waiting``: the other requests in flight.
     ``num_pages_used`` = pages not free (held by requests or the radix cache); ``num_pages_evictable``: cached
-    pages no request holds, which ``flush_cache`` would free.
+    pages no request holds, which ``flush_cache`` would free. ``num_evicted_pages`` and ``num_preemptions`` count
+    the scheduler's evictions for room and preemptions since the engine started.
     """
 
     num_running: int
@@ -83,6 +87,8 @@ class EngineLoad:
     num_computed_tokens: int
     num_generated_tokens: int
     num_requests_finished: int
+    num_evicted_pages: int
+    num_preemptions: int
 
     @property
     def hit_ratio(self) -> float:
@@ -105,6 +111,11 @@ class _Request:
     checkers: list[StopChecker]
     pending: list[Sequence] = field(default_factory=list)  # samples 1..n-1, admitted after sample 0's prefill
     aborted: bool = False
+    # time.monotonic() of arrival, of the first step that computed it and of its first token; each sample's last token
+    arrival_s: float = field(default_factory=time.monotonic)
+    started_s: float | None = None
+    first_token_s: float | None = None
+    last_token_s: dict[int, float] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -114,7 +125,8 @@ class _Request:
 class Engine:
     """Serves one model. See the module docstring for the calling contract."""
 
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint):
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint, worker_id: str = "engine"):
+        """``worker_id`` labels the engine's metrics (``self.metrics``, in a registry of its own)."""
         self.config = config
         self.tokenizer = checkpoint.tokenizer
         self.model_config = checkpoint.config
@@ -135,6 +147,8 @@ class Engine:
         self.sampler = Sampler()
         self.eos_token_ids = self.model_config.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.stats = EngineStats()
+        self.metrics = EngineMetrics(CollectorRegistry(), worker_id)
+        self.metrics.bind(self.load)
         self._requests: dict[str, _Request] = {}
         self._inbox: deque[_Request] = deque()
         self._aborts: deque[str] = deque()
@@ -148,9 +162,9 @@ class Engine:
         self._wakeup: asyncio.Event | None = None
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> Engine:
+    def from_config(cls, config: EngineConfig, worker_id: str = "engine") -> Engine:
         """Opens ``config.model`` (a model-store name or a path) and builds the engine around it."""
-        return cls(config, open_checkpoint(ModelStore().resolve(config.model)))
+        return cls(config, open_checkpoint(ModelStore().resolve(config.model)), worker_id)
 
     def _num_pages(self, dtype: torch.dtype) -> int:
         cache = self.config.cache
@@ -236,10 +250,12 @@ class Engine:
             _resolve(flushed)
 
     def _step(self) -> list[RequestOutput]:
+        started = time.monotonic()
         touched: dict[str, _Request] = {}
         self._drain_inbox(touched)
         batch = self.scheduler.schedule()
         if batch.items:
+            self._mark_started(batch, started)
             logits, sampled = self.runner.run(batch)
             self.stats.num_steps += 1
             self.stats.num_computed_tokens += batch.num_tokens
@@ -249,7 +265,15 @@ class Engine:
                     self.scheduler.cache_computed(seq)
             if sampled:
                 self._accept(logits, sampled, touched)
+            self.metrics.on_step(len(batch.items), batch.num_tokens, time.monotonic() - started)
         return [self._output(request) for request in touched.values()]
+
+    def _mark_started(self, batch: ScheduledBatch, now: float) -> None:
+        for item in batch.items:
+            request = self._requests[item.seq.request_id]
+            if request.started_s is None:
+                request.started_s = now
+                self.metrics.on_scheduled(now - request.arrival_s)
 
     def _drain_inbox(self, touched: dict[str, _Request]) -> None:
         while self._inbox:
@@ -268,12 +292,14 @@ class Engine:
 
     def _accept(self, logits: torch.Tensor, sampled: list[Sequence], touched: dict[str, _Request]) -> None:
         out = self.sampler(logits, [seq.sampling for seq in sampled], self.eos_token_ids)
+        now = time.monotonic()
         for row, seq in enumerate(sampled):
             request = self._requests[seq.request_id]
             token_id = out.token_ids[row]
             seq.token_ids.append(token_id)
             seq.sampling.append(token_id)
             self._count(seq)
+            self._time_token(request, seq.index, now)
             if out.logprobs[row] is not None:
                 top = tuple(out.top_logprobs[row] or ())
                 seq.logprobs.append(TokenLogprob(token_id, out.logprobs[row], top))
@@ -289,6 +315,16 @@ class Engine:
         if seq.num_generated == 1:  # the prompt is done: count it once, however often it was preempted
             self.stats.num_prompt_tokens += seq.prompt_len
             self.stats.num_cached_prompt_tokens += seq.num_cached_prompt_tokens
+
+    def _time_token(self, request: _Request, index: int, now: float) -> None:
+        last = request.last_token_s.get(index)
+        if last is not None:
+            self.metrics.on_token(now - last)
+        elif request.first_token_s is None:
+            request.first_token_s = now
+            started = request.started_s if request.started_s is not None else now
+            self.metrics.on_first_token(now - request.arrival_s, now - started)
+        request.last_token_s[index] = now
 
     def _release_pending(self, request: _Request) -> None:
         """Admits samples 1..n-1 once sample 0's prompt pages are in the radix cache, so they share them."""
@@ -318,6 +354,7 @@ class Engine:
         if finished:
             del self._requests[request.request_id]
             self.stats.num_requests_finished += 1
+            self.metrics.on_finished(time.monotonic() - request.arrival_s)
         leader = request.seqs[0]
         return RequestOutput(request.request_id, tuple(outputs), leader.prompt_len,
                              leader.num_cached_prompt_tokens, finished)
@@ -362,7 +399,9 @@ class Engine:
         return EngineLoad(num_running=running, num_waiting=max(0, len(self._requests) - running),
                           num_pages_used=self.allocator.num_pages - num_free, num_pages_free=num_free,
                           # a read between two counter updates of a running step could dip below zero
-                          num_pages_evictable=max(0, self.cache.num_evictable_pages), **dataclasses.asdict(self.stats))
+                          num_pages_evictable=max(0, self.cache.num_evictable_pages),
+                          num_evicted_pages=self.scheduler.num_evicted_pages,
+                          num_preemptions=self.scheduler.num_preemptions, **dataclasses.asdict(self.stats))
 
     # ---- asyncio --------------------------------------------------------------------------------------
 

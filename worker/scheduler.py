@@ -46,6 +46,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_evicted_pages = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -136,7 +137,7 @@ class Scheduler:
     def _alloc_evicting(self, num_pages: int) -> list[int] | None:
         shortfall = num_pages - self.allocator.num_free
         if shortfall > 0:
-            self.cache.evict(shortfall)
+            self.num_evicted_pages += self.cache.evict(shortfall)
         return self.allocator.alloc(num_pages)
 
     def preempt(self, seq: Sequence) -> None:

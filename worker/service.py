@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
@@ -25,6 +26,7 @@ from types import TracebackType
 import grpc
 
 from radixserve.cluster.grpc_util import HealthReporter, server_options
+from radixserve.cluster.metrics import MetricsEndpoint
 from radixserve.cluster.sampling_params import SamplingParams
 from radixserve.cluster.wire import sampling_params_from_proto
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
@@ -271,20 +273,25 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def _batch(self, sequence: int, events: list[worker_pb2.KvEvent], reset: bool = False) -> worker_pb2.KvEventBatch:
         return worker_pb2.KvEventBatch(worker_id=self._worker_id, incarnation=self._incarnation,
-                                       sequence=sequence, reset=reset, events=events)
+                                       sequence=sequence, reset=reset, events=events, sent_unix_s=time.time())
 
 
 class WorkerServer:
     """Serves one engine over gRPC: the Worker service, health checking and reflection.
 
     Runs once: ``start``, then ``stop``. ``address`` is the ``host:port`` actually bound (None before
-    ``start``); ``incarnation`` is a fresh uuid per server, so routers notice a restarted worker.
+    ``start``); ``incarnation`` is a fresh uuid per server, so routers notice a restarted worker. With
+    ``metrics_port`` (0: a free port) the engine's metrics are served at ``metrics_address`` from ``start``
+    until ``stop``.
     """
 
     def __init__(self, engine: Engine, worker_id: str, host: str = "127.0.0.1", port: int = 0,
                  max_message_bytes: int = 4 * 2**20,
-                 max_pending_batches: int = DEFAULT_MAX_PENDING_BATCHES) -> None:
+                 max_pending_batches: int = DEFAULT_MAX_PENDING_BATCHES, metrics_host: str = "127.0.0.1",
+                 metrics_port: int | None = None) -> None:
         self._engine = engine
+        self._metrics_at = None if metrics_port is None else (metrics_host, metrics_port)
+        self._metrics: MetricsEndpoint | None = None
         self._worker_id = worker_id
         self._host = host
         self._port = port
@@ -305,6 +312,10 @@ class WorkerServer:
     def incarnation(self) -> str:
         return self._incarnation
 
+    @property
+    def metrics_address(self) -> str | None:
+        return self._metrics.address if self._metrics is not None else None
+
     async def start(self) -> str:
         """Binds, starts serving (health SERVING) and returns the bound ``host:port``."""
         if self._server is not None:
@@ -319,6 +330,8 @@ class WorkerServer:
         await server.start()
         self._service.start()
         self._server = server
+        if self._metrics_at is not None:
+            self._metrics = MetricsEndpoint(self._engine.metrics.registry, *self._metrics_at)
         return self._address
 
     async def stop(self, grace_s: float) -> None:
@@ -334,6 +347,8 @@ class WorkerServer:
         await service.wait_idle(grace_s)
         await service.close()
         await server.stop(_CANCEL_GRACE_S)
+        if self._metrics is not None:
+            self._metrics.stop()
 
 
 def _request_params(request: worker_pb2.WorkerGenerateRequest) -> SamplingParams:

@@ -28,14 +28,20 @@ E2E_SETTINGS = {
 
 
 @pytest.fixture(scope="session")
-def cluster(smollm2_path: Path) -> Iterator[ClusterRunner]:
-    config = load_cluster_config(None, {**E2E_SETTINGS, "router.port": free_port()})
+def cluster(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterRunner]:
+    targets = tmp_path_factory.mktemp("metrics") / "prometheus_targets.json"
+    config = load_cluster_config(None, {**E2E_SETTINGS, "router.port": free_port(), "metrics.sd_file": str(targets)})
     runner = ClusterRunner(config)
     try:
         runner.start(print)
         yield runner
     finally:
         runner.stop(print)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``stops_worker`` stop a worker of the shared cluster for good, so they run last."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_worker") is not None)
 
 
 @pytest.fixture(scope="session")

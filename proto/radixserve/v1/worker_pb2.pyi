@@ -109,18 +109,20 @@ class KvEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[KvEvent.Kind, str]] = ..., page_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KvEventBatch(_message.Message):
-    __slots__ = ("worker_id", "incarnation", "sequence", "reset", "events")
+    __slots__ = ("worker_id", "incarnation", "sequence", "reset", "events", "sent_unix_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     incarnation: str
     sequence: int
     reset: bool
     events: _containers.RepeatedCompositeFieldContainer[KvEvent]
-    def __init__(self, worker_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., sequence: _Optional[int] = ..., reset: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ...) -> None: ...
+    sent_unix_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., sequence: _Optional[int] = ..., reset: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ..., sent_unix_s: _Optional[float] = ...) -> None: ...
 
 class FlushCacheRequest(_message.Message):
     __slots__ = ()

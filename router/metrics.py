@@ -1,0 +1,94 @@
+"""The router's Prometheus metrics.
+
+Request, routing and KV-event metrics are observed by the router as things happen, on its event loop. The
+per-worker gauges (prefix-index size, requests in flight, worker states) are read from the ``WorkerSet`` and the
+``PrefixIndex`` when scraped, by a collector, so they cannot drift from what the router routes on. Label sets are
+bounded: ``method`` (2), gRPC ``code`` (17), ``policy`` (one per router), ``worker`` (the pool).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from radixserve.cluster.metrics import LATENCY_BUCKETS, RATIO_BUCKETS
+
+if TYPE_CHECKING:
+    from radixserve.router.prefix_index import PrefixIndex
+    from radixserve.router.workers import WorkerSet
+
+_PREFIX = "radixserve_router_"
+WORKER_STATES = ("up", "down", "draining")
+
+
+class RouterMetrics:
+    """Everything one router exports, in ``registry``; ``policy`` labels the routing metrics."""
+
+    def __init__(self, registry: CollectorRegistry, policy: str) -> None:
+        self.registry = registry
+        self._policy = policy
+        self.requests = Counter(_PREFIX + "requests", "Requests answered, by method and final gRPC status code.",
+                                ["method", "code"], registry=registry)
+        self.decisions = Counter(_PREFIX + "routing_decisions", "Routing decisions, by policy and chosen worker.",
+                                 ["policy", "worker"], registry=registry)
+        self._decision_latency = Histogram(_PREFIX + "decision_latency_seconds",
+                                           "Time to match the prompt in the prefix index and apply the policy.",
+                                           ["policy"], registry=registry, buckets=LATENCY_BUCKETS).labels(policy)
+        self._matched = Histogram(_PREFIX + "matched_prefix_ratio",
+                                  "Share of the prompt's tokens the chosen worker holds, per decision.",
+                                  ["policy"], registry=registry, buckets=RATIO_BUCKETS).labels(policy)
+        self.kv_events = Counter(_PREFIX + "kv_events", "KV events applied to the prefix index, by worker.",
+                                 ["worker"], registry=registry)
+        self.kv_event_lag = Histogram(_PREFIX + "kv_event_lag_seconds",
+                                      "Worker taking a KV event batch from its engine to the router applying it.",
+                                      registry=registry, buckets=LATENCY_BUCKETS)
+        self.retries = Counter(_PREFIX + "retries", "Requests retried on another worker, by the failure's code.",
+                               ["code"], registry=registry)
+        self.ttft = Histogram(_PREFIX + "time_to_first_token_seconds",
+                              "Request received to its first token sent, as the client sees it.",
+                              registry=registry, buckets=LATENCY_BUCKETS)
+        self.e2e = Histogram(_PREFIX + "e2e_request_latency_seconds",
+                             "Request received to its last response sent, for requests that succeed.",
+                             registry=registry, buckets=LATENCY_BUCKETS)
+        self.prompt_tokens = Counter(_PREFIX + "prompt_tokens", "Prompt tokens of finished requests, by worker.",
+                                     ["worker"], registry=registry)
+        self.cached_tokens = Counter(_PREFIX + "cached_tokens",
+                                     "Prompt tokens of finished requests served from the worker's cache.",
+                                     ["worker"], registry=registry)
+        self.completion_tokens = Counter(_PREFIX + "completion_tokens", "Tokens streamed to clients, by worker.",
+                                         ["worker"], registry=registry)
+
+    def bind(self, workers: WorkerSet, index: PrefixIndex) -> None:
+        """Expose the per-worker gauges, read from ``workers`` and ``index`` at each scrape."""
+        self.registry.register(_WorkerCollector(workers, index))
+
+    def on_decision(self, worker_id: str, seconds: float, matched_ratio: float) -> None:
+        self.decisions.labels(self._policy, worker_id).inc()
+        self._decision_latency.observe(seconds)
+        self._matched.observe(matched_ratio)
+
+
+class _WorkerCollector(Collector):
+    """Per-worker gauges from the router's live worker set."""
+
+    def __init__(self, workers: WorkerSet, index: PrefixIndex) -> None:
+        self._workers = workers
+        self._index = index
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        clients = list(self._workers.clients.values())  # a copy: the event loop may change the dict meanwhile
+        pages = GaugeMetricFamily(_PREFIX + "prefix_index_pages", "Pages the prefix index holds for a worker.",
+                                  labels=["worker"])
+        in_flight = GaugeMetricFamily(_PREFIX + "in_flight_requests", "Requests this router has on a worker.",
+                                      labels=["worker"])
+        states = GaugeMetricFamily(_PREFIX + "workers", "Workers the router knows, by state.", labels=["state"])
+        for client in clients:
+            pages.add_metric([client.worker_id], self._index.num_pages(client.worker_id))
+            in_flight.add_metric([client.worker_id], client.outstanding.num_in_flight)
+        for state in WORKER_STATES:
+            states.add_metric([state], sum(client.state == state for client in clients))
+        yield from (pages, in_flight, states)
