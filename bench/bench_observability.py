@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench_cluster import RESULTS, Cluster, Workload, make_arrivals, replay
 
-from radixserve.cluster.dashboards import dashboard_exprs
+from radixserve.cluster.dashboards import dashboard_queries, legend
 from radixserve.cluster.prometheus import PrometheusServer
 
 ROOT = Path(__file__).parents[1]
@@ -63,15 +63,13 @@ def plot_panels(server: PrometheusServer, start: float, end: float, path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    exprs = dashboard_exprs(DASHBOARD)
+    queries = dashboard_queries(DASHBOARD)
     fig, axes = plt.subplots(4, 2, figsize=(13, 13), constrained_layout=True)
     for ax, title in zip(axes.flat, PANELS):
-        for n, expr in enumerate(e for t, e in exprs if t == title):
-            for row in server.query_range(expr, start, end, step=1.0):
+        for query in (q for q in queries if q.title == title):
+            for row in server.query_range(query.expr, start, end, step=1.0):
                 times = [float(t) - start for t, _ in row["values"]]
-                values = [float(v) for _, v in row["values"]]
-                label = ",".join(f"{k}={v}" for k, v in sorted(row["metric"].items())) or f"series {n + 1}"
-                ax.plot(times, values, label=label)
+                ax.plot(times, [float(v) for _, v in row["values"]], label=legend(query, row["metric"]))
         ax.set_title(title)
         ax.set_xlabel("seconds into the run")
         ax.legend(fontsize=7)

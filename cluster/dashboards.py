@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -20,12 +20,30 @@ _NOT_CODE = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`|#[^\n]*'
 _METRIC = re.compile(r"(?<![A-Za-z0-9_:])(radixserve_[a-z0-9_]+|up)(?![A-Za-z0-9_:])")
 
 
-def dashboard_exprs(path: str | Path) -> list[tuple[str, str]]:
-    """``(panel title, expr)`` for every target with an ``expr`` of every panel of the Grafana dashboard JSON at
-    ``path``, panels nested in rows included, in file order."""
+class PanelQuery(NamedTuple):
+    """One target of a dashboard panel: the panel's title, the PromQL and its Grafana legend format."""
+
+    title: str
+    expr: str
+    legend: str
+
+
+def dashboard_queries(path: str | Path) -> list[PanelQuery]:
+    """Every target with an ``expr`` of every panel of the Grafana dashboard JSON at ``path``, panels nested in
+    rows included, in file order."""
     dashboard = json.loads(Path(path).read_text())
-    return [(panel.get("title", ""), target["expr"]) for panel in _panels(dashboard.get("panels", []))
-            for target in panel.get("targets", []) if "expr" in target]
+    return [PanelQuery(panel.get("title", ""), target["expr"], target.get("legendFormat", ""))
+            for panel in _panels(dashboard.get("panels", [])) for target in panel.get("targets", []) if "expr" in target]
+
+
+def dashboard_exprs(path: str | Path) -> list[tuple[str, str]]:
+    """``(panel title, expr)`` for each of ``dashboard_queries(path)``."""
+    return [(query.title, query.expr) for query in dashboard_queries(path)]
+
+
+def legend(query: PanelQuery, labels: dict[str, str]) -> str:
+    """The series name Grafana shows: the legend format with ``{{label}}`` filled from ``labels``."""
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), query.legend) or query.expr
 
 
 def _panels(panels: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -303,8 +303,10 @@ class Router:
         self.metrics = RouterMetrics(CollectorRegistry(), config.policy)
         self.workers = WorkerSet(bus, self.index, config.health_interval_s, config.max_message_bytes, self.metrics)
         self.metrics.bind(self.workers, self.index)
-        for code in _RETRYABLE:  # every retry series exists from the start, at 0
+        for code in _RETRYABLE:  # the series dashboards rate() exist from the start, at 0
             self.metrics.retries.labels(code.name)
+        for method in ("Generate", "Complete"):
+            self.metrics.requests.labels(method, "OK")
         self.service = GenerationService(config, self.workers, self.index, self.metrics)
         self._metrics_at = None if metrics_port is None else (metrics_host, metrics_port)
         self._endpoint: MetricsEndpoint | None = None

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from radixserve.cluster.dashboards import dashboard_exprs, metric_names, rule_exprs, unknown_metrics
+from radixserve.cluster.dashboards import (PanelQuery, dashboard_exprs, legend, metric_names, rule_exprs,
+                                           unknown_metrics)
 from radixserve.cluster.metrics import MetricsEndpoint, sample_names
 from radixserve.cluster.prometheus import PrometheusServer
 from radixserve.router.metrics import RouterMetrics
@@ -224,3 +225,9 @@ def test_start_fails_with_the_end_of_the_log_when_prometheus_exits(tmp_path: Pat
         server.start()
     with pytest.raises(RuntimeError, match="not started"):
         server.url
+
+
+def test_a_legend_fills_its_labels_and_falls_back_to_the_expression() -> None:
+    query = PanelQuery("Queue depth", "sum by (worker) (radixserve_worker_waiting_requests)", "{{worker}} waiting")
+    assert legend(query, {"worker": "w1"}) == "w1 waiting"
+    assert legend(query._replace(legend=""), {"worker": "w1"}) == query.expr

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from radixserve.cluster.bus import InProcessBus, WorkerRecord
 from radixserve.cluster.config import CacheConfig, EngineConfig, RouterConfig, SchedulerConfig
+from radixserve.cluster.metrics import scrape, total
 from radixserve.router.server import Router
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2
 from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
@@ -47,7 +48,7 @@ async def cluster(checkpoint: Checkpoint, num_workers: int = 2, max_waiting: int
     for i, server in enumerate(servers):
         address = await server.start()
         await bus.announce(WorkerRecord(f"w{i}", address, "tiny", server.incarnation, 64))
-    router = Router(RouterConfig(port=0, health_interval_s=0.05, drain_timeout_s=10), bus)
+    router = Router(RouterConfig(port=0, health_interval_s=0.05, drain_timeout_s=10), bus, metrics_port=0)
     address = await router.start()
     try:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -87,10 +88,15 @@ def test_when_every_queue_is_full_the_router_answers_resource_exhausted(checkpoi
             held = [asyncio.ensure_future(c.stub.Complete(request(), timeout=TIMEOUT_S)) for _ in c.engines]
             await eventually(lambda: all(e.load().num_waiting + e.load().num_running == 1 for e in c.engines),
                              "both workers to hold one request")
+            retried = total(scrape(c.router.metrics_address), "radixserve_router_retries_total")
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await c.stub.Complete(request(), timeout=TIMEOUT_S)
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "queue is full" in caught.value.details()
+            metrics = scrape(c.router.metrics_address)
+            assert total(metrics, "radixserve_router_requests_total", code="RESOURCE_EXHAUSTED") == 1
+            assert total(metrics, "radixserve_router_retries_total", code="RESOURCE_EXHAUSTED") - retried == 2  # both
+            assert total(metrics, "radixserve_router_in_flight_requests") == 2
             for engine in c.engines:
                 engine.gate.set()
             replies = await asyncio.gather(*held)
@@ -133,4 +139,41 @@ def test_the_router_serves_health_and_reflection(checkpoint: Checkpoint):
             await call.done_writing()
             names = {s.name for s in reply.list_services_response.service}
             assert {"radixserve.v1.Generation", "grpc.health.v1.Health"} <= names
+    run(main)
+
+
+def test_the_router_metrics_count_requests_by_code_decisions_tokens_and_kv_events(checkpoint: Checkpoint):
+    async def main() -> None:
+        async with cluster(checkpoint) as c:
+            first = await c.stub.Complete(request(), timeout=TIMEOUT_S)
+            async for _ in c.stub.Generate(request(), timeout=TIMEOUT_S):
+                pass
+            bad = api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=[5, 6]),
+                                          sampling=types_pb2.SamplingOptions(temperature=-1.0))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await c.stub.Complete(bad, timeout=TIMEOUT_S)
+            for engine in c.engines:
+                engine.gate.clear()
+            call = c.stub.Generate(request(), timeout=TIMEOUT_S)
+            await eventually(lambda: c.router.service.num_in_flight == 1, "the request to reach the router")
+            call.cancel()
+            for engine in c.engines:
+                engine.gate.set()
+            await eventually(lambda: c.router.service.num_in_flight == 0, "the cancelled request to end")
+            m = scrape(c.router.metrics_address)
+            assert {(s.labels["method"], s.labels["code"]): s.value for s in m
+                    if s.name == "radixserve_router_requests_total"} == {
+                ("Complete", "OK"): 1, ("Generate", "OK"): 1, ("Complete", "INVALID_ARGUMENT"): 1,
+                ("Generate", "CANCELLED"): 1}
+            assert total(m, "radixserve_router_routing_decisions_total", policy="prefix") == 3
+            assert total(m, "radixserve_router_time_to_first_token_seconds_count") == 2
+            assert total(m, "radixserve_router_e2e_request_latency_seconds_count") == 2
+            holder = first.worker_id
+            assert total(m, "radixserve_router_prompt_tokens_total", worker=holder) == 2 * 20
+            assert total(m, "radixserve_router_cached_tokens_total", worker=holder) == 16  # the second hit 4 pages
+            assert total(m, "radixserve_router_completion_tokens_total") == 2 * 4
+            assert total(m, "radixserve_router_workers", state="up") == 2
+            assert total(m, "radixserve_router_kv_events_total", worker=holder) > 0
+            assert total(m, "radixserve_router_prefix_index_pages", worker=holder) == 5
+            assert total(m, "radixserve_router_kv_event_lag_seconds_count") > 0
     run(main)

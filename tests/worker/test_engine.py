@@ -300,3 +300,45 @@ def test_async_generate_streams_concurrently_and_cancellation_aborts(checkpoint:
     assert 3 <= len(c) < 30
     assert not engine.has_unfinished()
     assert_all_pages_free(engine)
+
+
+def metric(engine: Engine, name: str) -> float:
+    value = engine.metrics.registry.get_sample_value(f"radixserve_worker_{name}", {"worker": "engine"})
+    assert value is not None, name
+    return value
+
+
+def test_metrics_time_every_request_and_agree_with_the_engine_counters(checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint, budget=32)
+    work = prompts(6, (30, 50), seed=8)
+    for i, prompt in enumerate(work):
+        engine.add_request(prompt, GREEDY, str(i))
+    engine.add_request(work[0], SamplingParams(max_tokens=5, n=2, temperature=0.7, seed=1, ignore_eos=True), "n2")
+    run_to_completion(engine)
+    num_requests = len(work) + 1
+    for name in ("time_to_first_token_seconds", "queue_time_seconds", "prefill_time_seconds",
+                 "e2e_request_latency_seconds"):
+        assert metric(engine, f"{name}_count") == num_requests, name
+    # queue time + prefill time = TTFT, request by request, so also summed
+    assert metric(engine, "queue_time_seconds_sum") + metric(engine, "prefill_time_seconds_sum") == \
+        pytest.approx(metric(engine, "time_to_first_token_seconds_sum"))
+    # one inter-token gap per token after each sample's first: 24 tokens x 6 greedy, then 5 x 2 samples
+    assert metric(engine, "inter_token_latency_seconds_count") == 6 * 23 + 2 * 4
+    stats = engine.stats
+    assert metric(engine, "step_duration_seconds_count") == metric(engine, "steps_total") == stats.num_steps
+    assert metric(engine, "step_tokens_sum") == metric(engine, "computed_tokens_total") == stats.num_computed_tokens
+    assert metric(engine, "prefix_cache_hit_tokens_total") == stats.num_cached_prompt_tokens > 0
+    assert metric(engine, "prefix_cache_query_tokens_total") == stats.num_prompt_tokens
+    assert metric(engine, "generated_tokens_total") == 6 * 24 + 2 * 5
+    assert metric(engine, "requests_finished_total") == num_requests
+    assert (metric(engine, "running_requests"), metric(engine, "waiting_requests")) == (0, 0)
+    assert metric(engine, "kv_used_pages") + metric(engine, "kv_free_pages") == 512
+
+
+def test_metrics_count_evictions_and_preemptions_under_memory_pressure(checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint, num_pages=40, budget=256)
+    for i, prompt in enumerate(prompts(8, 20, seed=5)):
+        engine.add_request(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), str(i))
+    run_to_completion(engine)
+    assert metric(engine, "preemptions_total") == engine.scheduler.num_preemptions > 0
+    assert metric(engine, "kv_evicted_pages_total") == engine.scheduler.num_evicted_pages > 0
