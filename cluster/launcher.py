@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from radixserve.cluster.bus import EventBus, make_bus
-from radixserve.cluster.discovery import keep_targets
+from radixserve.cluster.discovery import keep_targets, write_targets
 from radixserve.cluster.config import ClusterConfig, load_cluster_config
 from radixserve.cluster.model_store import ModelStore, radixserve_home
 
@@ -112,7 +113,7 @@ class ClusterRunner:
 
         timer = _Timer(progress)
         if self._targets_task is not None:
-            self._loop.call_soon_threadsafe(self._targets_task.cancel)
+            self._run(self._stop_targets(self._targets_task))
         if self._router is not None:
             timer.step("draining the router")
             self._run(self._router.stop())
@@ -131,6 +132,13 @@ class ClusterRunner:
 
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _stop_targets(self, task: asyncio.Task[None]) -> None:
+        """Stop following the registry and empty the targets file: a stopped cluster leaves nothing to alert on."""
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        write_targets(self.targets_path, [])
 
     async def _start_pool(self, timer: _Timer) -> None:
         from radixserve.cluster.pool import WorkerPool
@@ -229,8 +237,6 @@ def run_up(args: argparse.Namespace) -> int:
 
 def _foreground(config: ClusterConfig) -> int:
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     runner = ClusterRunner(config)
     say = lambda message: print(message, flush=True)  # noqa: E731
     try:
@@ -239,6 +245,8 @@ def _foreground(config: ClusterConfig) -> int:
         print(f"error: {error}", file=sys.stderr)
         runner.stop()
         return 2
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs a SIGTERM handler of its own
+        signal.signal(signum, lambda *_: stop.set())
     state = ClusterState(os.getpid(), runner.router_address, runner.ray_address,
                          os.environ.get("RADIXSERVE_LOG", ""), str(runner.targets_path))
     state.save()

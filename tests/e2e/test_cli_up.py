@@ -1,7 +1,8 @@
-"""The new user's path: `radixserve up --detach`, a demo request, `radixserve status`, `radixserve down`."""
+"""The new user's path: `radixserve up --detach`, a demo request, `radixserve status` and `top`, `radixserve down`."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,9 +38,18 @@ def test_up_generate_status_down(tmp_path: Path, smollm2_path: Path):
         assert status.returncode == 0, status.stderr
         assert "radixserve-worker-0" in status.stdout and "radixserve-worker-1" in status.stdout
         assert status.stdout.count(" up ") >= 2, status.stdout
+        assert "from /metrics" in status.stdout and "1 requests ok" in status.stdout  # the demo request, counted
+
+        top = _radixserve(env, "top", "--iterations", "1", timeout=60)
+        assert top.returncode == 0, top.stderr
+        assert "radixserve-worker-0" in top.stdout and "radixserve-worker-1" in top.stdout
+        targets = json.loads((home / "run" / "prometheus_targets.json").read_text())
+        assert [len(group["targets"]) for group in targets] == [1, 2]
     finally:
         down = _radixserve(env, "down", timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr
     assert not (home / "run" / "cluster.json").exists()
+    assert json.loads((home / "run" / "prometheus_targets.json").read_text()) == []  # nothing left to scrape
+    assert "draining the workers" in (home / "run" / "cluster.log").read_text()  # drained, not killed by Ray's handler
     after = _radixserve(env, "status", timeout=60)
     assert after.returncode == 1 and "UNAVAILABLE" in after.stderr
