@@ -1,9 +1,9 @@
 """The ``radixserve`` command line.
 
 ``up``/``down`` run the cluster (``cluster/launcher.py``), ``generate``/``status`` talk to its router
-(``cluster/client.py``), ``top`` reads its /metrics endpoints (``cluster/top.py``), ``model pull|list`` manage the model cache, ``sim``/``calibrate`` run the cluster
-simulator (``cluster/sim/``). Heavy modules (Ray, torch) are imported inside
-the commands that need them, so ``radixserve status`` starts fast.
+(``cluster/client.py``), ``top`` reads its /metrics endpoints (``cluster/top.py``), ``model pull|list`` manage
+the model cache, ``sim``/``calibrate`` run the cluster simulator (``cluster/sim/``). Heavy modules (Ray, torch)
+are imported inside the commands that need them, so ``radixserve status`` starts fast.
 """
 
 from __future__ import annotations

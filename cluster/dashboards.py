@@ -33,7 +33,8 @@ def dashboard_queries(path: str | Path) -> list[PanelQuery]:
     rows included, in file order."""
     dashboard = json.loads(Path(path).read_text())
     return [PanelQuery(panel.get("title", ""), target["expr"], target.get("legendFormat", ""))
-            for panel in _panels(dashboard.get("panels", [])) for target in panel.get("targets", []) if "expr" in target]
+            for panel in _panels(dashboard.get("panels", []))
+            for target in panel.get("targets", []) if "expr" in target]
 
 
 def dashboard_exprs(path: str | Path) -> list[tuple[str, str]]:
