@@ -310,11 +310,14 @@ class Router:
         self.service = GenerationService(config, self.workers, self.index, self.metrics)
         self._metrics_at = None if metrics_port is None else (metrics_host, metrics_port)
         self._endpoint: MetricsEndpoint | None = None
-        self.metrics_address: str | None = None
         self._server = grpc.aio.server(options=server_options(config.max_message_bytes))
         api_pb2_grpc.add_GenerationServicer_to_server(self.service, self._server)
         self._health = HealthReporter(self._server, [api_pb2.DESCRIPTOR.services_by_name["Generation"].full_name])
         self.address = ""
+
+    @property
+    def metrics_address(self) -> str | None:
+        return self._endpoint.address if self._endpoint is not None else None
 
     async def start(self) -> str:
         """Listen and follow the workers; returns the bound ``host:port``."""
@@ -328,7 +331,6 @@ class Router:
         self.address = f"{self.config.host}:{port}"
         if self._metrics_at is not None:
             self._endpoint = MetricsEndpoint(self.metrics.registry, *self._metrics_at)
-            self.metrics_address = self._endpoint.address
         return self.address
 
     async def stop(self) -> None:

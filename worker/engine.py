@@ -111,10 +111,9 @@ class _Request:
     checkers: list[StopChecker]
     pending: list[Sequence] = field(default_factory=list)  # samples 1..n-1, admitted after sample 0's prefill
     aborted: bool = False
-    # time.monotonic() of arrival, of the first step that computed it and of its first token; each sample's last token
+    # time.monotonic() of arrival, of the first step that computed it, and of each sample's last token so far
     arrival_s: float = field(default_factory=time.monotonic)
     started_s: float | None = None
-    first_token_s: float | None = None
     last_token_s: dict[int, float] = field(default_factory=dict)
 
     @property
@@ -320,8 +319,7 @@ class Engine:
         last = request.last_token_s.get(index)
         if last is not None:
             self.metrics.on_token(now - last)
-        elif request.first_token_s is None:
-            request.first_token_s = now
+        elif not request.last_token_s:  # the request's first token (later samples' first tokens have no gap)
             started = request.started_s if request.started_s is not None else now
             self.metrics.on_first_token(now - request.arrival_s, now - started)
         request.last_token_s[index] = now

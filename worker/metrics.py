@@ -37,7 +37,8 @@ class EngineMetrics:
                              buckets=LATENCY_BUCKETS).labels(worker_id)
 
         def count(name: str, doc: str) -> Histogram:
-            return Histogram(_PREFIX + name, doc, ["worker"], registry=registry, buckets=COUNT_BUCKETS).labels(worker_id)
+            return Histogram(_PREFIX + name, doc, ["worker"], registry=registry,
+                             buckets=COUNT_BUCKETS).labels(worker_id)
 
         self._ttft = latency("time_to_first_token_seconds", "Arrival at the engine to the first sampled token.")
         self._itl = latency("inter_token_latency_seconds", "Time between consecutive tokens of one sample.")
@@ -80,28 +81,27 @@ class _LoadCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         load = self._load()
-        for name, doc, value in (
-            ("running_requests", "Requests with a sample in the running batch.", load.num_running),
-            ("waiting_requests", "Requests in flight not yet running (queued or preempted).", load.num_waiting),
-            ("kv_used_pages", "KV pages held by requests or the radix cache.", load.num_pages_used),
-            ("kv_free_pages", "KV pages free.", load.num_pages_free),
-            ("kv_evictable_pages", "Cached KV pages no request holds.", load.num_pages_evictable),
-        ):
-            gauge = GaugeMetricFamily(_PREFIX + name, doc, labels=["worker"])
-            gauge.add_metric([self._worker_id], value)
-            yield gauge
-        for name, doc, value in (
-            ("prefix_cache_query_tokens", "Prompt tokens looked up in the radix cache (first admission).",
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        for family, name, doc, value in (
+            (gauge, "running_requests", "Requests with a sample in the running batch.", load.num_running),
+            (gauge, "waiting_requests", "Requests in flight not yet running (queued or preempted).", load.num_waiting),
+            (gauge, "kv_used_pages", "KV pages held by requests or the radix cache.", load.num_pages_used),
+            (gauge, "kv_free_pages", "KV pages free.", load.num_pages_free),
+            (gauge, "kv_evictable_pages", "Cached KV pages no request holds.", load.num_pages_evictable),
+            (counter, "prefix_cache_query_tokens", "Prompt tokens looked up in the radix cache (first admission).",
              load.num_prompt_tokens),
-            ("prefix_cache_hit_tokens", "Prompt tokens served from the radix cache.", load.num_cached_prompt_tokens),
-            ("prompt_tokens", "Prompt tokens of requests that reached their first token.", load.num_prompt_tokens),
-            ("generated_tokens", "Tokens sampled.", load.num_generated_tokens),
-            ("computed_tokens", "Tokens fed to the model: prefill, recompute and decode.", load.num_computed_tokens),
-            ("requests_finished", "Requests that ended, aborted ones included.", load.num_requests_finished),
-            ("steps", "Engine steps that ran the model.", load.num_steps),
-            ("kv_evicted_pages", "Cached KV pages evicted to make room.", load.num_evicted_pages),
-            ("preemptions", "Running samples preempted for lack of KV pages.", load.num_preemptions),
+            (counter, "prefix_cache_hit_tokens", "Prompt tokens served from the radix cache.",
+             load.num_cached_prompt_tokens),
+            (counter, "prompt_tokens", "Prompt tokens of requests that reached their first token.",
+             load.num_prompt_tokens),
+            (counter, "generated_tokens", "Tokens sampled.", load.num_generated_tokens),
+            (counter, "computed_tokens", "Tokens fed to the model: prefill, recompute and decode.",
+             load.num_computed_tokens),
+            (counter, "requests_finished", "Requests that ended, aborted ones included.", load.num_requests_finished),
+            (counter, "steps", "Engine steps that ran the model.", load.num_steps),
+            (counter, "kv_evicted_pages", "Cached KV pages evicted to make room.", load.num_evicted_pages),
+            (counter, "preemptions", "Running samples preempted for lack of KV pages.", load.num_preemptions),
         ):
-            counter = CounterMetricFamily(_PREFIX + name, doc, labels=["worker"])
-            counter.add_metric([self._worker_id], value)
-            yield counter
+            metric = family(_PREFIX + name, doc, labels=["worker"])
+            metric.add_metric([self._worker_id], value)
+            yield metric

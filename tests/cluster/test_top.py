@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster_calls import free_port
 from prometheus_client import CollectorRegistry
 
 from radixserve.cluster.cli import main as cli_main
@@ -52,12 +52,6 @@ class Endpoints:
     targets: Path
 
 
-def free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
 @pytest.fixture
 def endpoints(tmp_path: Path) -> Iterator[Endpoints]:
     load = [IDLE]
@@ -66,7 +60,7 @@ def endpoints(tmp_path: Path) -> Iterator[Endpoints]:
     served = [MetricsEndpoint(router.registry), MetricsEndpoint(worker.registry)]
     targets = tmp_path / "targets.json"
     workers = {"w0": WorkerRecord("w0", "127.0.0.1:1", "m", "i", 8, served[1].address),
-               "w1": WorkerRecord("w1", "127.0.0.1:1", "m", "i", 8, free_address())}  # listed, not answering
+               "w1": WorkerRecord("w1", "127.0.0.1:1", "m", "i", 8, f"127.0.0.1:{free_port()}")}  # silent
     write_targets(targets, target_groups(served[0].address, workers))
     yield Endpoints(router, worker, load, targets)
     for endpoint in served:
