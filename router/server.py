@@ -140,10 +140,11 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
 
     async def _tracked(self, method: str, request: api_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.GenerateResponse]:
-        """``_serve``, counted in flight and in the request metrics (final code, TTFT, end to end)."""
+        """``_serve``, counted in flight and in the request metrics (final code, TTFT, end to end).
+
+        A request is counted before its status leaves, so a client that has its answer finds it counted."""
         self.num_in_flight += 1
         started = time.monotonic()
-        code = "UNKNOWN"
         first_token = True
         try:
             async for response in self._serve(request, context):
@@ -151,26 +152,34 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
                     first_token = False
                     self._metrics.ttft.observe(time.monotonic() - started)
                 yield response
-            code = "OK"
-            self._metrics.e2e.observe(time.monotonic() - started)
-        except BaseException:
-            code = _final_code(context)
+        except _Failure as failure:
+            self._finish(method, failure.code.name)
+            await context.abort(failure.code, failure.details)
+        except Exception:
+            self._finish(method, grpc.StatusCode.UNKNOWN.name)  # what grpc answers for an unexpected error
             raise
-        finally:
-            self.num_in_flight -= 1
-            self._metrics.requests.labels(method, code).inc()
+        except BaseException:  # the client cancelled, or its deadline passed
+            self._finish(method, grpc.StatusCode.CANCELLED.name)
+            raise
+        else:
+            self._metrics.e2e.observe(time.monotonic() - started)
+            self._finish(method, grpc.StatusCode.OK.name)
+
+    def _finish(self, method: str, code: str) -> None:
+        self.num_in_flight -= 1
+        self._metrics.requests.labels(method, code).inc()
 
     async def _serve(self, request: api_pb2.GenerateRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.GenerateResponse]:
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the router is draining; send to another router")
+            raise _Failure(grpc.StatusCode.UNAVAILABLE, "the router is draining; send to another router")
         model = self._model_view()
         if model is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is up yet; retry shortly")
+            raise _Failure(grpc.StatusCode.UNAVAILABLE, "no worker is up yet; retry shortly")
         try:
             prepared = prepare(request, model.tokenizer, model.limits)
         except ValueError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from error
         hashes = page_hashes(prepared.token_ids, model.page_size, namespace_seed(model.hash_namespace))
         deadline = _deadline(context, prepared.timeout_s)
         failures: list[_Retry] = []
@@ -185,9 +194,7 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
             except _Retry as failure:
                 failures.append(failure)
                 self._metrics.retries.labels(failure.code.name).inc()
-            except _Failure as failure:
-                await context.abort(failure.code, failure.details)
-        await context.abort(*_exhausted(failures))
+        raise _Failure(*_exhausted(failures))
 
     def _model_view(self) -> ModelView | None:
         if self._model is None:
@@ -265,12 +272,6 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         if code == grpc.StatusCode.UNAVAILABLE:
             details = f"worker {client.worker_id} failed after streaming {num_tokens} tokens: {details}"
         return _Failure(code, details)
-
-
-def _final_code(context: grpc.aio.ServicerContext) -> str:
-    """The status a request that raised ends with: the code it aborted with, else CANCELLED (the client left)."""
-    code = context.code()
-    return code.name if isinstance(code, grpc.StatusCode) else "CANCELLED"
 
 
 def _deadline(context: grpc.aio.ServicerContext, timeout_s: float | None) -> float | None:

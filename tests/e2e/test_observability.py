@@ -47,8 +47,8 @@ def prometheus(cluster: ClusterRunner, stub: api_pb2_grpc.GenerationStub) -> Ite
             stub.Complete(api_pb2.GenerateRequest(text="hi", sampling=types_pb2.SamplingOptions(temperature=-1.0)))
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         router = read_targets(cluster.targets_path)["router"][0]
-        served = total(scrape(router), "radixserve_router_requests_total")
-        server.wait_for(lambda: _value(server, "sum(radixserve_router_requests_total)") == served, timeout_s=30)
+        server.wait_for(lambda: _value(server, "sum(radixserve_router_requests_total)")
+                        == total(scrape(router), "radixserve_router_requests_total"), timeout_s=30)
         # rate() needs two samples of a series: wait for a second scrape of the error series born last
         errors = 'count_over_time(radixserve_router_requests_total{code="INVALID_ARGUMENT"}[1m])'
         server.wait_for(lambda: (_value(server, errors) or 0) >= 2, timeout_s=30)
