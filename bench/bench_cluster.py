@@ -33,9 +33,9 @@ from pathlib import Path
 
 import grpc
 
-from radixserve.cluster.config import POLICIES
-from radixserve.cluster.hashing import namespace_seed, page_hashes
-from radixserve.cluster.model_store import ModelStore
+from radixserve.cluster.base.config import POLICIES
+from radixserve.cluster.base.hashing import namespace_seed, page_hashes
+from radixserve.cluster.base.model_store import ModelStore
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
 
 RESULTS = Path(__file__).parent / "results"
@@ -139,7 +139,7 @@ class Cluster:
         return Path(self._home.name) / "run" / "prometheus_targets.json"
 
     def _cli(self, *args: str) -> None:
-        subprocess.run([sys.executable, "-m", "radixserve.cluster.cli", *args], env=self._env, check=True,
+        subprocess.run([sys.executable, "-m", "radixserve.cluster.control.cli", *args], env=self._env, check=True,
                        stdout=subprocess.DEVNULL, timeout=900)
 
     def __enter__(self) -> Cluster:

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from radixserve.cluster.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig
-from radixserve.cluster.model_store import ModelStore
+from radixserve.cluster.base.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig
+from radixserve.cluster.base.model_store import ModelStore
 from radixserve.worker.engine import Engine
-from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
+from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.models.reference import transformers_model
-from radixserve.cluster.sampling_params import SamplingParams
+from radixserve.cluster.base.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from bench_cluster import RESULTS, Cluster, Workload, make_arrivals, replay
 
-from radixserve.cluster.dashboards import dashboard_queries, legend
-from radixserve.cluster.prometheus import PrometheusServer
+from radixserve.cluster.control.dashboards import dashboard_queries, legend
+from radixserve.cluster.control.prometheus import PrometheusServer
 
 ROOT = Path(__file__).parents[1]
 DASHBOARD = ROOT / "dashboards" / "radixserve-overview.json"

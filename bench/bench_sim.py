@@ -26,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from radixserve.cluster.config import POLICIES
-from radixserve.cluster.sim import report
-from radixserve.cluster.sim.simulator import SimConfig, compare, ttft_floor
-from radixserve.cluster.sim.workload import load_mooncake
+from radixserve.cluster.base.config import POLICIES
+from radixserve.cluster.control.sim import report
+from radixserve.cluster.control.sim.simulator import SimConfig, compare, ttft_floor
+from radixserve.cluster.control.sim.workload import load_mooncake, mooncake_trace_path
 
 RESULTS = Path(__file__).parent / "results"
-TRACE = Path(__file__).parent / "traces" / "mooncake_synthetic_trace.jsonl"
 PEERS = ("sglang_cache_aware", "dynamo_kv")
 
 
@@ -84,7 +83,7 @@ def _target(figure: str, target: str, met: bool) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", type=Path, default=TRACE)
+    parser.add_argument("--trace", type=Path, help="the Mooncake trace (default: mooncake_trace_path())")
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--host-kv-gib", type=float, default=256.0)
@@ -94,6 +93,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "sim_mooncake.json")
     args = parser.parse_args()
 
+    args.trace = args.trace or mooncake_trace_path()
     trace = load_mooncake(args.trace, time_scale=args.time_scale)
     base = SimConfig(device="h100", model="llama-3-8b", host_kv_gib=args.host_kv_gib, load_weight=args.load_weight)
     configs = [dataclasses.replace(base, num_workers=n, policy=p) for n in args.workers for p in args.policies]

@@ -24,11 +24,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from radixserve.cluster.config import RouterConfig
-from radixserve.cluster.sim.costmodel import MODELS
-from radixserve.cluster.sim.simulator import SimConfig, simulate
-from radixserve.cluster.sim.report import summarize
-from radixserve.cluster.sim.workload import TokenPrompt, Workload, from_token_prompts, oracle_hit_ratio
+from radixserve.cluster.base.config import RouterConfig
+from radixserve.cluster.control.sim.costmodel import MODELS
+from radixserve.cluster.control.sim.simulator import SimConfig, simulate
+from radixserve.cluster.control.sim.report import summarize
+from radixserve.cluster.control.sim.workload import TokenPrompt, Workload, from_token_prompts, oracle_hit_ratio
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_cluster  # noqa: E402  (the cluster benchmark's workload generator, beside this file)

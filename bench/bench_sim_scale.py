@@ -15,18 +15,17 @@ import dataclasses
 import time
 from pathlib import Path
 
-from radixserve.cluster.sim import report
-from radixserve.cluster.sim.simulator import SimConfig, compare
-from radixserve.cluster.sim.workload import load_mooncake, tile
+from radixserve.cluster.control.sim import report
+from radixserve.cluster.control.sim.simulator import SimConfig, compare
+from radixserve.cluster.control.sim.workload import load_mooncake, mooncake_trace_path, tile
 
 RESULTS = Path(__file__).parent / "results"
-TRACE = Path(__file__).parent / "traces" / "mooncake_synthetic_trace.jsonl"
 TARGET_S = 120.0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", type=Path, default=TRACE)
+    parser.add_argument("--trace", type=Path, help="the Mooncake trace (default: mooncake_trace_path())")
     parser.add_argument("--copies", type=int, default=25)
     parser.add_argument("--workers", type=int, default=64)
     parser.add_argument("--policies", nargs="+", default=["prefix", "round_robin"])
@@ -34,6 +33,7 @@ def main() -> int:
     args = parser.parse_args()
 
     started = time.monotonic()
+    args.trace = args.trace or mooncake_trace_path()
     trace = load_mooncake(args.trace)
     workload = tile(trace, args.copies).scaled(args.copies * 8 / args.workers)
     prepare_s = time.monotonic() - started

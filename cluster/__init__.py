@@ -1,1 +1,1 @@
-"""Control plane and what router and worker share: configs, page hashing, model store, CLI."""
+"""What sits beside router and worker: ``base`` (what both import) and ``control`` (what sits above both)."""

@@ -8,21 +8,27 @@ bounded: ``method`` (2), gRPC ``code`` (17), ``policy`` (one per router), ``work
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from radixserve.cluster.metrics import LATENCY_BUCKETS, RATIO_BUCKETS
-
-if TYPE_CHECKING:
-    from radixserve.router.prefix_index import PrefixIndex
-    from radixserve.router.workers import WorkerSet
+from radixserve.cluster.base.metrics import LATENCY_BUCKETS, RATIO_BUCKETS
 
 _PREFIX = "radixserve_router_"
 WORKER_STATES = ("up", "down", "draining")
+
+
+class WorkerGauges(NamedTuple):
+    """One worker's gauges at scrape time: its state, the pages the prefix index holds for it, and the requests
+    this router has in flight there."""
+
+    worker_id: str
+    state: str
+    num_indexed_pages: int
+    num_in_flight: int
 
 
 class RouterMetrics:
@@ -62,9 +68,9 @@ class RouterMetrics:
         self.completion_tokens = Counter(_PREFIX + "completion_tokens", "Tokens streamed to clients, by worker.",
                                          ["worker"], registry=registry)
 
-    def bind(self, workers: WorkerSet, index: PrefixIndex) -> None:
-        """Expose the per-worker gauges, read from ``workers`` and ``index`` at each scrape."""
-        self.registry.register(_WorkerCollector(workers, index))
+    def bind(self, read: Callable[[], Iterable[WorkerGauges]]) -> None:
+        """Expose the per-worker gauges, read from ``read()`` at each scrape (called on the scraping thread)."""
+        self.registry.register(_WorkerCollector(read))
 
     def on_decision(self, worker_id: str, seconds: float, matched_ratio: float) -> None:
         self.decisions.labels(self._policy, worker_id).inc()
@@ -75,20 +81,19 @@ class RouterMetrics:
 class _WorkerCollector(Collector):
     """Per-worker gauges from the router's live worker set."""
 
-    def __init__(self, workers: WorkerSet, index: PrefixIndex) -> None:
-        self._workers = workers
-        self._index = index
+    def __init__(self, read: Callable[[], Iterable[WorkerGauges]]) -> None:
+        self._read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        clients = list(self._workers.clients.values())  # a copy: the event loop may change the dict meanwhile
+        workers = list(self._read())
         pages = GaugeMetricFamily(_PREFIX + "prefix_index_pages", "Pages the prefix index holds for a worker.",
                                   labels=["worker"])
         in_flight = GaugeMetricFamily(_PREFIX + "in_flight_requests", "Requests this router has on a worker.",
                                       labels=["worker"])
         states = GaugeMetricFamily(_PREFIX + "workers", "Workers the router knows, by state.", labels=["state"])
-        for client in clients:
-            pages.add_metric([client.worker_id], self._index.num_pages(client.worker_id))
-            in_flight.add_metric([client.worker_id], client.outstanding.num_in_flight)
+        for worker in workers:
+            pages.add_metric([worker.worker_id], worker.num_indexed_pages)
+            in_flight.add_metric([worker.worker_id], worker.num_in_flight)
         for state in WORKER_STATES:
-            states.add_metric([state], sum(client.state == state for client in clients))
+            states.add_metric([state], sum(worker.state == state for worker in workers))
         yield from (pages, in_flight, states)

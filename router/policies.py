@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from radixserve.cluster.config import POLICIES
+from radixserve.cluster.base.config import POLICIES
 
 
 @dataclass(frozen=True)

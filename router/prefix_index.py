@@ -1,6 +1,6 @@
 """The router's view of which pages each worker holds, for prefix-aware routing.
 
-A page is named by its chained hash (``radixserve.cluster.hashing``): hash ``k`` of a prompt names the whole
+A page is named by its chained hash (``radixserve.cluster.base.hashing``): hash ``k`` of a prompt names the whole
 prefix of pages ``0..k``. A worker's cache is a radix tree that evicts leaves, so the pages it holds are closed
 under prefixes: holding hash ``k`` means holding hashes ``0..k-1`` of the same prompt. The index relies on that
 closure only for meaning: ``match`` counts the leading pages of a prompt that a worker holds, which under the

@@ -10,9 +10,9 @@ import math
 import uuid
 from dataclasses import dataclass
 
-from radixserve.cluster.sampling_params import SamplingParams
-from radixserve.cluster.tokenizer import Tokenizer
-from radixserve.cluster.wire import sampling_params_from_proto
+from radixserve.cluster.base.sampling_params import SamplingParams
+from radixserve.cluster.base.tokenizer import Tokenizer
+from radixserve.cluster.base.wire import sampling_params_from_proto
 from radixserve.v1 import api_pb2
 
 MAX_REQUEST_ID_LEN = 128

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import CollectorRegistry
 
-from radixserve.cluster.bus import EventBus
-from radixserve.cluster.config import RouterConfig
-from radixserve.cluster.grpc_util import HealthReporter, server_options
-from radixserve.cluster.hashing import namespace_seed, page_hashes
-from radixserve.cluster.metrics import MetricsEndpoint
-from radixserve.cluster.tokenizer import Tokenizer
-from radixserve.router.metrics import RouterMetrics
+from radixserve.cluster.base.bus import EventBus
+from radixserve.cluster.base.config import RouterConfig
+from radixserve.cluster.base.grpc_util import HealthReporter, server_options
+from radixserve.cluster.base.hashing import namespace_seed, page_hashes
+from radixserve.cluster.base.metrics import MetricsEndpoint
+from radixserve.cluster.base.tokenizer import Tokenizer
+from radixserve.router.metrics import RouterMetrics, WorkerGauges
 from radixserve.router.policies import RouteRequest, make_policy
 from radixserve.router.prefix_index import PrefixIndex
 from radixserve.router.requests import ModelLimits, PreparedRequest, prepare
@@ -303,7 +303,7 @@ class Router:
         self.index = PrefixIndex(config.pending_ttl_s, config.approx_ttl_s)
         self.metrics = RouterMetrics(CollectorRegistry(), config.policy)
         self.workers = WorkerSet(bus, self.index, config.health_interval_s, config.max_message_bytes, self.metrics)
-        self.metrics.bind(self.workers, self.index)
+        self.metrics.bind(self._gauges)
         for code in _RETRYABLE:  # the series dashboards rate() exist from the start, at 0
             self.metrics.retries.labels(code.name)
         for method in ("Generate", "Complete"):
@@ -315,6 +315,11 @@ class Router:
         api_pb2_grpc.add_GenerationServicer_to_server(self.service, self._server)
         self._health = HealthReporter(self._server, [api_pb2.DESCRIPTOR.services_by_name["Generation"].full_name])
         self.address = ""
+
+    def _gauges(self) -> list[WorkerGauges]:
+        clients = list(self.workers.clients.values())  # a copy: the event loop may change the dict meanwhile
+        return [WorkerGauges(c.worker_id, c.state, self.index.num_pages(c.worker_id), c.outstanding.num_in_flight)
+                for c in clients]
 
     @property
     def metrics_address(self) -> str | None:

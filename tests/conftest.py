@@ -11,9 +11,10 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 
 import tiny_checkpoints  # noqa: E402  (needs the path above)
 
-from radixserve.cluster.config import DEFAULT_MODEL  # noqa: E402
-from radixserve.cluster.model_store import ModelStore  # noqa: E402
-from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
+from radixserve.cluster.base.config import DEFAULT_MODEL  # noqa: E402
+from radixserve.cluster.base.model_store import ModelStore  # noqa: E402
+from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.models.loading import open_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

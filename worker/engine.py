@@ -30,70 +30,24 @@ from dataclasses import dataclass, field
 import torch
 from prometheus_client import CollectorRegistry
 
-from radixserve.cluster.config import EngineConfig
-from radixserve.cluster.model_store import ModelStore
+from radixserve.cluster.base.config import EngineConfig
+from radixserve.cluster.base.model_store import ModelStore
 from radixserve.worker import kernels
 from radixserve.worker.kv.allocator import PageAllocator
 from radixserve.worker.kv.pool import KVPool
 from radixserve.worker.kv.radix_cache import KVEvent, RadixCache
 from radixserve.worker.metrics import EngineMetrics
-from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
+from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.models.llama import LlamaForCausalLM
 from radixserve.worker.outputs import CompletionOutput, RequestOutput
 from radixserve.worker.runner import ModelRunner
 from radixserve.worker.sampler import Sampler, SamplingState
-from radixserve.cluster.sampling_params import SamplingParams
+from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.worker.scheduler import ScheduledBatch, Scheduler
+from radixserve.worker.stats import EngineLoad, EngineStats
 from radixserve.worker.sequence import Sequence, SeqStatus, TokenLogprob
 from radixserve.worker.stop_checker import StopChecker
-
-
-@dataclass
-class EngineStats:
-    """Cumulative counters since the engine started.
-
-    ``num_prompt_tokens`` / ``num_cached_prompt_tokens``: prompt tokens of samples that reached their first
-    token and how many of them were served from the radix cache on first admission; ``num_computed_tokens``: every token fed to the
-    model (prefill, recompute and decode); ``num_generated_tokens``: sampled tokens; ``num_requests_finished``:
-    requests that ended, aborted ones included.
-    """
-
-    num_steps: int = 0
-    num_prompt_tokens: int = 0
-    num_cached_prompt_tokens: int = 0
-    num_computed_tokens: int = 0
-    num_generated_tokens: int = 0
-    num_requests_finished: int = 0
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    """A snapshot of the engine's load (``Engine.load``): the ``EngineStats`` counters plus queue and pool state.
-
-    ``num_running``: requests with a sample in the running batch; ``num_waiting``: the other requests in flight.
-    ``num_pages_used`` = pages not free (held by requests or the radix cache); ``num_pages_evictable``: cached
-    pages no request holds, which ``flush_cache`` would free. ``num_evicted_pages`` and ``num_preemptions`` count
-    the scheduler's evictions for room and preemptions since the engine started.
-    """
-
-    num_running: int
-    num_waiting: int
-    num_pages_used: int
-    num_pages_free: int
-    num_pages_evictable: int
-    num_steps: int
-    num_prompt_tokens: int
-    num_cached_prompt_tokens: int
-    num_computed_tokens: int
-    num_generated_tokens: int
-    num_requests_finished: int
-    num_evicted_pages: int
-    num_preemptions: int
-
-    @property
-    def hit_ratio(self) -> float:
-        """Share of prompt tokens served from the radix cache; 0 before any prompt."""
-        return self.num_cached_prompt_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
 
 
 class EngineOverloaded(RuntimeError):

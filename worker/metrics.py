@@ -8,16 +8,13 @@ collector, so they are never counted twice and always agree with ``GetLoad``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from radixserve.cluster.metrics import COUNT_BUCKETS, LATENCY_BUCKETS
-
-if TYPE_CHECKING:
-    from radixserve.worker.engine import EngineLoad
+from radixserve.cluster.base.metrics import COUNT_BUCKETS, LATENCY_BUCKETS
+from radixserve.worker.stats import EngineLoad
 
 _PREFIX = "radixserve_worker_"
 

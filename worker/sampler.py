@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from radixserve.cluster.sampling_params import SamplingParams
+from radixserve.cluster.base.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 

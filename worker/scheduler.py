@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from typing import NamedTuple
 
-from radixserve.cluster.config import SchedulerConfig
+from radixserve.cluster.base.config import SchedulerConfig
 from radixserve.worker.kv.allocator import PageAllocator
 from radixserve.worker.kv.radix_cache import RadixCache
 from radixserve.worker.sequence import Sequence, SeqStatus

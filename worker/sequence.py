@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from radixserve.worker.kv.radix_cache import TreeNode
 from radixserve.worker.sampler import SamplingState
-from radixserve.cluster.sampling_params import SamplingParams
+from radixserve.cluster.base.sampling_params import SamplingParams
 
 
 class SeqStatus(enum.Enum):

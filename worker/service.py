@@ -25,10 +25,10 @@ from types import TracebackType
 
 import grpc
 
-from radixserve.cluster.grpc_util import HealthReporter, server_options
-from radixserve.cluster.metrics import MetricsEndpoint
-from radixserve.cluster.sampling_params import SamplingParams
-from radixserve.cluster.wire import sampling_params_from_proto
+from radixserve.cluster.base.grpc_util import HealthReporter, server_options
+from radixserve.cluster.base.metrics import MetricsEndpoint
+from radixserve.cluster.base.sampling_params import SamplingParams
+from radixserve.cluster.base.wire import sampling_params_from_proto
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from radixserve.worker.engine import Engine, EngineOverloaded, RequestIdInUse
 from radixserve.worker.kv.radix_cache import KVEvent

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from radixserve.cluster.tokenizer import IncrementalDetokenizer, Tokenizer
+from radixserve.cluster.base.tokenizer import IncrementalDetokenizer, Tokenizer
 from radixserve.worker.sequence import Sequence
 
 

@@ -13,8 +13,8 @@ import grpc
 import pytest
 from cluster_calls import free_port
 
-from radixserve.cluster.config import load_cluster_config
-from radixserve.cluster.launcher import ClusterRunner
+from radixserve.cluster.base.config import load_cluster_config
+from radixserve.cluster.control.launcher import ClusterRunner
 from radixserve.v1 import api_pb2_grpc
 
 # Small enough to start fast, big enough that no e2e workload evicts: 4,096 tokens of context, 0.25 GiB of KV.

@@ -12,7 +12,7 @@ from cluster_calls import free_port
 
 
 def _radixserve(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "radixserve.cluster.cli", *args], env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "radixserve.cluster.control.cli", *args], env=env, text=True,
                           capture_output=True, timeout=timeout)
 
 

@@ -17,12 +17,12 @@ import pytest
 import ray
 from cluster_calls import chat_request, system_prompt
 
-from radixserve.cluster.dashboards import dashboard_exprs, rule_exprs
-from radixserve.cluster.discovery import read_targets
-from radixserve.cluster.launcher import ClusterRunner
-from radixserve.cluster.metrics import scrape, total
-from radixserve.cluster.pool import RAY_NAMESPACE, worker_name
-from radixserve.cluster.prometheus import PrometheusServer
+from radixserve.cluster.control.dashboards import dashboard_exprs, rule_exprs
+from radixserve.cluster.control.discovery import read_targets
+from radixserve.cluster.control.launcher import ClusterRunner
+from radixserve.cluster.base.metrics import scrape, total
+from radixserve.cluster.control.pool import RAY_NAMESPACE, worker_name
+from radixserve.cluster.control.prometheus import PrometheusServer
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2
 
 ROOT = Path(__file__).parents[2]

@@ -8,7 +8,7 @@ import grpc
 import ray
 from cluster_calls import chat_request, system_prompt, wait_for, workers_by_id
 
-from radixserve.cluster.pool import RAY_NAMESPACE, worker_name
+from radixserve.cluster.control.pool import RAY_NAMESPACE, worker_name
 from radixserve.v1 import api_pb2_grpc
 
 MAX_TOKENS = 48

@@ -16,12 +16,12 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from radixserve.cluster.dashboards import (PanelQuery, dashboard_exprs, legend, metric_names, rule_exprs,
+from radixserve.cluster.control.dashboards import (PanelQuery, dashboard_exprs, legend, metric_names, rule_exprs,
                                            unknown_metrics)
-from radixserve.cluster.metrics import MetricsEndpoint, sample_names
-from radixserve.cluster.prometheus import PrometheusServer
-from radixserve.router.metrics import RouterMetrics
-from radixserve.worker.engine import EngineLoad
+from radixserve.cluster.base.metrics import MetricsEndpoint, sample_names
+from radixserve.cluster.control.prometheus import PrometheusServer
+from radixserve.router.metrics import RouterMetrics, WorkerGauges
+from radixserve.worker.stats import EngineLoad
 from radixserve.worker.metrics import EngineMetrics
 
 REPO = Path(__file__).parents[2]
@@ -36,8 +36,7 @@ ALERT_NAMES = {"RadixserveWorkerDown", "RadixserveHitRatioCollapsed", "Radixserv
 def _router_registry() -> CollectorRegistry:
     """A router's registry with one observation on every metric, so every labelled series exists."""
     metrics = RouterMetrics(CollectorRegistry(), "prefix")
-    client = SimpleNamespace(worker_id="w0", state="up", outstanding=SimpleNamespace(num_in_flight=0))
-    metrics.bind(SimpleNamespace(clients={"w0": client}), SimpleNamespace(num_pages=lambda worker_id: 0))
+    metrics.bind(lambda: [WorkerGauges("w0", "up", 0, 0)])
     metrics.requests.labels("Generate", "OK").inc()
     metrics.requests.labels("Complete", "UNAVAILABLE").inc()
     metrics.on_decision("w0", 0.001, 0.5)

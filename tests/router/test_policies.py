@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from radixserve.cluster.config import POLICIES
+from radixserve.cluster.base.config import POLICIES
 from radixserve.router.policies import (
     Candidate,
     DynamoKvPolicy,

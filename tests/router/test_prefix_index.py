@@ -5,7 +5,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from radixserve.cluster.hashing import namespace_seed, page_hashes
+from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.router.prefix_index import PrefixIndex
 
 SEED = namespace_seed("test-model")

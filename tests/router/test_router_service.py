@@ -14,12 +14,13 @@ from gated_engine import GatedEngine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from radixserve.cluster.bus import InProcessBus, WorkerRecord
-from radixserve.cluster.config import CacheConfig, EngineConfig, RouterConfig, SchedulerConfig
-from radixserve.cluster.metrics import scrape, total
+from radixserve.cluster.base.bus import InProcessBus, WorkerRecord
+from radixserve.cluster.base.config import CacheConfig, EngineConfig, RouterConfig, SchedulerConfig
+from radixserve.cluster.base.metrics import scrape, total
 from radixserve.router.server import Router
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2
-from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
+from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.service import WorkerServer
 
 TIMEOUT_S = 30.0

@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
+from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.models.config import RopeScaling
 from radixserve.worker.models.gguf_loader import GGUFCheckpoint
 from radixserve.worker.models.hf_loader import HFCheckpoint

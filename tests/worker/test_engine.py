@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from engine_runs import assert_all_pages_free, collect, run_to_completion
 
-from radixserve.cluster.hashing import namespace_seed, page_hashes
-from radixserve.cluster.config import CacheConfig, EngineConfig, SchedulerConfig
+from radixserve.cluster.base.hashing import namespace_seed, page_hashes
+from radixserve.cluster.base.config import CacheConfig, EngineConfig, SchedulerConfig
 from radixserve.worker.engine import Engine, EngineOverloaded
-from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
-from radixserve.cluster.sampling_params import SamplingParams
+from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.models.loading import open_checkpoint
+from radixserve.cluster.base.sampling_params import SamplingParams
 
 PAGE = 4
 

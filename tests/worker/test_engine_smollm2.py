@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from engine_runs import assert_all_pages_free, run_to_completion
 
-from radixserve.cluster.config import CacheConfig, EngineConfig, SchedulerConfig
+from radixserve.cluster.base.config import CacheConfig, EngineConfig, SchedulerConfig
 from radixserve.worker.engine import Engine
 from radixserve.worker.models.checkpoint import Checkpoint
-from radixserve.cluster.sampling_params import SamplingParams
+from radixserve.cluster.base.sampling_params import SamplingParams
 
 SYSTEM = ("You are a concise assistant for a team that runs a large language model serving cluster. Answer in "
           "plain words, prefer short sentences, and say so when you are not sure. The team cares about latency, "

@@ -10,16 +10,17 @@ import torch
 from engine_runs import run_to_completion
 from transformers import LlamaForCausalLM as HFLlama
 
-from radixserve.cluster.config import CacheConfig, EngineConfig
+from radixserve.cluster.base.config import CacheConfig, EngineConfig
 from radixserve.worker.engine import Engine
 from radixserve.worker.kv.pool import KVPool
 from radixserve.worker.models.attention import AttentionBatch, PrefillSpan
-from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
+from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.models.config import ModelConfig
 from radixserve.worker.models.layers import ColumnLinear, RowLinear, Shard
 from radixserve.worker.models.llama import LlamaForCausalLM
 from radixserve.worker.models.reference import transformers_model
-from radixserve.cluster.sampling_params import SamplingParams
+from radixserve.cluster.base.sampling_params import SamplingParams
 
 LOGITS_ATOL = 1e-3
 

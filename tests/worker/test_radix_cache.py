@@ -5,7 +5,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from radixserve.cluster.hashing import namespace_seed, page_hashes
+from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.worker.kv.allocator import PageAllocator
 from radixserve.worker.kv.radix_cache import KVEvent, MatchResult, RadixCache, TreeNode
 

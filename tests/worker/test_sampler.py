@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from radixserve.worker.sampler import Sampler, SamplerOutput, SamplingState, apply_penalties
-from radixserve.cluster.sampling_params import SamplingParams
+from radixserve.cluster.base.sampling_params import SamplingParams
 
 sample = Sampler()
 

@@ -17,15 +17,16 @@ from gated_engine import GatedEngine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from radixserve.cluster.config import CacheConfig, EngineConfig, SchedulerConfig
-from radixserve.cluster.hashing import namespace_seed, page_hashes
-from radixserve.cluster.sampling_params import SamplingParams
-from radixserve.cluster.tokenizer import Tokenizer
-from radixserve.cluster.wire import sampling_options_to_proto
+from radixserve.cluster.base.config import CacheConfig, EngineConfig, SchedulerConfig
+from radixserve.cluster.base.hashing import namespace_seed, page_hashes
+from radixserve.cluster.base.sampling_params import SamplingParams
+from radixserve.cluster.base.tokenizer import Tokenizer
+from radixserve.cluster.base.wire import sampling_options_to_proto
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from radixserve.worker.engine import Engine
 from radixserve.worker.kv.radix_cache import KVEvent
-from radixserve.worker.models.checkpoint import Checkpoint, open_checkpoint
+from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.service import SERVICE_NAME, KvEventHub, KvSubscriberLagged, WorkerServer
 
 T = TypeVar("T")

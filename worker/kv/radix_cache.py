@@ -14,7 +14,7 @@ part (it still ends at the same token position, its ``key_len`` and ``parent`` c
 takes the upper part with the same lock count, so a held ``lock``/``unlock`` pair stays balanced.
 
 Every change to the cached page set is recorded as a ``KVEvent`` carrying chained page hashes
-(``radixserve.cluster.hashing``): the hash of page ``k`` of a cached sequence equals
+(``radixserve.cluster.base.hashing``): the hash of page ``k`` of a cached sequence equals
 ``page_hashes(tokens, page_size, namespace_seed(namespace))[k]``, which the router recomputes.
 """
 
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from radixserve.cluster.hashing import namespace_seed, page_hashes
+from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.worker.kv.allocator import PageAllocator
 
 _EVENT_KINDS = ("stored", "removed")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from radixserve.worker.models.config import ModelConfig
-from radixserve.cluster.tokenizer import Tokenizer
+from radixserve.cluster.base.tokenizer import Tokenizer
 
 
 class Checkpoint(ABC):
@@ -40,17 +40,3 @@ class Checkpoint(ABC):
     @abstractmethod
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield every weight under the contract in this module's docstring."""
-
-
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a ``.gguf`` file or a Hugging Face directory (one holding ``config.json``)."""
-    # The loaders subclass Checkpoint, so they are imported here rather than at module level.
-    from radixserve.worker.models.gguf_loader import GGUFCheckpoint
-    from radixserve.worker.models.hf_loader import HFCheckpoint
-
-    path = Path(path).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return GGUFCheckpoint(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        return HFCheckpoint(path)
-    raise ValueError(f"model: {str(path)!r} is neither a .gguf file nor a directory with a config.json")

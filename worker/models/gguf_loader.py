@@ -19,7 +19,7 @@ from tokenizers import Tokenizer as Backend
 
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.config import ModelConfig, RopeScaling
-from radixserve.cluster.tokenizer import Tokenizer
+from radixserve.cluster.base.tokenizer import Tokenizer
 
 _ARCH = "llama"
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as Backend
 
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.config import ModelConfig, RopeScaling
-from radixserve.cluster.tokenizer import Tokenizer
+from radixserve.cluster.base.tokenizer import Tokenizer
 
 _MODEL_TYPES = ("llama", "mistral")
 _ROPE_FIELDS = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor",

@@ -1,0 +1,329 @@
+"""``radixserve up`` / ``down``: start Ray, the worker pool and the router from one ``ClusterConfig``.
+
+``ClusterRunner`` runs everything on one asyncio loop in a background thread, so the same code serves the
+foreground command (which waits for Ctrl-C or SIGTERM, then drains) and tests that start a cluster in-process.
+``up --detach`` re-runs ``up`` in a new session with its output in a log file and returns once the router
+answers; the running cluster is described by a state file (``$RADIXSERVE_HOME/run/cluster.json``), which
+``down`` uses to stop it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from radixserve.cluster.base.bus import EventBus, make_bus
+from radixserve.cluster.control.discovery import keep_targets, write_targets
+from radixserve.cluster.base.config import ClusterConfig, load_cluster_config
+from radixserve.cluster.base.model_store import ModelStore, radixserve_home
+
+_DETACH_TIMEOUT_S = 900.0
+_DOWN_MARGIN_S = 60.0
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """What ``up`` records for ``down`` and clients: the serving process and where it listens."""
+
+    pid: int
+    router_address: str
+    ray_address: str
+    log_path: str
+    targets_path: str
+
+    @staticmethod
+    def path() -> Path:
+        return radixserve_home() / "run" / "cluster.json"
+
+    def save(self) -> None:
+        path = self.path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_suffix(".tmp")
+        scratch.write_text(json.dumps(self.__dict__))
+        os.replace(scratch, path)
+
+    @classmethod
+    def load(cls) -> ClusterState | None:
+        """The recorded cluster if its process is still alive, else None (a stale file is removed)."""
+        try:
+            state = cls(**json.loads(cls.path().read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        if not _alive(state.pid):
+            cls.path().unlink(missing_ok=True)
+            return None
+        return state
+
+
+class ClusterRunner:
+    """Ray, the worker pool and the router, on a private event loop thread. ``start`` and ``stop`` block."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.router_address = ""
+        self.ray_address = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="radixserve-cluster", daemon=True)
+        self._bus: EventBus | None = None
+        self._pool: Any = None
+        self._router: Any = None
+        self._targets_task: asyncio.Task[None] | None = None
+        self._owns_ray = False
+        sd_file = config.metrics.sd_file
+        self.targets_path = Path(sd_file) if sd_file else radixserve_home() / "run" / "prometheus_targets.json"
+
+    def start(self, progress: Callable[[str], None] = lambda _: None) -> str:
+        """Start everything; returns the router's address. Raises ValueError for a bad config or model."""
+        import ray
+
+        from radixserve.cluster.control.pool import RAY_NAMESPACE
+
+        ModelStore().resolve(self.config.engine.model)  # fail before starting anything
+        timer = _Timer(progress)
+        pool = self.config.pool
+        self._owns_ray = pool.ray_address is None and not ray.is_initialized()
+        timer.step("starting Ray" if self._owns_ray else f"joining Ray at {pool.ray_address}")
+        context = ray.init(**_ray_init_args(self.config), namespace=RAY_NAMESPACE)
+        self.ray_address = context.address_info.get("gcs_address", "")
+        self._thread.start()
+        timer.step(f"starting {pool.num_workers} workers ({self.config.engine.model}; the first start of a "
+                   f"machine also builds the attention kernel, about 30 s)")
+        self._run(self._start_pool(timer))
+        timer.step("starting the router")
+        self.router_address = self._run(self._start_router())
+        timer.step(f"router listening on {self.router_address} (policy {self.config.router.policy})")
+        timer.step(f"metrics: router at {self._router.metrics_address}; Prometheus targets in {self.targets_path}")
+        return self.router_address
+
+    def stop(self, progress: Callable[[str], None] = lambda _: None) -> None:
+        """Drain the router, then the workers, then stop Ray if this runner started it."""
+        import ray
+
+        timer = _Timer(progress)
+        if self._targets_task is not None:
+            self._run(self._stop_targets(self._targets_task))
+        if self._router is not None:
+            timer.step("draining the router")
+            self._run(self._router.stop())
+        if self._pool is not None:
+            timer.step("draining the workers")
+            self._run(self._pool.stop(self.config.router.drain_timeout_s))
+        if self._bus is not None:
+            self._run(self._bus.close())
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        if self._owns_ray:
+            timer.step("stopping Ray")
+            ray.shutdown()
+        timer.step("stopped")
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _stop_targets(self, task: asyncio.Task[None]) -> None:
+        """Stop following the registry and empty the targets file: a stopped cluster leaves nothing to alert on."""
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        write_targets(self.targets_path, [])
+
+    async def _start_pool(self, timer: _Timer) -> None:
+        from radixserve.cluster.control.pool import WorkerPool
+
+        self._bus = make_bus()
+        self._pool = WorkerPool(self.config, self._bus)
+        await self._pool.start(timer.step)
+
+    async def _start_router(self) -> str:
+        from radixserve.router.server import Router
+
+        assert self._bus is not None
+        metrics = self.config.metrics
+        self._router = Router(self.config.router, self._bus, metrics.host, metrics.router_port)
+        address = await self._router.start()
+        self._targets_task = asyncio.create_task(keep_targets(self._bus, self.targets_path,
+                                                              self._router.metrics_address))
+        return address
+
+
+class _Timer:
+    def __init__(self, progress: Callable[[str], None]) -> None:
+        self._progress = progress
+        self._started = time.monotonic()
+
+    def step(self, message: str) -> None:
+        self._progress(f"[{time.monotonic() - self._started:6.1f} s] {message}")
+
+
+def _ray_init_args(config: ClusterConfig) -> dict[str, Any]:
+    pool = config.pool
+    if pool.ray_address is not None:
+        return {"address": pool.ray_address, "logging_level": "WARNING"}
+    # A local Ray gets enough CPUs for every worker even on a smaller machine (the OS then shares the cores).
+    num_cpus = max(os.cpu_count() or 1, int(pool.num_workers * pool.num_cpus_per_worker + 0.999))
+    return {"num_cpus": num_cpus, "include_dashboard": False, "logging_level": "WARNING",
+            "object_store_memory": 256 * 2**20}
+
+
+# ---- commands ---------------------------------------------------------------------------------------------
+
+def add_launcher_commands(subparsers: argparse._SubParsersAction) -> None:
+    up = subparsers.add_parser("up", help="start Ray, the workers and the router (Ctrl-C drains and stops)")
+    up.add_argument("--config", default=None, help="a TOML file ([pool], [engine], [engine.cache], [router], ...)")
+    up.add_argument("--workers", type=int, dest="pool.num_workers", help="number of workers")
+    up.add_argument("--model", dest="engine.model", help="model-store name or path to a .gguf / HF directory")
+    up.add_argument("--policy", dest="router.policy", help="routing policy")
+    up.add_argument("--host", dest="router.host", help="router listen address")
+    up.add_argument("--port", type=int, dest="router.port", help="router port")
+    up.add_argument("--address", dest="pool.ray_address", help="join this Ray cluster instead of starting one")
+    up.add_argument("--kv-memory-gib", type=float, dest="engine.cache.memory_gib", help="KV cache per worker")
+    up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any setting by its dotted name, value in TOML syntax (e.g. router.load_weight=0.5)")
+    up.add_argument("--detach", action="store_true", help="run in the background; stop with `radixserve down`")
+    up.set_defaults(func=run_up)
+    down = subparsers.add_parser("down", help="drain and stop the cluster started by `radixserve up --detach`")
+    down.set_defaults(func=run_down)
+
+
+def config_from_args(args: argparse.Namespace) -> ClusterConfig:
+    """The TOML file (if any), then ``--set`` pairs, then the named flags, over the embedded defaults."""
+    overrides: dict[str, Any] = {}
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set: expected KEY=VALUE, got {pair!r}")
+        overrides[key.strip()] = _toml_value(key.strip(), value)
+    overrides.update({k: v for k, v in vars(args).items() if "." in k and v is not None})
+    return load_cluster_config(args.config, overrides)
+
+
+def _toml_value(key: str, text: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word is a string
+
+
+def run_up(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    running = ClusterState.load()
+    if running is not None:
+        print(f"error: a cluster is already running (pid {running.pid}, router {running.router_address}); "
+              "stop it with `radixserve down`", file=sys.stderr)
+        return 1
+    if args.detach:
+        return _detach(args.argv)
+    return _foreground(config)
+
+
+def _foreground(config: ClusterConfig) -> int:
+    stop = threading.Event()
+    runner = ClusterRunner(config)
+    say = lambda message: print(message, flush=True)  # noqa: E731
+    try:
+        runner.start(say)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        runner.stop()
+        return 2
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs a SIGTERM handler of its own
+        signal.signal(signum, lambda *_: stop.set())
+    state = ClusterState(os.getpid(), runner.router_address, runner.ray_address,
+                         os.environ.get("RADIXSERVE_LOG", ""), str(runner.targets_path))
+    state.save()
+    say("ready: try `radixserve generate \"Hello\"` or `radixserve status`; Ctrl-C (or `radixserve down`) stops")
+    try:
+        while not stop.wait(0.5):
+            pass
+        say("shutting down: draining requests in flight")
+        runner.stop(say)
+    finally:
+        ClusterState.path().unlink(missing_ok=True)
+    return 0
+
+
+def _detach(argv: Sequence[str]) -> int:
+    log_path = radixserve_home() / "run" / "cluster.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "radixserve.cluster.control.cli", *[a for a in argv if a != "--detach"]]
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, env={**os.environ, "RADIXSERVE_LOG": str(log_path)})
+    print(f"starting in the background (pid {child.pid}, log {log_path}) ...", flush=True)
+    shown = 0
+    deadline = time.monotonic() + _DETACH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        shown = _echo_new_lines(log_path, shown)
+        state = ClusterState.load()
+        if state is not None and state.pid == child.pid:
+            print(f"cluster up: router at {state.router_address}; stop it with `radixserve down`")
+            return 0
+        if child.poll() is not None:
+            _echo_new_lines(log_path, shown)
+            print(f"error: the cluster exited with status {child.returncode}; see {log_path}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    child.terminate()
+    print(f"error: the cluster did not come up within {_DETACH_TIMEOUT_S:.0f} s; see {log_path}", file=sys.stderr)
+    return 1
+
+
+def _echo_new_lines(path: Path, num_shown: int) -> int:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return num_shown
+    for line in lines[num_shown:]:
+        if line.startswith("["):  # progress lines; Ray's own chatter stays in the log
+            print(f"  {line}", flush=True)
+    return len(lines)
+
+
+def run_down(args: argparse.Namespace) -> int:
+    state = ClusterState.load()
+    if state is None:
+        print("no cluster is running")
+        return 0
+    os.kill(state.pid, signal.SIGTERM)
+    print(f"stopping the cluster (pid {state.pid}): draining requests in flight ...", flush=True)
+    deadline = time.monotonic() + load_cluster_config().router.drain_timeout_s + _DOWN_MARGIN_S
+    while _alive(state.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(state.pid):
+        os.kill(state.pid, signal.SIGKILL)
+        print("the cluster did not stop in time; killed it", file=sys.stderr)
+    ClusterState.path().unlink(missing_ok=True)
+    print("stopped")
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (our own exited child not yet reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True

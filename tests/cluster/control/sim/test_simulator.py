@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from radixserve.cluster.base.config import POLICIES
+from radixserve.cluster.control.sim.simulator import SimConfig, simulate, ttft_floor
+from radixserve.cluster.control.sim.workload import SimRequest, Workload, shared_prefix
+
+BLOCK = 4
+PREFIX = tuple(range(1, 9))  # 8 blocks, 32 tokens
+SMALL = SimConfig(num_workers=2, num_blocks=64, max_batch_tokens=256, kv_event_lag_s=0.0)
+
+
+def request(at: float, blocks: tuple[int, ...], output_len: int = 2, input_len: int | None = None) -> SimRequest:
+    return SimRequest(at, blocks, input_len or len(blocks) * BLOCK, output_len)
+
+
+def workload(*requests: SimRequest) -> Workload:
+    return Workload("crafted", BLOCK, tuple(requests))
+
+
+def test_hit_counts_of_a_hand_computed_trace_on_one_worker() -> None:
+    trace = workload(request(0, (1, 2, 3)),                       # cold
+                     request(10, (1, 2, 4)),                      # shares 2 blocks
+                     request(20, (1, 2, 3)),                      # same prompt: its last token is computed
+                     request(30, (1, 2, 3, 5), input_len=13))     # 3 full blocks cached, then 1 token
+    run = simulate(trace, replace(SMALL, num_workers=1))
+    assert [o.cached_tokens for o in run.outcomes] == [0, 8, 8, 12]
+    assert all(o.finish_s >= o.first_token_s > o.arrival_s for o in run.outcomes)
+
+
+def test_an_evicted_prefix_is_forgotten_by_the_worker_and_the_router() -> None:
+    trace = workload(request(0, PREFIX + (100,)),
+                     request(10, (1,) + tuple(range(200, 262)), output_len=4),  # needs all 64 blocks
+                     request(20, PREFIX + (101,)))
+    run = simulate(trace, replace(SMALL, num_workers=1))
+    assert [o.cached_tokens for o in run.outcomes] == [0, 4, 4]  # only block 1 survived the second request
+    assert run.workers[0].num_evicted_blocks == 8 + 8  # the prefix for the second request, its blocks for the third
+
+
+def test_a_host_tier_keeps_evicted_blocks_and_serves_them_back() -> None:
+    trace = workload(request(0, PREFIX + (100,)),
+                     request(10, (1,) + tuple(range(200, 262)), output_len=4),
+                     request(20, PREFIX + (101,)))
+    run = simulate(trace, replace(SMALL, num_workers=1, host_kv_gib=1.0))
+    assert [o.cached_tokens for o in run.outcomes] == [0, 4, 32]
+
+
+def test_a_hot_prefix_stays_on_its_worker_until_the_backlog_outweighs_the_prefill_saved() -> None:
+    burst = [request(10, PREFIX + (100 + i,)) for i in range(12)]
+    run = simulate(workload(request(0, PREFIX + (99,)), *burst), replace(SMALL, policy="prefix", load_weight=1.0))
+    holder = run.outcomes[0].worker
+    # Each burst request prefills 4 tokens on the holder, 36 elsewhere, and owes 2 output tokens: the holder
+    # takes requests while 4 + its backlog (6 per request) <= 36, i.e. 6 of them; then the other worker, holding
+    # the prefix by routing from then on, takes turns with it.
+    placed = ["h" if o.worker == holder else "o" for o in run.outcomes[1:]]
+    assert placed == ["h"] * 6 + ["o", "h"] * 3
+    assert [o.cached_tokens for o in run.outcomes[1:7]] == [32] * 6
+
+
+@pytest.mark.parametrize("policy, expected", [("sglang_cache_aware", ["h"] * 12), ("round_robin", ["o", "h"] * 6)])
+def test_peer_and_simple_policies_follow_their_rules_on_a_hot_prefix(policy: str, expected: list[str]) -> None:
+    burst = [request(10, PREFIX + (100 + i,)) for i in range(12)]
+    run = simulate(workload(request(0, PREFIX + (99,)), *burst), replace(SMALL, policy=policy))
+    holder = run.outcomes[0].worker
+    assert ["h" if o.worker == holder else "o" for o in run.outcomes[1:]] == expected
+
+
+@pytest.mark.parametrize("policy", ["prefix", "least_load", "sglang_cache_aware", "dynamo_kv"])
+def test_a_cold_request_goes_to_the_idle_worker(policy: str) -> None:
+    busy = request(0, tuple(range(1, 40)), output_len=50)
+    cold = request(0.001, tuple(range(300, 309)))
+    run = simulate(workload(busy, cold), replace(SMALL, policy=policy))
+    assert run.outcomes[0].worker != run.outcomes[1].worker
+
+
+def test_the_simulation_is_deterministic_for_a_seed() -> None:
+    trace = shared_prefix(groups=4, prompts_per_group=6, system_len=64, question_len=8, output_len=4, rate=50.0)
+    for policy in ("prefix", "random", "power_of_two", "dynamo_kv"):
+        config = replace(SMALL, policy=policy, num_blocks=128, seed=3)
+        first, second = simulate(trace, config), simulate(trace, config)
+        assert first.outcomes == second.outcomes and first.workers == second.workers
+    runs = {simulate(trace, replace(SMALL, policy="random", num_blocks=128, seed=s)).outcomes for s in range(4)}
+    assert len(runs) > 1
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_no_policy_beats_the_ttft_floor_and_a_lone_request_meets_it(policy: str) -> None:
+    trace = shared_prefix(groups=3, prompts_per_group=8, system_len=96, question_len=12, output_len=6, rate=400.0)
+    config = replace(SMALL, policy=policy, num_blocks=128, device="a100")
+    run = simulate(trace, config)
+    floors = ttft_floor(trace, config)
+    ttfts = [o.first_token_s - o.arrival_s for o in run.outcomes]
+    assert all(t >= f for t, f in zip(ttfts, floors, strict=True))
+    assert sum(t > f * 1.01 for t, f in zip(ttfts, floors, strict=True)) > 0  # the burst does queue somewhere
+    lone = workload(request(0, tuple(range(1, 9))))
+    first = simulate(lone, config).outcomes[0]
+    assert first.first_token_s - first.arrival_s == pytest.approx(ttft_floor(lone, config)[0])
+
+
+def test_follow_up_turns_arrive_think_time_after_their_parent_finishes() -> None:
+    first = request(0, (1, 2, 3))
+    follow = SimRequest(0.0, (1, 2, 3, 4, 5), 20, 2, after=0, think_s=2.5)
+    run = simulate(workload(first, follow), replace(SMALL, num_workers=1))
+    assert run.outcomes[1].arrival_s == pytest.approx(run.outcomes[0].finish_s + 2.5)
+    assert run.outcomes[1].cached_tokens == 12
+
+
+def test_a_request_larger_than_a_workers_pool_is_refused_up_front() -> None:
+    with pytest.raises(ValueError, match=r"^num_blocks: request 0 needs 66 blocks"):
+        simulate(workload(request(0, tuple(range(1, 65)), output_len=8)), SMALL)
+
+
+@pytest.mark.parametrize("field, value", [("num_workers", 0), ("policy", "fastest"), ("device", "tpu"),
+                                          ("model", "gpt-5"), ("host_kv_gib", -1.0), ("num_blocks", 0)])
+def test_config_errors_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        SimConfig(**{field: value})
