@@ -111,7 +111,7 @@ class Scheduler:
         seq.pages = list(match.pages)
         seq.num_tree_pages = len(match.pages)
         seq.num_computed = len(match.pages) * self.page_size
-        if seq.num_generated == 0:
+        if seq.num_preemptions == 0:  # re-admitted, it would match the pages it computed itself
             seq.num_cached_prompt_tokens = seq.num_computed
 
     def _pages_needed(self, seq: Sequence, num_tokens: int) -> int:
@@ -135,7 +135,11 @@ class Scheduler:
                 return False
 
     def _alloc_evicting(self, num_pages: int) -> list[int] | None:
+        """``num_pages`` pages, evicting the radix cache's shortfall only when that makes the allocation succeed
+        (a failed allocation evicts nothing)."""
         shortfall = num_pages - self.allocator.num_free
+        if shortfall > self.cache.num_evictable_pages:
+            return None
         if shortfall > 0:
             self.num_evicted_pages += self.cache.evict(shortfall)
         return self.allocator.alloc(num_pages)

@@ -343,3 +343,40 @@ def test_metrics_count_evictions_and_preemptions_under_memory_pressure(checkpoin
     run_to_completion(engine)
     assert metric(engine, "preemptions_total") == engine.scheduler.num_preemptions > 0
     assert metric(engine, "kv_evicted_pages_total") == engine.scheduler.num_evicted_pages > 0
+
+
+def test_a_request_preempted_in_its_own_prefill_reports_no_cached_tokens(checkpoint: Checkpoint) -> None:
+    # Regression: re-admission after a preemption re-matched the pages the request had computed itself and
+    # counted them as cache hits. Cached prompt tokens are those found at first admission: none for cold prompts.
+    [a, b] = prompts(1, 16, seed=21)[0], prompts(1, 48, seed=22)[0]
+    # 14 pages: "a" decoding and "b" prefilling 3 tokens a step run the pool dry, and "b" (admitted last) yields.
+    engine = make_engine(checkpoint, num_pages=14, budget=4)
+    engine.add_request(a, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), "a")
+    engine.add_request(b, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), "b")
+    done = run_to_completion(engine)
+    assert engine.scheduler.num_preemptions > 0
+    assert {rid: c.num_cached_tokens for rid, c in done.items()} == {"a": 0, "b": 0}
+    assert (engine.stats.num_prompt_tokens, engine.stats.num_cached_prompt_tokens) == (64, 0)
+    assert_all_pages_free(engine)
+
+
+def test_a_request_that_cannot_be_admitted_evicts_nothing(checkpoint: Checkpoint) -> None:
+    # Regression: admission evicted up to its shortfall before knowing the allocation would succeed, so a
+    # request too big for what is free plus evictable flushed the cache (and told every router) on every step.
+    engine = make_engine(checkpoint, num_pages=40, budget=128)
+    [cached, running, big] = prompts(1, 17, seed=22)[0], prompts(1, 40, seed=23)[0], prompts(1, 150, seed=24)[0]
+    engine.add_request(cached, SamplingParams(max_tokens=1, temperature=0), "cached")
+    run_to_completion(engine)
+    assert engine.cache.num_evictable_pages == 4
+    engine.add_request(running, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), "running")
+    engine.step()  # its prefill: 10 pages held, 26 free, 4 evictable
+    engine.add_request(big, SamplingParams(max_tokens=1, temperature=0), "big")  # its first chunk needs 32 pages
+    engine.take_events()
+    while "running" in engine._requests:
+        engine.step()
+        assert engine.scheduler.num_evicted_pages == 0
+        assert engine.load().num_waiting == 1  # "big" could not be admitted meanwhile
+    assert not [e for e in engine.take_events() if e.kind == "removed"]
+    done = run_to_completion(engine)
+    assert done["big"].finished
+    assert_all_pages_free(engine)
