@@ -12,7 +12,8 @@ The index believes a worker holds a page when either
 * routed: the router sent it a request with that page (``record_routed``), at most ``pending_ttl_s`` ago if the
   worker's events were flowing then (the gap until the prefill's ``stored`` event arrives) or at most
   ``approx_ttl_s`` ago if they were not (the approximate fallback). An entry counts while ``clock() < expiry``;
-  recording a page again moves its expiry to the later of the old and the new one.
+  recording a page again moves its expiry to the later of the old and the new one. A worker that did not take
+  the request loses the entry at once (``withdraw_routed``).
 
 Routed entries are kept only for pages not known exactly: a page's exact entry leaves only through
 ``apply_removed``, ``reset`` or ``remove_worker``, which drop its routed entry too, so the routed entry could never
@@ -124,6 +125,16 @@ class PrefixIndex:
             routed[page] = expiry
             self._routed_holders.setdefault(page, {})[worker_id] = expiry
             fifo.append((expiry, worker_id, page))
+
+    def withdraw_routed(self, worker_id: str, hashes: Iterable[int]) -> None:
+        """The worker did not take a request ``record_routed`` credited it with: drop its routed entries of
+        these pages. Exact entries stay (its events say what it holds), and so do other workers' entries.
+
+        Entries are not counted per request, so a concurrent request's credit for the same pages on the same
+        worker goes too; its ``stored`` event restores them.
+        """
+        for page in hashes:
+            self._drop_routed(worker_id, page)
 
     def match(self, hashes: Sequence[int], worker_ids: Iterable[str]) -> dict[str, int]:
         """For each listed worker, how many leading pages of ``hashes`` it holds (exact or unexpired routed).

@@ -229,7 +229,12 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
     async def _attempt(self, client: WorkerClient, decision: Decision, sampling: types_pb2.SamplingOptions,
                        prepared: PreparedRequest, hashes: list[int],
                        deadline: float | None) -> AsyncIterator[api_pb2.GenerateResponse]:
-        """Stream one worker's answer; raise ``_Retry`` when it fails before anything reached the client."""
+        """Stream one worker's answer; raise ``_Retry`` when it fails before anything reached the client.
+
+        The worker is credited with the prompt's pages in the prefix index from the start (so that requests
+        sharing the prefix follow it during the prefill), and the credit is withdrawn when the call fails
+        before the worker's first response: a worker that refused or failed the request holds none of it.
+        """
         attempt_id = uuid.uuid4().hex
         client.outstanding.begin(attempt_id, decision.prefill_tokens, decision.output_tokens, decision.active_pages)
         client.num_routed += 1
@@ -237,10 +242,12 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         call = client.stub.Generate(
             worker_pb2.WorkerGenerateRequest(request_id=attempt_id, token_ids=prepared.token_ids, sampling=sampling),
             timeout=None if deadline is None else max(deadline - time.monotonic(), 0.001))
+        responded = False
         num_tokens = 0
         try:
             async for part in call:
-                if num_tokens == 0:
+                if not responded:
+                    responded = True
                     client.outstanding.first_token(attempt_id)
                 num_tokens += sum(len(choice.token_ids) for choice in part.choices)
                 response = api_pb2.GenerateResponse(request_id=prepared.request_id, choices=part.choices,
@@ -252,6 +259,8 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
                     self._count_tokens(client.worker_id, response.usage)
                 yield response
         except grpc.aio.AioRpcError as error:
+            if not responded:
+                self._index.withdraw_routed(client.worker_id, hashes)
             raise self._classify(client, error, num_tokens) from None
         finally:
             call.cancel()  # no-op once finished; otherwise the worker aborts the request and frees its pages

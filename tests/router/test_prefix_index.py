@@ -118,6 +118,12 @@ class IndexMachine(RuleBasedStateMachine):
             self.routed[worker, page] = max(self.routed.get((worker, page), expiry), expiry)
         self.index.record_routed(worker, hashes)
 
+    @rule(worker=workers, tokens=prompts)
+    def withdraw_routed(self, worker: str, tokens: list[int]) -> None:
+        hashes = self.remember(tokens)
+        self.forget_routed(worker, set(hashes))
+        self.index.withdraw_routed(worker, hashes)
+
     @rule(worker=workers, live=st.booleans())
     def set_events_live(self, worker: str, live: bool) -> None:
         (self.live.add if live else self.live.discard)(worker)
@@ -220,6 +226,17 @@ def test_apply_removed_clears_routed_pages_and_ignores_unknown_ones() -> None:
     index.apply_removed("w0", [hashes[2], 12345])
     index.apply_removed("w9", hashes)
     assert index.match(hashes, ["w0"]) == {"w0": 2}
+
+
+def test_withdrawing_routed_pages_keeps_exact_ones_and_other_workers() -> None:
+    _, index = make()
+    held, refused = chain([1, 2]), chain([1, 2, 3, 4])
+    index.apply_stored("w0", held)
+    for worker in ("w0", "w1"):
+        index.record_routed(worker, refused)
+    index.withdraw_routed("w0", refused)
+    assert index.match(refused, ["w0", "w1"]) == {"w0": 2, "w1": 4}
+    assert index.num_pages("w0") == 2
 
 
 @pytest.mark.parametrize("name, value", [("pending_ttl_s", 0.0), ("approx_ttl_s", -1.0)])

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from radixserve.cluster.base.bus import InProcessBus, WorkerRecord
 from radixserve.cluster.base.config import CacheConfig, EngineConfig, RouterConfig, SchedulerConfig
+from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.base.metrics import scrape, total
 from radixserve.router.server import Router
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2
@@ -68,9 +69,14 @@ def run(main: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
-def request(max_tokens: int = 4) -> api_pb2.GenerateRequest:
-    return api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=list(range(5, 25))),
+def request(max_tokens: int = 4, first_token: int = 5) -> api_pb2.GenerateRequest:
+    """A greedy request for a 20-token prompt (5 pages) starting at ``first_token``."""
+    return api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=list(range(first_token, first_token + 20))),
                                    sampling=types_pb2.SamplingOptions(max_tokens=max_tokens, temperature=0))
+
+
+def prompt_hashes(req: api_pb2.GenerateRequest) -> list[int]:
+    return page_hashes(list(req.token_ids.ids), 4, namespace_seed("tiny"))
 
 
 async def eventually(condition: Callable[[], bool], what: str) -> None:
@@ -103,6 +109,28 @@ def test_when_every_queue_is_full_the_router_answers_resource_exhausted(checkpoi
             replies = await asyncio.gather(*held)
             assert sorted(r.worker_id for r in replies) == ["w0", "w1"]
             assert (await c.stub.Complete(request(), timeout=TIMEOUT_S)).choices[0].token_ids
+    run(main)
+
+
+def test_a_worker_that_refuses_a_request_is_not_credited_with_its_pages(checkpoint: Checkpoint):
+    async def main() -> None:
+        async with cluster(checkpoint, max_waiting=1) as c:
+            for engine in c.engines:
+                engine.gate.clear()
+            held = [asyncio.ensure_future(c.stub.Complete(request(first_token=t), timeout=TIMEOUT_S))
+                    for t in (5, 105)]
+            await eventually(lambda: all(e.load().num_waiting + e.load().num_running == 1 for e in c.engines),
+                             "both workers to hold one request")
+            refused = request(first_token=205)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await c.stub.Complete(refused, timeout=TIMEOUT_S)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert c.router.index.match(prompt_hashes(refused), ["w0", "w1"]) == {"w0": 0, "w1": 0}
+            listed = await c.stub.ListWorkers(api_pb2.ListWorkersRequest(), timeout=TIMEOUT_S)
+            assert [w.num_indexed_pages for w in listed.workers] == [5, 5]  # each the prompt it accepted
+            for engine in c.engines:
+                engine.gate.set()
+            await asyncio.gather(*held)
     run(main)
 
 
