@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -42,12 +44,23 @@ from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.models.llama import LlamaForCausalLM
 from radixserve.worker.outputs import CompletionOutput, RequestOutput
 from radixserve.worker.runner import ModelRunner
-from radixserve.worker.sampler import Sampler, SamplingState
+from radixserve.worker.sampler import Sampler, SamplerOutput, SamplingState
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.worker.scheduler import ScheduledBatch, Scheduler
 from radixserve.worker.stats import EngineLoad, EngineStats
 from radixserve.worker.sequence import Sequence, SeqStatus, TokenLogprob
 from radixserve.worker.stop_checker import StopChecker
+
+
+log = logging.getLogger(__name__)
+
+
+class _Sampled(NamedTuple):
+    """One row of a ``SamplerOutput``."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None
 
 
 class EngineOverloaded(RuntimeError):
@@ -58,6 +71,13 @@ class RequestIdInUse(ValueError):
     """A request with this id is still in flight."""
 
 
+class RequestFailed(RuntimeError):
+    """A request's own work (sampling, stop checking, detokenizing) failed; the message names the request.
+
+    Raised by ``generate`` for that request alone; the engine goes on serving the others.
+    """
+
+
 @dataclass(eq=False)
 class _Request:
     request_id: str
@@ -65,6 +85,7 @@ class _Request:
     checkers: list[StopChecker]
     pending: list[Sequence] = field(default_factory=list)  # samples 1..n-1, admitted after sample 0's prefill
     aborted: bool = False
+    error: str | None = None  # set when the request's own work failed
     # time.monotonic() of arrival, of the first step that computed it, and of each sample's last token so far
     arrival_s: float = field(default_factory=time.monotonic)
     started_s: float | None = None
@@ -97,7 +118,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.cache, self.allocator, config.cache.page_size)
         self.runner = ModelRunner(self.model, self.kv, self.device)
         kernels.build(self.device)
-        self.sampler = Sampler()
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.eos_token_ids = self.model_config.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.stats = EngineStats()
         self.metrics = EngineMetrics(CollectorRegistry(), worker_id)
@@ -112,7 +133,6 @@ class Engine:
         self._events: list[KVEvent] = []
         self._flushes: list[Future[int]] = []
         self._driver: asyncio.Task[None] | None = None
-        self._wakeup: asyncio.Event | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig, worker_id: str = "engine") -> Engine:
@@ -244,24 +264,57 @@ class Engine:
             touched[request.request_id] = request
 
     def _accept(self, logits: torch.Tensor, sampled: list[Sequence], touched: dict[str, _Request]) -> None:
-        out = self.sampler(logits, [seq.sampling for seq in sampled], self.eos_token_ids)
         now = time.monotonic()
-        for row, seq in enumerate(sampled):
+        for seq, token in zip(sampled, self._sample(logits, sampled), strict=True):
             request = self._requests[seq.request_id]
-            token_id = out.token_ids[row]
-            seq.token_ids.append(token_id)
-            seq.sampling.append(token_id)
-            self._count(seq)
-            self._time_token(request, seq.index, now)
-            if out.logprobs[row] is not None:
-                top = tuple(out.top_logprobs[row] or ())
-                seq.logprobs.append(TokenLogprob(token_id, out.logprobs[row], top))
-            reason = request.checkers[seq.index].append(token_id)
-            if reason is not None:
-                self._finish(seq, reason, in_scheduler=True)
-            if request.pending and seq.index == 0:
-                self._release_pending(request)
             touched[request.request_id] = request
+            if request.error is not None:
+                continue  # another sample of the request failed earlier in this step
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                self._append(request, seq, token, now)
+            except Exception as exc:
+                self._fail_request(request, exc)
+
+    def _sample(self, logits: torch.Tensor, sampled: list[Sequence]) -> list[_Sampled | Exception]:
+        """One sampler row per sampled sequence.
+
+        The batch is sampled at once; should that fail, each row is sampled alone, so that only the rows whose
+        own sampling fails get their exception.
+        """
+        try:
+            return _rows(self.sampler(logits, [seq.sampling for seq in sampled], self.eos_token_ids))
+        except Exception:
+            rows: list[_Sampled | Exception] = []
+            for row, seq in enumerate(sampled):
+                try:
+                    rows.extend(_rows(self.sampler(logits[row : row + 1], [seq.sampling], self.eos_token_ids)))
+                except Exception as exc:
+                    rows.append(exc)
+            return rows
+
+    def _append(self, request: _Request, seq: Sequence, token: _Sampled, now: float) -> None:
+        seq.token_ids.append(token.token_id)
+        seq.sampling.append(token.token_id)
+        self._count(seq)
+        self._time_token(request, seq.index, now)
+        if token.logprob is not None:
+            seq.logprobs.append(TokenLogprob(token.token_id, token.logprob, tuple(token.top or ())))
+        reason = request.checkers[seq.index].append(token.token_id)
+        if reason is not None:
+            self._finish(seq, reason, in_scheduler=True)
+        if request.pending and seq.index == 0:
+            self._release_pending(request)
+
+    def _fail_request(self, request: _Request, exc: Exception) -> None:
+        """Ends every sample of ``request`` with finish reason ``error``, freeing what it holds; the others go on."""
+        log.exception("request %s failed", request.request_id, exc_info=exc)
+        request.error = f"request {request.request_id!r} failed: {type(exc).__name__}: {exc}"
+        for seq in request.seqs:
+            if seq.status is not SeqStatus.FINISHED:
+                self._finish(seq, "error", in_scheduler=seq not in request.pending)
+        request.pending.clear()
 
     def _count(self, seq: Sequence) -> None:
         self.stats.num_generated_tokens += 1
@@ -291,6 +344,23 @@ class Engine:
             seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
 
     def _output(self, request: _Request) -> RequestOutput:
+        outputs: tuple[CompletionOutput, ...] = ()
+        if request.error is None:
+            try:
+                outputs = self._deltas(request)
+            except Exception as exc:  # detokenizing is the request's own work too
+                self._fail_request(request, exc)
+        finished = request.finished
+        if finished:
+            del self._requests[request.request_id]
+            self.stats.num_requests_finished += 1
+            self.metrics.on_finished(time.monotonic() - request.arrival_s)
+        leader = request.seqs[0]
+        return RequestOutput(request.request_id, outputs, leader.prompt_len, leader.num_cached_prompt_tokens,
+                             finished, request.error)
+
+    def _deltas(self, request: _Request) -> tuple[CompletionOutput, ...]:
+        """Each sample's new tokens, text and logprobs since the last output."""
         outputs = []
         for seq, checker in zip(request.seqs, request.checkers):
             new_ids = seq.token_ids[seq.prompt_len + checker.num_emitted_tokens :]
@@ -302,14 +372,7 @@ class Engine:
                 checker.finish_reported = finished
                 outputs.append(CompletionOutput(seq.index, tuple(new_ids), text, tuple(new_logprobs),
                                                 seq.finish_reason))
-        finished = request.finished
-        if finished:
-            del self._requests[request.request_id]
-            self.stats.num_requests_finished += 1
-            self.metrics.on_finished(time.monotonic() - request.arrival_s)
-        leader = request.seqs[0]
-        return RequestOutput(request.request_id, tuple(outputs), leader.prompt_len,
-                             leader.num_cached_prompt_tokens, finished)
+        return tuple(outputs)
 
     def take_events(self) -> list[KVEvent]:
         """KV events (pages stored / removed) since the last call, oldest first, for the router's prefix index.
@@ -361,8 +424,10 @@ class Engine:
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; closing the iterator early aborts the request.
 
-        Validation errors raise before anything is yielded. Steps run in a worker thread so the event loop
-        stays responsive; one driver task serves every concurrent ``generate`` of this engine.
+        Validation errors raise before anything is yielded; ``RequestFailed`` when the request's own work fails
+        (after the outputs before the failure), RuntimeError when a whole step fails. Steps run in a worker thread
+        so the event loop stays responsive; one driver task serves every concurrent ``generate`` of this engine,
+        and ends when nothing is left to do.
         """
         request_id = self.add_request(prompt, params, request_id)
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -375,6 +440,8 @@ class Engine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestFailed(item.error)
                 yield item
         finally:
             self._streams.pop(request_id, None)
@@ -383,18 +450,13 @@ class Engine:
                 self._ensure_driver()
 
     def _ensure_driver(self) -> None:
-        if self._wakeup is None:
-            self._wakeup = asyncio.Event()
-        self._wakeup.set()
         if self._driver is None or self._driver.done():
             self._driver = asyncio.get_running_loop().create_task(self._drive())
 
     async def _drive(self) -> None:
-        assert self._wakeup is not None
-        while True:
-            if not self._requests and not self._aborts:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+        """Steps while requests or aborts are pending, then ends (``_ensure_driver`` starts it again): no task is
+        left pending when the loop closes, and the check runs on the loop, so a new request is never missed."""
+        while self._requests or self._aborts:
             try:
                 outputs = await asyncio.to_thread(self.step)
             except Exception as exc:  # a failed step fails every request it could have touched
@@ -411,6 +473,10 @@ class Engine:
             if stream is not None:
                 stream.put_nowait(RuntimeError(f"engine step failed: {exc!r}"))
             self.abort(request_id)
+
+
+def _rows(out: SamplerOutput) -> list[_Sampled]:
+    return [_Sampled(*row) for row in zip(out.token_ids, out.logprobs, out.top_logprobs, strict=True)]
 
 
 def _resolve(flushed: list[tuple[Future[int], int]]) -> None:

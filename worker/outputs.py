@@ -12,7 +12,7 @@ class CompletionOutput:
     """The part of sample ``index`` produced since the previous output (a delta).
 
     ``finish_reason`` is None while the sample runs, then ``"stop"`` (eos, a stop token id or a stop string),
-    ``"length"`` (max_tokens or the context length) or ``"abort"``. Text that could still turn out to begin
+    ``"length"`` (max_tokens or the context length), ``"abort"`` or ``"error"`` (the request failed). Text that could still turn out to begin
     a stop string is held back until it cannot.
     """
 
@@ -25,10 +25,14 @@ class CompletionOutput:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """A step's progress of one request; ``finished`` once every sample has finished."""
+    """A step's progress of one request; ``finished`` once every sample has finished.
+
+    ``error`` names the request and what failed when its own work failed (then ``finished``, with no outputs).
+    """
 
     request_id: str
     outputs: tuple[CompletionOutput, ...]
     num_prompt_tokens: int
     num_cached_tokens: int
     finished: bool
+    error: str | None = None

@@ -83,7 +83,14 @@ class SamplerOutput(NamedTuple):
 
 
 class Sampler:
-    """Picks one token per row of a logits batch; stateless (the engine updates the ``SamplingState`` s)."""
+    """Picks one token per row of a logits batch (the engine updates the ``SamplingState`` s).
+
+    Rows without a seed of their own draw from ``generator`` (torch's default generator when None): an engine
+    seeds it from ``EngineConfig.seed``, so the same requests in the same order sample the same tokens.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self._generator = generator
 
     def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState],
                  eos_token_ids: Sequence[int]) -> SamplerOutput:
@@ -98,7 +105,7 @@ class Sampler:
         work = logits.float().clone()
         _mask_min_tokens(work, states, eos_token_ids)
         apply_penalties(work, states)
-        tokens = _choose(work, states)
+        tokens = _choose(work, states, self._generator)
         logprobs, top_logprobs = _logprobs(logits, states, tokens)
         return SamplerOutput(tokens.tolist(), logprobs, top_logprobs)
 
@@ -152,13 +159,13 @@ def _column(values: list[float] | list[int], device: torch.device) -> torch.Tens
     return torch.tensor(values, device=device).unsqueeze(1)
 
 
-def _choose(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+def _choose(logits: torch.Tensor, states: Sequence[SamplingState], generator: torch.Generator | None) -> torch.Tensor:
     tokens = logits.argmax(dim=-1)
     rows = [i for i, s in enumerate(states) if not s.params.greedy]
     if rows:
         sampled = [states[i] for i in rows]
         probs = _filtered_probs(logits[rows], [s.params for s in sampled])
-        tokens[rows] = _draw(probs, sampled)
+        tokens[rows] = _draw(probs, sampled, generator)
     return tokens
 
 
@@ -191,7 +198,7 @@ def _top_k_top_p(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     return probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
 
 
-def _draw(probs: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+def _draw(probs: torch.Tensor, states: Sequence[SamplingState], generator: torch.Generator | None) -> torch.Tensor:
     """One token per row with probability proportional to ``probs``: the argmax of ``probs / q`` for
     independent q ~ Exp(1) (the smallest of independent exponential clocks with rates ``probs``).
 
@@ -200,7 +207,8 @@ def _draw(probs: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
     q = torch.empty_like(probs)
     unseeded = [j for j, s in enumerate(states) if s.generator is None]
     if unseeded:
-        q[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
+        q[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
+            generator=generator)
     for j, s in enumerate(states):
         if s.generator is not None:
             q[j].exponential_(generator=s.step_generator())

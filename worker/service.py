@@ -7,7 +7,8 @@ any thread's loop will do (a Ray actor runs it in a dedicated thread).
 Errors: a bad field of a Generate request is ``INVALID_ARGUMENT`` whose details start with the field's path
 in ``WorkerGenerateRequest`` (``request_id``, ``token_ids``, ``sampling.<name>``); a full engine queue is
 ``RESOURCE_EXHAUSTED``; a request id already in flight is ``ALREADY_EXISTS``; a draining worker answers
-new Generate calls with ``UNAVAILABLE``.
+new Generate calls with ``UNAVAILABLE``; a request whose own work failed (sampling, stop checking, detokenizing)
+ends with ``INTERNAL`` naming it, and the other requests go on.
 
 KV events: the service keeps a mirror of the page hashes the engine caches, built from every event batch in
 order, so a new subscriber's reset snapshot and the live batches after it neither miss nor repeat an event.
@@ -30,7 +31,7 @@ from radixserve.cluster.base.metrics import MetricsEndpoint
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.cluster.base.wire import sampling_params_from_proto
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
-from radixserve.worker.engine import Engine, EngineOverloaded, RequestIdInUse
+from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed, RequestIdInUse
 from radixserve.worker.kv.radix_cache import KVEvent
 from radixserve.worker.outputs import CompletionOutput, RequestOutput
 
@@ -220,11 +221,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             first = await anext(outputs)  # the engine validates the request before its first output
         except (ValueError, EngineOverloaded) as error:
             await context.abort(*_refusal(error))
+        except RequestFailed as error:
+            await context.abort(grpc.StatusCode.INTERNAL, str(error))
         # Closing the engine's stream (also when this call is cancelled) aborts the request and frees its pages.
         async with contextlib.aclosing(outputs):
             yield _response(first)
-            async for output in outputs:
-                yield _response(output)
+            try:
+                async for output in outputs:
+                    yield _response(output)
+            except RequestFailed as error:  # this request's own work failed; the others go on
+                await context.abort(grpc.StatusCode.INTERNAL, str(error))
 
     async def Abort(self, request: worker_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:

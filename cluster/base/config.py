@@ -68,6 +68,8 @@ class EngineConfig:
     ``model`` is a model name from the model store or a path to a GGUF file or a Hugging Face directory.
     ``max_model_len`` caps prompt + output tokens (default: the model's context length).
     ``namespace`` prefixes every page hash (default: ``model``).
+    ``seed`` seeds the draws of requests that bring no seed of their own, so one engine given the same requests
+    in the same order samples the same tokens.
     """
 
     model: str = DEFAULT_MODEL
@@ -83,6 +85,7 @@ class EngineConfig:
         require(bool(self.model), "model", "must not be empty")
         require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
         require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
+        require(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
 
     @property
     def hash_namespace(self) -> str:
