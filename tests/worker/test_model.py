@@ -132,6 +132,38 @@ def test_sharded_linear_loaders_reassemble_the_full_layer() -> None:
     torch.testing.assert_close(partial, h @ w.T)
 
 
+def test_a_model_built_for_a_rank_loads_that_ranks_slices(tiny_hf_dir: Path) -> None:
+    # Regression: Shard was never passed to the layers, so every rank of a group would load rank 0's slices.
+    checkpoint = open_checkpoint(tiny_hf_dir)
+    c = checkpoint.config
+    full = LlamaForCausalLM(c, max_len=64)
+    full.load_weights(checkpoint.weights())
+    ranks = []
+    for rank in range(2):
+        model = LlamaForCausalLM(c, max_len=64, shard=Shard(rank, 2))
+        model.load_weights(checkpoint.weights())
+        ranks.append(dict(model.named_parameters()))
+    head = c.head_dim
+    q, kv = c.num_attention_heads * head, c.num_key_value_heads * head
+    for name, param in full.named_parameters():
+        parts = [r[name] for r in ranks]
+        if name.endswith("qkv_proj.weight"):  # each rank: its q heads, then its k and v heads
+            splits = [p.split([q // 2, kv // 2, kv // 2]) for p in parts]
+            for i, whole in enumerate(param.split([q, kv, kv])):
+                torch.testing.assert_close(torch.cat([s[i] for s in splits]), whole)
+        elif name.endswith("gate_up_proj.weight"):
+            size = c.intermediate_size
+            for i, whole in enumerate(param.split([size, size])):
+                torch.testing.assert_close(torch.cat([p.split(size // 2)[i] for p in parts]), whole)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            torch.testing.assert_close(torch.cat(parts, dim=1), param)
+        else:  # replicated: embedding, norms
+            for part in parts:
+                torch.testing.assert_close(part, param)
+    with pytest.raises(NotImplementedError):
+        LlamaForCausalLM(c, max_len=64, shard=Shard(1, 2))(torch.zeros(1, dtype=torch.long), None, None, None)
+
+
 def test_load_weights_rejects_incomplete_or_unknown_tensors(tiny_hf_dir: Path) -> None:
     checkpoint = open_checkpoint(tiny_hf_dir)
     model = LlamaForCausalLM(checkpoint.config, max_len=64)

@@ -47,6 +47,8 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 class ColumnLinear(nn.Module):
     """y = x W^T (+ b), output rows split across ranks; fused from ``output_sizes`` checkpoint tensors.
 
+    With the default ``Shard()`` the layer is replicated (every rank holds all rows).
+
     ``shard_id`` in the weight loader is the index into ``output_sizes`` of the tensor being loaded.
     """
 

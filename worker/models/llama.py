@@ -1,7 +1,9 @@
 """A Llama-family decoder over a paged KV cache: grouped-query attention, RoPE, RMSNorm, SwiGLU.
 
 Q/K/V and gate/up projections are fused; ``load_weights`` maps Hugging Face parameter names onto the
-fused parameters through each parameter's ``weight_loader``.
+fused parameters through each parameter's ``weight_loader``. Built with a ``Shard``, each rank holds its share
+of the heads and of the MLP (column-parallel Q/K/V and gate/up, row-parallel O and down); embedding, norms and
+LM head are replicated.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 from radixserve.worker.kv.pool import KVPool
 from radixserve.worker.models.attention import AttentionBatch, paged_attention
 from radixserve.worker.models.config import ModelConfig
-from radixserve.worker.models.layers import ColumnLinear, RMSNorm, RowLinear, VocabEmbedding
+from radixserve.worker.models.layers import ColumnLinear, RMSNorm, RowLinear, Shard, VocabEmbedding
 from radixserve.worker.models.rope import RotaryEmbedding
 
 # Hugging Face name fragment -> (our fused parameter fragment, shard id within it)
@@ -29,16 +31,16 @@ _FUSED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int):
+    def __init__(self, config: ModelConfig, layer_id: int, shard: Shard):
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads = shard.split(config.num_attention_heads, "num_attention_heads")
+        self.num_kv_heads = shard.split(config.num_key_value_heads, "num_key_value_heads")
         self.head_dim = config.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = ColumnLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias)
-        self.o_proj = RowLinear(q_size, config.hidden_size, bias=config.attention_bias)
-        self.qk_v_sizes = [q_size + kv_size, kv_size]
+        q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.qkv_proj = ColumnLinear(config.hidden_size, [q_size, kv_size, kv_size], config.attention_bias, shard)
+        self.o_proj = RowLinear(q_size, config.hidden_size, config.attention_bias, shard)
+        self.qk_v_sizes = [(self.num_heads + self.num_kv_heads) * self.head_dim, self.num_kv_heads * self.head_dim]
         self.scale = self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
@@ -53,11 +55,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: Shard):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = ColumnLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
-        self.down_proj = RowLinear(size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = ColumnLinear(config.hidden_size, [size, size], config.mlp_bias, shard)
+        self.down_proj = RowLinear(size, config.hidden_size, config.mlp_bias, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -65,12 +67,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int):
+    def __init__(self, config: ModelConfig, layer_id: int, shard: Shard):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer_id)
+        self.self_attn = LlamaAttention(config, layer_id, shard)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, shard)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
@@ -79,11 +81,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, max_len: int):
+    def __init__(self, config: ModelConfig, max_len: int, shard: Shard):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, max_len)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, shard) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
@@ -95,15 +97,23 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """The decoder plus LM head. ``forward`` returns final hidden states [T, hidden] for the step's
-    tokens; ``compute_logits`` turns the selected rows into fp32 logits [N, vocab]."""
+    tokens; ``compute_logits`` turns the selected rows into fp32 logits [N, vocab].
 
-    def __init__(self, config: ModelConfig, max_len: int):
+    ``shard`` places this model in a tensor-parallel group: it loads only its rank's slices. Running such a shard
+    needs the group's all-reduce after each row-parallel layer, which no runner provides yet, so ``forward``
+    refuses when ``shard.size`` > 1.
+    """
+
+    def __init__(self, config: ModelConfig, max_len: int, shard: Shard = Shard()):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_len)
+        self.shard = shard
+        self.model = LlamaModel(config, max_len, shard)
         self.lm_head = None if config.tie_word_embeddings else ColumnLinear(config.hidden_size, [config.vocab_size])
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
+        if self.shard.size > 1:
+            raise NotImplementedError("forward of a tensor-parallel shard: no runner all-reduces across ranks yet")
         return self.model(token_ids, positions, batch, kv)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
