@@ -4,8 +4,9 @@
 is closed and forgotten by the prefix index. Each client polls its worker's load every ``health_interval_s``,
 which doubles as the health probe: a worker that stops answering is marked ``down`` and routed around until a
 poll succeeds again. A changed incarnation means the worker restarted with an empty cache, so the index forgets
-it. Each client also follows the worker's KV event stream and republishes the batches on the bus; the index
-applies them from there (``IndexFeeder``), so routers learn of events the same way whatever the bus backend.
+it. Each client also follows the worker's KV event stream and republishes the batches on the bus; the worker
+set applies them from there in each worker's sequence order (``KvEventSequencer``), so routers learn of events
+the same way whatever the bus backend, and a gap in a worker's sequence makes its client resubscribe.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import grpc
 
 from radixserve.cluster.base.bus import (KV_EVENTS_TOPIC, REGISTRY_TOPIC, ChangeKind, EventBus, Lost, RegistryChange,
                                     Subscription, WorkerRecord)
+from radixserve.router.kv_events import BatchOutcome, KvEventSequencer
 from radixserve.router.metrics import RouterMetrics
 from radixserve.router.prefix_index import PrefixIndex
 from radixserve.router.routing import WorkerLoad
@@ -41,7 +43,7 @@ class WorkerClient:
     ``info`` is None until the worker has answered ``GetInfo`` once; until then the router sends it nothing.
     """
 
-    def __init__(self, record: WorkerRecord, bus: EventBus, index: PrefixIndex, health_interval_s: float,
+    def __init__(self, record: WorkerRecord, bus: EventBus, sequencer: KvEventSequencer, health_interval_s: float,
                  max_message_bytes: int) -> None:
         self.record = record
         self.info: worker_pb2.WorkerInfo | None = None
@@ -49,9 +51,8 @@ class WorkerClient:
         self.state = WorkerState.DOWN
         self.num_routed = 0
         self.outstanding = WorkerLoad()  # what this router has in flight there
-        self.events_live = False
         self._bus = bus
-        self._index = index
+        self._sequencer = sequencer
         self._interval = health_interval_s
         self._channel = grpc.aio.insecure_channel(record.address, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -64,6 +65,11 @@ class WorkerClient:
     @property
     def worker_id(self) -> str:
         return self.record.worker_id
+
+    @property
+    def events_live(self) -> bool:
+        """Whether the index follows the worker's KV events (else its pages there are approximate)."""
+        return self._sequencer.is_live(self.worker_id)
 
     @property
     def serving(self) -> bool:
@@ -85,8 +91,7 @@ class WorkerClient:
 
     def resubscribe(self) -> None:
         """Restart the KV event stream: the worker answers with a fresh reset snapshot."""
-        self._index.set_events_live(self.worker_id, False)
-        self.events_live = False
+        self._sequencer.resync(self.worker_id)
         self._follower.cancel()
         self._follower = asyncio.create_task(self._follow_events())
 
@@ -112,7 +117,7 @@ class WorkerClient:
         if self.info is None or load.incarnation != self.info.incarnation:
             restarted = self.info is not None
             self.info = await self.stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=timeout)
-            self._index.reset(self.worker_id)  # a new incarnation starts with an empty cache
+            self._sequencer.follow(self.worker_id, self.info.incarnation)  # which starts with an empty cache
             self._informed.set()
             if restarted:
                 self.resubscribe()
@@ -129,18 +134,18 @@ class WorkerClient:
                     await self._bus.publish(KV_EVENTS_TOPIC, batch.SerializeToString())
             except grpc.aio.AioRpcError as error:
                 log.debug("kv events of %s interrupted: %s", self.worker_id, error.code().name)
-            self._index.set_events_live(self.worker_id, False)
-            self.events_live = False
+            self._sequencer.resync(self.worker_id)
             await asyncio.sleep(_RETRY_S)
 
 
 class WorkerSet:
-    """The workers a router knows, kept in step with the bus registry; feeds the prefix index from the bus."""
+    """The workers a router knows, kept in step with the bus registry; feeds the prefix index from the bus
+    through ``sequencer``."""
 
     def __init__(self, bus: EventBus, index: PrefixIndex, health_interval_s: float, max_message_bytes: int,
                  metrics: RouterMetrics) -> None:
         self._bus = bus
-        self._index = index
+        self.sequencer = KvEventSequencer(index)
         self._metrics = metrics
         self._interval = health_interval_s
         self._max_message_bytes = max_message_bytes
@@ -182,16 +187,16 @@ class WorkerSet:
         if current is not None and current.record == record:
             return
         if current is not None:
+            self.sequencer.forget(record.worker_id)  # until the new client learns the incarnation
             await current.close()
-            self._index.reset(record.worker_id)
-        self.clients[record.worker_id] = WorkerClient(record, self._bus, self._index, self._interval,
+        self.clients[record.worker_id] = WorkerClient(record, self._bus, self.sequencer, self._interval,
                                                       self._max_message_bytes)
 
     async def _remove(self, worker_id: str) -> None:
+        self.sequencer.forget(worker_id)  # first: a gap seen meanwhile must not resubscribe a closing client
         client = self.clients.pop(worker_id, None)
         if client is not None:
             await client.close()
-        self._index.remove_worker(worker_id)
 
     async def _watch_registry(self, subscription: Subscription) -> None:
         async for item in subscription:
@@ -217,23 +222,16 @@ class WorkerSet:
             self.apply_batch(worker_pb2.KvEventBatch.FromString(item))
 
     def apply_batch(self, batch: worker_pb2.KvEventBatch) -> None:
-        """Apply one worker's event batch to the index; a reset replaces what was known of the worker."""
-        client = self.clients.get(batch.worker_id)
-        if client is None or client.info is None or batch.incarnation != client.info.incarnation:
-            return  # a worker we do not know (yet), or a stale incarnation: its reset will come again
-        self._metrics.kv_events.labels(batch.worker_id).inc(len(batch.events))
-        if batch.sent_unix_s > 0:
-            self._metrics.kv_event_lag.observe(max(time.time() - batch.sent_unix_s, 0.0))
-        if batch.reset:
-            self._index.reset(batch.worker_id, [h for event in batch.events for h in event.page_hashes])
-            self._index.set_events_live(batch.worker_id, True)
-            client.events_live = True
-            return
-        for event in batch.events:
-            if event.kind == worker_pb2.KvEvent.STORED:
-                self._index.apply_stored(batch.worker_id, event.page_hashes)
-            elif event.kind == worker_pb2.KvEvent.REMOVED:
-                self._index.apply_removed(batch.worker_id, event.page_hashes)
+        """Apply one worker's event batch to the index if it is the one due (see ``KvEventSequencer``); a gap
+        makes the worker's client resubscribe."""
+        outcome = self.sequencer.apply(batch)
+        if outcome is BatchOutcome.GAP:
+            log.info("kv events of %s: batch %d came after a gap; resubscribing", batch.worker_id, batch.sequence)
+            self.clients[batch.worker_id].resubscribe()  # a followed worker has a client
+        elif outcome is BatchOutcome.APPLIED:
+            self._metrics.kv_events.labels(batch.worker_id).inc(len(batch.events))
+            if batch.sent_unix_s > 0:
+                self._metrics.kv_event_lag.observe(max(time.time() - batch.sent_unix_s, 0.0))
 
 
 async def _cancel(*tasks: asyncio.Task[None]) -> None:

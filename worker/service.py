@@ -12,7 +12,10 @@ ends with ``INTERNAL`` naming it, and the other requests go on.
 
 KV events: the service keeps a mirror of the page hashes the engine caches, built from every event batch in
 order, so a new subscriber's reset snapshot and the live batches after it neither miss nor repeat an event.
-The service must be the engine's only consumer of ``take_events`` from before the engine caches anything.
+Batches are numbered once, as they are published (1, 2, ... per incarnation), and every subscriber sees the same
+numbers: a reset snapshot carries the sequence of the last batch folded into it, and the live batches after it
+go on from there. The service must be the engine's only consumer of ``take_events`` from before the engine
+caches anything.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
+from typing import NamedTuple
 
 import grpc
 
@@ -53,18 +57,27 @@ class KvHubClosed(Exception):
     """The hub was closed because the worker is stopping."""
 
 
+class SequencedBatch(NamedTuple):
+    """One published batch of KV events and its sequence number."""
+
+    sequence: int
+    events: tuple[KVEvent, ...]
+
+
 class KvSubscription:
-    """One subscriber's view of the cache: ``snapshot`` when it subscribed, then every later batch in order.
+    """One subscriber's view of the cache: ``snapshot`` when it subscribed, the cache after batch ``sequence``
+    (0: before any batch), then every later batch in order, numbered ``sequence + 1`` on.
 
     A context manager: leaving it unsubscribes.
     """
 
-    def __init__(self, hub: KvEventHub, snapshot: tuple[int, ...], max_pending_batches: int) -> None:
+    def __init__(self, hub: KvEventHub, snapshot: tuple[int, ...], sequence: int, max_pending_batches: int) -> None:
         self.snapshot = snapshot
+        self.sequence = sequence
         self._hub = hub
-        self._queue: asyncio.Queue[tuple[KVEvent, ...] | Exception] = asyncio.Queue(max_pending_batches)
+        self._queue: asyncio.Queue[SequencedBatch | Exception] = asyncio.Queue(max_pending_batches)
 
-    async def next_batch(self) -> tuple[KVEvent, ...]:
+    async def next_batch(self) -> SequencedBatch:
         """The next live batch; raises ``KvSubscriberLagged`` or ``KvHubClosed`` when the subscription ended."""
         item = await self._queue.get()
         if isinstance(item, Exception):
@@ -78,7 +91,7 @@ class KvSubscription:
                  tb: TracebackType | None) -> None:
         self._hub.unsubscribe(self)
 
-    def _offer(self, batch: tuple[KVEvent, ...]) -> bool:
+    def _offer(self, batch: SequencedBatch) -> bool:
         try:
             self._queue.put_nowait(batch)
         except asyncio.QueueFull:
@@ -96,8 +109,9 @@ class KvEventHub:
     """The cached page hashes (a mirror built from the engine's events) and the fan-out of live batches.
 
     Subscribing and publishing are synchronous, so on one event loop every batch is either in a new
-    subscriber's snapshot or delivered to it live, never both or neither. A subscriber holding
-    ``max_pending_batches`` undelivered batches is dropped (``KvSubscriberLagged``) instead of holding up others.
+    subscriber's snapshot or delivered to it live, never both or neither. Each published batch gets the next
+    sequence number (from 1). A subscriber holding ``max_pending_batches`` undelivered batches is dropped
+    (``KvSubscriberLagged``) instead of holding up others.
     """
 
     def __init__(self, max_pending_batches: int = DEFAULT_MAX_PENDING_BATCHES) -> None:
@@ -105,6 +119,7 @@ class KvEventHub:
             raise ValueError(f"max_pending_batches: must be >= 1, got {max_pending_batches}")
         self._max_pending_batches = max_pending_batches
         self._cached: dict[int, None] = {}  # insertion-ordered: a prefix's pages come before its extensions
+        self._sequence = 0  # of the last batch published
         self._subscribers: set[KvSubscription] = set()
         self._closed = False
 
@@ -114,7 +129,8 @@ class KvEventHub:
         return tuple(self._cached)
 
     def publish(self, events: Sequence[KVEvent]) -> None:
-        """Applies ``events`` (oldest first) to the mirror and queues them as one batch for every subscriber."""
+        """Applies ``events`` (oldest first) to the mirror and queues them as one batch, numbered with the next
+        sequence, for every subscriber. No events: no batch."""
         if not events:
             return
         for event in events:
@@ -123,7 +139,8 @@ class KvEventHub:
                     self._cached[page_hash] = None
                 else:
                     self._cached.pop(page_hash, None)
-        batch = tuple(events)
+        self._sequence += 1
+        batch = SequencedBatch(self._sequence, tuple(events))
         for subscriber in list(self._subscribers):
             if not subscriber._offer(batch):
                 self._subscribers.discard(subscriber)
@@ -133,7 +150,7 @@ class KvEventHub:
         """A subscription whose snapshot is the cache now; raises ``KvHubClosed`` once the hub is closed."""
         if self._closed:
             raise KvHubClosed("worker is stopping")
-        subscription = KvSubscription(self, self.cached_hashes, self._max_pending_batches)
+        subscription = KvSubscription(self, self.cached_hashes, self._sequence, self._max_pending_batches)
         self._subscribers.add(subscription)
         return subscription
 
@@ -260,8 +277,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         with subscription:
             snapshot = [worker_pb2.KvEvent(kind=worker_pb2.KvEvent.STORED, page_hashes=subscription.snapshot)]
-            yield self._batch(0, snapshot if subscription.snapshot else [], reset=True)
-            sequence = 1
+            yield self._batch(subscription.sequence, snapshot if subscription.snapshot else [], reset=True)
             while True:
                 try:
                     batch = await subscription.next_batch()
@@ -269,8 +285,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
                 except KvHubClosed as error:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-                yield self._batch(sequence, [_event(e) for e in batch])
-                sequence += 1
+                yield self._batch(batch.sequence, [_event(e) for e in batch.events])
 
     async def FlushCache(self, request: worker_pb2.FlushCacheRequest,
                          context: grpc.aio.ServicerContext) -> worker_pb2.FlushCacheResponse:

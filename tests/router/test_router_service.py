@@ -14,12 +14,12 @@ from gated_engine import GatedEngine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from radixserve.cluster.base.bus import InProcessBus, WorkerRecord
+from radixserve.cluster.base.bus import KV_EVENTS_TOPIC, InProcessBus, Lost, Subscription, WorkerRecord
 from radixserve.cluster.base.config import CacheConfig, EngineConfig, RouterConfig, SchedulerConfig
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.base.metrics import scrape, total
 from radixserve.router.server import Router
-from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2
+from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.service import WorkerServer
@@ -35,6 +35,8 @@ def checkpoint(tiny_hf_dir: Path) -> Checkpoint:
 @dataclass
 class Cluster:
     engines: list[GatedEngine]
+    servers: list[WorkerServer]
+    bus: InProcessBus
     router: Router
     stub: api_pb2_grpc.GenerationStub
     channel: grpc.aio.Channel
@@ -54,7 +56,7 @@ async def cluster(checkpoint: Checkpoint, num_workers: int = 2, max_waiting: int
     address = await router.start()
     try:
         async with grpc.aio.insecure_channel(address) as channel:
-            yield Cluster(engines, router, api_pb2_grpc.GenerationStub(channel), channel)
+            yield Cluster(engines, servers, bus, router, api_pb2_grpc.GenerationStub(channel), channel)
     finally:
         for engine in engines:
             engine.gate.set()
@@ -131,6 +133,48 @@ def test_a_worker_that_refuses_a_request_is_not_credited_with_its_pages(checkpoi
             for engine in c.engines:
                 engine.gate.set()
             await asyncio.gather(*held)
+    run(main)
+
+
+async def next_reset(feed: Subscription) -> worker_pb2.KvEventBatch:
+    async for item in feed:
+        if not isinstance(item, Lost) and (batch := worker_pb2.KvEventBatch.FromString(item)).reset:
+            return batch
+    raise AssertionError("the bus closed")
+
+
+def test_late_duplicates_and_old_snapshots_on_the_bus_resurrect_no_page_and_a_gap_resyncs(checkpoint: Checkpoint):
+    async def main() -> None:
+        async with cluster(checkpoint, num_workers=1) as c:
+            index = c.router.index
+            cached, marker, gap = request(), request(first_token=105), request(first_token=205)
+            async with grpc.aio.insecure_channel(c.servers[0].address) as channel:
+                worker = worker_pb2_grpc.WorkerStub(channel)
+                await c.stub.Complete(cached, timeout=TIMEOUT_S)
+                await eventually(lambda: index.match(prompt_hashes(cached), ["w0"])["w0"] == 5
+                                 and index.num_pages("w0") == 5, "the prompt's stored events")
+                snapshots = worker.StreamKvEvents(worker_pb2.StreamKvEventsRequest(), timeout=TIMEOUT_S)
+                old_snapshot = await snapshots.read()  # holds the prompt's pages
+                snapshots.cancel()
+                stored = worker_pb2.KvEventBatch(worker_id="w0", incarnation=c.servers[0].incarnation,
+                                                 sequence=old_snapshot.sequence, events=old_snapshot.events)
+                await worker.FlushCache(worker_pb2.FlushCacheRequest(), timeout=TIMEOUT_S)
+                await eventually(lambda: index.num_pages("w0") == 0, "the removed events")
+                for late in (old_snapshot, stored):
+                    await c.bus.publish(KV_EVENTS_TOPIC, late.SerializeToString())
+                await c.stub.Complete(marker, timeout=TIMEOUT_S)  # its events follow the late ones on the bus
+                await eventually(lambda: index.match(prompt_hashes(marker), ["w0"])["w0"] == 5,
+                                 "the marker's stored events")
+                assert index.match(prompt_hashes(cached), ["w0"]) == {"w0": 0}
+                feed = c.bus.subscribe(KV_EVENTS_TOPIC)
+                ahead = worker_pb2.KvEventBatch(
+                    worker_id="w0", incarnation=c.servers[0].incarnation, sequence=old_snapshot.sequence + 1000,
+                    events=[worker_pb2.KvEvent(kind=worker_pb2.KvEvent.STORED, page_hashes=prompt_hashes(gap))])
+                await c.bus.publish(KV_EVENTS_TOPIC, ahead.SerializeToString())
+                await asyncio.wait_for(next_reset(feed), TIMEOUT_S)  # the router resubscribed
+                await eventually(lambda: c.router.workers.clients["w0"].events_live, "the fresh snapshot")
+                assert index.match(prompt_hashes(gap), ["w0"]) == {"w0": 0}
+                assert index.match(prompt_hashes(marker), ["w0"]) == {"w0": 5}
     run(main)
 
 

@@ -280,19 +280,22 @@ async def read_batch(stream: Any) -> worker_pb2.KvEventBatch:
 
 
 class View:
-    """A subscriber's accumulated view of a worker's cache, checking the stream's contract as it goes."""
+    """A subscriber's accumulated view of a worker's cache, checking the stream's contract as it goes: a reset
+    batch first, then live batches numbered on from the reset's sequence."""
 
     def __init__(self, incarnation: str) -> None:
         self.incarnation = incarnation
         self.hashes: set[int] = set()
         self.removed: list[int] = []
-        self.next_sequence = 0
+        self.sequence: int | None = None  # of the last batch applied
+        self.history: dict[int, frozenset[int]] = {}  # sequence -> the cache after that batch
 
     async def apply_next(self, stream: Any) -> None:
         batch = await read_batch(stream)
         assert (batch.worker_id, batch.incarnation) == ("worker-0", self.incarnation)
-        assert batch.sequence == self.next_sequence and batch.reset == (self.next_sequence == 0)
-        self.next_sequence += 1
+        assert batch.reset == (self.sequence is None)
+        assert self.sequence is None or batch.sequence == self.sequence + 1
+        self.sequence = batch.sequence
         for event in batch.events:
             if event.kind == worker_pb2.KvEvent.STORED:
                 assert not self.hashes & set(event.page_hashes), "a page stored twice"
@@ -302,6 +305,11 @@ class View:
                 assert set(event.page_hashes) <= self.hashes, "an unknown page removed"
                 self.hashes.difference_update(event.page_hashes)
                 self.removed += event.page_hashes
+        self.history[batch.sequence] = frozenset(self.hashes)
+
+    async def apply_through(self, stream: Any, sequence: int) -> None:
+        while self.sequence is None or self.sequence < sequence:
+            await self.apply_next(stream)
 
     async def apply_until(self, stream: Any, condition: Callable[[], bool]) -> None:
         while not condition():
@@ -353,6 +361,9 @@ def test_a_subscriber_joining_under_load_sees_what_an_early_one_sees(checkpoint:
             await early.apply_until(early_stream, lambda: bool(early.hashes))  # join once pages are cached
             late_stream = stub.StreamKvEvents(worker_pb2.StreamKvEventsRequest(), timeout=RPC_TIMEOUT_S)
             await late.apply_next(late_stream)
+            assert late.sequence is not None
+            await early.apply_through(early_stream, late.sequence)
+            assert early.history[late.sequence] == late.hashes  # the snapshot is the cache after that batch
             await asyncio.gather(*work)
             await stub.FlushCache(worker_pb2.FlushCacheRequest(), timeout=RPC_TIMEOUT_S)
             extra = [(9 * j) % 300 + 5 for j in range(17)]  # one more change, seen by both after everything else
@@ -364,20 +375,52 @@ def test_a_subscriber_joining_under_load_sees_what_an_early_one_sees(checkpoint:
     run(main)
 
 
+def test_a_late_snapshot_carries_the_sequence_of_the_last_batch_in_it_and_live_batches_go_on_from_it(
+        checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint)
+    one_token = SamplingParams(max_tokens=1, temperature=0)
+    other = [(5 * j) % 300 + 7 for j in range(9)]
+
+    async def main() -> None:
+        async with serving(engine) as (server, channel):
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            early, late = View(server.incarnation), View(server.incarnation)
+            early_stream = stub.StreamKvEvents(worker_pb2.StreamKvEventsRequest(), timeout=RPC_TIMEOUT_S)
+            await early.apply_next(early_stream)
+            assert early.sequence == 0  # nothing published yet
+            await generate(stub, request(PROMPT, one_token))
+            await early.apply_until(early_stream, lambda: bool(early.hashes))
+            late_stream = stub.StreamKvEvents(worker_pb2.StreamKvEventsRequest(), timeout=RPC_TIMEOUT_S)
+            await late.apply_next(late_stream)
+            assert late.sequence is not None and late.sequence >= 1
+            await early.apply_through(early_stream, late.sequence)
+            assert early.history[late.sequence] == late.hashes
+            await generate(stub, request(other, one_token))
+            final = set(page_hashes(PROMPT, PAGE, namespace_seed("tiny"))) | set(
+                page_hashes(other, PAGE, namespace_seed("tiny")))
+            for view, stream in ((early, early_stream), (late, late_stream)):
+                await view.apply_until(stream, lambda v=view: v.hashes == final)
+            assert early.sequence == late.sequence
+
+    run(main)
+
+
 def test_a_lagging_subscriber_is_dropped_without_holding_up_others() -> None:
     async def main() -> None:
         hub = KvEventHub(max_pending_batches=2)
         hub.publish([KVEvent("stored", (1, 2))])
         with hub.subscribe() as slow, hub.subscribe() as fast:
             assert slow.snapshot == fast.snapshot == (1, 2)
+            assert slow.sequence == fast.sequence == 1
             batches = [(KVEvent("stored", (3,)),), (KVEvent("removed", (1,)),), (KVEvent("stored", (4,)),)]
-            for batch in batches:
+            for sequence, batch in enumerate(batches, start=2):
                 hub.publish(batch)
-                assert await asyncio.wait_for(fast.next_batch(), 1) == batch
+                assert await asyncio.wait_for(fast.next_batch(), 1) == (sequence, batch)
             with pytest.raises(KvSubscriberLagged):
                 await asyncio.wait_for(slow.next_batch(), 1)
             with hub.subscribe() as late:
                 assert late.snapshot == hub.cached_hashes == (2, 3, 4)
+                assert late.sequence == 4
 
     run(main)
 
