@@ -19,6 +19,7 @@ The tokenizer and the model's limits come from the workers (``GetInfo``), so a r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -104,23 +105,25 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
 
     async def Generate(self, request: api_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.GenerateResponse]:
-        async for response in self._tracked("Generate", request, context):
-            yield response
+        async with contextlib.aclosing(self._tracked("Generate", request, context)) as responses:
+            async for response in responses:
+                yield response
 
     async def Complete(self, request: api_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> api_pb2.CompleteResponse:
         result = api_pb2.CompleteResponse()
         choices: dict[int, api_pb2.Completion] = {}
-        async for response in self._tracked("Complete", request, context):
-            result.request_id, result.worker_id = response.request_id, response.worker_id
-            for chunk in response.choices:
-                choice = choices.setdefault(chunk.index, api_pb2.Completion(index=chunk.index))
-                choice.text += chunk.text
-                choice.token_ids.extend(chunk.token_ids)
-                choice.logprobs.extend(chunk.logprobs)
-                choice.finish_reason = chunk.finish_reason or choice.finish_reason
-            if response.HasField("usage"):
-                result.usage.CopyFrom(response.usage)
+        async with contextlib.aclosing(self._tracked("Complete", request, context)) as responses:
+            async for response in responses:
+                result.request_id, result.worker_id = response.request_id, response.worker_id
+                for chunk in response.choices:
+                    choice = choices.setdefault(chunk.index, api_pb2.Completion(index=chunk.index))
+                    choice.text += chunk.text
+                    choice.token_ids.extend(chunk.token_ids)
+                    choice.logprobs.extend(chunk.logprobs)
+                    choice.finish_reason = chunk.finish_reason or choice.finish_reason
+                if response.HasField("usage"):
+                    result.usage.CopyFrom(response.usage)
         result.choices.extend(choices[i] for i in sorted(choices))
         return result
 
@@ -142,16 +145,20 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.GenerateResponse]:
         """``_serve``, counted in flight and in the request metrics (final code, TTFT, end to end).
 
-        A request is counted before its status leaves, so a client that has its answer finds it counted."""
+        A request is counted before its status leaves, so a client that has its answer finds it counted.
+        Closing it (the call was cancelled) ends the worker call at once: each generator on the request's path is
+        closed explicitly by the one iterating it, rather than whenever it is garbage-collected.
+        """
         self.num_in_flight += 1
         started = time.monotonic()
         first_token = True
         try:
-            async for response in self._serve(request, context):
-                if first_token and any(choice.token_ids for choice in response.choices):
-                    first_token = False
-                    self._metrics.ttft.observe(time.monotonic() - started)
-                yield response
+            async with contextlib.aclosing(self._serve(request, context)) as responses:
+                async for response in responses:
+                    if first_token and any(choice.token_ids for choice in response.choices):
+                        first_token = False
+                        self._metrics.ttft.observe(time.monotonic() - started)
+                    yield response
         except _Failure as failure:
             self._finish(method, failure.code.name)
             await context.abort(failure.code, failure.details)
@@ -188,8 +195,10 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
             client, decision = choice
             tried.add(client.worker_id)
             try:
-                async for response in self._attempt(client, decision, request.sampling, prepared, hashes, deadline):
-                    yield response
+                attempt = self._attempt(client, decision, request.sampling, prepared, hashes, deadline)
+                async with contextlib.aclosing(attempt) as responses:
+                    async for response in responses:
+                        yield response
                 return
             except _Retry as failure:
                 failures.append(failure)

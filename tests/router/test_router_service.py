@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +45,9 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def cluster(checkpoint: Checkpoint, num_workers: int = 2, max_waiting: int = 64) -> AsyncIterator[Cluster]:
-    config = EngineConfig(model="tiny", cache=CacheConfig(page_size=4, num_pages=256),
+async def cluster(checkpoint: Checkpoint, num_workers: int = 2, max_waiting: int = 64,
+                  num_pages: int = 256) -> AsyncIterator[Cluster]:
+    config = EngineConfig(model="tiny", cache=CacheConfig(page_size=4, num_pages=num_pages),
                           scheduler=SchedulerConfig(max_waiting_requests=max_waiting))
     engines = [GatedEngine(config, checkpoint) for _ in range(num_workers)]
     servers = [WorkerServer(engine, f"w{i}") for i, engine in enumerate(engines)]
@@ -175,6 +178,42 @@ def test_late_duplicates_and_old_snapshots_on_the_bus_resurrect_no_page_and_a_ga
                 await eventually(lambda: c.router.workers.clients["w0"].events_live, "the fresh snapshot")
                 assert index.match(prompt_hashes(gap), ["w0"]) == {"w0": 0}
                 assert index.match(prompt_hashes(marker), ["w0"]) == {"w0": 5}
+    run(main)
+
+
+async def within(seconds: float, condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s: {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_cancelled_streams_end_their_worker_requests_at_once_and_free_every_page(checkpoint: Checkpoint):
+    """With the cyclic garbage collector off, only explicit closing can end the worker calls."""
+    async def main() -> None:
+        async with cluster(checkpoint, num_workers=1, num_pages=4096) as c:
+            engine = c.engines[0]
+            long = [api_pb2.GenerateRequest(  # big responses, so that the router's writes wait on flow control
+                token_ids=api_pb2.TokenIds(ids=[(7 * i + j) % 300 + 5 for j in range(20)]),
+                sampling=types_pb2.SamplingOptions(max_tokens=200, temperature=1.0, ignore_eos=True, n=4,
+                                                   logprobs=20)) for i in range(50)]
+            gc.disable()
+            try:
+                calls = [c.stub.Generate(r, timeout=TIMEOUT_S) for r in long]
+                for call in calls:
+                    assert (await call.read()).choices  # mid-flight: streaming
+                await asyncio.sleep(1.0)  # the clients stop reading; the router's writes back up
+                for call in calls:
+                    call.cancel()
+                await within(1.0, lambda: not engine.has_unfinished(), "the worker's requests to end")
+            finally:
+                gc.enable()
+            async with grpc.aio.insecure_channel(c.servers[0].address) as channel:
+                await worker_pb2_grpc.WorkerStub(channel).FlushCache(worker_pb2.FlushCacheRequest(),
+                                                                     timeout=TIMEOUT_S)
+            assert engine.allocator.num_free == engine.allocator.num_pages
+            await eventually(lambda: c.router.service.num_in_flight == 0, "the router to count them ended")
     run(main)
 
 
