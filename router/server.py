@@ -10,8 +10,9 @@ pick one, and streams the worker's tokens back. Guarantees:
 - cancelling the call or its deadline passing cancels the worker's call, which aborts the request there and
   frees its KV pages; the deadline sent to the worker is the earlier of the gRPC deadline and
   ``timeout_seconds``;
-- bad input is answered INVALID_ARGUMENT naming the field; a full cluster (every worker refused it)
-  RESOURCE_EXHAUSTED; a cluster without an up worker (or a draining router) UNAVAILABLE.
+- bad input is answered INVALID_ARGUMENT naming the field, and bytes that do not parse as the request message
+  INVALID_ARGUMENT naming the message (``cluster.base.wire.add_servicer``); a full cluster (every worker refused
+  it) RESOURCE_EXHAUSTED; a cluster without an up worker (or a draining router) UNAVAILABLE.
 
 The tokenizer and the model's limits come from the workers (``GetInfo``), so a router needs no model files.
 """
@@ -36,6 +37,7 @@ from radixserve.cluster.base.grpc_util import HealthReporter, server_options
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.base.metrics import MetricsEndpoint
 from radixserve.cluster.base.tokenizer import Tokenizer
+from radixserve.cluster.base.wire import add_servicer
 from radixserve.router.metrics import RouterMetrics, WorkerGauges
 from radixserve.router.policies import RouteRequest, make_policy
 from radixserve.router.prefix_index import PrefixIndex
@@ -46,6 +48,8 @@ from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
 
+GENERATION = api_pb2.DESCRIPTOR.services_by_name["Generation"]
+COUNTED_METHODS = ("Generate", "Complete")  # what radixserve_router_requests_total counts
 # Failures of a worker call, before any token was sent to the client, that another worker may not share.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN,
               grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
@@ -175,6 +179,11 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
     def _finish(self, method: str, code: str) -> None:
         self.num_in_flight -= 1
         self._metrics.requests.labels(method, code).inc()
+
+    def count_undecodable(self, method: str) -> None:
+        """A request to ``method`` whose bytes did not parse, about to be refused INVALID_ARGUMENT."""
+        if method in COUNTED_METHODS:
+            self._metrics.requests.labels(method, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
 
     async def _serve(self, request: api_pb2.GenerateRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.GenerateResponse]:
@@ -324,14 +333,14 @@ class Router:
         self.metrics.bind(self._gauges)
         for code in _RETRYABLE:  # the series dashboards rate() exist from the start, at 0
             self.metrics.retries.labels(code.name)
-        for method in ("Generate", "Complete"):
+        for method in COUNTED_METHODS:
             self.metrics.requests.labels(method, "OK")
         self.service = GenerationService(config, self.workers, self.index, self.metrics)
         self._metrics_at = None if metrics_port is None else (metrics_host, metrics_port)
         self._endpoint: MetricsEndpoint | None = None
         self._server = grpc.aio.server(options=server_options(config.max_message_bytes))
-        api_pb2_grpc.add_GenerationServicer_to_server(self.service, self._server)
-        self._health = HealthReporter(self._server, [api_pb2.DESCRIPTOR.services_by_name["Generation"].full_name])
+        add_servicer(self._server, GENERATION, self.service, self.service.count_undecodable)
+        self._health = HealthReporter(self._server, [GENERATION.full_name])
         self.address = ""
 
     def _gauges(self) -> list[WorkerGauges]:

@@ -4,8 +4,10 @@
 (``""`` and ``radixserve.v1.Worker``) and server reflection. Create, start and stop it on one asyncio loop;
 any thread's loop will do (a Ray actor runs it in a dedicated thread).
 
-Errors: a bad field of a Generate request is ``INVALID_ARGUMENT`` whose details start with the field's path
-in ``WorkerGenerateRequest`` (``request_id``, ``token_ids``, ``sampling.<name>``); a full engine queue is
+Errors: request bytes that do not parse as the method's request message are ``INVALID_ARGUMENT`` naming the
+message (``<Message>: cannot be parsed: ...``); a bad field of a Generate request is ``INVALID_ARGUMENT`` whose
+details start with the field's path in ``WorkerGenerateRequest`` (``request_id``, ``token_ids``,
+``sampling.<name>``); a full engine queue is
 ``RESOURCE_EXHAUSTED``; a request id already in flight is ``ALREADY_EXISTS``; a draining worker answers
 new Generate calls with ``UNAVAILABLE``; a request whose own work failed (sampling, stop checking, detokenizing)
 ends with ``INTERNAL`` naming it, and the other requests go on.
@@ -33,13 +35,14 @@ import grpc
 from radixserve.cluster.base.grpc_util import HealthReporter, server_options
 from radixserve.cluster.base.metrics import MetricsEndpoint
 from radixserve.cluster.base.sampling_params import SamplingParams
-from radixserve.cluster.base.wire import sampling_params_from_proto
+from radixserve.cluster.base.wire import add_servicer, sampling_params_from_proto
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed, RequestIdInUse
 from radixserve.worker.kv.radix_cache import KVEvent
 from radixserve.worker.outputs import CompletionOutput, RequestOutput
 
-SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
+SERVICE_NAME = SERVICE.full_name
 MAX_REQUEST_ID_CHARS = 128
 DEFAULT_MAX_PENDING_BATCHES = 1024  # ~10 s of event batches at the pump's pace
 _PUMP_INTERVAL_S = 0.01
@@ -345,7 +348,7 @@ class WorkerServer:
         self._address = _host_port(self._host, server.add_insecure_port(_host_port(self._host, self._port)))
         self._service = WorkerService(self._engine, self._worker_id, self._address, self._incarnation,
                                       self._max_pending_batches)
-        worker_pb2_grpc.add_WorkerServicer_to_server(self._service, server)
+        add_servicer(server, SERVICE, self._service)
         self._health = HealthReporter(server, [SERVICE_NAME])
         await self._health.set_serving(True)
         await server.start()

@@ -1,12 +1,23 @@
-"""Conversions between the protobuf messages of ``radixserve.v1`` and the dataclasses both sides share.
+"""The wire side both the router and the worker share: message conversions, and how services take requests.
 
 The router and the worker both turn a ``SamplingOptions`` into ``SamplingParams``: the router to refuse bad
 input before routing, the worker because it trusts no caller. Errors are ``ValueError`` naming the field.
+
+Both register their services with ``add_servicer``, which answers request bytes that do not parse as the
+request message (random bytes, truncations, invalid UTF-8 in a string field) INVALID_ARGUMENT naming the message,
+where grpc's generated registration answers UNKNOWN.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.v1 import types_pb2
@@ -35,3 +46,63 @@ def sampling_options_to_proto(params: SamplingParams) -> types_pb2.SamplingOptio
         if value is not None:
             setattr(options, name, value)
     return options
+
+
+class Undecodable(NamedTuple):
+    """What a method's request deserializer returns for bytes that do not parse; ``details`` names the message."""
+
+    details: str
+
+
+def add_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object,
+                 on_undecodable: Callable[[str], None] | None = None) -> None:
+    """Serve ``servicer``'s methods of ``service`` (unary requests) on ``server``, as the generated
+    ``add_*Servicer_to_server`` does, except for requests that do not parse.
+
+    Those are answered INVALID_ARGUMENT ``"<RequestMessage>: cannot be parsed: <why>"`` without calling the
+    servicer, after ``on_undecodable(method name)`` (to count them before the status leaves). A streaming
+    method's responses are written by the handler, and its generator is closed as soon as the call ends,
+    cancelled or not.
+    """
+    handlers = {method.name: _handler(method, getattr(servicer, method.name), on_undecodable)
+                for method in service.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _handler(method: MethodDescriptor, behaviour: Callable[..., Any],
+             on_undecodable: Callable[[str], None] | None) -> grpc.RpcMethodHandler:
+    if method.client_streaming:
+        raise ValueError(f"{method.full_name}: streaming requests are not supported")
+    request_class = message_factory.GetMessageClass(method.input_type)
+    response_class = message_factory.GetMessageClass(method.output_type)
+
+    async def refuse(request: Undecodable, context: grpc.aio.ServicerContext) -> None:
+        if on_undecodable is not None:
+            on_undecodable(method.name)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+
+    async def unary(request: Message | Undecodable, context: grpc.aio.ServicerContext) -> Message:
+        if isinstance(request, Undecodable):
+            await refuse(request, context)
+        return await behaviour(request, context)
+
+    async def streaming(request: Message | Undecodable, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, Undecodable):
+            await refuse(request, context)
+        async with contextlib.aclosing(behaviour(request, context)) as responses:
+            async for response in responses:
+                await context.write(response)
+
+    factory = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+    return factory(streaming if method.server_streaming else unary, request_deserializer=_parser(request_class),
+                   response_serializer=response_class.SerializeToString)
+
+
+def _parser(request_class: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    def parse(data: bytes) -> Message | Undecodable:
+        try:
+            return request_class.FromString(data)
+        except DecodeError as error:
+            return Undecodable(f"{request_class.DESCRIPTOR.name}: cannot be parsed: {error}")
+    return parse

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,10 @@ import pytest
 from gated_engine import GatedEngine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from loop_thread import LoopThread
+from undecodable import call_raw, refused, request_class, undecodable
 
 from radixserve.cluster.base.bus import KV_EVENTS_TOPIC, InProcessBus, Lost, Subscription, WorkerRecord
 from radixserve.cluster.base.config import CacheConfig, EngineConfig, RouterConfig, SchedulerConfig
@@ -289,3 +293,53 @@ def test_the_router_metrics_count_requests_by_code_decisions_tokens_and_kv_event
             assert total(m, "radixserve_router_prefix_index_pages", worker=holder) == 5
             assert total(m, "radixserve_router_kv_event_lag_seconds_count") > 0
     run(main)
+
+
+# ---- undecodable requests -----------------------------------------------------------------------------
+
+GENERATION = api_pb2.DESCRIPTOR.services_by_name["Generation"]
+
+
+@pytest.fixture(scope="module")
+def background_cluster(checkpoint: Checkpoint) -> Iterator[Cluster]:
+    """One worker and the router, served from a loop in another thread, for synchronous raw calls."""
+    thread = LoopThread()
+    serving = cluster(checkpoint, num_workers=1)
+    try:
+        yield thread.run(serving.__aenter__())
+        thread.run(serving.__aexit__(None, None, None))
+    finally:
+        thread.close()
+
+
+@pytest.fixture(scope="module")
+def raw_channel(background_cluster: Cluster) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(background_cluster.router.address) as channel:
+        yield channel
+
+
+def counted(c: Cluster, **labels: str) -> float:
+    return total(scrape(c.router.metrics_address), "radixserve_router_requests_total", **labels)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_undecodable_bytes_are_invalid_argument_naming_the_message_and_counted(
+        background_cluster: Cluster, raw_channel: grpc.Channel, data: st.DataObject):
+    method = data.draw(st.sampled_from(list(GENERATION.methods)), label="method")
+    garbage = data.draw(undecodable(request_class(method)), label="bytes")
+    before, invalid = counted(background_cluster), counted(background_cluster, method=method.name,
+                                                          code="INVALID_ARGUMENT")
+    with refused(method):
+        call_raw(raw_channel, method, garbage, TIMEOUT_S)
+    counts = method.name != "ListWorkers"  # the requests counter counts Generate and Complete
+    assert counted(background_cluster) == before + counts
+    assert counted(background_cluster, method=method.name, code="INVALID_ARGUMENT") == invalid + counts
+
+
+def test_the_router_serves_after_undecodable_bytes(background_cluster: Cluster, raw_channel: grpc.Channel):
+    complete = GENERATION.methods_by_name["Complete"]
+    with refused(complete):
+        call_raw(raw_channel, complete, b"\xff\xff\xff", TIMEOUT_S)
+    stub = api_pb2_grpc.GenerationStub(raw_channel)
+    assert len(stub.Complete(request(), timeout=TIMEOUT_S).choices[0].token_ids) == 4

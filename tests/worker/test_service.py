@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +16,10 @@ from engine_runs import Completed, run_to_completion
 from gated_engine import GatedEngine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from loop_thread import LoopThread
+from undecodable import call_raw, refused, request_class, undecodable
 
 from radixserve.cluster.base.config import CacheConfig, EngineConfig, SchedulerConfig
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
@@ -423,6 +427,41 @@ def test_a_lagging_subscriber_is_dropped_without_holding_up_others() -> None:
                 assert late.sequence == 4
 
     run(main)
+
+
+# ---- undecodable requests ------------------------------------------------------------------------------
+
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
+
+
+@pytest.fixture(scope="module")
+def raw_worker(checkpoint: Checkpoint) -> Iterator[grpc.Channel]:
+    """A channel to a worker served from a loop in another thread, for synchronous raw calls."""
+    thread = LoopThread()
+    server = WorkerServer(make_engine(checkpoint), "worker-0")
+    try:
+        with grpc.insecure_channel(thread.run(server.start())) as channel:
+            yield channel
+        thread.run(server.stop(grace_s=5))
+    finally:
+        thread.close()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_undecodable_bytes_are_invalid_argument_naming_the_message(raw_worker: grpc.Channel,
+                                                                   data: st.DataObject) -> None:
+    method = data.draw(st.sampled_from(list(WORKER_SERVICE.methods)), label="method")
+    with refused(method):
+        call_raw(raw_worker, method, data.draw(undecodable(request_class(method)), label="bytes"), RPC_TIMEOUT_S)
+
+
+def test_the_worker_serves_after_undecodable_bytes(checkpoint: Checkpoint, raw_worker: grpc.Channel) -> None:
+    generate_method = WORKER_SERVICE.methods_by_name["Generate"]
+    with refused(generate_method):
+        call_raw(raw_worker, generate_method, b"\x0a\x02\xff\xfe", RPC_TIMEOUT_S)  # request_id: bad UTF-8
+    responses = list(worker_pb2_grpc.WorkerStub(raw_worker).Generate(request(PROMPT), timeout=RPC_TIMEOUT_S))
+    assert stream_tokens(responses) == direct_run(checkpoint, PROMPT, GREEDY).tokens
 
 
 # ---- info, load, health, reflection, drain ------------------------------------------------------------
