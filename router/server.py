@@ -4,9 +4,10 @@ For each request it validates, applies the chat template and tokenizes once (``r
 prompt into pages, asks the prefix index how many leading pages each serving worker holds, lets the policy
 pick one, and streams the worker's tokens back. Guarantees:
 
-- every accepted request ends with its tokens or an error status: a worker that fails before the first token
-  is marked down and the request is retried on another; after the first token the client gets UNAVAILABLE
-  naming the worker;
+- every accepted request ends with its tokens or an error status: when a worker refuses or fails it before
+  answering anything (``_RETRYABLE`` codes; UNAVAILABLE also marks the worker down) the request is tried on
+  one other worker, never a third; once a response reached the client it is never retried, and a worker
+  failing then gets the client UNAVAILABLE naming the worker;
 - cancelling the call or its deadline passing cancels the worker's call, which aborts the request there and
   frees its KV pages; the deadline sent to the worker is the earlier of the gRPC deadline and
   ``timeout_seconds``;
@@ -50,7 +51,8 @@ log = logging.getLogger(__name__)
 
 GENERATION = api_pb2.DESCRIPTOR.services_by_name["Generation"]
 COUNTED_METHODS = ("Generate", "Complete")  # what radixserve_router_requests_total counts
-# Failures of a worker call, before any token was sent to the client, that another worker may not share.
+MAX_ATTEMPTS = 2  # workers one request may be sent to
+# Failures of a worker call, before any response was sent to the client, that another worker may not share.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN,
               grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
 
@@ -91,7 +93,7 @@ class _Failure(Exception):
 
 
 class _Retry(_Failure):
-    """The chosen worker failed before the first token; another worker may serve the request."""
+    """The chosen worker failed before its first response; another worker may serve the request."""
 
 
 class GenerationService(api_pb2_grpc.GenerationServicer):
@@ -200,7 +202,7 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         deadline = _deadline(context, prepared.timeout_s)
         failures: list[_Retry] = []
         tried: set[str] = set()
-        while (choice := self._choose(prepared, hashes, model, tried)) is not None:
+        while len(tried) < MAX_ATTEMPTS and (choice := self._choose(prepared, hashes, model, tried)) is not None:
             client, decision = choice
             tried.add(client.worker_id)
             try:
@@ -279,7 +281,7 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         except grpc.aio.AioRpcError as error:
             if not responded:
                 self._index.withdraw_routed(client.worker_id, hashes)
-            raise self._classify(client, error, num_tokens) from None
+            raise self._classify(client, error, responded, num_tokens) from None
         finally:
             call.cancel()  # no-op once finished; otherwise the worker aborts the request and frees its pages
             client.outstanding.end(attempt_id)
@@ -289,11 +291,13 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         self._metrics.cached_tokens.labels(worker_id).inc(usage.cached_tokens)
         self._metrics.completion_tokens.labels(worker_id).inc(usage.completion_tokens)
 
-    def _classify(self, client: WorkerClient, error: grpc.aio.AioRpcError, num_tokens: int) -> _Failure:
+    def _classify(self, client: WorkerClient, error: grpc.aio.AioRpcError, responded: bool,
+                  num_tokens: int) -> _Failure:
+        """``_Retry`` when nothing reached the client yet and another worker may not share the failure."""
         code, details = error.code(), error.details() or error.code().name
         if code == grpc.StatusCode.UNAVAILABLE:
             client.mark_down(details)
-        if num_tokens == 0 and code in _RETRYABLE:
+        if not responded and code in _RETRYABLE:
             log.info("retrying a request off worker %s: %s: %s", client.worker_id, code.name, details)
             return _Retry(code, f"worker {client.worker_id}: {details}")
         if code == grpc.StatusCode.UNAVAILABLE:
@@ -310,7 +314,7 @@ def _exhausted(failures: list[_Retry]) -> tuple[grpc.StatusCode, str]:
     """The status for a request no worker took, given the attempts that failed before their first token."""
     if failures and all(f.code == grpc.StatusCode.RESOURCE_EXHAUSTED for f in failures):
         return (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"every worker's queue is full ({len(failures)} tried); retry later or add workers")
+                f"the queue is full on every worker tried ({len(failures)}); retry later or add workers")
     if not failures:
         return grpc.StatusCode.UNAVAILABLE, "no worker is up (all down or draining); retry shortly"
     return (grpc.StatusCode.UNAVAILABLE,

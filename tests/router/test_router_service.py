@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -24,6 +25,7 @@ from radixserve.cluster.base.bus import KV_EVENTS_TOPIC, InProcessBus, Lost, Sub
 from radixserve.cluster.base.config import CacheConfig, EngineConfig, RouterConfig, SchedulerConfig
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.base.metrics import scrape, total
+from radixserve.cluster.base.tokenizer import Tokenizer
 from radixserve.router.server import Router
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
 from radixserve.worker.models.checkpoint import Checkpoint
@@ -49,11 +51,11 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def cluster(checkpoint: Checkpoint, num_workers: int = 2, max_waiting: int = 64,
-                  num_pages: int = 256) -> AsyncIterator[Cluster]:
+async def cluster(checkpoint: Checkpoint, num_workers: int = 2, max_waiting: int = 64, num_pages: int = 256,
+                  engine_class: type[GatedEngine] = GatedEngine) -> AsyncIterator[Cluster]:
     config = EngineConfig(model="tiny", cache=CacheConfig(page_size=4, num_pages=num_pages),
                           scheduler=SchedulerConfig(max_waiting_requests=max_waiting))
-    engines = [GatedEngine(config, checkpoint) for _ in range(num_workers)]
+    engines = [engine_class(config, checkpoint) for _ in range(num_workers)]
     servers = [WorkerServer(engine, f"w{i}") for i, engine in enumerate(engines)]
     bus = InProcessBus()
     for i, server in enumerate(servers):
@@ -218,6 +220,71 @@ def test_cancelled_streams_end_their_worker_requests_at_once_and_free_every_page
                                                                      timeout=TIMEOUT_S)
             assert engine.allocator.num_free == engine.allocator.num_pages
             await eventually(lambda: c.router.service.num_in_flight == 0, "the router to count them ended")
+    run(main)
+
+
+class CountingEngine(GatedEngine):
+    """Counts the requests the worker accepted."""
+
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint) -> None:
+        super().__init__(config, checkpoint)
+        self.num_added = 0
+
+    def add_request(self, *args: Any, **kwargs: Any) -> str:
+        request_id = super().add_request(*args, **kwargs)
+        self.num_added += 1
+        return request_id
+
+
+class _UndecodingTokenizer:
+    """A tokenizer whose ``decode`` fails; everything else is the wrapped one's."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        raise RuntimeError("the detokenizer broke")
+
+
+class FailingEngine(CountingEngine):
+    """Every request fails in its own work (detokenizing its first token): the worker answers INTERNAL."""
+
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint) -> None:
+        super().__init__(config, checkpoint)
+        self.tokenizer = _UndecodingTokenizer(self.tokenizer)  # type: ignore[assignment]
+
+
+def test_a_request_is_attempted_on_two_workers_at_most(checkpoint: Checkpoint):
+    async def main() -> None:
+        async with cluster(checkpoint, num_workers=3, engine_class=FailingEngine) as c:
+            retried = total(scrape(c.router.metrics_address), "radixserve_router_retries_total")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await c.stub.Complete(request(), timeout=TIMEOUT_S)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert caught.value.details().count("the detokenizer broke") == 2, caught.value.details()
+            assert sorted(e.num_added for e in c.engines) == [0, 1, 1]
+            metrics = scrape(c.router.metrics_address)
+            assert total(metrics, "radixserve_router_retries_total", code="INTERNAL") - retried == 2
+    run(main)
+
+
+def test_a_request_is_not_retried_once_a_token_reached_the_client(checkpoint: Checkpoint):
+    async def main() -> None:
+        async with cluster(checkpoint, num_workers=3, engine_class=CountingEngine) as c:
+            call = c.stub.Generate(request(max_tokens=60), timeout=TIMEOUT_S)
+            first = await call.read()
+            assert first.choices[0].token_ids
+            serving = next(i for i, e in enumerate(c.engines) if e.num_added)
+            c.engines[serving].gate.clear()  # the request stays in flight
+            await c.servers[serving].stop(grace_s=0.1)  # and its worker goes away
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            assert [e.num_added for e in c.engines].count(0) == 2  # never retried elsewhere
     run(main)
 
 
