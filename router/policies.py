@@ -21,17 +21,26 @@ class Candidate:
     """A worker that may take the request, as the router sees it now.
 
     ``matched_pages``: leading pages of the prompt the worker holds (``PrefixIndex.match``).
-    ``num_in_flight``: requests this router has outstanding on the worker.
-    ``pending_tokens``: the router's estimate of the work still owed there, summed over those requests:
-    uncached prompt tokens plus ``max_tokens``.
-    ``active_pages``: the KV pages those requests' prompts and outputs will occupy there.
+    ``num_in_flight``: requests this router has outstanding on the worker; ``num_queued``: the requests the worker
+    holds as far as anyone knows (the larger of ``num_in_flight`` and the worker's own report).
+    ``pending_prefill_tokens`` / ``pending_output_tokens``: the work still owed there: uncached prompt tokens of
+    requests before their first token, and what is left of every request's output budget (this router's figures
+    or the worker's report, the larger).
+    ``active_pages``: the KV pages this router's requests' prompts and outputs will occupy there.
     """
 
     worker_id: str
     matched_pages: int
     num_in_flight: int
-    pending_tokens: int
+    num_queued: int
+    pending_prefill_tokens: int
+    pending_output_tokens: int
     active_pages: int
+
+    @property
+    def pending_tokens(self) -> int:
+        """Prefill and output tokens still owed, counted alike."""
+        return self.pending_prefill_tokens + self.pending_output_tokens
 
 
 @dataclass(frozen=True)
@@ -68,13 +77,13 @@ def uncached_tokens(request: RouteRequest, candidate: Candidate) -> int:
 class PrefixPolicy(Policy):
     """Least estimated work before the first token: ``uncached_tokens + load_weight * pending_tokens``.
 
-    Ties go to more matched pages, then fewer requests in flight, then one drawn uniformly from ``rng``, so that
+    Ties go to more matched pages, then fewer requests queued, then one drawn uniformly from ``rng``, so that
     idle workers share cold requests evenly.
 
-    When a hot prefix spreads: a worker holding the prefix keeps winning its requests until
-    ``load_weight * (its pending_tokens - another's pending_tokens)`` exceeds the prefill it saves over that
-    other worker (the difference of their ``uncached_tokens``); at equality it still wins. A larger
-    ``load_weight`` spreads sooner; 0 never spreads a cached prefix.
+    When a hot prefix spreads: a worker holding the prefix keeps winning its requests while its
+    ``pending_tokens`` exceed another worker's by at most ``saved / load_weight``, ``saved`` being the prefill it
+    saves over that other worker (the difference of their ``uncached_tokens``); past that, the next request goes
+    to the other worker. A larger ``load_weight`` spreads sooner; 0 never spreads a cached prefix.
     """
 
     name = "prefix"
@@ -90,7 +99,7 @@ class PrefixPolicy(Policy):
         return uncached_tokens(request, candidate) + self._load_weight * candidate.pending_tokens
 
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
-        return lowest([(self.cost(request, c), -c.matched_pages, c.num_in_flight) for c in candidates], self._rng)
+        return lowest([(self.cost(request, c), -c.matched_pages, c.num_queued) for c in candidates], self._rng)
 
 
 class RoundRobinPolicy(Policy):

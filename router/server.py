@@ -240,7 +240,7 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
                              model.page_size)
         started = time.perf_counter()
         decision = decide(self._policy, self._index, route, hashes, [c.worker_id for c in clients],
-                          [c.outstanding for c in clients])
+                          [c.outstanding for c in clients], [c.reported_load for c in clients])
         chosen = clients[decision.worker]
         matched = min(decision.matched_pages * model.page_size / route.num_prompt_tokens, 1.0)
         self._metrics.on_decision(chosen.worker_id, time.perf_counter() - started, matched)
@@ -269,7 +269,9 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
                 if not responded:
                     responded = True
                     client.outstanding.first_token(attempt_id)
-                num_tokens += sum(len(choice.token_ids) for choice in part.choices)
+                num_new = sum(len(choice.token_ids) for choice in part.choices)
+                client.outstanding.progress(attempt_id, num_new)
+                num_tokens += num_new
                 response = api_pb2.GenerateResponse(request_id=prepared.request_id, choices=part.choices,
                                                     worker_id=client.worker_id)
                 if part.finished:

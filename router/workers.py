@@ -23,7 +23,7 @@ from radixserve.cluster.base.bus import (KV_EVENTS_TOPIC, REGISTRY_TOPIC, Change
 from radixserve.router.kv_events import BatchOutcome, KvEventSequencer
 from radixserve.router.metrics import RouterMetrics
 from radixserve.router.prefix_index import PrefixIndex
-from radixserve.router.routing import WorkerLoad
+from radixserve.router.routing import ReportedLoad, WorkerLoad
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,13 @@ class WorkerClient:
     def serving(self) -> bool:
         """Up and informed: it could take a request if its queue has room."""
         return self.state == WorkerState.UP and self.info is not None
+
+    @property
+    def reported_load(self) -> ReportedLoad:
+        """The worker's queue and pending work as of its last load report (zeros before the first)."""
+        load = self.load
+        return ReportedLoad(load.num_running + load.num_waiting, load.num_pending_prefill_tokens,
+                            load.num_pending_output_tokens)
 
     @property
     def full(self) -> bool:

@@ -86,6 +86,7 @@ class _Request:
     pending: list[Sequence] = field(default_factory=list)  # samples 1..n-1, admitted after sample 0's prefill
     aborted: bool = False
     error: str | None = None  # set when the request's own work failed
+    num_cached_at_arrival: int = 0  # its prompt's cached prefix when the engine took it in (an estimate)
     # time.monotonic() of arrival, of the first step that computed it, and of each sample's last token so far
     arrival_s: float = field(default_factory=time.monotonic)
     started_s: float | None = None
@@ -94,6 +95,16 @@ class _Request:
     @property
     def finished(self) -> bool:
         return all(seq.status is SeqStatus.FINISHED for seq in self.seqs)
+
+    def owed_tokens(self, max_model_len: int) -> tuple[int, int]:
+        """Prompt tokens still to prefill before the first token, and the output budgets left of its samples."""
+        leader = self.seqs[0]
+        prefill = 0
+        if leader.num_generated == 0 and leader.status is not SeqStatus.FINISHED:
+            prefill = max(0, leader.prompt_len - max(leader.num_computed, self.num_cached_at_arrival))
+        output = sum(min(seq.params.max_tokens - seq.num_generated, max_model_len - len(seq.token_ids))
+                     for seq in self.seqs if seq.status is not SeqStatus.FINISHED)
+        return prefill, output
 
 
 class Engine:
@@ -251,6 +262,7 @@ class Engine:
     def _drain_inbox(self, touched: dict[str, _Request]) -> None:
         while self._inbox:
             request = self._inbox.popleft()
+            request.num_cached_at_arrival = self.cache.cached_prefix_len(request.seqs[0].token_ids[:-1])
             self.scheduler.add(request.seqs[0])
         while self._aborts:
             request = self._requests.get(self._aborts.popleft())
@@ -411,7 +423,10 @@ class Engine:
         """The current load; any thread (lock-free, so possibly a step out of date while one runs)."""
         running = len({seq.request_id for seq in list(self.scheduler.running)})
         num_free = self.allocator.num_free
+        owed = [request.owed_tokens(self.max_model_len) for request in list(self._requests.values())]
         return EngineLoad(num_running=running, num_waiting=max(0, len(self._requests) - running),
+                          num_pending_prefill_tokens=sum(p for p, _ in owed),
+                          num_pending_output_tokens=sum(o for _, o in owed),
                           num_pages_used=self.allocator.num_pages - num_free, num_pages_free=num_free,
                           # a read between two counter updates of a running step could dip below zero
                           num_pages_evictable=max(0, self.cache.num_evictable_pages),

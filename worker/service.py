@@ -269,7 +269,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             num_pages_free=load.num_pages_free, num_pages_evictable=load.num_pages_evictable,
             num_prompt_tokens=load.num_prompt_tokens, num_cached_prompt_tokens=load.num_cached_prompt_tokens,
             hit_ratio=load.hit_ratio, num_requests_finished=load.num_requests_finished,
-            num_generated_tokens=load.num_generated_tokens, incarnation=self._incarnation)
+            num_generated_tokens=load.num_generated_tokens, incarnation=self._incarnation,
+            num_pending_prefill_tokens=load.num_pending_prefill_tokens,
+            num_pending_output_tokens=load.num_pending_output_tokens)
 
     async def StreamKvEvents(self, request: worker_pb2.StreamKvEventsRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.KvEventBatch]:

@@ -31,7 +31,10 @@ class EngineLoad:
     ``num_running``: requests with a sample in the running batch; ``num_waiting``: the other requests in flight.
     ``num_pages_used`` = pages not free (held by requests or the radix cache); ``num_pages_evictable``: cached
     pages no request holds, which ``flush_cache`` would free. ``num_evicted_pages`` and ``num_preemptions`` count
-    the scheduler's evictions for room and preemptions since the engine started.
+    the scheduler's evictions for room and preemptions since the engine started. ``num_pending_prefill_tokens``:
+    prompt tokens still to prefill for requests before their first token (the cached prefix a waiting request
+    found at arrival left out); ``num_pending_output_tokens``: the output budgets left of every unfinished
+    sample (``max_tokens`` less its tokens, within the context).
     """
 
     num_running: int
@@ -47,6 +50,8 @@ class EngineLoad:
     num_requests_finished: int
     num_evicted_pages: int
     num_preemptions: int
+    num_pending_prefill_tokens: int
+    num_pending_output_tokens: int
 
     @property
     def hit_ratio(self) -> float:

@@ -25,11 +25,12 @@ REQUEST = RouteRequest(num_prompt_tokens=40 * PAGE + 5, max_tokens=64, page_size
 
 
 def idle(worker_id: str, matched_pages: int = 0) -> Candidate:
-    return Candidate(worker_id, matched_pages, num_in_flight=0, pending_tokens=0, active_pages=0)
+    return Candidate(worker_id, matched_pages, num_in_flight=0, num_queued=0, pending_prefill_tokens=0,
+                     pending_output_tokens=0, active_pages=0)
 
 
 def busy(worker_id: str, num_in_flight: int, pending_tokens: int, matched_pages: int = 0) -> Candidate:
-    return Candidate(worker_id, matched_pages, num_in_flight, pending_tokens, active_pages=0)
+    return Candidate(worker_id, matched_pages, num_in_flight, num_in_flight, pending_tokens, 0, active_pages=0)
 
 
 @pytest.mark.parametrize("load_weight", [0.5, 1.0, 2.0, 4.0])
@@ -162,12 +163,15 @@ def test_sglang_balances_only_when_both_thresholds_are_exceeded() -> None:
 
 def test_dynamo_minimises_weighted_prefill_blocks_plus_active_blocks() -> None:
     policy = DynamoKvPolicy(random.Random(0))
-    cached = Candidate("cached", 30, num_in_flight=1, pending_tokens=0, active_pages=20)
-    cold = Candidate("cold", 0, num_in_flight=0, pending_tokens=0, active_pages=0)
+    cached = Candidate("cached", 30, num_in_flight=1, num_queued=1, pending_prefill_tokens=0, pending_output_tokens=0,
+                       active_pages=20)
+    cold = Candidate("cold", 0, num_in_flight=0, num_queued=0, pending_prefill_tokens=0, pending_output_tokens=0,
+                       active_pages=0)
     # cached: (645 - 480) / 16 + 20 = 30.3; cold: 645 / 16 = 40.3 (plus the same own blocks for both)
     assert policy.cost(REQUEST, cached) == (645 - 480) / 16 + 20 + 45
     assert policy.choose(REQUEST, [cold, cached]) == 1
-    busier = Candidate("cached", 30, num_in_flight=1, pending_tokens=0, active_pages=31)
+    busier = Candidate("cached", 30, num_in_flight=1, num_queued=1, pending_prefill_tokens=0, pending_output_tokens=0,
+                       active_pages=31)
     assert policy.choose(REQUEST, [cold, busier]) == 0
     assert {policy.choose(REQUEST, [cold, cold, busier]) for _ in range(50)} == {0, 1}  # ties drawn at random
 

@@ -380,3 +380,20 @@ def test_a_request_that_cannot_be_admitted_evicts_nothing(checkpoint: Checkpoint
     done = run_to_completion(engine)
     assert done["big"].finished
     assert_all_pages_free(engine)
+
+
+def test_the_load_report_counts_the_work_requests_still_owe(checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint, budget=16)
+    [cached, cold] = prompts(2, 41, seed=25)
+    engine.add_request(cached, SamplingParams(max_tokens=1, temperature=0), "warm")
+    run_to_completion(engine)  # 40 of its tokens are now cached
+    engine.add_request(cached[:40] + cold[:9], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), "hit")
+    engine.add_request(cold, SamplingParams(max_tokens=5, temperature=0, n=2, ignore_eos=True), "miss")
+    load = engine.load()  # not taken in yet: whole prompts
+    assert (load.num_pending_prefill_tokens, load.num_pending_output_tokens) == (49 + 41, 8 + 2 * 5)
+    engine.step()  # both taken in; 16 tokens of prefill: the hit's 9 and 7 of the miss's 41
+    load = engine.load()
+    assert load.num_pending_prefill_tokens == 41 - 7
+    assert load.num_pending_output_tokens == 7 + 2 * 5  # the hit sampled its first token
+    run_to_completion(engine)
+    assert (engine.load().num_pending_prefill_tokens, engine.load().num_pending_output_tokens) == (0, 0)

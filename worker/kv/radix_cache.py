@@ -150,6 +150,23 @@ class RadixCache:
         self._touch(node)
         return MatchResult(pages, node)
 
+    def cached_prefix_len(self, tokens: Sequence[int]) -> int:
+        """How many leading tokens of ``tokens`` (whole pages) the cache holds; changes nothing (no split, no LRU
+        touch), so it suits estimates such as load reports."""
+        ps = self._page_size
+        key = tuple(tokens[: len(tokens) // ps * ps])
+        node, pos = self._root, 0
+        while pos + ps <= len(key):
+            child = node._children.get(key[pos : pos + ps])
+            if child is None:
+                break
+            num_same = self._num_same_pages(child._key, key, pos)
+            pos += num_same * ps
+            if num_same < len(child._pages):
+                break
+            node = child
+        return pos
+
     def insert(self, tokens: Sequence[int], pages: Sequence[int]) -> InsertResult:
         """Cache ``tokens`` (Python ints) whose KV is in ``pages``; marks the key most recently used.
 

@@ -22,7 +22,8 @@ from radixserve.worker.metrics import EngineMetrics
 
 IDLE = EngineLoad(num_running=0, num_waiting=0, num_pages_used=0, num_pages_free=100, num_pages_evictable=0,
                   num_steps=0, num_prompt_tokens=0, num_cached_prompt_tokens=0, num_computed_tokens=0,
-                  num_generated_tokens=0, num_requests_finished=0, num_evicted_pages=0, num_preemptions=0)
+                  num_generated_tokens=0, num_requests_finished=0, num_evicted_pages=0, num_preemptions=0,
+                  num_pending_prefill_tokens=0, num_pending_output_tokens=0)
 
 
 def bucket(le: str, value: float) -> Sample:
