@@ -5,10 +5,13 @@ system prompts of ``system_len`` tokens, each followed by ``prompts_per_group`` 
 tokens, ``output_len`` generated tokens each (eos ignored), in a shuffled order with Poisson arrivals at
 ``rate`` requests/s. Prompts are random token ids (seeded), sent as ``token_ids`` so their lengths are exact.
 
-For each policy the bench starts a fresh cluster (``radixserve up --detach``, so client and router are separate
-processes and every policy starts cold), replays the same arrival schedule through the router, then measures
+For each run the bench starts a fresh cluster (``radixserve up --detach``, so client and router are separate
+processes and every run starts cold), replays the same arrival schedule through the router, then measures
 the router's own overhead: the TTFT of a short, cached request through the router minus the same request sent
 straight to the worker the router chose, in pairs whose order alternates, medians of the paired differences.
+Each policy runs ``--repeats`` times (default 2), all runs in one shuffled order (``--order-seed``), because
+this machine's noise moves a run's throughput by 10-30%: the table gives each policy's medians and the spread
+(lowest-highest) of its runs.
 
 Reported per policy: prefix hit ratio (cached / prompt tokens, as the workers report them) and its share of the
 oracle's (one unbounded cache that sees every request in arrival order), TTFT and end-to-end p50/p99,
@@ -24,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -238,6 +242,14 @@ def run_policy(policy: str, arrivals: list[Arrival], w: Workload, args: argparse
         errors=len(outcomes) - len(done), outcomes=[asdict(o) for o in outcomes])
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (these benchmarks run on machines whose CPUs differ)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return "unknown"
+
+
 def _quantile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -249,25 +261,65 @@ def _ms(seconds: float) -> float:
     return seconds * 1000
 
 
-def print_table(results: list[PolicyResult], oracle: float) -> None:
-    print(f"\noracle hit ratio: {oracle:.3f}\n")
-    print("| policy | hit ratio | of oracle | TTFT p50 | TTFT p99 | e2e p50 | e2e p99 | req/s | out tok/s "
-          "| worker share | router overhead p50 / p99 | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+SUMMARY_FIELDS = ("hit_ratio", "oracle_share", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
+                  "requests_per_s", "output_tokens_per_s", "router_overhead_p50_ms", "router_overhead_p99_ms")
+
+
+def summarize(results: list[PolicyResult]) -> dict[str, dict[str, object]]:
+    """Per policy, in first-run order: the median of each figure over its runs, the runs' lowest and highest,
+    the larger worker share of each run, and the errors summed."""
+    by_policy: dict[str, list[PolicyResult]] = {}
     for r in results:
-        share = " / ".join(f"{v:.0%}" for v in r.worker_share.values())
-        print(f"| {r.policy} | {r.hit_ratio:.3f} | {r.oracle_share:.0%} | {r.ttft_p50_ms:,.0f} ms | "
-              f"{r.ttft_p99_ms:,.0f} ms | {r.e2e_p50_ms:,.0f} ms | {r.e2e_p99_ms:,.0f} ms | {r.requests_per_s:.3f} | "
-              f"{r.output_tokens_per_s:.1f} | {share} | {r.router_overhead_p50_ms:.2f} / "
-              f"{r.router_overhead_p99_ms:.2f} ms | {r.errors} |")
-    by_name = {r.policy: r for r in results}
-    if "prefix" in by_name and "round_robin" in by_name:
-        prefix, rr = by_name["prefix"], by_name["round_robin"]
-        ratio = prefix.requests_per_s / rr.requests_per_s
-        print(f"\ntargets: prefix hit ratio {prefix.oracle_share:.0%} of oracle (>= 90%: "
-              f"{'met' if prefix.oracle_share >= 0.9 else 'NOT met'}); throughput {ratio:.2f}x round_robin (>= 1.5x: "
-              f"{'met' if ratio >= 1.5 else 'NOT met'}); router overhead p50 {prefix.router_overhead_p50_ms:.2f} ms "
-              f"(<= 2 ms: {'met' if prefix.router_overhead_p50_ms <= 2 else 'NOT met'})")
+        by_policy.setdefault(r.policy, []).append(r)
+    summary: dict[str, dict[str, object]] = {}
+    for policy, runs in by_policy.items():
+        row: dict[str, object] = {"runs": len(runs), "errors": sum(r.errors for r in runs),
+                                  "max_worker_share": [max(r.worker_share.values()) for r in runs]}
+        for name in SUMMARY_FIELDS:
+            values = [getattr(r, name) for r in runs]
+            row[name] = statistics.median(values)
+            row[name + "_range"] = [min(values), max(values)]
+        summary[policy] = row
+    return summary
+
+
+def print_table(summary: dict[str, dict], oracle: float) -> None:
+    print(f"\noracle hit ratio: {oracle:.3f}; medians over each policy's runs, (lowest-highest) beside\n")
+    print("| policy | runs | hit ratio | of oracle | TTFT p50 | TTFT p99 | e2e p50 | e2e p99 | req/s "
+          "| busier worker's share | router overhead p50 / p99 | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for policy, r in summary.items():
+        def spread(name: str, fmt: str, scale: float = 1.0) -> str:
+            low, high = r[name + "_range"]
+            return f"{r[name] * scale:{fmt}} ({low * scale:{fmt}}-{high * scale:{fmt}})"
+        shares = ", ".join(f"{v:.0%}" for v in r["max_worker_share"])
+        print(f"| {policy} | {r['runs']} | {spread('hit_ratio', '.3f')} | {r['oracle_share']:.0%} | "
+              f"{spread('ttft_p50_ms', ',.1f', 1e-3)} s | {spread('ttft_p99_ms', ',.1f', 1e-3)} s | "
+              f"{r['e2e_p50_ms'] / 1000:,.1f} s | {r['e2e_p99_ms'] / 1000:,.1f} s | {spread('requests_per_s', '.3f')} | "
+              f"{shares} | {r['router_overhead_p50_ms']:.2f} / {r['router_overhead_p99_ms']:.2f} ms | {r['errors']} |")
+    _print_targets(summary)
+
+
+def _print_targets(summary: dict[str, dict]) -> None:
+    def check(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    prefix = summary.get("prefix")
+    if prefix is None:
+        return
+    lines = [f"prefix hit ratio {prefix['oracle_share']:.0%} of oracle (>= 90%: {check(prefix['oracle_share'] >= 0.9)})",
+             f"router overhead p50 {prefix['router_overhead_p50_ms']:.2f} ms (<= 2 ms: "
+             f"{check(prefix['router_overhead_p50_ms'] <= 2)})"]
+    if "round_robin" in summary:
+        ratio = prefix["requests_per_s"] / summary["round_robin"]["requests_per_s"]
+        lines.append(f"throughput {ratio:.2f}x round_robin (>= 1.5x: {check(ratio >= 1.5)})")
+    if "sglang_cache_aware" in summary:
+        peer = summary["sglang_cache_aware"]
+        ratio = prefix["requests_per_s"] / peer["requests_per_s"]
+        p99 = prefix["ttft_p99_ms"] / peer["ttft_p99_ms"]
+        lines.append(f"throughput {ratio:.2f}x sglang_cache_aware (>= 1.0x: {check(ratio >= 1.0)}); TTFT p99 "
+                     f"{p99:.2f}x sglang_cache_aware's (<= 1.0x: {check(p99 <= 1.0)})")
+    print("\ntargets (medians): " + "; ".join(lines))
 
 
 def main() -> int:
@@ -275,6 +327,8 @@ def main() -> int:
     for name, default in asdict(Workload()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each policy, all in one shuffled order")
+    parser.add_argument("--order-seed", type=int, default=0)
     parser.add_argument("--kv-memory-gib", type=float, default=0.3,
                         help="KV cache per worker (0.3 GiB, 6.5k tokens, holds about 6 of the 8 groups' prompts)")
     parser.add_argument("--port", type=int, default=50071)
@@ -284,14 +338,18 @@ def main() -> int:
     workload = Workload(**{name: getattr(args, name) for name in asdict(Workload())})
     arrivals = make_arrivals(workload)
     oracle = oracle_hit_ratio(arrivals, "smollm2-135m-instruct")
+    order = [policy for policy in args.policies for _ in range(args.repeats)]
+    random.Random(args.order_seed).shuffle(order)
     results = []
-    for policy in args.policies:
-        print(f"running {policy} ...", file=sys.stderr, flush=True)
+    for i, policy in enumerate(order, start=1):
+        print(f"run {i}/{len(order)}: {policy} ...", file=sys.stderr, flush=True)
         results.append(run_policy(policy, arrivals, workload, args, oracle))
-    print_table(results, oracle)
+    summary = summarize(results)
+    print_table(summary, oracle)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"workload": asdict(workload), "kv_memory_gib": args.kv_memory_gib,
-                                    "oracle_hit_ratio": oracle, "results": [asdict(r) for r in results]}, indent=1))
+                                    "oracle_hit_ratio": oracle, "cpu": _cpu_model(), "order": order,
+                                    "summary": summary, "results": [asdict(r) for r in results]}, indent=1))
     print(f"\nwrote {args.out}")
     return 0
 
