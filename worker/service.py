@@ -252,11 +252,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             except RequestFailed as error:  # this request's own work failed; the others go on
                 await context.abort(grpc.StatusCode.INTERNAL, str(error))
 
-    async def Abort(self, request: worker_pb2.AbortRequest,
-                    context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
-        self._engine.abort(request.request_id)
-        return worker_pb2.AbortResponse()
-
     async def GetInfo(self, request: worker_pb2.GetInfoRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.WorkerInfo:
         return self._info

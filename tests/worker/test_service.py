@@ -235,27 +235,6 @@ def test_cancelling_a_stream_aborts_the_request_and_frees_its_pages(checkpoint: 
     assert engine.stats.num_requests_finished == 1
 
 
-def test_abort_ends_the_stream_with_finish_reason_abort(checkpoint: Checkpoint) -> None:
-    engine = make_engine(checkpoint)
-    engine.gate.clear()
-
-    async def main() -> Responses:
-        async with serving(engine) as (_, channel):
-            stub = worker_pb2_grpc.WorkerStub(channel)
-            held = asyncio.create_task(generate(stub, request(PROMPT, LONG, request_id="held")))
-            await eventually(engine.has_unfinished)
-            for request_id in ("held", "unknown"):
-                await stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=RPC_TIMEOUT_S)
-            engine.gate.set()
-            responses = await held
-            await eventually(lambda: pages_released(stub))
-            return responses
-
-    responses = run(main)
-    assert [c.finish_reason for r in responses for c in r.choices] == ["abort"] and responses[-1].finished
-    assert engine.stats.num_generated_tokens == 0
-
-
 def test_a_passed_deadline_aborts_the_request(checkpoint: Checkpoint) -> None:
     engine = make_engine(checkpoint)
     engine.gate.clear()
@@ -454,6 +433,13 @@ def test_undecodable_bytes_are_invalid_argument_naming_the_message(raw_worker: g
     method = data.draw(st.sampled_from(list(WORKER_SERVICE.methods)), label="method")
     with refused(method):
         call_raw(raw_worker, method, data.draw(undecodable(request_class(method)), label="bytes"), RPC_TIMEOUT_S)
+
+
+def test_the_worker_has_no_abort_method(raw_worker: grpc.Channel) -> None:
+    """Routers abort a request by cancelling its Generate call; there is no separate Abort."""
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_worker.unary_unary("/radixserve.v1.Worker/Abort")(b"", timeout=RPC_TIMEOUT_S)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_the_worker_serves_after_undecodable_bytes(checkpoint: Checkpoint, raw_worker: grpc.Channel) -> None:

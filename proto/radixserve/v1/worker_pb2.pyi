@@ -30,16 +30,6 @@ class WorkerGenerateResponse(_message.Message):
     finished: bool
     def __init__(self, choices: _Optional[_Iterable[_Union[_types_pb2.CompletionChunk, _Mapping]]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
 
-class AbortRequest(_message.Message):
-    __slots__ = ("request_id",)
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
-
-class AbortResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -40,11 +40,6 @@ class WorkerStub:
                 request_serializer=radixserve_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_worker__pb2.WorkerGenerateResponse.FromString,
                 _registered_method=True)
-        self.Abort = channel.unary_unary(
-                '/radixserve.v1.Worker/Abort',
-                request_serializer=radixserve_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
-                response_deserializer=radixserve_dot_v1_dot_worker__pb2.AbortResponse.FromString,
-                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/radixserve.v1.Worker/GetInfo',
                 request_serializer=radixserve_dot_v1_dot_worker__pb2.GetInfoRequest.SerializeToString,
@@ -73,13 +68,6 @@ class WorkerServicer:
     def Generate(self, request, context):
         """Generate from token ids; streams deltas until every sample finished. Cancelling the call aborts the
         request and releases its KV pages.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Abort(self, request, context):
-        """Abort a request by id (no error when it is unknown or already finished).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,11 +106,6 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=radixserve_dot_v1_dot_worker__pb2.WorkerGenerateRequest.FromString,
                     response_serializer=radixserve_dot_v1_dot_worker__pb2.WorkerGenerateResponse.SerializeToString,
-            ),
-            'Abort': grpc.unary_unary_rpc_method_handler(
-                    servicer.Abort,
-                    request_deserializer=radixserve_dot_v1_dot_worker__pb2.AbortRequest.FromString,
-                    response_serializer=radixserve_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -172,33 +155,6 @@ class Worker:
             '/radixserve.v1.Worker/Generate',
             radixserve_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
             radixserve_dot_v1_dot_worker__pb2.WorkerGenerateResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Abort(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/radixserve.v1.Worker/Abort',
-            radixserve_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
-            radixserve_dot_v1_dot_worker__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
