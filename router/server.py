@@ -15,13 +15,15 @@ pick one, and streams the worker's tokens back. Guarantees:
   INVALID_ARGUMENT naming the message (``cluster.base.wire.add_servicer``); a full cluster (every worker refused
   it) RESOURCE_EXHAUSTED; a cluster without an up worker (or a draining router) UNAVAILABLE.
 
-The tokenizer and the model's limits come from the workers (``GetInfo``), so a router needs no model files.
+The tokenizer and the model's limits come from the workers (``GetInfo``), so a router needs no model files: see
+``ModelView`` for which workers a request may go to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -59,13 +61,20 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, g
 
 @dataclass(frozen=True)
 class ModelView:
-    """What the router needs of the model every worker serves, learned from the first worker's ``GetInfo``."""
+    """What the router needs of the model it serves, learned from a worker's ``GetInfo``: how to tokenize for it
+    and hash its pages.
 
-    model: str
+    A worker *matches* the view when its pages hash like the view's (namespace and page size) and it takes the
+    view's token ids (vocabulary size); it *serves* a request when it also has room for the request's prompt
+    (``min_model_len``, set per request by ``for_prompt``). Workers of another model or namespace are not routed
+    to while the view holds; the service learns a new view once no serving worker matches the current one.
+    """
+
     hash_namespace: str
     page_size: int
+    vocab_size: int
     tokenizer: Tokenizer
-    limits: ModelLimits
+    min_model_len: int = 0
 
     @classmethod
     def from_info(cls, info: worker_pb2.WorkerInfo) -> ModelView:
@@ -74,13 +83,20 @@ class ModelView:
             spec.backend_json, chat_template=spec.chat_template or None,
             bos_token_id=spec.bos_token_id if spec.HasField("bos_token_id") else None,
             eos_token_id=spec.eos_token_id if spec.HasField("eos_token_id") else None)
-        return cls(info.model, info.hash_namespace, info.page_size, tokenizer,
-                   ModelLimits(info.vocab_size, info.max_model_len))
+        return cls(info.hash_namespace, info.page_size, info.vocab_size, tokenizer)
+
+    def matches(self, info: worker_pb2.WorkerInfo) -> bool:
+        """Whether the worker's pages hash like ours and it takes our token ids."""
+        return (info.hash_namespace, info.page_size, info.vocab_size) == (
+            self.hash_namespace, self.page_size, self.vocab_size)
 
     def serves(self, info: worker_pb2.WorkerInfo) -> bool:
-        """Whether a worker's pages hash like ours (same namespace and page size) and it takes our prompts."""
-        return (info.hash_namespace == self.hash_namespace and info.page_size == self.page_size
-                and info.vocab_size == self.limits.vocab_size)
+        """Whether the worker matches and its context holds ``min_model_len`` tokens."""
+        return self.matches(info) and info.max_model_len >= self.min_model_len
+
+    def for_prompt(self, num_tokens: int) -> ModelView:
+        """The view for a request whose prompt is ``num_tokens`` long: it needs a context with room for one more."""
+        return dataclasses.replace(self, min_model_len=num_tokens + 1)
 
 
 class _Failure(Exception):
@@ -105,7 +121,7 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
         self._index = index
         self._metrics = metrics
         self._policy = make_policy(config.policy, config.load_weight, random.Random(config.seed))
-        self._model: ModelView | None = None
+        self._view: ModelView | None = None
         self.draining = False
         self.num_in_flight = 0
 
@@ -191,13 +207,15 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
                      context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.GenerateResponse]:
         if self.draining:
             raise _Failure(grpc.StatusCode.UNAVAILABLE, "the router is draining; send to another router")
-        model = self._model_view()
-        if model is None:
-            raise _Failure(grpc.StatusCode.UNAVAILABLE, "no worker is up yet; retry shortly")
+        served = self._model()
+        if served is None:
+            raise _Failure(grpc.StatusCode.UNAVAILABLE, "no worker is up; retry shortly")
+        model, limits = served
         try:
-            prepared = prepare(request, model.tokenizer, model.limits)
+            prepared = prepare(request, model.tokenizer, limits)
         except ValueError as error:
             raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from error
+        model = model.for_prompt(len(prepared.token_ids))
         hashes = page_hashes(prepared.token_ids, model.page_size, namespace_seed(model.hash_namespace))
         deadline = _deadline(context, prepared.timeout_s)
         failures: list[_Retry] = []
@@ -216,12 +234,20 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
                 self._metrics.retries.labels(failure.code.name).inc()
         raise _Failure(*_exhausted(failures))
 
-    def _model_view(self) -> ModelView | None:
-        if self._model is None:
-            informed = [c.info for c in self._workers.clients.values() if c.info is not None]
-            if informed:
-                self._model = ModelView.from_info(informed[0])
-        return self._model
+    def _model(self) -> tuple[ModelView, ModelLimits] | None:
+        """The view requests are served under, and its limits: the largest context among the serving workers
+        that match it. None while no worker serves.
+
+        The view holds while a serving worker matches it; once none does (the pool moved to another model or
+        namespace), it is learned anew from the serving worker with the lowest id.
+        """
+        infos = [c.info for c in sorted(self._workers.serving(), key=lambda c: c.worker_id) if c.info is not None]
+        if self._view is None or not any(self._view.matches(info) for info in infos):
+            if not infos:
+                return None
+            self._view = ModelView.from_info(infos[0])
+        view = self._view
+        return view, ModelLimits(view.vocab_size, max(i.max_model_len for i in infos if view.matches(i)))
 
     def _choose(self, prepared: PreparedRequest, hashes: list[int], model: ModelView,
                 tried: set[str]) -> tuple[WorkerClient, Decision] | None:

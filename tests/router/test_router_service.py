@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,14 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def cluster(checkpoint: Checkpoint, num_workers: int = 2, max_waiting: int = 64, num_pages: int = 256,
-                  engine_class: type[GatedEngine] = GatedEngine) -> AsyncIterator[Cluster]:
+                  engine_class: type[GatedEngine] = GatedEngine,
+                  worker_settings: Sequence[dict[str, Any]] = ()) -> AsyncIterator[Cluster]:
+    """``num_workers`` workers over tiny engines (``worker_settings[i]`` overrides worker i's ``EngineConfig``
+    fields), announced on an in-process bus, and a router following them."""
     config = EngineConfig(model="tiny", cache=CacheConfig(page_size=4, num_pages=num_pages),
                           scheduler=SchedulerConfig(max_waiting_requests=max_waiting))
-    engines = [engine_class(config, checkpoint) for _ in range(num_workers)]
+    settings_of = list(worker_settings) + [{}] * (num_workers - len(worker_settings))
+    engines = [engine_class(dataclasses.replace(config, **settings), checkpoint) for settings in settings_of]
     servers = [WorkerServer(engine, f"w{i}") for i, engine in enumerate(engines)]
     bus = InProcessBus()
     for i, server in enumerate(servers):
@@ -285,6 +290,43 @@ def test_a_request_is_not_retried_once_a_token_reached_the_client(checkpoint: Ch
                     pass
             assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
             assert [e.num_added for e in c.engines].count(0) == 2  # never retried elsewhere
+    run(main)
+
+
+def prompt_of(num_tokens: int, variant: int = 0) -> api_pb2.GenerateRequest:
+    """A greedy request for ``num_tokens`` prompt tokens; variants differ from their first page on."""
+    ids = [(3 * j + 11 * variant) % 300 + 5 for j in range(num_tokens)]
+    return api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=ids),
+                                   sampling=types_pb2.SamplingOptions(max_tokens=4, temperature=0))
+
+
+def test_a_prompt_goes_only_to_workers_whose_context_fits_it(checkpoint: Checkpoint):
+    async def main() -> None:
+        async with cluster(checkpoint, worker_settings=[{"max_model_len": 64}]) as c:  # w1: 256 tokens
+            for _ in range(4):
+                assert (await c.stub.Complete(prompt_of(100), timeout=TIMEOUT_S)).worker_id == "w1"
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await c.stub.Complete(prompt_of(300), timeout=TIMEOUT_S)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.details().startswith("token_ids: the prompt is 300 tokens"), caught.value.details()
+            assert "context of 256 tokens" in caught.value.details()
+            for variant in range(1, 41):  # cold short prompts tie, broken at random: some go to the short worker
+                if (await c.stub.Complete(prompt_of(20, variant), timeout=TIMEOUT_S)).worker_id == "w0":
+                    break
+            else:
+                raise AssertionError("no short prompt went to the worker with the short context")
+    run(main)
+
+
+def test_the_router_follows_the_pool_to_another_model_once_no_worker_serves_its_own(checkpoint: Checkpoint):
+    async def main() -> None:
+        async with cluster(checkpoint, worker_settings=[{}, {"namespace": "other"}]) as c:
+            for variant in range(8):  # w1's pages hash differently: not routed to while w0 serves the router's view
+                assert (await c.stub.Complete(prompt_of(20, variant), timeout=TIMEOUT_S)).worker_id == "w0"
+            await c.servers[0].stop(grace_s=1)
+            await c.bus.withdraw("w0")
+            await eventually(lambda: "w0" not in c.router.workers.clients, "the router to drop w0")
+            assert (await c.stub.Complete(prompt_of(20), timeout=TIMEOUT_S)).worker_id == "w1"
     run(main)
 
 
