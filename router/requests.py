@@ -1,11 +1,14 @@
 """Turning a public ``GenerateRequest`` into what a worker runs: validated, templated and tokenized once.
 
 Every problem raises ValueError whose message starts with the request field's path (``chat.messages[0].role``,
-``sampling.top_p``, ``token_ids``), which the router answers with INVALID_ARGUMENT.
+``sampling.top_p``, ``token_ids``), which the router answers with INVALID_ARGUMENT. A ``max_tokens`` beyond what
+the context leaves after the prompt is capped to it: the engine stops there anyway (finish reason ``length``),
+and the router's load estimates stay bounded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import uuid
 from dataclasses import dataclass
@@ -28,6 +31,9 @@ class ModelLimits:
 
 @dataclass(frozen=True)
 class PreparedRequest:
+    """A validated request: ``params`` are the sampling options as given, but ``max_tokens`` (and ``min_tokens``
+    with it) at most the context's room after the prompt."""
+
     request_id: str
     token_ids: tuple[int, ...]
     params: SamplingParams
@@ -40,12 +46,20 @@ def prepare(request: api_pb2.GenerateRequest, tokenizer: Tokenizer, limits: Mode
     params = sampling_params_from_proto(request.sampling)
     _check_ids(params.stop_token_ids, "sampling.stop_token_ids", limits.vocab_size)
     token_ids = _prompt_ids(request, tokenizer, limits)
+    params = _capped(params, limits.max_model_len - len(token_ids))
     timeout_s = None
     if request.HasField("timeout_seconds"):
         timeout_s = request.timeout_seconds
         if not (math.isfinite(timeout_s) and timeout_s > 0):
             raise ValueError(f"timeout_seconds: must be a finite number > 0, got {timeout_s!r}")
     return PreparedRequest(request_id, tuple(token_ids), params, timeout_s)
+
+
+def _capped(params: SamplingParams, room: int) -> SamplingParams:
+    """``params`` with at most ``room`` tokens to generate per sample."""
+    if params.max_tokens <= room:
+        return params
+    return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
 
 
 def _request_id(request_id: str) -> str:

@@ -330,6 +330,24 @@ def test_the_router_follows_the_pool_to_another_model_once_no_worker_serves_its_
     run(main)
 
 
+def test_max_tokens_beyond_the_context_is_capped_to_it(checkpoint: Checkpoint):
+    async def main() -> None:
+        async with cluster(checkpoint, num_workers=1) as c:
+            c.engines[0].gate.clear()
+            unbounded = api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=list(range(5, 25))),
+                                                sampling=types_pb2.SamplingOptions(
+                                                    max_tokens=2**63 - 1, n=2, temperature=0, ignore_eos=True))
+            reply = asyncio.ensure_future(c.stub.Complete(unbounded, timeout=TIMEOUT_S))
+            await eventually(lambda: c.router.service.num_in_flight == 1, "the request to reach the worker")
+            outstanding = c.router.workers.clients["w0"].outstanding
+            assert 0 < outstanding.pending_tokens <= 20 + 2 * (256 - 20)  # its prompt, and two samples' room
+            c.engines[0].gate.set()
+            done = await reply
+            assert [len(choice.token_ids) for choice in done.choices] == [256 - 20] * 2
+            assert [choice.finish_reason for choice in done.choices] == ["length"] * 2
+    run(main)
+
+
 def test_drain_finishes_requests_in_flight_and_refuses_new_ones(checkpoint: Checkpoint):
     async def main() -> None:
         async with cluster(checkpoint, num_workers=1) as c:
