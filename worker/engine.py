@@ -7,7 +7,8 @@ Ray actor are thin shells around this object.
 Threading contract: one thread at a time calls ``step`` (and owns everything not listed here). From any
 thread, also while ``step`` runs in another:
 
-- ``add_request`` and ``abort`` only validate and enqueue; ``step`` applies them at its start.
+- ``add_request`` and ``abort`` only validate and enqueue (``add_request`` also reads, without locking, how much
+  of the prompt the cache holds, an estimate for ``load``); ``step`` applies them at its start.
 - ``flush_cache`` runs at once between steps, or at the end of the step in progress; its future tells how
   many pages it freed.
 - ``take_events`` returns the radix cache's events in order: ``step`` moves them into a lock-protected
@@ -176,6 +177,8 @@ class Engine:
         prompt_ids = self._prompt_ids(prompt)
         self._check_token_ids(params.stop_token_ids, "stop_token_ids")
         request = self._make_request(request_id, prompt_ids, params)
+        # An estimate for load reports, read without the stepping thread: the cache may change meanwhile.
+        request.num_cached_at_arrival = self.cache.cached_prefix_len(prompt_ids[:-1])
         self._requests[request_id] = request
         self._inbox.append(request)
         return request_id
@@ -262,7 +265,6 @@ class Engine:
     def _drain_inbox(self, touched: dict[str, _Request]) -> None:
         while self._inbox:
             request = self._inbox.popleft()
-            request.num_cached_at_arrival = self.cache.cached_prefix_len(request.seqs[0].token_ids[:-1])
             self.scheduler.add(request.seqs[0])
         while self._aborts:
             request = self._requests.get(self._aborts.popleft())

@@ -389,8 +389,8 @@ def test_the_load_report_counts_the_work_requests_still_owe(checkpoint: Checkpoi
     run_to_completion(engine)  # 40 of its tokens are now cached
     engine.add_request(cached[:40] + cold[:9], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), "hit")
     engine.add_request(cold, SamplingParams(max_tokens=5, temperature=0, n=2, ignore_eos=True), "miss")
-    load = engine.load()  # not taken in yet: whole prompts
-    assert (load.num_pending_prefill_tokens, load.num_pending_output_tokens) == (49 + 41, 8 + 2 * 5)
+    load = engine.load()  # not taken in yet: the prompts less the prefix cached when they arrived
+    assert (load.num_pending_prefill_tokens, load.num_pending_output_tokens) == (9 + 41, 8 + 2 * 5)
     engine.step()  # both taken in; 16 tokens of prefill: the hit's 9 and 7 of the miss's 41
     load = engine.load()
     assert load.num_pending_prefill_tokens == 41 - 7
