@@ -91,3 +91,15 @@ def test_oversize_messages_are_refused_and_the_router_keeps_serving(stub: api_pb
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     reply = stub.Complete(chat_request("You are terse.", "Say hi.", max_tokens=3), timeout=120)
     assert reply.choices[0].token_ids
+
+
+def test_bytes_that_do_not_parse_are_invalid_argument_and_the_router_keeps_serving(
+        channel: grpc.Channel, stub: api_pb2_grpc.GenerationStub):
+    complete = channel.unary_unary("/radixserve.v1.Generation/Complete", request_serializer=None,
+                                   response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as caught:
+        complete(b"\xff\xff\xff", timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("GenerateRequest: cannot be parsed: "), caught.value.details()
+    reply = stub.Complete(chat_request("You are terse.", "Say hi.", max_tokens=3), timeout=120)
+    assert reply.choices[0].token_ids
