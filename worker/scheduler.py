@@ -4,58 +4,95 @@ Each ``schedule()`` builds one step under a token budget: every running sequence
 one token, sequences still prefilling get the next chunk of their prompt, and waiting sequences are
 admitted in arrival order, first reusing the longest cached prefix of their tokens; a waiting sequence whose
 prompt shares a page still being prefilled by a running one waits for it rather than computing it again.
-When the KV pool runs
-short, unlocked radix-cache pages are evicted first (LRU); then the most recently admitted running sequence
-is preempted: its computed full pages go into the radix cache, the rest is freed, and it waits to be
-recomputed (which mostly re-matches what it just cached).
+When the KV pool runs short, unlocked radix-cache pages are evicted first (LRU); then the most recently
+admitted running sequence is preempted: its computed full pages go into the radix cache, the rest is freed,
+and it waits to be recomputed (which mostly re-matches what it just cached).
+
+The scheduler keeps page accounting only: it works on any ``KVSequence`` and any ``PrefixCache``, and never
+touches a tensor, so whatever runs the steps (the engine, the cluster simulator) gets the same decisions.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import NamedTuple
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from radixserve.cluster.base.config import SchedulerConfig
 from radixserve.worker.kv.allocator import PageAllocator
-from radixserve.worker.kv.radix_cache import RadixCache
-from radixserve.worker.sequence import Sequence, SeqStatus
+from radixserve.worker.kv.radix_cache import InsertResult, MatchResult, TreeNode
+from radixserve.worker.sequence import KVSequence, SeqStatus
 
 _MAX_DEFERRED = 64  # waiting sequences one step may pass over while their prefix is being prefilled
 
+S = TypeVar("S", bound=KVSequence)
 
-class ScheduledSeq(NamedTuple):
-    seq: Sequence
+
+class PrefixCache(Protocol):
+    """The prefix cache the scheduler drives, with ``RadixCache``'s contract (``RadixCache`` is one)."""
+
+    @property
+    def num_evictable_pages(self) -> int: ...
+
+    def match_prefix(self, tokens: Sequence[int]) -> MatchResult: ...
+
+    def insert(self, tokens: Sequence[int], pages: Sequence[int]) -> InsertResult: ...
+
+    def lock(self, node: TreeNode) -> None: ...
+
+    def unlock(self, node: TreeNode) -> None: ...
+
+    def evict(self, num_pages: int) -> int: ...
+
+
+class ScheduledSeq(NamedTuple, Generic[S]):
+    seq: S
     num_tokens: int  # tokens fed this step, from seq.num_computed
 
 
-class ScheduledBatch(NamedTuple):
+class ScheduledBatch(NamedTuple, Generic[S]):
     """Decoding sequences (one token each) first, then prefill chunks."""
 
-    items: list[ScheduledSeq]
+    items: list[ScheduledSeq[S]]
     num_tokens: int
 
 
-class Scheduler:
-    """Owns the waiting queue, the running set and every sequence's pages and cache locks."""
+class Scheduler(Generic[S]):
+    """Owns the waiting queue, the running set and every sequence's pages and cache locks.
 
-    def __init__(self, config: SchedulerConfig, cache: RadixCache, allocator: PageAllocator, page_size: int):
+    ``max_running_requests`` bounds the distinct requests running (a request's samples count once).
+    ``extend_prefix(seq, start, stop)``, when given, is a slower KV tier (host memory) below the cache: after the
+    cache matched ``start`` pages of an admitted ``seq``, it returns how many of the pages ``start .. stop - 1``
+    of ``seq.token_ids`` it holds, consecutively from ``start``. Those count as cached and computed: the
+    scheduler gives them pages with the first chunk, and the caller brings their KV in before that chunk runs.
+    """
+
+    def __init__(self, config: SchedulerConfig, cache: PrefixCache, allocator: PageAllocator, page_size: int,
+                 extend_prefix: Callable[[S, int, int], int] | None = None):
         self.config = config
         self.cache = cache
         self.allocator = allocator
         self.page_size = page_size
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.extend_prefix = extend_prefix
+        self.waiting: deque[S] = deque()
+        self.running: list[S] = []
+        self._running_requests: Counter[str] = Counter()  # running sequences per request id
         self.num_preemptions = 0
         self.num_evicted_pages = 0
 
-    def add(self, seq: Sequence) -> None:
+    @property
+    def num_running_requests(self) -> int:
+        """Distinct requests with a running sequence."""
+        return len(self._running_requests)
+
+    def add(self, seq: S) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self) -> ScheduledBatch[S]:
         """Picks this step's work and makes sure every picked sequence has pages for its new tokens."""
         budget = self.config.max_num_batched_tokens
-        decodes: list[ScheduledSeq] = []
-        prefills: list[ScheduledSeq] = []
+        decodes: list[ScheduledSeq[S]] = []
+        prefills: list[ScheduledSeq[S]] = []
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -70,9 +107,17 @@ class Scheduler:
         items = decodes + prefills
         return ScheduledBatch(items, sum(item.num_tokens for item in items))
 
-    def _admit(self, budget: int, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq]) -> None:
-        deferred: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+    def complete(self, batch: ScheduledBatch[S]) -> None:
+        """Records that ``batch`` was computed: each sequence's ``num_computed`` advances by its tokens, and the
+        full pages a prefill chunk completed enter the radix cache (later prompts match them from the next step)."""
+        for seq, num_tokens in batch.items:
+            seq.num_computed += num_tokens
+            if num_tokens > 1 and seq.status is SeqStatus.RUNNING:
+                self.cache_computed(seq)
+
+    def _admit(self, budget: int, prefills: list[ScheduledSeq[S]], decodes: list[ScheduledSeq[S]]) -> None:
+        deferred: list[S] = []
+        while self.waiting and budget > 0 and self._may_run(self.waiting[0]):
             seq = self.waiting.popleft()
             if len(deferred) < _MAX_DEFERRED and self._prefix_in_progress(seq):
                 deferred.append(seq)
@@ -83,13 +128,17 @@ class Scheduler:
                 self._release(seq)
                 self.waiting.appendleft(seq)
                 break
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
+            self._start_running(seq)
             budget -= num_tokens
             (decodes if num_tokens == 1 else prefills).append(ScheduledSeq(seq, num_tokens))
         self.waiting.extendleft(reversed(deferred))
 
-    def _prefix_in_progress(self, seq: Sequence) -> bool:
+    def _may_run(self, seq: S) -> bool:
+        """Whether ``max_running_requests`` lets ``seq`` run: its request runs already, or fewer requests do."""
+        return (seq.request_id in self._running_requests
+                or len(self._running_requests) < self.config.max_running_requests)
+
+    def _prefix_in_progress(self, seq: S) -> bool:
         """Whether a running sequence is still prefilling at least one more full page of ``seq``'s prompt.
 
         Admitting ``seq`` now would compute that page twice; waiting lets it match the page once the other
@@ -99,29 +148,30 @@ class Scheduler:
             if other.num_computed >= other.prompt_len:
                 continue
             need = (other.num_computed // self.page_size + 1) * self.page_size
-            if need <= min(len(seq.token_ids) - 1, other.prompt_len) and seq.token_ids[:need] == other.token_ids[:need]:
+            if need <= min(len(seq.token_ids) - 1, other.prompt_len) and _same_prefix(seq, other, need):
                 return True
         return False
 
-    def _match(self, seq: Sequence) -> None:
+    def _match(self, seq: S) -> None:
         # Leave at least one token uncached: its logits are needed to sample.
-        match = self.cache.match_prefix(seq.token_ids[: len(seq.token_ids) - 1])
+        limit = len(seq.token_ids) - 1
+        match = self.cache.match_prefix(seq.token_ids[:limit])
         self.cache.lock(match.node)
         seq.node = match.node
         seq.pages = list(match.pages)
-        seq.num_tree_pages = len(match.pages)
-        seq.num_computed = len(match.pages) * self.page_size
+        seq.num_tree_pages = num_pages = len(match.pages)
+        if self.extend_prefix is not None:
+            num_pages += self.extend_prefix(seq, num_pages, limit // self.page_size)
+        seq.num_computed = num_pages * self.page_size
         if seq.num_preemptions == 0:  # re-admitted, it would match the pages it computed itself
             seq.num_cached_prompt_tokens = seq.num_computed
 
-    def _pages_needed(self, seq: Sequence, num_tokens: int) -> int:
-        total = -(-(seq.num_computed + num_tokens) // self.page_size)
-        return max(0, total - len(seq.pages))
-
-    def _allocate(self, seq: Sequence, num_tokens: int, preempt: bool) -> bool:
+    def _allocate(self, seq: S, num_tokens: int, preempt: bool) -> bool:
         """Pages for ``num_tokens`` more tokens of ``seq``, evicting the radix cache first; with ``preempt``,
         then preempting the most recently admitted running sequences (possibly ``seq`` itself: False)."""
-        needed = self._pages_needed(seq, num_tokens)
+        needed = -(-(seq.num_computed + num_tokens) // self.page_size) - len(seq.pages)
+        if needed <= 0:
+            return True  # most decode steps
         while True:
             pages = self._alloc_evicting(needed)
             if pages is not None:
@@ -144,9 +194,9 @@ class Scheduler:
             self.num_evicted_pages += self.cache.evict(shortfall)
         return self.allocator.alloc(num_pages)
 
-    def preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: S) -> None:
         """Moves a running sequence back to the head of the queue, caching what it computed."""
-        self.running.remove(seq)
+        self._stop_running(seq)
         self.cache_computed(seq)
         self._release(seq)
         seq.status = SeqStatus.WAITING
@@ -154,7 +204,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def cache_computed(self, seq: Sequence) -> None:
+    def cache_computed(self, seq: S) -> None:
         """Hands the full pages of the computed tokens to the radix cache and re-pins them there."""
         num_full = seq.num_computed // self.page_size
         if num_full <= seq.num_tree_pages:
@@ -168,7 +218,7 @@ class Scheduler:
         seq.pages[:num_full] = result.pages
         seq.num_tree_pages = num_full
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: S) -> None:
         """Frees the sequence's own pages and unpins its cached prefix; its KV state is reset."""
         self.allocator.free(seq.pages[seq.num_tree_pages :])
         if seq.node is not None:
@@ -178,13 +228,31 @@ class Scheduler:
         seq.num_tree_pages = 0
         seq.num_computed = 0
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def _start_running(self, seq: S) -> None:
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        self._running_requests[seq.request_id] += 1
+
+    def _stop_running(self, seq: S) -> None:
+        self.running.remove(seq)
+        self._running_requests[seq.request_id] -= 1
+        if not self._running_requests[seq.request_id]:
+            del self._running_requests[seq.request_id]
+
+    def finish(self, seq: S, reason: str) -> None:
         """Ends a sequence (finished or aborted), caching its computed pages and freeing the rest."""
         if seq.status is SeqStatus.RUNNING:
-            self.running.remove(seq)
+            self._stop_running(seq)
             self.cache_computed(seq)
             self._release(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _same_prefix(seq: KVSequence, other: KVSequence, num_tokens: int) -> bool:
+    """Whether the two sequences' first ``num_tokens`` tokens are equal (the last of them compared first: a cheap
+    test that settles most mismatches before the copies)."""
+    a, b = seq.token_ids, other.token_ids
+    return a[num_tokens - 1] == b[num_tokens - 1] and a[:num_tokens] == b[:num_tokens]

@@ -14,17 +14,18 @@ scheduled, and the only randomness is the policy's, seeded by ``seed``.
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from radixserve.cluster.base.config import POLICIES
+from radixserve.cluster.base.config import POLICIES, SchedulerConfig, require
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.control.sim.costmodel import DEVICES, MODELS, CostModel
 from radixserve.cluster.control.sim.report import PolicyStats, Progress, RequestOutcome, WorkerStats, summarize
-from radixserve.cluster.control.sim.workload import Workload, oracle_cached_tokens, oracle_hit_ratio
+from radixserve.cluster.control.sim.workload import BLOCK_ID_LIMIT, Workload, oracle_cached_tokens, oracle_hit_ratio
 from radixserve.cluster.control.sim.worker import Notice, SimSeq, SimWorker, WorkerConfig
 from radixserve.router.policies import RouteRequest, make_policy
 from radixserve.router.prefix_index import PrefixIndex
@@ -39,7 +40,8 @@ class SimConfig:
     """One simulated cluster. ``num_blocks`` overrides the KV pool per worker that the cost model derives from
     device memory; ``tensor_parallel`` overrides the model preset's; ``host_kv_gib`` per worker of host DRAM keeps
     blocks evicted from the device, loaded back at ``host_bw`` bytes/s (PCIe); the router fields mirror
-    ``RouterConfig``."""
+    ``RouterConfig``; ``max_batch_tokens`` and ``max_running`` are each worker's ``SchedulerConfig`` limits
+    (``max_num_batched_tokens``, ``max_running_requests``)."""
 
     num_workers: int = 8
     policy: str = "prefix"
@@ -59,8 +61,9 @@ class SimConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
+        for name in ("num_workers", "max_batch_tokens", "max_running"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: must be one of {POLICIES}, got {self.policy!r}")
         if self.device not in DEVICES:
@@ -81,6 +84,10 @@ class SimConfig:
         if self.tensor_parallel is not None:
             model = replace(model, tensor_parallel=self.tensor_parallel)
         return CostModel(DEVICES[self.device], model, self.kv_memory_fraction)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The batching limits each worker's scheduler runs under."""
+        return SchedulerConfig(max_num_batched_tokens=self.max_batch_tokens, max_running_requests=self.max_running)
 
 
 @dataclass(frozen=True)
@@ -141,8 +148,7 @@ class _Simulation:
         _check_fits(workload, num_blocks)
         block_bytes = cost.model.kv_bytes_per_token_per_rank * self._block_size
         host_blocks = int(config.host_kv_gib * 2**30 // block_bytes)
-        worker_config = WorkerConfig(num_blocks, config.max_batch_tokens, config.max_running, host_blocks,
-                                     config.host_bw)
+        worker_config = WorkerConfig(num_blocks, config.scheduler_config(), host_blocks, config.host_bw)
         self._workers = [SimWorker(worker_config, cost, self._block_size, _NAMESPACE)
                          for _ in range(config.num_workers)]
         self._ids = [f"worker-{i}" for i in range(config.num_workers)]
@@ -153,6 +159,7 @@ class _Simulation:
             self._index.set_events_live(worker_id, True)
         self._policy = make_policy(config.policy, config.load_weight, random.Random(config.seed))
         self._seed = namespace_seed(_NAMESPACE)
+        self._first_generated = _first_generated(workload)
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._num_scheduled = 0
         self._followers: dict[int, list[int]] = {}
@@ -188,7 +195,8 @@ class _Simulation:
         w = decision.worker
         self._index.record_routed(self._ids[w], hashes)
         self._loads[w].begin(str(i), decision.prefill_tokens, decision.output_tokens, decision.active_pages)
-        seq = SimSeq(i, cacheable, hashes, request.input_len, request.output_len)
+        seq = SimSeq.of_blocks(i, request.block_ids, request.input_len, request.output_len, self._block_size,
+                               self._first_generated[i], hashes)
         self._schedule_step(w, self._workers[w].submit(seq, self.now))
 
     def _schedule_step(self, w: int, end_s: float | None) -> None:
@@ -247,3 +255,12 @@ def _check_fits(workload: Workload, num_blocks: int) -> None:
         if needed > num_blocks:
             raise ValueError(f"num_blocks: request {i} needs {needed} blocks of {block_size} tokens, more than a "
                              f"worker's KV pool of {num_blocks}")
+
+
+def _first_generated(workload: Workload) -> list[int]:
+    """Each request's first generated token id: ids above every block id, a run of ``output_len`` per request."""
+    base = max(max(r.block_ids) for r in workload.requests) + 1
+    starts = list(itertools.accumulate((r.output_len for r in workload.requests), initial=base))
+    require(starts[-1] <= BLOCK_ID_LIMIT, "requests",
+            f"need {starts[-1] - base} generated token ids above block id {base - 1}, past 2**32")
+    return starts[:-1]

@@ -113,8 +113,24 @@ def test_a_request_larger_than_a_workers_pool_is_refused_up_front() -> None:
         simulate(workload(request(0, tuple(range(1, 65)), output_len=8)), SMALL)
 
 
+def test_generated_token_ids_must_fit_above_the_block_ids() -> None:
+    with pytest.raises(ValueError, match=r"^requests: need 4 generated token ids above block id 4294967293"):
+        simulate(workload(request(0, (2**32 - 3,)), request(1, (7,))), SMALL)
+
+
 @pytest.mark.parametrize("field, value", [("num_workers", 0), ("policy", "fastest"), ("device", "tpu"),
-                                          ("model", "gpt-5"), ("host_kv_gib", -1.0), ("num_blocks", 0)])
+                                          ("model", "gpt-5"), ("host_kv_gib", -1.0), ("num_blocks", 0),
+                                          ("max_batch_tokens", 0), ("max_running", 0)])
 def test_config_errors_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"^{field}: "):
         SimConfig(**{field: value})
+
+
+def test_a_request_preempted_in_its_own_prefill_reports_no_cached_tokens() -> None:
+    # The long prompt is prefilled in 7-token chunks beside the short request's decodes; when the short one needs a
+    # block the pool has not got, the long one (admitted last) is preempted mid-prompt, its computed blocks left
+    # cached. Re-admitted, it matches the 5 of them still cached: its own work, not a cache hit.
+    trace = workload(request(0, (1,), output_len=24), request(0.0001, tuple(range(10, 20)), output_len=1))
+    run = simulate(trace, replace(SMALL, num_workers=1, num_blocks=12, max_batch_tokens=8))
+    assert run.workers[0].num_preemptions == 1
+    assert [o.cached_tokens for o in run.outcomes] == [0, 0]
