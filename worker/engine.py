@@ -7,8 +7,9 @@ Ray actor are thin shells around this object.
 Threading contract: one thread at a time calls ``step`` (and owns everything not listed here). From any
 thread, also while ``step`` runs in another:
 
-- ``add_request`` and ``abort`` only validate and enqueue (``add_request`` also reads, without locking, how much
-  of the prompt the cache holds, an estimate for ``load``); ``step`` applies them at its start.
+- ``add_request`` and ``abort`` only validate and enqueue (``add_request`` also estimates, for ``load``, how much
+  of the prompt the cache or the requests ahead will hold, reading the cache without locking); ``step`` applies
+  them at its start.
 - ``flush_cache`` runs at once between steps, or at the end of the step in progress; its future tells how
   many pages it freed.
 - ``take_events`` returns the radix cache's events in order: ``step`` moves them into a lock-protected
@@ -24,7 +25,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from radixserve.cluster.base.config import EngineConfig
+from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.base.model_store import ModelStore
 from radixserve.worker import kernels
 from radixserve.worker.kv.allocator import PageAllocator
@@ -87,7 +89,10 @@ class _Request:
     pending: list[Sequence] = field(default_factory=list)  # samples 1..n-1, admitted after sample 0's prefill
     aborted: bool = False
     error: str | None = None  # set when the request's own work failed
-    num_cached_at_arrival: int = 0  # its prompt's cached prefix when the engine took it in (an estimate)
+    # Its prompt's full pages, and how many tokens of it were cached or being computed for a request ahead when it
+    # arrived (an estimate for load reports: those pages will be cached by the time it runs).
+    page_hashes: list[int] = field(default_factory=list)
+    num_cached_at_arrival: int = 0
     # time.monotonic() of arrival, of the first step that computed it, and of each sample's last token so far
     arrival_s: float = field(default_factory=time.monotonic)
     started_s: float | None = None
@@ -139,11 +144,13 @@ class Engine:
         self._inbox: deque[_Request] = deque()
         self._aborts: deque[str] = deque()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        # Guards the three fields below, which let other threads flush the cache and take its events.
+        # Guards the four fields below, which let other threads flush the cache, take its events and add requests.
         self._lock = threading.Lock()
         self._stepping = False
         self._events: list[KVEvent] = []
         self._flushes: list[Future[int]] = []
+        self._prompt_pages: Counter[int] = Counter()  # page hashes of the prompts in flight (load estimates)
+        self._hash_seed = namespace_seed(config.hash_namespace)
         self._driver: asyncio.Task[None] | None = None
 
     @classmethod
@@ -177,11 +184,28 @@ class Engine:
         prompt_ids = self._prompt_ids(prompt)
         self._check_token_ids(params.stop_token_ids, "stop_token_ids")
         request = self._make_request(request_id, prompt_ids, params)
-        # An estimate for load reports, read without the stepping thread: the cache may change meanwhile.
-        request.num_cached_at_arrival = self.cache.cached_prefix_len(prompt_ids[:-1])
+        self._estimate_cached(request, prompt_ids)
         self._requests[request_id] = request
         self._inbox.append(request)
         return request_id
+
+    def _estimate_cached(self, request: _Request, prompt_ids: list[int]) -> None:
+        """How much of the prompt will not need computing: the longer of its prefix the cache holds (read without
+        the stepping thread, so the cache may change meanwhile) and its prefix that requests ahead of it bring."""
+        page_size = self.config.cache.page_size
+        request.page_hashes = page_hashes(prompt_ids[:-1], page_size, self._hash_seed)
+        with self._lock:
+            ahead = next((i for i, h in enumerate(request.page_hashes) if h not in self._prompt_pages),
+                         len(request.page_hashes))
+            self._prompt_pages.update(request.page_hashes)
+        request.num_cached_at_arrival = max(self.cache.cached_prefix_len(prompt_ids[:-1]), ahead * page_size)
+
+    def _forget_prompt(self, request: _Request) -> None:
+        with self._lock:
+            self._prompt_pages.subtract(request.page_hashes)
+            for page in request.page_hashes:
+                if self._prompt_pages[page] <= 0:
+                    del self._prompt_pages[page]
 
     def _prompt_ids(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -367,6 +391,7 @@ class Engine:
         finished = request.finished
         if finished:
             del self._requests[request.request_id]
+            self._forget_prompt(request)
             self.stats.num_requests_finished += 1
             self.metrics.on_finished(time.monotonic() - request.arrival_s)
         leader = request.seqs[0]

@@ -397,3 +397,10 @@ def test_the_load_report_counts_the_work_requests_still_owe(checkpoint: Checkpoi
     assert load.num_pending_output_tokens == 7 + 2 * 5  # the hit sampled its first token
     run_to_completion(engine)
     assert (engine.load().num_pending_prefill_tokens, engine.load().num_pending_output_tokens) == (0, 0)
+    # Requests behind one that will compute their shared prefix owe only their own part: 41 + 2 * 9, not 3 * 49.
+    [shared] = prompts(1, 40, seed=26)
+    for i, tail in enumerate(prompts(3, 9, seed=27)):
+        engine.add_request(shared + tail, SamplingParams(max_tokens=1, temperature=0), f"group-{i}")
+    assert engine.load().num_pending_prefill_tokens == 49 + 2 * 9
+    run_to_completion(engine)
+    assert engine._prompt_pages == {}  # every finished request forgot its pages
