@@ -7,7 +7,7 @@ tier of ``--host-kv-gib`` per GPU (256 GiB: an 8-GPU node with 2 TiB of DRAM), a
 HBM alone holds 834 blocks of 512 tokens per worker, and on this trace even one global LRU cache of the 8
 workers' HBM would find only 34% of the tokens cached against the unbounded oracle's 65% (see ``--host-kv-gib 0``).
 
-The ``prefix`` policy runs with ``--load-weight`` (0.5, the router's default, chosen with this simulator).
+The ``prefix`` policy runs with ``--load-weight`` (default the router's, 0.35).
 Targets at 8 workers: ``prefix`` reaches 95% of the oracle hit ratio with a max/mean request share of at most
 1.3, a TTFT p99 at least 2x better than ``round_robin``'s, a hit ratio no worse than either peer baseline and a
 better TTFT p99. Ties among equally good workers are drawn at random, so the targets are checked on the medians
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from radixserve.cluster.base.config import POLICIES
+from radixserve.cluster.base.config import POLICIES, RouterConfig
 from radixserve.cluster.control.sim import report
 from radixserve.cluster.control.sim.simulator import SimConfig, compare, ttft_floor
 from radixserve.cluster.control.sim.workload import load_mooncake, mooncake_trace_path
@@ -87,7 +87,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--host-kv-gib", type=float, default=256.0)
-    parser.add_argument("--load-weight", type=float, default=0.5)
+    parser.add_argument("--load-weight", type=float, default=RouterConfig.load_weight)
     parser.add_argument("--seeds", type=int, default=3, help="runs per policy for the targets at 8 workers")
     parser.add_argument("--time-scale", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "sim_mooncake.json")

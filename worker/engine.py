@@ -270,10 +270,7 @@ class Engine:
             logits, sampled = self.runner.run(batch)
             self.stats.num_steps += 1
             self.stats.num_computed_tokens += batch.num_tokens
-            for seq, num_tokens in batch.items:
-                seq.num_computed += num_tokens
-                if num_tokens > 1 and seq.status is SeqStatus.RUNNING:
-                    self.scheduler.cache_computed(seq)
+            self.scheduler.complete(batch)
             if sampled:
                 self._accept(logits, sampled, touched)
             self.metrics.on_step(len(batch.items), batch.num_tokens, time.monotonic() - started)

@@ -38,8 +38,10 @@ def add_sim_commands(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--host-kv-gib", type=float, help="host-DRAM KV tier per worker in GiB (default 0: none)")
     sim.add_argument("--max-batch-tokens", type=int, help="tokens per engine step (default 8192)")
     sim.add_argument("--max-running", type=int, help="requests batched at once per worker (default 256)")
-    sim.add_argument("--load-weight", type=float, help="the prefix policy's load weight (default 0.5)")
-    sim.add_argument("--seed", type=int, help="seeds the random policies (default 0)")
+    sim.add_argument("--load-weight", type=float, help="the prefix policy's load weight (default: the router's)")
+    sim.add_argument("--step-noise", type=float,
+                     help="sigma of a log-normal factor on each step's time, per worker (default 0: exact steps)")
+    sim.add_argument("--seed", type=int, help="seeds the random policies and the step noise (default 0)")
     sim.add_argument("--out", type=Path, default=Path("sim-results"), help="folder for results.json and plots")
     sim.set_defaults(func=_run_sim)
 

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from radixserve.cluster.base.config import POLICIES, SchedulerConfig, require
+from radixserve.cluster.base.config import POLICIES, RouterConfig, SchedulerConfig, require
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.control.sim.costmodel import DEVICES, MODELS, CostModel
 from radixserve.cluster.control.sim.report import PolicyStats, Progress, RequestOutcome, WorkerStats, summarize
@@ -41,7 +41,8 @@ class SimConfig:
     device memory; ``tensor_parallel`` overrides the model preset's; ``host_kv_gib`` per worker of host DRAM keeps
     blocks evicted from the device, loaded back at ``host_bw`` bytes/s (PCIe); the router fields mirror
     ``RouterConfig``; ``max_batch_tokens`` and ``max_running`` are each worker's ``SchedulerConfig`` limits
-    (``max_num_batched_tokens``, ``max_running_requests``)."""
+    (``max_num_batched_tokens``, ``max_running_requests``); ``step_noise`` is each worker's step-time noise
+    (``WorkerConfig.step_noise``), drawn from a generator per worker seeded by ``seed``."""
 
     num_workers: int = 8
     policy: str = "prefix"
@@ -54,7 +55,8 @@ class SimConfig:
     max_running: int = 256
     host_kv_gib: float = 0.0
     host_bw: float = 32e9
-    load_weight: float = 0.5
+    load_weight: float = RouterConfig.load_weight
+    step_noise: float = 0.0
     kv_event_lag_s: float = 0.005
     pending_ttl_s: float = 30.0
     approx_ttl_s: float = 300.0
@@ -148,9 +150,10 @@ class _Simulation:
         _check_fits(workload, num_blocks)
         block_bytes = cost.model.kv_bytes_per_token_per_rank * self._block_size
         host_blocks = int(config.host_kv_gib * 2**30 // block_bytes)
-        worker_config = WorkerConfig(num_blocks, config.scheduler_config(), host_blocks, config.host_bw)
-        self._workers = [SimWorker(worker_config, cost, self._block_size, _NAMESPACE)
-                         for _ in range(config.num_workers)]
+        worker_config = WorkerConfig(num_blocks, config.scheduler_config(), host_blocks, config.host_bw,
+                                     config.step_noise)
+        self._workers = [SimWorker(worker_config, cost, self._block_size, _NAMESPACE,
+                                   random.Random(f"{config.seed}:{w}")) for w in range(config.num_workers)]
         self._ids = [f"worker-{i}" for i in range(config.num_workers)]
         self._loads = [WorkerLoad() for _ in self._workers]
         self.now = 0.0
@@ -218,10 +221,13 @@ class _Simulation:
         self._schedule_step(w, end_s)
 
     def _notice(self, w: int, notice: Notice) -> None:
+        """The router's view of a request's progress, as its streamed tokens tell the real router."""
         i = notice.index
-        if not notice.finished:
+        self._loads[w].progress(str(i), notice.num_tokens)
+        if notice.first:
             self._first_token_s[i] = notice.time_s
             self._loads[w].first_token(str(i))
+        if not notice.finished:
             return
         request = self._workload.requests[i]
         arrival_s = self._arrival_s.get(i, request.arrival_s)

@@ -28,6 +28,7 @@ during a macro-step cuts it at the end of the step then in progress, where conti
 
 from __future__ import annotations
 
+import random
 from array import array
 from dataclasses import dataclass, field
 
@@ -47,12 +48,15 @@ from radixserve.worker.sequence import KVSequence
 @dataclass(frozen=True)
 class WorkerConfig:
     """``num_blocks``: device KV pool size in blocks; ``scheduler``: the engine's batching limits;
-    ``host_blocks``: the host tier's size in blocks (0: none); ``host_bw``: bytes/s from host to device memory."""
+    ``host_blocks``: the host tier's size in blocks (0: none); ``host_bw``: bytes/s from host to device memory;
+    ``step_noise``: sigma of a log-normal factor (median 1) on each step's time, the noise of a shared machine
+    (0: steps take exactly what the cost model says)."""
 
     num_blocks: int
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     host_blocks: int = 0
     host_bw: float = 32e9
+    step_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1:
@@ -61,6 +65,8 @@ class WorkerConfig:
             raise ValueError(f"host_blocks: must be >= 0, got {self.host_blocks}")
         if not self.host_bw > 0:
             raise ValueError(f"host_bw: must be > 0, got {self.host_bw}")
+        if not self.step_noise >= 0:
+            raise ValueError(f"step_noise: must be >= 0, got {self.step_noise}")
 
 
 @dataclass(eq=False)
@@ -92,10 +98,13 @@ class SimSeq(KVSequence):
 
 @dataclass(frozen=True)
 class Notice:
-    """A request's first token (``finished`` False) or last token (``finished`` True) at ``time_s``."""
+    """Request ``index`` generated ``num_tokens`` tokens in the step that ended at ``time_s``; ``first``: its first
+    token is among them; ``finished``: its last is."""
 
     index: int
     time_s: float
+    num_tokens: int
+    first: bool
     finished: bool
     cached_tokens: int
 
@@ -114,12 +123,15 @@ class SimWorker:
 
     Both return the end time of the step now in flight when it changed (the simulator schedules it, tagged
     with ``version``), or None when it did not. ``finish_step`` must be called at exactly that end time for the
-    current version; its notices are the requests that got their first or last token in that step.
+    current version; its notices are the requests that generated tokens in that step.
     """
 
-    def __init__(self, config: WorkerConfig, cost: CostModel, block_size: int, namespace: str) -> None:
+    def __init__(self, config: WorkerConfig, cost: CostModel, block_size: int, namespace: str,
+                 rng: random.Random | None = None) -> None:
+        """``rng`` draws the step-time noise (``config.step_noise``), one generator per worker."""
         self.config = config
         self._cost = cost
+        self._rng = rng or random.Random(0)
         self._block_size = block_size
         self._allocator = PageAllocator(config.num_blocks)
         self._cache = PageKeyedCache(self._allocator, block_size, namespace)
@@ -191,6 +203,8 @@ class SimWorker:
         k = 1 if chunks or num_loading else self._decode_run(batch)
         midpoint = decode_context + num_decodes * (k - 1) // 2
         step_s = self._cost.step_time(chunks, num_decodes, midpoint) + num_loading * self._block_load_s
+        if self.config.step_noise:  # a macro-step's k steps draw one factor of the spread of their mean
+            step_s *= self._rng.lognormvariate(0.0, self.config.step_noise / k**0.5)
         self._step = _Step(now, now + k * step_s, batch, k, step_s)
         self.version += 1
         return self._step.end_s
@@ -233,11 +247,11 @@ class SimWorker:
             if seq.num_computed < len(seq.token_ids):
                 continue  # a prefill chunk short of the prompt's end samples nothing
             seq.append_generated(1)
-            if seq.num_generated == 1:
-                notices.append(Notice(seq.index, now, False, seq.num_cached_prompt_tokens))
-            if seq.num_generated == seq.output_len:
+            finished = seq.num_generated == seq.output_len
+            if finished:
                 self._scheduler.finish(seq, "length")
-                notices.append(Notice(seq.index, now, True, seq.num_cached_prompt_tokens))
+            notices.append(Notice(seq.index, now, skipped + 1, seq.num_generated == 1, finished,
+                                  seq.num_cached_prompt_tokens))
         return notices
 
     # ---- the host tier ---------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from dataclasses import replace
 import pytest
 
 from radixserve.cluster.base.config import POLICIES
-from radixserve.cluster.control.sim.simulator import SimConfig, simulate, ttft_floor
+from radixserve.cluster.control.sim.simulator import SimConfig, _Simulation, simulate, ttft_floor
+from radixserve.cluster.control.sim.worker import Notice, WorkerConfig
 from radixserve.cluster.control.sim.workload import SimRequest, Workload, shared_prefix
 
 BLOCK = 4
@@ -134,3 +135,35 @@ def test_a_request_preempted_in_its_own_prefill_reports_no_cached_tokens() -> No
     run = simulate(trace, replace(SMALL, num_workers=1, num_blocks=12, max_batch_tokens=8))
     assert run.workers[0].num_preemptions == 1
     assert [o.cached_tokens for o in run.outcomes] == [0, 0]
+
+
+def test_step_noise_makes_workers_drift_apart_reproducibly() -> None:
+    workload = shared_prefix(groups=4, prompts_per_group=6, system_len=2048, question_len=64, output_len=32,
+                             rate=50.0, seed=3)
+    exact = simulate(workload, SimConfig(num_workers=2, policy="round_robin", seed=1))
+    noisy = [simulate(workload, SimConfig(num_workers=2, policy="round_robin", step_noise=0.3, seed=1))
+             for _ in range(2)]
+    assert noisy[0].outcomes == noisy[1].outcomes  # the same seed draws the same noise
+    assert noisy[0].outcomes != exact.outcomes
+    with pytest.raises(ValueError, match="^step_noise"):
+        WorkerConfig(num_blocks=8, step_noise=-0.1)
+
+
+def test_the_routers_view_of_a_worker_shrinks_as_its_requests_stream_tokens() -> None:
+    # Output budgets leave WorkerLoad as tokens stream (as the real router counts them): once every request has
+    # finished, nothing is left owed on any worker.
+    workload = shared_prefix(groups=2, prompts_per_group=4, system_len=512, question_len=32, output_len=40,
+                             rate=20.0, seed=4)
+    simulation = _Simulation(workload, SimConfig(num_workers=2, seed=0), None)
+    seen: list[int] = []
+    original = simulation._notice
+
+    def notice(w: int, n: Notice) -> None:
+        before = simulation._loads[w].pending_output_tokens
+        original(w, n)
+        if not n.finished:
+            seen.append(before - simulation._loads[w].pending_output_tokens)
+    simulation._notice = notice  # type: ignore[method-assign]
+    simulation.run()
+    assert seen and all(delta > 0 for delta in seen)
+    assert all(load.pending_tokens == 0 and load.num_in_flight == 0 for load in simulation._loads)
