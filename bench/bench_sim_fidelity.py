@@ -11,7 +11,7 @@ randomized policies (``random``, ``power_of_two``, and the random tie-breaks of 
 well as on their seed, so each policy is simulated with ``--seeds`` seeds and the median is compared, with the
 simulated range shown beside it.
 
-    python bench/bench_cluster.py --policies power_of_two random --out bench/results/cluster_repeat_1.json
+    python bench/bench_cluster.py --policies least_load random power_of_two dynamo_kv --out bench/results/cluster_repeat_baselines.json
     python bench/bench_sim_fidelity.py           # table on stdout, JSON in bench/results/sim_fidelity.json
 """
 
