@@ -445,7 +445,7 @@ class Engine:
 
     def load(self) -> EngineLoad:
         """The current load; any thread (lock-free, so possibly a step out of date while one runs)."""
-        running = len({seq.request_id for seq in list(self.scheduler.running)})
+        running = self.scheduler.num_running_requests
         num_free = self.allocator.num_free
         owed = [request.owed_tokens(self.max_model_len) for request in list(self._requests.values())]
         return EngineLoad(num_running=running, num_waiting=max(0, len(self._requests) - running),
