@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from pathlib import Path
 
 import pytest
-from engine_runs import assert_all_pages_free, collect, run_to_completion
+from engine_runs import assert_all_pages_free, collect, prompts, run_to_completion
 
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.base.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -30,12 +29,6 @@ def make_engine(checkpoint: Checkpoint, num_pages: int = 512, budget: int = 256,
                           scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_running_requests=running,
                                                     max_waiting_requests=waiting))
     return Engine(config, checkpoint)
-
-
-def prompts(n: int, length: int | tuple[int, int], seed: int = 0, vocab: int = 300) -> list[list[int]]:
-    rng = random.Random(seed)
-    lo, hi = (length, length) if isinstance(length, int) else length
-    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)

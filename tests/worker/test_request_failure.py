@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from engine_runs import assert_all_pages_free, run_to_completion
+from engine_runs import assert_all_pages_free, prompts, run_to_completion
 
 from radixserve.cluster.base.config import CacheConfig, EngineConfig, SchedulerConfig
 from radixserve.cluster.base.sampling_params import SamplingParams
@@ -31,11 +30,6 @@ def checkpoint(tiny_hf_dir: Path) -> Checkpoint:
 def make_engine(checkpoint: Checkpoint, seed: int = 0) -> Engine:
     return Engine(EngineConfig(model="tiny", seed=seed, cache=CacheConfig(page_size=4, num_pages=256),
                                scheduler=SchedulerConfig(max_num_batched_tokens=256)), checkpoint)
-
-
-def prompts(n: int, length: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 300) for _ in range(length)] for _ in range(n)]
 
 
 def poison_stop_checks(engine: Engine, request_id: str, after: int) -> None:
