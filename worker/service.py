@@ -229,6 +229,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             async with contextlib.aclosing(self._generate(request, context)) as responses:
                 async for response in responses:
                     yield response
+        except RequestFailed as error:  # this request's own work failed; the others go on
+            await context.abort(grpc.StatusCode.INTERNAL, str(error))
         finally:
             self._num_generating -= 1
             if not self._num_generating:
@@ -241,16 +243,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             first = await anext(outputs)  # the engine validates the request before its first output
         except (ValueError, EngineOverloaded) as error:
             await context.abort(*_refusal(error))
-        except RequestFailed as error:
-            await context.abort(grpc.StatusCode.INTERNAL, str(error))
         # Closing the engine's stream (also when this call is cancelled) aborts the request and frees its pages.
         async with contextlib.aclosing(outputs):
             yield _response(first)
-            try:
-                async for output in outputs:
-                    yield _response(output)
-            except RequestFailed as error:  # this request's own work failed; the others go on
-                await context.abort(grpc.StatusCode.INTERNAL, str(error))
+            async for output in outputs:
+                yield _response(output)
 
     async def GetInfo(self, request: worker_pb2.GetInfoRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.WorkerInfo:
