@@ -15,11 +15,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
 from radixserve.cluster.base.bus import (KV_EVENTS_TOPIC, REGISTRY_TOPIC, ChangeKind, EventBus, Lost, RegistryChange,
                                     Subscription, WorkerRecord)
+from radixserve.cluster.base.generation import ChoiceDelta, Status
+from radixserve.cluster.base.sampling_params import SamplingParams
+from radixserve.cluster.base.wire import chunk_from_proto, sampling_options_to_proto, status_of
 from radixserve.router.kv_events import BatchOutcome, KvEventSequencer
 from radixserve.router.metrics import RouterMetrics
 from radixserve.router.prefix_index import PrefixIndex
@@ -29,6 +34,26 @@ from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 _RETRY_S = 0.5  # pause before re-subscribing to a worker's KV events
+
+
+@dataclass(frozen=True)
+class WorkerPart:
+    """One message of a worker's answer: what each sample produced since the previous one; the prompt's token
+    counts; ``finished`` on the last."""
+
+    choices: tuple[ChoiceDelta, ...]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    finished: bool
+
+
+class WorkerCallFailed(Exception):
+    """A worker call ended with ``status`` and ``details`` (the worker's own words)."""
+
+    def __init__(self, status: Status, details: str) -> None:
+        super().__init__(details)
+        self.status = status
+        self.details = details
 
 
 class WorkerState:
@@ -89,6 +114,25 @@ class WorkerClient:
         if self.info is None:
             return False
         return self.load.num_running + self.load.num_waiting >= self.info.max_waiting_requests
+
+    async def generate(self, request_id: str, token_ids: tuple[int, ...], params: SamplingParams,
+                       timeout_s: float | None) -> AsyncIterator[WorkerPart]:
+        """Stream the worker's answer to one request; a failed call raises ``WorkerCallFailed``.
+
+        Closing the stream before it ends cancels the call, which aborts the request on the worker and frees its
+        pages.
+        """
+        request = worker_pb2.WorkerGenerateRequest(request_id=request_id, token_ids=token_ids,
+                                                   sampling=sampling_options_to_proto(params))
+        call = self.stub.Generate(request, timeout=timeout_s)
+        try:
+            async for part in call:
+                yield WorkerPart(tuple(chunk_from_proto(c) for c in part.choices), part.num_prompt_tokens,
+                                 part.num_cached_tokens, part.finished)
+        except grpc.aio.AioRpcError as error:
+            raise WorkerCallFailed(status_of(error.code()), error.details() or error.code().name) from None
+        finally:
+            call.cancel()  # no-op once finished
 
     def mark_down(self, reason: str) -> None:
         """The worker failed a call: stop routing to it until a load poll succeeds."""

@@ -48,10 +48,11 @@ from radixserve.worker.models.llama import LlamaForCausalLM
 from radixserve.worker.outputs import CompletionOutput, RequestOutput
 from radixserve.worker.runner import ModelRunner
 from radixserve.worker.sampler import Sampler, SamplerOutput, SamplingState
+from radixserve.cluster.base.generation import TokenLogprob
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.worker.scheduler import ScheduledBatch, Scheduler
 from radixserve.worker.stats import EngineLoad, EngineStats
-from radixserve.worker.sequence import Sequence, SeqStatus, TokenLogprob
+from radixserve.worker.sequence import Sequence, SeqStatus
 from radixserve.worker.stop_checker import StopChecker
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from radixserve.worker.sequence import TokenLogprob
+from radixserve.cluster.base.generation import TokenLogprob
 
 
 @dataclass(frozen=True)

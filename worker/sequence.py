@@ -11,6 +11,7 @@ from collections.abc import MutableSequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING
 
+from radixserve.cluster.base.generation import TokenLogprob
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.worker.kv.radix_cache import TreeNode
 
@@ -22,15 +23,6 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """The chosen token's log-probability under the raw model distribution, and the top alternatives."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(eq=False)

@@ -1,5 +1,8 @@
 """The wire side both the router and the worker share: message conversions, and how services take requests.
 
+Conversions between the protos and the neutral generation types (``cluster.base.generation``) and between gRPC
+status codes and ``Status`` live here, so neither the router core nor a front end writes its own.
+
 The router and the worker both turn a ``SamplingOptions`` into ``SamplingParams``: the router to refuse bad
 input before routing, the worker because it trusts no caller. Errors are ``ValueError`` naming the field.
 
@@ -19,6 +22,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from radixserve.cluster.base.generation import ChoiceDelta, Status, TokenLogprob
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.v1 import types_pb2
 
@@ -106,3 +110,27 @@ def _parser(request_class: type[Message]) -> Callable[[bytes], Message | Undecod
         except DecodeError as error:
             return Undecodable(f"{request_class.DESCRIPTOR.name}: cannot be parsed: {error}")
     return parse
+
+
+def status_of(code: grpc.StatusCode) -> Status:
+    """The neutral ``Status`` of a gRPC status code (codes without a neutral twin are INTERNAL)."""
+    return Status.__members__.get(code.name, Status.INTERNAL)
+
+
+def grpc_code(status: Status) -> grpc.StatusCode:
+    """The gRPC status code of a neutral ``Status`` (they share names)."""
+    return grpc.StatusCode[status.name]
+
+
+def chunk_to_proto(choice: ChoiceDelta) -> types_pb2.CompletionChunk:
+    logprobs = [types_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                                       top=[types_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+                for lp in choice.logprobs]
+    return types_pb2.CompletionChunk(index=choice.index, token_ids=choice.token_ids, text=choice.text,
+                                     logprobs=logprobs, finish_reason=choice.finish_reason or "")
+
+
+def chunk_from_proto(chunk: types_pb2.CompletionChunk) -> ChoiceDelta:
+    logprobs = tuple(TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+                     for lp in chunk.logprobs)
+    return ChoiceDelta(chunk.index, tuple(chunk.token_ids), chunk.text, logprobs, chunk.finish_reason or None)

@@ -74,7 +74,7 @@ async def cluster(checkpoint: Checkpoint, num_workers: int = 2, max_waiting: int
     finally:
         for engine in engines:
             engine.gate.set()
-        if not router.service.draining:
+        if not router.core.draining:
             await router.stop()
         for server in servers:
             await server.stop(grace_s=2)
@@ -224,7 +224,7 @@ def test_cancelled_streams_end_their_worker_requests_at_once_and_free_every_page
                 await worker_pb2_grpc.WorkerStub(channel).FlushCache(worker_pb2.FlushCacheRequest(),
                                                                      timeout=TIMEOUT_S)
             assert engine.allocator.num_free == engine.allocator.num_pages
-            await eventually(lambda: c.router.service.num_in_flight == 0, "the router to count them ended")
+            await eventually(lambda: c.router.core.num_in_flight == 0, "the router to count them ended")
     run(main)
 
 
@@ -338,7 +338,7 @@ def test_max_tokens_beyond_the_context_is_capped_to_it(checkpoint: Checkpoint):
                                                 sampling=types_pb2.SamplingOptions(
                                                     max_tokens=2**63 - 1, n=2, temperature=0, ignore_eos=True))
             reply = asyncio.ensure_future(c.stub.Complete(unbounded, timeout=TIMEOUT_S))
-            await eventually(lambda: c.router.service.num_in_flight == 1, "the request to reach the worker")
+            await eventually(lambda: c.router.core.num_in_flight == 1, "the request to reach the worker")
             outstanding = c.router.workers.clients["w0"].outstanding
             assert 0 < outstanding.pending_tokens <= 20 + 2 * (256 - 20)  # its prompt, and two samples' room
             c.engines[0].gate.set()
@@ -353,9 +353,9 @@ def test_drain_finishes_requests_in_flight_and_refuses_new_ones(checkpoint: Chec
         async with cluster(checkpoint, num_workers=1) as c:
             c.engines[0].gate.clear()
             in_flight = asyncio.ensure_future(c.stub.Complete(request(max_tokens=6), timeout=TIMEOUT_S))
-            await eventually(lambda: c.router.service.num_in_flight == 1, "the request to reach the router")
+            await eventually(lambda: c.router.core.num_in_flight == 1, "the request to reach the router")
             stopping = asyncio.ensure_future(c.router.stop())
-            await eventually(lambda: c.router.service.draining, "the drain to begin")
+            await eventually(lambda: c.router.core.draining, "the drain to begin")
             health = health_pb2_grpc.HealthStub(c.channel)
             status = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S)
             assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -398,11 +398,11 @@ def test_the_router_metrics_count_requests_by_code_decisions_tokens_and_kv_event
             for engine in c.engines:
                 engine.gate.clear()
             call = c.stub.Generate(request(), timeout=TIMEOUT_S)
-            await eventually(lambda: c.router.service.num_in_flight == 1, "the request to reach the router")
+            await eventually(lambda: c.router.core.num_in_flight == 1, "the request to reach the router")
             call.cancel()
             for engine in c.engines:
                 engine.gate.set()
-            await eventually(lambda: c.router.service.num_in_flight == 0, "the cancelled request to end")
+            await eventually(lambda: c.router.core.num_in_flight == 0, "the cancelled request to end")
             m = scrape(c.router.metrics_address)
             assert {(s.labels["method"], s.labels["code"]): s.value for s in m
                     if s.name == "radixserve_router_requests_total"} == {

@@ -1,0 +1,294 @@
+"""The router core: one request from validation to its last token, free of any transport's types.
+
+Every front end (radixserve.v1 gRPC, OpenAI HTTP, KServe v2 gRPC) hands ``RouterCore.generate`` a
+``GenerationRequest`` and relays the ``GenerationDelta`` stream it yields (``cluster.base.generation`` states the
+contract). For each request the core validates, applies the chat template and tokenizes once
+(``cluster.base.requests``), hashes the prompt into pages, asks the prefix index how many leading pages each
+serving worker holds, lets the policy pick one (``router.routing.decide``) and streams the worker's tokens back.
+Guarantees:
+
+- every accepted request ends with its last delta (carrying ``usage``) or a ``GenerationError``: when a worker
+  refuses or fails it before answering anything (``_RETRYABLE``; UNAVAILABLE also marks the worker down) the
+  request is tried on one other worker, never a third; once a delta reached the front end it is never retried,
+  and a worker failing then ends the request UNAVAILABLE naming the worker;
+- closing the stream (the client went away) or ``timeout_s`` passing cancels the worker's call, which aborts the
+  request there and frees its KV pages;
+- bad input is INVALID_ARGUMENT naming the field; a full cluster (every worker tried refused it)
+  RESOURCE_EXHAUSTED; a cluster without an up worker (or a draining router) UNAVAILABLE.
+
+The tokenizer and the model's limits come from the workers (``GetInfo``), so a router needs no model files: see
+``ModelView`` for which workers a request may go to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from radixserve.cluster.base.config import RouterConfig
+from radixserve.cluster.base.generation import (GenerationDelta, GenerationError, GenerationRequest, ServedModel,
+                                                Status, Usage)
+from radixserve.cluster.base.hashing import namespace_seed, page_hashes
+from radixserve.cluster.base.requests import ModelLimits, PreparedRequest, prepare
+from radixserve.cluster.base.tokenizer import Tokenizer
+from radixserve.router.metrics import RouterMetrics
+from radixserve.router.policies import RouteRequest, make_policy
+from radixserve.router.prefix_index import PrefixIndex
+from radixserve.router.routing import Decision, decide
+from radixserve.router.workers import WorkerCallFailed, WorkerClient, WorkerSet
+from radixserve.v1 import worker_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 2  # workers one request may be sent to
+# Failures of a worker call, before anything reached the client, that another worker may not share.
+RETRYABLE = (Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED, Status.INTERNAL, Status.CANCELLED)
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What the router needs of the model it serves, learned from a worker's ``GetInfo``: how to tokenize for it
+    and hash its pages.
+
+    A worker *matches* the view when its pages hash like the view's (namespace and page size) and it takes the
+    view's token ids (vocabulary size); it *serves* a request when it also has room for the request's prompt
+    (``min_model_len``, set per request by ``for_prompt``). Workers of another model or namespace are not routed
+    to while the view holds; the core learns a new view once no serving worker matches the current one.
+    """
+
+    model: str
+    hash_namespace: str
+    page_size: int
+    vocab_size: int
+    tokenizer: Tokenizer
+    min_model_len: int = 0
+
+    @classmethod
+    def from_info(cls, info: worker_pb2.WorkerInfo) -> ModelView:
+        spec = info.tokenizer
+        tokenizer = Tokenizer.from_json(
+            spec.backend_json, chat_template=spec.chat_template or None,
+            bos_token_id=spec.bos_token_id if spec.HasField("bos_token_id") else None,
+            eos_token_id=spec.eos_token_id if spec.HasField("eos_token_id") else None)
+        return cls(info.model, info.hash_namespace, info.page_size, info.vocab_size, tokenizer)
+
+    def matches(self, info: worker_pb2.WorkerInfo) -> bool:
+        """Whether the worker's pages hash like ours and it takes our token ids."""
+        return (info.hash_namespace, info.page_size, info.vocab_size) == (
+            self.hash_namespace, self.page_size, self.vocab_size)
+
+    def serves(self, info: worker_pb2.WorkerInfo) -> bool:
+        """Whether the worker matches and its context holds ``min_model_len`` tokens."""
+        return self.matches(info) and info.max_model_len >= self.min_model_len
+
+    def for_prompt(self, num_tokens: int) -> ModelView:
+        """The view for a request whose prompt is ``num_tokens`` long: it needs a context with room for one more."""
+        return dataclasses.replace(self, min_model_len=num_tokens + 1)
+
+
+class _Retry(GenerationError):
+    """The chosen worker failed before its first response; another worker may serve the request."""
+
+
+class RouterCore:
+    """Routes requests to the workers of ``workers``; see the module docstring for its guarantees.
+
+    Implements ``cluster.base.generation.GenerationBackend``. ``draining`` refuses new requests (UNAVAILABLE);
+    ``num_in_flight`` counts the requests being served.
+    """
+
+    def __init__(self, config: RouterConfig, workers: WorkerSet, index: PrefixIndex, metrics: RouterMetrics) -> None:
+        self._config = config
+        self._workers = workers
+        self._index = index
+        self._metrics = metrics
+        self._policy = make_policy(config.policy, config.load_weight, random.Random(config.seed))
+        self._view: ModelView | None = None
+        self.draining = False
+        self.num_in_flight = 0
+
+    def served_model(self) -> ServedModel | None:
+        served = self._model()
+        if served is None:
+            return None
+        view, limits = served
+        return ServedModel(view.model, limits.max_model_len, view.tokenizer)
+
+    def ready(self) -> bool:
+        return not self.draining and bool(self._workers.serving())
+
+    async def generate(self, request: GenerationRequest, method: str) -> AsyncIterator[GenerationDelta]:
+        """``_serve``, counted in flight and in the request metrics (final status, TTFT, end to end).
+
+        A request is counted before its status leaves, so a client that has its answer finds it counted.
+        Closing the stream ends the worker call at once: each generator on the request's path is closed
+        explicitly by the one iterating it, rather than whenever it is garbage-collected.
+        """
+        self.num_in_flight += 1
+        started = time.monotonic()
+        first_token = True
+        try:
+            async with contextlib.aclosing(self._serve(request)) as deltas:
+                async for delta in deltas:
+                    if first_token and any(choice.token_ids for choice in delta.choices):
+                        first_token = False
+                        self._metrics.ttft.observe(time.monotonic() - started)
+                    yield delta
+        except GenerationError as error:
+            self._finish(method, error.status.name)
+            raise
+        except Exception:
+            self._finish(method, Status.INTERNAL.name)
+            raise
+        except BaseException:  # the client went away
+            self._finish(method, Status.CANCELLED.name)
+            raise
+        else:
+            self._metrics.e2e.observe(time.monotonic() - started)
+            self._finish(method, "OK")
+
+    def _finish(self, method: str, code: str) -> None:
+        self.num_in_flight -= 1
+        self._metrics.requests.labels(method, code).inc()
+
+    def count_refused(self, method: str, status: Status) -> None:
+        """A request a front end refused before handing it over (it did not parse), counted as ``status``."""
+        self._metrics.requests.labels(method, status.name).inc()
+
+    async def _serve(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        if self.draining:
+            raise GenerationError(Status.UNAVAILABLE, "the router is draining; send to another router")
+        served = self._model()
+        if served is None:
+            raise GenerationError(Status.UNAVAILABLE, "no worker is up; retry shortly")
+        model, limits = served
+        prepared = prepare(request, model.tokenizer, limits)
+        model = model.for_prompt(len(prepared.token_ids))
+        hashes = page_hashes(prepared.token_ids, model.page_size, namespace_seed(model.hash_namespace))
+        deadline = None if prepared.timeout_s is None else time.monotonic() + prepared.timeout_s
+        failures: list[_Retry] = []
+        tried: set[str] = set()
+        while len(tried) < MAX_ATTEMPTS and (choice := self._choose(prepared, hashes, model, tried)) is not None:
+            client, decision = choice
+            tried.add(client.worker_id)
+            try:
+                async with contextlib.aclosing(self._attempt(client, decision, prepared, hashes, deadline)) as deltas:
+                    async for delta in deltas:
+                        yield delta
+                return
+            except _Retry as failure:
+                failures.append(failure)
+                self._metrics.retries.labels(failure.status.name).inc()
+        raise _exhausted(failures)
+
+    def _model(self) -> tuple[ModelView, ModelLimits] | None:
+        """The view requests are served under, and its limits: the largest context among the serving workers
+        that match it. None while no worker serves.
+
+        The view holds while a serving worker matches it; once none does (the pool moved to another model or
+        namespace), it is learned anew from the serving worker with the lowest id.
+        """
+        infos = [c.info for c in sorted(self._workers.serving(), key=lambda c: c.worker_id) if c.info is not None]
+        if self._view is None or not any(self._view.matches(info) for info in infos):
+            if not infos:
+                return None
+            self._view = ModelView.from_info(infos[0])
+        view = self._view
+        return view, ModelLimits(view.vocab_size, max(i.max_model_len for i in infos if view.matches(i)))
+
+    def _choose(self, prepared: PreparedRequest, hashes: list[int], model: ModelView,
+                tried: set[str]) -> tuple[WorkerClient, Decision] | None:
+        """The policy's pick among serving workers not tried yet (``router.routing.decide``).
+
+        Workers whose last load report showed a full queue are offered only when every other one is full too:
+        that report may be a poll interval old, so the worker itself decides (RESOURCE_EXHAUSTED, retried on
+        the next worker) rather than the router refusing on stale figures.
+        """
+        clients = [c for c in self._workers.serving()
+                   if c.worker_id not in tried and c.info is not None and model.serves(c.info)]
+        clients = [c for c in clients if not c.full] or clients
+        if not clients:
+            return None
+        route = RouteRequest(len(prepared.token_ids), prepared.params.max_tokens * prepared.params.n,
+                             model.page_size)
+        started = time.perf_counter()
+        decision = decide(self._policy, self._index, route, hashes, [c.worker_id for c in clients],
+                          [c.outstanding for c in clients], [c.reported_load for c in clients])
+        chosen = clients[decision.worker]
+        matched = min(decision.matched_pages * model.page_size / route.num_prompt_tokens, 1.0)
+        self._metrics.on_decision(chosen.worker_id, time.perf_counter() - started, matched)
+        return chosen, decision
+
+    async def _attempt(self, client: WorkerClient, decision: Decision, prepared: PreparedRequest,
+                       hashes: list[int], deadline: float | None) -> AsyncIterator[GenerationDelta]:
+        """Stream one worker's answer; raise ``_Retry`` when it fails before anything reached the client.
+
+        The worker is credited with the prompt's pages in the prefix index from the start (so that requests
+        sharing the prefix follow it during the prefill), and the credit is withdrawn when the call fails
+        before the worker's first response: a worker that refused or failed the request holds none of it.
+        """
+        attempt_id = uuid.uuid4().hex
+        client.outstanding.begin(attempt_id, decision.prefill_tokens, decision.output_tokens, decision.active_pages)
+        client.num_routed += 1
+        self._index.record_routed(client.worker_id, hashes)
+        timeout_s = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        responded = False
+        num_tokens = 0
+        try:
+            parts = client.generate(attempt_id, prepared.token_ids, prepared.params, timeout_s)
+            async with contextlib.aclosing(parts):
+                async for part in parts:
+                    if not responded:
+                        responded = True
+                        client.outstanding.first_token(attempt_id)
+                    num_new = sum(len(choice.token_ids) for choice in part.choices)
+                    client.outstanding.progress(attempt_id, num_new)
+                    num_tokens += num_new
+                    usage = None
+                    if part.finished:
+                        usage = Usage(part.num_prompt_tokens, part.num_cached_tokens, num_tokens)
+                        self._count_tokens(client.worker_id, usage)
+                    yield GenerationDelta(prepared.request_id, part.choices, client.worker_id, usage)
+        except WorkerCallFailed as failure:
+            if not responded:
+                self._index.withdraw_routed(client.worker_id, hashes)
+            raise self._classify(client, failure, responded, num_tokens) from None
+        finally:
+            client.outstanding.end(attempt_id)
+
+    def _count_tokens(self, worker_id: str, usage: Usage) -> None:
+        self._metrics.prompt_tokens.labels(worker_id).inc(usage.prompt_tokens)
+        self._metrics.cached_tokens.labels(worker_id).inc(usage.cached_tokens)
+        self._metrics.completion_tokens.labels(worker_id).inc(usage.completion_tokens)
+
+    def _classify(self, client: WorkerClient, failure: WorkerCallFailed, responded: bool,
+                  num_tokens: int) -> GenerationError:
+        """``_Retry`` when nothing reached the client yet and another worker may not share the failure."""
+        status, details = failure.status, failure.details
+        if status == Status.UNAVAILABLE:
+            client.mark_down(details)
+        if not responded and status in RETRYABLE:
+            log.info("retrying a request off worker %s: %s: %s", client.worker_id, status.name, details)
+            return _Retry(status, f"worker {client.worker_id}: {details}")
+        if status == Status.UNAVAILABLE:
+            details = f"worker {client.worker_id} failed after streaming {num_tokens} tokens: {details}"
+        if status == Status.INVALID_ARGUMENT:  # the worker named a field; keep it named
+            return GenerationError.invalid(ValueError(details))
+        return GenerationError(status, details)
+
+
+def _exhausted(failures: list[_Retry]) -> GenerationError:
+    """The error of a request no worker took, given the attempts that failed before their first token."""
+    if failures and all(f.status == Status.RESOURCE_EXHAUSTED for f in failures):
+        return GenerationError(Status.RESOURCE_EXHAUSTED,
+                               f"the queue is full on every worker tried ({len(failures)}); retry later or add workers")
+    if not failures:
+        return GenerationError(Status.UNAVAILABLE, "no worker is up (all down or draining); retry shortly")
+    return GenerationError(Status.UNAVAILABLE,
+                           "no worker could serve the request: " + "; ".join(f.message for f in failures))
