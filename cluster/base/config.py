@@ -112,11 +112,14 @@ class RouterConfig:
     pages as held by the chosen worker for ``pending_ttl_s`` (the gap until its events arrive) or, while that
     worker's events are not flowing, for ``approx_ttl_s``. ``health_interval_s`` paces load polling and probing
     of unanswering workers.
-    ``max_message_bytes`` caps one request message; ``drain_timeout_s`` bounds a graceful shutdown.
+    ``max_message_bytes`` caps one request message (a gRPC message, an HTTP body: larger ones are refused,
+    RESOURCE_EXHAUSTED / 413); ``drain_timeout_s`` bounds a graceful shutdown. ``port`` serves gRPC
+    (radixserve.v1 and KServe v2), ``http_port`` the OpenAI-compatible HTTP API (None: no HTTP), both on ``host``.
     """
 
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int | None = 8000
     policy: str = "prefix"
     load_weight: float = 0.35
     pending_ttl_s: float = 30.0
@@ -128,6 +131,8 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         require(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
+        require(self.http_port is None or 0 <= self.http_port < 65536, "http_port",
+                f"must be in [0, 65535], got {self.http_port}")
         require(self.policy in POLICIES, "policy", f"must be one of {POLICIES}, got {self.policy!r}")
         require(self.load_weight >= 0, "load_weight", "must be >= 0")
         for name in ("pending_ttl_s", "approx_ttl_s", "health_interval_s", "drain_timeout_s"):
@@ -141,7 +146,8 @@ class PoolConfig:
 
     ``ray_address`` None starts a local Ray; otherwise it is joined (``"auto"`` or ``host:port``).
     ``num_gpus_per_worker`` None asks Ray for one GPU per worker when the engine runs on CUDA, none otherwise.
-    ``worker_port`` 0 lets each worker pick a free port. A worker that dies is restarted by Ray up to
+    ``worker_port`` 0 lets each worker pick a free port for its gRPC service, ``worker_http_port`` for its
+    OpenAI-compatible HTTP API (None: none). A worker that dies is restarted by Ray up to
     ``max_restarts`` times (-1: always).
     """
 
@@ -149,6 +155,7 @@ class PoolConfig:
     ray_address: str | None = None
     worker_host: str = "127.0.0.1"
     worker_port: int = 0
+    worker_http_port: int | None = 0
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float | None = None
     max_restarts: int = -1
@@ -160,6 +167,8 @@ class PoolConfig:
                  "must be >= 0")
         require(self.max_restarts >= -1, "max_restarts", "must be >= -1")
         require(0 <= self.worker_port < 65536, "worker_port", "must be in [0, 65535]")
+        require(self.worker_http_port is None or 0 <= self.worker_http_port < 65536, "worker_http_port",
+                "must be in [0, 65535]")
 
 
 @dataclass(frozen=True)
@@ -184,13 +193,48 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """TLS and API keys for every listening port but the metrics ones.
+
+    ``cert_file`` and ``key_file`` (PEM, both or neither): every server (the router's gRPC and HTTP, each worker's
+    gRPC and HTTP) speaks TLS only, with this certificate. ``ca_file`` (PEM): the authority the router trusts when
+    it calls workers (default: the system's). ``worker_mtls``: workers accept only clients presenting a
+    certificate signed by ``ca_file``, and the router presents ``cert_file``. API keys, one per line in
+    ``api_keys_file`` and/or comma-separated in the environment variable named ``api_keys_env``: when any is
+    given, every API call must carry one (``Authorization: Bearer <key>`` over HTTP, ``authorization`` metadata
+    ``Bearer <key>`` over gRPC); health endpoints stay open. Keys are never logged nor exported as metrics.
+    """
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+    worker_mtls: bool = False
+    api_keys_file: str | None = None
+    api_keys_env: str | None = None
+
+    def __post_init__(self) -> None:
+        require((self.cert_file is None) == (self.key_file is None), "key_file",
+                "cert_file and key_file go together (both or neither)")
+        require(not self.worker_mtls or (self.cert_file is not None and self.ca_file is not None), "worker_mtls",
+                "needs cert_file, key_file and ca_file")
+        for name in ("cert_file", "key_file", "ca_file", "api_keys_file", "api_keys_env"):
+            require(getattr(self, name) is None or bool(getattr(self, name)), name, "must not be empty")
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
-    """Everything ``radixserve up`` starts: the pool, the engine each worker runs, the router, their metrics."""
+    """Everything ``radixserve up`` starts: the pool, the engine each worker runs, the router, their metrics, and
+    how they are secured."""
 
     pool: PoolConfig = field(default_factory=PoolConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def build_config(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
