@@ -10,34 +10,42 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
 from prometheus_client import CollectorRegistry
 
 from radixserve.cluster.base.bus import EventBus
-from radixserve.cluster.base.config import RouterConfig
-from radixserve.cluster.base.grpc_util import HealthReporter, server_options
+from radixserve.cluster.base.config import RouterConfig, SecurityConfig
+from radixserve.cluster.base.grpc_util import HealthReporter
 from radixserve.cluster.base.metrics import MetricsEndpoint
+from radixserve.cluster.base.security import (ApiKeys, add_port, call_metadata, grpc_channel_credentials,
+                                              grpc_server)
 from radixserve.cluster.base.wire import add_servicer
 from radixserve.router.core import RETRYABLE, RouterCore
 from radixserve.router.metrics import RouterMetrics, WorkerGauges
 from radixserve.router.prefix_index import PrefixIndex
 from radixserve.router.v1_api import COUNTED_METHODS, GENERATION, GenerationService
-from radixserve.router.workers import WorkerSet
+from radixserve.router.workers import WorkerChannels, WorkerSet
 
 
 class Router:
     """The router process: the public server, its worker set and prefix index. Runs on one asyncio loop.
 
-    Its metrics (``self.metrics``) are served at ``metrics_address`` from ``start`` until ``stop`` when
+    ``security`` secures its ports (TLS) and its calls to workers (TLS, the router's certificate under worker
+    mTLS); with ``api_keys`` every call but health and reflection needs one, and the router's own calls to
+    workers carry one. Its metrics (``self.metrics``) are served at ``metrics_address`` from ``start`` until ``stop`` when
     ``metrics_port`` is given (0: a free port) on ``metrics_host``.
     """
 
     def __init__(self, config: RouterConfig, bus: EventBus, metrics_host: str = "127.0.0.1",
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None, security: SecurityConfig | None = None,
+                 api_keys: ApiKeys | None = None) -> None:
         self.config = config
+        self.security = security or SecurityConfig()
+        self.api_keys = api_keys or ApiKeys()
         self.index = PrefixIndex(config.pending_ttl_s, config.approx_ttl_s)
         self.metrics = RouterMetrics(CollectorRegistry(), config.policy)
-        self.workers = WorkerSet(bus, self.index, config.health_interval_s, config.max_message_bytes, self.metrics)
+        self.workers = WorkerSet(bus, self.index, self.metrics, WorkerChannels(
+            config.health_interval_s, config.max_message_bytes, grpc_channel_credentials(self.security),
+            call_metadata(self.api_keys)))
         self.metrics.bind(self._gauges)
         for status in RETRYABLE:  # the series dashboards rate() exist from the start, at 0
             self.metrics.retries.labels(status.name)
@@ -47,7 +55,7 @@ class Router:
         self.service = GenerationService(self.core, self.workers, self.index, config.policy)
         self._metrics_at = None if metrics_port is None else (metrics_host, metrics_port)
         self._endpoint: MetricsEndpoint | None = None
-        self._server = grpc.aio.server(options=server_options(config.max_message_bytes))
+        self._server = grpc_server(config.max_message_bytes, self.api_keys)
         add_servicer(self._server, GENERATION, self.service, self.service.count_undecodable)
         self._health = HealthReporter(self._server, [GENERATION.full_name])
         self.address = ""
@@ -63,7 +71,7 @@ class Router:
 
     async def start(self) -> str:
         """Listen and follow the workers; returns the bound ``host:port``."""
-        port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        port = add_port(self._server, f"{self.config.host}:{self.config.port}", self.security)
         if port == 0:
             raise RuntimeError(f"router: cannot listen on {self.config.host}:{self.config.port} (port in use?)")
         await self.workers.start()

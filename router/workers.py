@@ -56,6 +56,24 @@ class WorkerCallFailed(Exception):
         self.details = details
 
 
+@dataclass(frozen=True)
+class WorkerChannels:
+    """How the router reaches its workers: polling pace, message cap, TLS credentials (None: plaintext) and the
+    metadata every call carries (an API key when the workers require one)."""
+
+    health_interval_s: float
+    max_message_bytes: int
+    credentials: grpc.ChannelCredentials | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def open(self, address: str) -> grpc.aio.Channel:
+        options = [("grpc.max_receive_message_length", self.max_message_bytes),
+                   ("grpc.max_send_message_length", self.max_message_bytes)]
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(address, options=options)
+        return grpc.aio.secure_channel(address, self.credentials, options=options)
+
+
 class WorkerState:
     UP = "up"
     DOWN = "down"
@@ -68,8 +86,8 @@ class WorkerClient:
     ``info`` is None until the worker has answered ``GetInfo`` once; until then the router sends it nothing.
     """
 
-    def __init__(self, record: WorkerRecord, bus: EventBus, sequencer: KvEventSequencer, health_interval_s: float,
-                 max_message_bytes: int) -> None:
+    def __init__(self, record: WorkerRecord, bus: EventBus, sequencer: KvEventSequencer,
+                 channels: WorkerChannels) -> None:
         self.record = record
         self.info: worker_pb2.WorkerInfo | None = None
         self.load = types_pb2.LoadReport()
@@ -78,10 +96,9 @@ class WorkerClient:
         self.outstanding = WorkerLoad()  # what this router has in flight there
         self._bus = bus
         self._sequencer = sequencer
-        self._interval = health_interval_s
-        self._channel = grpc.aio.insecure_channel(record.address, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+        self._interval = channels.health_interval_s
+        self._metadata = channels.metadata
+        self._channel = channels.open(record.address)
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._informed = asyncio.Event()
         self._poller = asyncio.create_task(self._poll())
@@ -124,7 +141,7 @@ class WorkerClient:
         """
         request = worker_pb2.WorkerGenerateRequest(request_id=request_id, token_ids=token_ids,
                                                    sampling=sampling_options_to_proto(params))
-        call = self.stub.Generate(request, timeout=timeout_s)
+        call = self.stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
         try:
             async for part in call:
                 yield WorkerPart(tuple(chunk_from_proto(c) for c in part.choices), part.num_prompt_tokens,
@@ -164,10 +181,10 @@ class WorkerClient:
 
     async def _refresh(self) -> None:
         timeout = max(self._interval * 4, 1.0)
-        load = await self.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=timeout)
+        load = await self.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=timeout, metadata=self._metadata)
         if self.info is None or load.incarnation != self.info.incarnation:
             restarted = self.info is not None
-            self.info = await self.stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=timeout)
+            self.info = await self.stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=timeout, metadata=self._metadata)
             self._sequencer.follow(self.worker_id, self.info.incarnation)  # which starts with an empty cache
             self._informed.set()
             if restarted:
@@ -181,7 +198,8 @@ class WorkerClient:
         await self._informed.wait()  # batches are checked against the incarnation GetInfo reported
         while True:
             try:
-                async for batch in self.stub.StreamKvEvents(worker_pb2.StreamKvEventsRequest()):
+                stream = self.stub.StreamKvEvents(worker_pb2.StreamKvEventsRequest(), metadata=self._metadata)
+                async for batch in stream:
                     await self._bus.publish(KV_EVENTS_TOPIC, batch.SerializeToString())
             except grpc.aio.AioRpcError as error:
                 log.debug("kv events of %s interrupted: %s", self.worker_id, error.code().name)
@@ -193,13 +211,11 @@ class WorkerSet:
     """The workers a router knows, kept in step with the bus registry; feeds the prefix index from the bus
     through ``sequencer``."""
 
-    def __init__(self, bus: EventBus, index: PrefixIndex, health_interval_s: float, max_message_bytes: int,
-                 metrics: RouterMetrics) -> None:
+    def __init__(self, bus: EventBus, index: PrefixIndex, metrics: RouterMetrics, channels: WorkerChannels) -> None:
         self._bus = bus
         self.sequencer = KvEventSequencer(index)
         self._metrics = metrics
-        self._interval = health_interval_s
-        self._max_message_bytes = max_message_bytes
+        self._channels = channels
         self.clients: dict[str, WorkerClient] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -240,8 +256,7 @@ class WorkerSet:
         if current is not None:
             self.sequencer.forget(record.worker_id)  # until the new client learns the incarnation
             await current.close()
-        self.clients[record.worker_id] = WorkerClient(record, self._bus, self.sequencer, self._interval,
-                                                      self._max_message_bytes)
+        self.clients[record.worker_id] = WorkerClient(record, self._bus, self.sequencer, self._channels)
 
     async def _remove(self, worker_id: str) -> None:
         self.sequencer.forget(worker_id)  # first: a gap seen meanwhile must not resubscribe a closing client

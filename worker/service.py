@@ -32,9 +32,11 @@ from typing import NamedTuple
 
 import grpc
 
-from radixserve.cluster.base.grpc_util import HealthReporter, server_options
+from radixserve.cluster.base.config import SecurityConfig
+from radixserve.cluster.base.grpc_util import HealthReporter
 from radixserve.cluster.base.metrics import MetricsEndpoint
 from radixserve.cluster.base.sampling_params import SamplingParams
+from radixserve.cluster.base.security import ApiKeys, add_port, grpc_server
 from radixserve.cluster.base.wire import add_servicer, sampling_params_from_proto
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed, RequestIdInUse
@@ -300,14 +302,18 @@ class WorkerServer:
     Runs once: ``start``, then ``stop``. ``address`` is the ``host:port`` actually bound (None before
     ``start``); ``incarnation`` is a fresh uuid per server, so routers notice a restarted worker. With
     ``metrics_port`` (0: a free port) the engine's metrics are served at ``metrics_address`` from ``start``
-    until ``stop``.
+    until ``stop``. ``security`` secures the port (TLS; under ``worker_mtls`` only clients with a certificate signed
+    by ``ca_file`` are served); with ``api_keys`` every call but health and reflection needs one.
     """
 
     def __init__(self, engine: Engine, worker_id: str, host: str = "127.0.0.1", port: int = 0,
                  max_message_bytes: int = 4 * 2**20,
                  max_pending_batches: int = DEFAULT_MAX_PENDING_BATCHES, metrics_host: str = "127.0.0.1",
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None, security: SecurityConfig | None = None,
+                 api_keys: ApiKeys | None = None) -> None:
         self._engine = engine
+        self._security = security or SecurityConfig()
+        self._api_keys = api_keys or ApiKeys()
         self._metrics_at = None if metrics_port is None else (metrics_host, metrics_port)
         self._metrics: MetricsEndpoint | None = None
         self._worker_id = worker_id
@@ -338,8 +344,10 @@ class WorkerServer:
         """Binds, starts serving (health SERVING) and returns the bound ``host:port``."""
         if self._server is not None:
             raise RuntimeError("WorkerServer: already started")
-        server = grpc.aio.server(options=server_options(self._max_message_bytes))
-        self._address = _host_port(self._host, server.add_insecure_port(_host_port(self._host, self._port)))
+        server = grpc_server(self._max_message_bytes, self._api_keys)
+        port = add_port(server, _host_port(self._host, self._port), self._security,
+                        require_client_certificate=self._security.worker_mtls)
+        self._address = _host_port(self._host, port)
         self._service = WorkerService(self._engine, self._worker_id, self._address, self._incarnation,
                                       self._max_pending_batches)
         add_servicer(server, SERVICE, self._service)

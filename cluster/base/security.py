@@ -1,6 +1,7 @@
 """TLS and API keys for every server of the cluster, from one ``SecurityConfig``.
 
-Servers: ``grpc_server_credentials`` (None: plaintext) for the gRPC ports, ``uvicorn_tls`` for the HTTP ports;
+Servers: ``grpc_server`` and ``add_port`` (TLS when configured, else plaintext) for the gRPC ports, ``uvicorn_tls``
+for the HTTP ports;
 ``require_client_certificate`` makes a server accept only clients whose certificate ``ca_file`` signed (the
 workers, under ``worker_mtls``). Clients: ``grpc_channel_credentials`` for the router's calls to workers (with
 its own certificate under ``worker_mtls``).
@@ -24,6 +25,7 @@ from typing import Any
 import grpc
 
 from radixserve.cluster.base.config import SecurityConfig
+from radixserve.cluster.base.grpc_util import server_options
 
 # Services answered without a key: load balancers and orchestrators probe health without credentials.
 OPEN_GRPC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
@@ -155,3 +157,25 @@ def uvicorn_tls(config: SecurityConfig, require_client_certificate: bool = False
     if require_client_certificate:
         options.update(ssl_ca_certs=config.ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
     return options
+
+
+def grpc_server(max_message_bytes: int, keys: ApiKeys) -> grpc.aio.Server:
+    """A gRPC server refusing messages over ``max_message_bytes`` and calls without an accepted key."""
+    interceptors = [ApiKeyInterceptor(keys)] if keys.required else []
+    return grpc.aio.server(options=server_options(max_message_bytes), interceptors=interceptors)
+
+
+def add_port(server: grpc.aio.Server, address: str, config: SecurityConfig,
+             require_client_certificate: bool = False) -> int:
+    """Listen on ``address`` with TLS when configured; returns the bound port (0: the port was not free)."""
+    credentials = grpc_server_credentials(config, require_client_certificate)
+    if credentials is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, credentials)
+
+
+def call_metadata(keys: ApiKeys) -> tuple[tuple[str, str], ...]:
+    """The metadata a process sends with its own calls to servers sharing ``keys`` (one of them)."""
+    if not keys.required:
+        return ()
+    return (("authorization", f"Bearer {min(keys.keys)}"),)

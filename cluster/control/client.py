@@ -19,6 +19,8 @@ from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "RADIXSERVE_TARGET"
+API_KEY_ENV = "RADIXSERVE_API_KEY"
+CA_FILE_ENV = "RADIXSERVE_CA_FILE"
 _UNAVAILABLE_HINT = "is the cluster up? start it with `radixserve up`"
 
 
@@ -30,14 +32,22 @@ def default_target() -> str:
 class ClusterClient:
     """A blocking client of a cluster's router (the ``radixserve.v1.Generation`` service).
 
-    ``timeout_s`` is the deadline of every call (None: none). Failed calls raise ``grpc.RpcError``; invalid
-    arguments raise ValueError naming them. Close it, or use it as a context manager.
+    ``timeout_s`` is the deadline of every call (None: none). ``ca_file`` (PEM) makes it speak TLS, trusting that
+    authority; ``api_key`` goes with every call as ``authorization: Bearer <key>``. Failed calls raise
+    ``grpc.RpcError``; invalid arguments raise ValueError naming them. Close it, or use it as a context manager.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float | None = None) -> None:
+    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float | None = None, ca_file: str | None = None,
+                 api_key: str | None = None) -> None:
         self.target = target
         self._timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(target)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        if ca_file is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            with open(ca_file, "rb") as file:
+                roots = file.read()
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))
         self._stub = api_pb2_grpc.GenerationStub(self._channel)
 
     def generate(self, prompt: str | None = None, *, chat: Sequence[dict[str, str]] | None = None,
@@ -57,11 +67,11 @@ class ClusterClient:
                  request_id: str = "") -> api_pb2.CompleteResponse:
         """The whole answer to one request, once it has finished (arguments as for ``generate``)."""
         request = _generate_request(prompt, chat, token_ids, sampling, request_id)
-        return self._stub.Complete(request, timeout=self._timeout_s)
+        return self._stub.Complete(request, timeout=self._timeout_s, metadata=self._metadata)
 
     def list_workers(self) -> api_pb2.ListWorkersResponse:
         """The router's workers, their state and load."""
-        return self._stub.ListWorkers(api_pb2.ListWorkersRequest(), timeout=self._timeout_s)
+        return self._stub.ListWorkers(api_pb2.ListWorkersRequest(), timeout=self._timeout_s, metadata=self._metadata)
 
     def wait_ready(self, timeout_s: float, poll_interval_s: float = 0.1) -> None:
         """Return once the router's overall health (gRPC health service, service ``""``) is SERVING; raise
@@ -93,7 +103,7 @@ class ClusterClient:
         self.close()
 
     def _stream(self, request: api_pb2.GenerateRequest) -> Iterator[api_pb2.GenerateResponse]:
-        call = self._stub.Generate(request, timeout=self._timeout_s)
+        call = self._stub.Generate(request, timeout=self._timeout_s, metadata=self._metadata)
         try:
             yield from call
         finally:
@@ -154,6 +164,14 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
 def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=default_target(),
                         help=f"router address (default: ${TARGET_ENV} or {DEFAULT_TARGET})")
+    parser.add_argument("--ca-file", default=os.environ.get(CA_FILE_ENV) or None,
+                        help=f"speak TLS, trusting this CA certificate (PEM; default: ${CA_FILE_ENV})")
+    parser.add_argument("--api-key", default=None, help=f"API key (default: ${API_KEY_ENV}; prefer the variable, "
+                                                        "which stays out of the process list)")
+
+
+def _client(args: argparse.Namespace) -> ClusterClient:
+    return ClusterClient(args.target, ca_file=args.ca_file, api_key=args.api_key or os.environ.get(API_KEY_ENV))
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -164,7 +182,7 @@ def run_generate(args: argparse.Namespace) -> int:
     chat = None if args.raw else _chat(args.system, args.prompt)
     started = time.monotonic()
     try:
-        with ClusterClient(args.target) as client:
+        with _client(args) as client:
             last = _print_samples(client.generate(args.prompt if args.raw else None, chat=chat, sampling=sampling))
     except grpc.RpcError as error:
         return _report(error, args.target)
@@ -204,7 +222,7 @@ def _summary(last: api_pb2.GenerateResponse | None, elapsed_s: float) -> str:
 def run_status(args: argparse.Namespace) -> int:
     """``radixserve status``: print one table row per worker behind the router."""
     try:
-        with ClusterClient(args.target) as client:
+        with _client(args) as client:
             response = client.list_workers()
     except grpc.RpcError as error:
         return _report(error, args.target)

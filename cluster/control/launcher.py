@@ -28,6 +28,7 @@ from radixserve.cluster.base.bus import EventBus, make_bus
 from radixserve.cluster.control.discovery import keep_targets, write_targets
 from radixserve.cluster.base.config import ClusterConfig, load_cluster_config
 from radixserve.cluster.base.model_store import ModelStore, radixserve_home
+from radixserve.cluster.base.security import ApiKeys
 
 _DETACH_TIMEOUT_S = 900.0
 _DOWN_MARGIN_S = 60.0
@@ -81,6 +82,7 @@ class ClusterRunner:
         self._router: Any = None
         self._targets_task: asyncio.Task[None] | None = None
         self._owns_ray = False
+        self._api_keys = ApiKeys()
         sd_file = config.metrics.sd_file
         self.targets_path = Path(sd_file) if sd_file else radixserve_home() / "run" / "prometheus_targets.json"
 
@@ -91,6 +93,7 @@ class ClusterRunner:
         from radixserve.cluster.control.pool import RAY_NAMESPACE
 
         ModelStore().resolve(self.config.engine.model)  # fail before starting anything
+        self._api_keys = ApiKeys.from_config(self.config.security)  # read once, here: remote workers lack our env
         timer = _Timer(progress)
         pool = self.config.pool
         self._owns_ray = pool.ray_address is None and not ray.is_initialized()
@@ -144,7 +147,7 @@ class ClusterRunner:
         from radixserve.cluster.control.pool import WorkerPool
 
         self._bus = make_bus()
-        self._pool = WorkerPool(self.config, self._bus)
+        self._pool = WorkerPool(self.config, self._bus, self._api_keys)
         await self._pool.start(timer.step)
 
     async def _start_router(self) -> str:
@@ -152,7 +155,8 @@ class ClusterRunner:
 
         assert self._bus is not None
         metrics = self.config.metrics
-        self._router = Router(self.config.router, self._bus, metrics.host, metrics.router_port)
+        self._router = Router(self.config.router, self._bus, metrics.host, metrics.router_port,
+                              self.config.security, self._api_keys)
         address = await self._router.start()
         self._targets_task = asyncio.create_task(keep_targets(self._bus, self.targets_path,
                                                               self._router.metrics_address))

@@ -23,7 +23,8 @@ from typing import Any
 import ray
 
 from radixserve.cluster.base.bus import EventBus, WorkerRecord
-from radixserve.cluster.base.config import ClusterConfig, EngineConfig, MetricsConfig, PoolConfig
+from radixserve.cluster.base.config import ClusterConfig, EngineConfig, MetricsConfig, PoolConfig, SecurityConfig
+from radixserve.cluster.base.security import ApiKeys
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class WorkerActor:
     """One engine behind the internal gRPC API. Wrapped with ``ray.remote`` by ``WorkerPool``."""
 
     def __init__(self, worker_id: str, engine_config: EngineConfig, host: str, port: int, num_threads: int,
-                 metrics: MetricsConfig) -> None:
+                 metrics: MetricsConfig, security: SecurityConfig, api_keys: ApiKeys) -> None:
         import torch
 
         from radixserve.worker.engine import Engine
@@ -53,7 +54,7 @@ class WorkerActor:
         engine = Engine.from_config(engine_config, worker_id)
         self._loop = asyncio.new_event_loop()
         self._server = WorkerServer(engine, worker_id, host=host, port=port, metrics_host=metrics.host,
-                                    metrics_port=metrics.worker_port)
+                                    metrics_port=metrics.worker_port, security=security, api_keys=api_keys)
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{worker_id}-loop", daemon=True)
         self._thread.start()
         self._address = self._call(self._server.start())
@@ -80,9 +81,10 @@ class WorkerActor:
 class WorkerPool:
     """Starts ``config.pool.num_workers`` actors, announces them on ``bus`` and keeps their records current."""
 
-    def __init__(self, config: ClusterConfig, bus: EventBus) -> None:
+    def __init__(self, config: ClusterConfig, bus: EventBus, api_keys: ApiKeys | None = None) -> None:
         self._config = config
         self._bus = bus
+        self._api_keys = api_keys or ApiKeys()
         self.actors: list[Any] = []
         self._records: dict[str, WorkerRecord] = {}
         self._watchers: list[asyncio.Task[None]] = []
@@ -98,7 +100,8 @@ class WorkerPool:
                 num_gpus=_num_gpus(pool, self._config.engine), max_restarts=pool.max_restarts, max_task_retries=-1,
                 max_concurrency=4)
             self.actors.append(options.remote(worker_name(i), self._config.engine, pool.worker_host,
-                                              pool.worker_port, num_threads, self._config.metrics))
+                                              pool.worker_port, num_threads, self._config.metrics,
+                                              self._config.security, self._api_keys))
         records = []
         for i, actor in enumerate(self.actors):
             record = WorkerRecord.from_bytes(await asyncio.wait_for(actor.record.remote(), _STARTUP_TIMEOUT_S))
