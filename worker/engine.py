@@ -45,10 +45,10 @@ from radixserve.worker.metrics import EngineMetrics
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.models.llama import LlamaForCausalLM
-from radixserve.worker.outputs import CompletionOutput, RequestOutput
+from radixserve.worker.outputs import RequestOutput
 from radixserve.worker.runner import ModelRunner
 from radixserve.worker.sampler import Sampler, SamplerOutput, SamplingState
-from radixserve.cluster.base.generation import TokenLogprob
+from radixserve.cluster.base.generation import ChoiceDelta, TokenLogprob
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.worker.scheduler import ScheduledBatch, Scheduler
 from radixserve.worker.stats import EngineLoad, EngineStats
@@ -380,7 +380,7 @@ class Engine:
             seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
 
     def _output(self, request: _Request) -> RequestOutput:
-        outputs: tuple[CompletionOutput, ...] = ()
+        outputs: tuple[ChoiceDelta, ...] = ()
         if request.error is None:
             try:
                 outputs = self._deltas(request)
@@ -396,7 +396,7 @@ class Engine:
         return RequestOutput(request.request_id, outputs, leader.prompt_len, leader.num_cached_prompt_tokens,
                              finished, request.error)
 
-    def _deltas(self, request: _Request) -> tuple[CompletionOutput, ...]:
+    def _deltas(self, request: _Request) -> tuple[ChoiceDelta, ...]:
         """Each sample's new tokens, text and logprobs since the last output."""
         outputs = []
         for seq, checker in zip(request.seqs, request.checkers):
@@ -407,7 +407,7 @@ class Engine:
             text = checker.take_text(finished)
             if new_ids or text or (finished and not checker.finish_reported):
                 checker.finish_reported = finished
-                outputs.append(CompletionOutput(seq.index, tuple(new_ids), text, tuple(new_logprobs),
+                outputs.append(ChoiceDelta(seq.index, tuple(new_ids), text, tuple(new_logprobs),
                                                 seq.finish_reason))
         return tuple(outputs)
 

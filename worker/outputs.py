@@ -1,26 +1,16 @@
-"""What the engine reports per step: the new tokens and text of each sample of a request."""
+"""What the engine reports per step: the new tokens and text of each sample of a request.
+
+Each sample's part is a ``ChoiceDelta`` (``cluster.base.generation``), the type every front end relays; the
+engine's finish reasons are ``"stop"`` (eos, a stop token id or a stop string), ``"length"`` (max_tokens or the
+context length), ``"abort"`` or ``"error"`` (the request failed). Text that could still turn out to begin a stop
+string is held back until it cannot.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from radixserve.cluster.base.generation import TokenLogprob
-
-
-@dataclass(frozen=True)
-class CompletionOutput:
-    """The part of sample ``index`` produced since the previous output (a delta).
-
-    ``finish_reason`` is None while the sample runs, then ``"stop"`` (eos, a stop token id or a stop string),
-    ``"length"`` (max_tokens or the context length), ``"abort"`` or ``"error"`` (the request failed). Text that could still turn out to begin
-    a stop string is held back until it cannot.
-    """
-
-    index: int
-    token_ids: tuple[int, ...]
-    text: str
-    logprobs: tuple[TokenLogprob, ...]
-    finish_reason: str | None
+from radixserve.cluster.base.generation import ChoiceDelta
 
 
 @dataclass(frozen=True)
@@ -31,7 +21,7 @@ class RequestOutput:
     """
 
     request_id: str
-    outputs: tuple[CompletionOutput, ...]
+    outputs: tuple[ChoiceDelta, ...]
     num_prompt_tokens: int
     num_cached_tokens: int
     finished: bool

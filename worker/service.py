@@ -37,11 +37,11 @@ from radixserve.cluster.base.grpc_util import HealthReporter
 from radixserve.cluster.base.metrics import MetricsEndpoint
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.cluster.base.security import ApiKeys, add_port, grpc_server
-from radixserve.cluster.base.wire import add_servicer, sampling_params_from_proto
+from radixserve.cluster.base.wire import add_servicer, chunk_to_proto, sampling_params_from_proto
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed, RequestIdInUse
 from radixserve.worker.kv.radix_cache import KVEvent
-from radixserve.worker.outputs import CompletionOutput, RequestOutput
+from radixserve.worker.outputs import RequestOutput
 
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
 SERVICE_NAME = SERVICE.full_name
@@ -397,17 +397,9 @@ def _refusal(error: ValueError | EngineOverloaded) -> tuple[grpc.StatusCode, str
 
 
 def _response(output: RequestOutput) -> worker_pb2.WorkerGenerateResponse:
-    return worker_pb2.WorkerGenerateResponse(choices=[_chunk(c) for c in output.outputs],
+    return worker_pb2.WorkerGenerateResponse(choices=[chunk_to_proto(c) for c in output.outputs],
                                              num_prompt_tokens=output.num_prompt_tokens,
                                              num_cached_tokens=output.num_cached_tokens, finished=output.finished)
-
-
-def _chunk(output: CompletionOutput) -> types_pb2.CompletionChunk:
-    logprobs = [types_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
-                                       top=[types_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
-                for lp in output.logprobs]
-    return types_pb2.CompletionChunk(index=output.index, token_ids=output.token_ids, text=output.text,
-                                     logprobs=logprobs, finish_reason=output.finish_reason or "")
 
 
 def _event(event: KVEvent) -> worker_pb2.KvEvent:

@@ -120,7 +120,7 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class ChoiceDelta:
     """What sample ``index`` produced since the previous delta; ``finish_reason`` None while it runs, then
-    ``"stop"``, ``"length"`` or ``"abort"``."""
+    ``"stop"``, ``"length"`` or ``"abort"`` (an engine's own outputs may also say ``"error"``)."""
 
     index: int
     token_ids: tuple[int, ...] = ()
