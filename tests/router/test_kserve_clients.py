@@ -13,14 +13,16 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from test_router_service import TIMEOUT_S, Cluster, background_cluster, checkpoint, raw_channel  # noqa: F401
 
+from radixserve.kserve.v2 import grpc_service_pb2
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2
 
 MODEL = "tiny"
 PROMPT = "Hello there"
 MAX_TOKENS = 4
-TRITONCLIENT_CALLS = Path(__file__).with_name("tritonclient_calls.py")
+TRITONCLIENT_CALLS = Path(__file__).parents[1] / "fixtures" / "tritonclient_calls.py"
 GRPCURL = Path(sys.executable).with_name("grpcurl")
 
 
@@ -39,6 +41,42 @@ def tritonclient_saw(background_cluster: Cluster) -> dict[str, Any]:
                            str(MAX_TOKENS)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def _messages(proto: descriptor_pb2.FileDescriptorProto) -> dict[str, descriptor_pb2.DescriptorProto]:
+    """Every message of ``proto`` by full name, nested ones included."""
+    found: dict[str, descriptor_pb2.DescriptorProto] = {}
+    pending = [(f".{proto.package}", message) for message in proto.message_type]
+    while pending:
+        scope, message = pending.pop()
+        found[f"{scope}.{message.name}"] = message
+        pending += [(f"{scope}.{message.name}", nested) for nested in message.nested_type]
+    return found
+
+
+def _wire_view(message: descriptor_pb2.DescriptorProto) -> set[tuple[Any, ...]]:
+    """What decides a message's bytes and its JSON: each field's number, name, type, label and message type."""
+    return {(f.number, f.name, f.type, f.label, f.type_name, f.HasField("oneof_index")) for f in message.field}
+
+
+def test_our_protocol_is_tritonclients_for_every_message_and_call_we_keep():
+    done = subprocess.run([sys.executable, str(TRITONCLIENT_CALLS), "descriptor"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    theirs = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(done.stdout))
+    ours = descriptor_pb2.FileDescriptorProto()
+    grpc_service_pb2.DESCRIPTOR.CopyToProto(ours)
+    assert ours.package == theirs.package == "inference"
+    their_messages = _messages(theirs)
+    for name, message in _messages(ours).items():
+        assert _wire_view(message) == _wire_view(their_messages[name]), name
+    [our_service], [their_service] = ours.service, theirs.service
+    assert our_service.name == their_service.name == "GRPCInferenceService"
+    their_methods = {m.name: m for m in their_service.method}
+    for method in our_service.method:
+        theirs_ = their_methods[method.name]
+        assert (method.input_type, method.output_type, method.client_streaming, method.server_streaming) == (
+            theirs_.input_type, theirs_.output_type, theirs_.client_streaming, theirs_.server_streaming)
 
 
 def test_tritonclient_sees_a_live_ready_server_and_the_model_schema(tritonclient_saw: dict[str, Any]):
