@@ -161,11 +161,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _stream_one(self, request: pb.ModelInferRequest | Undecodable, time_remaining: float | None,
                           put: Put) -> None:
         """Answer one request of a stream: its responses, or a response holding its error."""
-        request_id = "" if isinstance(request, Undecodable) else request.id
+        if isinstance(request, Undecodable):
+            self._core.count_refused("ModelStreamInfer", Status.INVALID_ARGUMENT)
+            put(_error_response("", GenerationError(Status.INVALID_ARGUMENT, request.details)))
+            return
         try:
-            if isinstance(request, Undecodable):
-                self._core.count_refused("ModelStreamInfer", Status.INVALID_ARGUMENT)
-                raise GenerationError(Status.INVALID_ARGUMENT, request.details)
             inputs, generation = self._prepare("ModelStreamInfer", request, time_remaining, unary=False)
             if inputs.stream:
                 await self._stream_deltas(request, inputs, generation, put)
@@ -174,9 +174,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 prefix = inputs.text if inputs.prepend_input else ""
                 put(_stream_response(request, inputs, answer_outputs(answer, prefix), True))
         except GenerationError as error:
-            put(pb.ModelStreamInferResponse(error_message=f"{error.status.name}: {error}",
-                                            infer_response=pb.ModelInferResponse(id=request_id)))
-
+            put(_error_response(request.id, error))
 
     async def _stream_deltas(self, request: pb.ModelInferRequest, inputs: InferInputs, generation: GenerationRequest,
                              put: Put) -> None:
@@ -215,3 +213,8 @@ def _stream_response(request: pb.ModelInferRequest, inputs: InferInputs, values:
     response = _response(request, inputs, values)
     response.parameters[FINAL_RESPONSE].bool_param = final
     return pb.ModelStreamInferResponse(infer_response=response)
+
+
+def _error_response(request_id: str, error: GenerationError) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(error_message=f"{error.status.name}: {error}",
+                                       infer_response=pb.ModelInferResponse(id=request_id))

@@ -33,7 +33,6 @@ from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.kserve.v2 import grpc_service_pb2 as pb
 
 
-
 class TensorSpec(NamedTuple):
     """A tensor's datatype and shape as ``ModelMetadata`` advertises them (-1: one element per sample)."""
 
@@ -223,7 +222,7 @@ class StreamOutputs:
             num_tokens[choice.index] += len(choice.token_ids)
             self._finish_reasons[choice.index] = choice.finish_reason or self._finish_reasons[choice.index]
         values: OutputValues = {"text_output": texts, "finish_reason": [str(r) for r in self._finish_reasons],
-                  "num_output_tokens": num_tokens}
+                                "num_output_tokens": num_tokens}
         if delta.usage is not None:
             values["num_input_tokens"] = [delta.usage.prompt_tokens]
         return values

@@ -225,7 +225,8 @@ def test_an_unknown_model_or_version_is_not_found(stub: pb_grpc.GRPCInferenceSer
 
 def _replaced(name: str, tensor: InputTensor, request: pb.ModelInferRequest | None = None) -> pb.ModelInferRequest:
     """``request`` (a good one by default) with its input ``name`` replaced by ``tensor`` (or added)."""
-    request = request or infer_request(exclude_input_in_output=True)
+    if request is None:
+        request = infer_request(exclude_input_in_output=True)
     kept = [t for t in request.inputs if t.name != name]
     del request.inputs[:]
     request.inputs.extend([*kept, tensor])
