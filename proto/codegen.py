@@ -1,7 +1,8 @@
 """Generate the Python stubs of every .proto under proto/: ``python proto/codegen.py [--check]``.
 
-The stubs are committed next to their sources (``proto/radixserve/v1/*_pb2*.py``, installed as the package
-``radixserve.v1``). ``--check`` regenerates into a scratch folder and exits 1, listing the stale files, when the
+The stubs are committed next to their sources: ``proto/radixserve/v1/*_pb2*.py``, installed as the package
+``radixserve.v1``, and the KServe v2 protocol's ``proto/radixserve/kserve/v2/*_pb2*.py`` (protobuf package
+``inference``), installed as ``radixserve.kserve.v2``. ``--check`` regenerates into a scratch folder and exits 1, listing the stale files, when the
 committed stubs differ from what the sources produce.
 """
 

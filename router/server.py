@@ -1,8 +1,8 @@
 """The router process: the router core behind its front ends, its worker set and prefix index, its metrics.
 
 The front ends are thin adapters over ``router.core.RouterCore`` (which states the guarantees every request
-gets): ``radixserve.v1.Generation`` on the gRPC port (``router.v1_api``), with the standard health service and
-server reflection.
+gets): ``radixserve.v1.Generation`` (``router.v1_api``) and KServe v2's ``inference.GRPCInferenceService``
+(``router.kserve_api``) on the gRPC port, with the standard health service and server reflection.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from radixserve.cluster.base.metrics import MetricsEndpoint
 from radixserve.cluster.base.security import (ApiKeys, add_port, call_metadata, grpc_channel_credentials,
                                               grpc_server)
 from radixserve.cluster.base.wire import add_servicer
+from radixserve.router import kserve_api
 from radixserve.router.core import RETRYABLE, RouterCore
 from radixserve.router.metrics import RouterMetrics, WorkerGauges
 from radixserve.router.prefix_index import PrefixIndex
@@ -49,15 +50,17 @@ class Router:
         self.metrics.bind(self._gauges)
         for status in RETRYABLE:  # the series dashboards rate() exist from the start, at 0
             self.metrics.retries.labels(status.name)
-        for method in COUNTED_METHODS:
+        for method in (*COUNTED_METHODS, *kserve_api.COUNTED_METHODS):
             self.metrics.requests.labels(method, "OK")
         self.core = RouterCore(config, self.workers, self.index, self.metrics)
         self.service = GenerationService(self.core, self.workers, self.index, config.policy)
+        self.kserve = kserve_api.InferenceService(self.core)
         self._metrics_at = None if metrics_port is None else (metrics_host, metrics_port)
         self._endpoint: MetricsEndpoint | None = None
         self._server = grpc_server(config.max_message_bytes, self.api_keys)
         add_servicer(self._server, GENERATION, self.service, self.service.count_undecodable)
-        self._health = HealthReporter(self._server, [GENERATION.full_name])
+        add_servicer(self._server, kserve_api.KSERVE, self.kserve, self.kserve.count_undecodable)
+        self._health = HealthReporter(self._server, [GENERATION.full_name, kserve_api.KSERVE.full_name])
         self.address = ""
 
     def _gauges(self) -> list[WorkerGauges]:

@@ -20,7 +20,7 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 # The modules that must stay free of transport frameworks (the forbidden contract names them).
 _NEUTRAL_MODULES = ("router.core", "cluster.base.generation", "cluster.base.requests")
 PACKAGES = ("cluster", "cluster/base", "cluster/control", "cluster/control/sim", "router", "worker", "worker/kv",
-            "v1")
+            "v1", "kserve/v2")
 
 
 def _lint(config: Path, cwd: Path, pythonpath: str | None = None) -> subprocess.CompletedProcess[str]:

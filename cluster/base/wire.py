@@ -14,7 +14,7 @@ where grpc's generated registration answers UNKNOWN.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 import grpc
@@ -60,13 +60,15 @@ class Undecodable(NamedTuple):
 
 def add_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object,
                  on_undecodable: Callable[[str], None] | None = None) -> None:
-    """Serve ``servicer``'s methods of ``service`` (unary requests) on ``server``, as the generated
-    ``add_*Servicer_to_server`` does, except for requests that do not parse.
+    """Serve ``servicer``'s methods of ``service`` on ``server``, as the generated ``add_*Servicer_to_server``
+    does, except for requests that do not parse.
 
-    Those are answered INVALID_ARGUMENT ``"<RequestMessage>: cannot be parsed: <why>"`` without calling the
-    servicer, after ``on_undecodable(method name)`` (to count them before the status leaves). A streaming
-    method's responses are written by the handler, and its generator is closed as soon as the call ends,
-    cancelled or not.
+    A unary request that does not parse is answered INVALID_ARGUMENT ``"<RequestMessage>: cannot be parsed: <why>"``
+    without calling the servicer, after ``on_undecodable(method name)`` (to count them before the status leaves).
+    A bidirectional method's servicer takes the stream of requests as they come, each a request message or an
+    ``Undecodable`` holding those details, and answers each itself (the stream may go on after one).
+    A streaming method's responses are written by the handler, and its generator is closed as soon as the call
+    ends, cancelled or not.
     """
     handlers = {method.name: _handler(method, getattr(servicer, method.name), on_undecodable)
                 for method in service.methods}
@@ -76,10 +78,13 @@ def add_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: 
 
 def _handler(method: MethodDescriptor, behaviour: Callable[..., Any],
              on_undecodable: Callable[[str], None] | None) -> grpc.RpcMethodHandler:
-    if method.client_streaming:
-        raise ValueError(f"{method.full_name}: streaming requests are not supported")
+    if method.client_streaming and not method.server_streaming:
+        raise ValueError(f"{method.full_name}: client-streaming calls are not supported")
     request_class = message_factory.GetMessageClass(method.input_type)
     response_class = message_factory.GetMessageClass(method.output_type)
+    if method.client_streaming:
+        return grpc.stream_stream_rpc_method_handler(_written(behaviour), request_deserializer=_parser(request_class),
+                                                     response_serializer=response_class.SerializeToString)
 
     async def refuse(request: Undecodable, context: grpc.aio.ServicerContext) -> None:
         if on_undecodable is not None:
@@ -94,13 +99,20 @@ def _handler(method: MethodDescriptor, behaviour: Callable[..., Any],
     async def streaming(request: Message | Undecodable, context: grpc.aio.ServicerContext) -> None:
         if isinstance(request, Undecodable):
             await refuse(request, context)
-        async with contextlib.aclosing(behaviour(request, context)) as responses:
-            async for response in responses:
-                await context.write(response)
+        await _written(behaviour)(request, context)
 
     factory = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
     return factory(streaming if method.server_streaming else unary, request_deserializer=_parser(request_class),
                    response_serializer=response_class.SerializeToString)
+
+
+def _written(behaviour: Callable[..., Any]) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
+    """A handler writing each response ``behaviour`` yields, closing it as soon as the call ends."""
+    async def write(request: Any, context: grpc.aio.ServicerContext) -> None:
+        async with contextlib.aclosing(behaviour(request, context)) as responses:
+            async for response in responses:
+                await context.write(response)
+    return write
 
 
 def _parser(request_class: type[Message]) -> Callable[[bytes], Message | Undecodable]:

@@ -407,7 +407,7 @@ def test_the_router_metrics_count_requests_by_code_decisions_tokens_and_kv_event
             assert {(s.labels["method"], s.labels["code"]): s.value for s in m
                     if s.name == "radixserve_router_requests_total"} == {
                 ("Complete", "OK"): 1, ("Generate", "OK"): 1, ("Complete", "INVALID_ARGUMENT"): 1,
-                ("Generate", "CANCELLED"): 1}
+                ("Generate", "CANCELLED"): 1, ("ModelInfer", "OK"): 0, ("ModelStreamInfer", "OK"): 0}
             assert total(m, "radixserve_router_routing_decisions_total", policy="prefix") == 3
             assert total(m, "radixserve_router_time_to_first_token_seconds_count") == 2
             assert total(m, "radixserve_router_e2e_request_latency_seconds_count") == 2
