@@ -24,6 +24,7 @@ E2E_SETTINGS = {
     "engine.cache.memory_gib": 0.25,
     "router.health_interval_s": 0.2,
     "router.drain_timeout_s": 5.0,
+    "router.http_port": 0,
 }
 
 

@@ -45,6 +45,7 @@ from radixserve.cluster.base.security import ApiKeys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+COUNTED_METHODS = (ChatFormat.method, CompletionFormat.method)  # the methods generation requests are counted as
 _DONE = "data: [DONE]\n\n"
 _CLIENT_GONE = 499  # nginx's "client closed request": nobody reads it
 
