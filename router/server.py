@@ -2,7 +2,8 @@
 
 The front ends are thin adapters over ``router.core.RouterCore`` (which states the guarantees every request
 gets): ``radixserve.v1.Generation`` (``router.v1_api``) and KServe v2's ``inference.GRPCInferenceService``
-(``router.kserve_api``) on the gRPC port, with the standard health service and server reflection.
+(``router.kserve_api``) on the gRPC port, with the standard health service and server reflection; and the
+OpenAI-compatible HTTP API (``cluster.base.openai``) on ``http_port`` unless None.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from radixserve.cluster.base.bus import EventBus
 from radixserve.cluster.base.config import RouterConfig, SecurityConfig
 from radixserve.cluster.base.grpc_util import HealthReporter
 from radixserve.cluster.base.metrics import MetricsEndpoint
+from radixserve.cluster.base.openai.app import COUNTED_METHODS as HTTP_METHODS
+from radixserve.cluster.base.openai.app import HttpOptions, create_app
+from radixserve.cluster.base.openai.server import HttpServer
 from radixserve.cluster.base.security import (ApiKeys, add_port, call_metadata, grpc_channel_credentials,
-                                              grpc_server)
+                                              grpc_server, uvicorn_tls)
 from radixserve.cluster.base.wire import add_servicer
 from radixserve.router import kserve_api
 from radixserve.router.core import RETRYABLE, RouterCore
@@ -28,12 +32,13 @@ from radixserve.router.workers import WorkerChannels, WorkerSet
 
 
 class Router:
-    """The router process: the public server, its worker set and prefix index. Runs on one asyncio loop.
+    """The router process: the public servers, its worker set and prefix index. Runs on one asyncio loop.
 
     ``security`` secures its ports (TLS) and its calls to workers (TLS, the router's certificate under worker
-    mTLS); with ``api_keys`` every call but health and reflection needs one, and the router's own calls to
-    workers carry one. Its metrics (``self.metrics``) are served at ``metrics_address`` from ``start`` until ``stop`` when
-    ``metrics_port`` is given (0: a free port) on ``metrics_host``.
+    mTLS); with API keys (``api_keys``, by default those ``security`` names) every call but health and
+    reflection needs one, and the router's own calls to workers carry one. Its metrics (``self.metrics``) are served at ``metrics_address`` from ``start`` until
+    ``stop`` when ``metrics_port`` is given (0: a free port) on ``metrics_host``. ``http_address`` is where the
+    HTTP API listens (None without ``config.http_port``).
     """
 
     def __init__(self, config: RouterConfig, bus: EventBus, metrics_host: str = "127.0.0.1",
@@ -41,7 +46,7 @@ class Router:
                  api_keys: ApiKeys | None = None) -> None:
         self.config = config
         self.security = security or SecurityConfig()
-        self.api_keys = api_keys or ApiKeys()
+        self.api_keys = api_keys if api_keys is not None else ApiKeys.from_config(self.security)
         self.index = PrefixIndex(config.pending_ttl_s, config.approx_ttl_s)
         self.metrics = RouterMetrics(CollectorRegistry(), config.policy)
         self.workers = WorkerSet(bus, self.index, self.metrics, WorkerChannels(
@@ -50,11 +55,17 @@ class Router:
         self.metrics.bind(self._gauges)
         for status in RETRYABLE:  # the series dashboards rate() exist from the start, at 0
             self.metrics.retries.labels(status.name)
-        for method in (*COUNTED_METHODS, *kserve_api.COUNTED_METHODS):
+        for method in (*COUNTED_METHODS, *kserve_api.COUNTED_METHODS, *HTTP_METHODS):
             self.metrics.requests.labels(method, "OK")
         self.core = RouterCore(config, self.workers, self.index, self.metrics)
         self.service = GenerationService(self.core, self.workers, self.index, config.policy)
         self.kserve = kserve_api.InferenceService(self.core)
+        self._http: HttpServer | None = None
+        if config.http_port is not None:
+            app = create_app(self.core, HttpOptions(config.max_message_bytes, self.api_keys),
+                             on_refused=self.core.count_refused)
+            self._http = HttpServer(app, config.host, config.http_port, uvicorn_tls(self.security))
+        self.http_address: str | None = None
         self._metrics_at = None if metrics_port is None else (metrics_host, metrics_port)
         self._endpoint: MetricsEndpoint | None = None
         self._server = grpc_server(config.max_message_bytes, self.api_keys)
@@ -67,6 +78,11 @@ class Router:
         clients = list(self.workers.clients.values())  # a copy: the event loop may change the dict meanwhile
         return [WorkerGauges(c.worker_id, c.state, self.index.num_pages(c.worker_id), c.outstanding.num_in_flight)
                 for c in clients]
+
+    @property
+    def http_url(self) -> str | None:
+        """``http(s)://host:port`` of the HTTP API once started; None without one."""
+        return self._http.url if self._http is not None and self.http_address is not None else None
 
     @property
     def metrics_address(self) -> str | None:
@@ -82,17 +98,22 @@ class Router:
         await self._server.start()
         await self._health.set_serving(True)
         self.address = f"{self.config.host}:{port}"
+        if self._http is not None:
+            self.http_address = await self._http.start()
         if self._metrics_at is not None:
             self._endpoint = MetricsEndpoint(self.metrics.registry, *self._metrics_at)
         return self.address
 
     async def stop(self) -> None:
-        """Drain: refuse new requests, let those in flight finish (up to ``drain_timeout_s``), then stop."""
+        """Drain: refuse new requests (HTTP ``/health`` 503), let those in flight finish (up to
+        ``drain_timeout_s``), then stop."""
         self.core.draining = True
         await self._health.set_serving(False)
         deadline = time.monotonic() + self.config.drain_timeout_s
         while self.core.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self._http is not None:
+            await self._http.stop(grace_s=1.0)
         await self._server.stop(grace=1.0)
         await self.workers.close()
         if self._endpoint is not None:
