@@ -1,17 +1,21 @@
-"""TLS, worker mTLS and API keys on the gRPC ports, with real servers (tiny engines, no Ray) and real TLS.
+"""TLS, worker mTLS and API keys on every port (gRPC and HTTP), with real servers (tiny engines, no Ray), real TLS
+and real clients (grpc, httpx, the openai SDK).
 
-One cluster serves every test: two workers requiring client certificates from the cluster's CA and an API key,
-and a router speaking TLS with the same key set.
+One cluster serves every test: two workers requiring client certificates from the cluster's CA and an API key on
+both their ports, and a router speaking TLS on both of its ports with the same key set.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
+import openai
 import pytest
 from certificates import Authority, Issued
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -71,11 +75,12 @@ async def _start(security: SecurityConfig, keys: ApiKeys, checkpoint: Checkpoint
                  config: EngineConfig) -> tuple[InProcessBus, list[WorkerServer], Router]:
     """Two workers and a router, all secured by ``security`` and ``keys`` (created on the running loop)."""
     bus = InProcessBus()
-    workers = [WorkerServer(Engine(config, checkpoint), f"w{i}", security=security, api_keys=keys) for i in range(2)]
+    workers = [WorkerServer(Engine(config, checkpoint), f"w{i}", http_port=0, security=security, api_keys=keys)
+               for i in range(2)]
     for i, worker in enumerate(workers):
         address = await worker.start()
         await bus.announce(WorkerRecord(f"w{i}", address, "tiny", worker.incarnation, 64))
-    router = Router(RouterConfig(port=0, http_port=None, health_interval_s=0.05), bus, metrics_port=0,
+    router = Router(RouterConfig(port=0, http_port=0, health_interval_s=0.05), bus, metrics_port=0,
                     security=security, api_keys=keys)
     await router.start()
     return bus, workers, router
@@ -216,3 +221,69 @@ def test_the_python_client_speaks_tls_with_a_key(secured: Secured) -> None:
         with pytest.raises(grpc.RpcError) as refused:
             keyless.list_workers()
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _https(ca_file: Path, client: Issued | None = None) -> httpx.Client:
+    """An HTTPS client trusting ``ca_file``, presenting ``client``'s certificate when given."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    if client is not None:
+        context.load_cert_chain(client.cert_file, client.key_file)
+    return httpx.Client(verify=context)
+
+
+def _completion(client: httpx.Client, url: str, key: str | None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    body = {"model": "tiny", "prompt": list(range(5, 25)), "max_tokens": 3, "temperature": 0}
+    return client.post(f"{url}/v1/completions", json=body, headers=headers, timeout=TIMEOUT_S)
+
+
+def test_the_routers_https_api_serves_the_right_key_refuses_others_and_keeps_health_open(secured: Secured) -> None:
+    url = secured.router.http_url
+    assert url is not None and url.startswith("https://")
+    with _https(secured.server_cert.ca_file) as client:
+        assert client.get(f"{url}/health", timeout=TIMEOUT_S).status_code == 200
+        for key in (None, "sk-wrong"):
+            refused = _completion(client, url, key)
+            assert refused.status_code == 401
+            assert refused.json()["error"]["code"] is not None or refused.json()["error"]["type"]
+            assert KEY not in refused.text
+        served = _completion(client, url, KEY)
+    assert served.status_code == 200, served.text
+    assert served.json()["usage"]["completion_tokens"] == 3
+
+
+def test_the_openai_sdk_reaches_the_router_over_https_with_a_key(secured: Secured) -> None:
+    with _https(secured.server_cert.ca_file) as http:
+        client = openai.OpenAI(base_url=f"{secured.router.http_url}/v1", api_key=KEY, http_client=http)
+        answer = client.completions.create(model="tiny", prompt=[5, 6, 7, 8, 9], max_tokens=2, temperature=0)
+    assert answer.usage is not None and answer.usage.completion_tokens == 2
+
+
+def test_an_https_client_that_does_not_trust_the_clusters_authority_refuses_the_router(secured: Secured) -> None:
+    with _https(secured.rogue_client.ca_file) as client:
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            client.get(f"{secured.router.http_url}/health", timeout=TIMEOUT_S)
+
+
+def test_plain_http_gets_no_answer_from_the_tls_router(secured: Secured) -> None:
+    address = secured.router.http_address
+    with httpx.Client() as client:
+        with pytest.raises(httpx.HTTPError):
+            client.get(f"http://{address}/health", timeout=5)
+
+
+@pytest.mark.parametrize("client", ["none", "rogue"])
+def test_a_workers_https_api_refuses_clients_without_a_certificate_from_the_clusters_authority(
+        secured: Secured, client: str) -> None:
+    certificate = None if client == "none" else secured.rogue_client
+    with _https(secured.server_cert.ca_file, certificate) as http:
+        with pytest.raises(httpx.HTTPError):
+            _completion(http, f"https://{secured.workers[0].http_address}", KEY)
+
+
+def test_a_workers_https_api_serves_the_clusters_certificate_with_a_key(secured: Secured) -> None:
+    with _https(secured.server_cert.ca_file, secured.server_cert) as http:
+        url = f"https://{secured.workers[0].http_address}"
+        assert _completion(http, url, None).status_code == 401
+        served = _completion(http, url, KEY)
+    assert served.status_code == 200, served.text
