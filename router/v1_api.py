@@ -56,7 +56,8 @@ class GenerationService(api_pb2_grpc.GenerationServicer):
                 worker_id=client.worker_id, address=client.record.address, model=client.record.model,
                 state=client.state, load=client.load, num_routed=client.num_routed,
                 num_in_flight=client.outstanding.num_in_flight,
-                num_indexed_pages=self._index.num_pages(client.worker_id), events_live=client.events_live))
+                num_indexed_pages=self._index.num_pages(client.worker_id), events_live=client.events_live,
+                http_address=client.record.http_address or ""))
         return response
 
     def count_undecodable(self, method: str) -> None:

@@ -1,7 +1,8 @@
 """The worker's gRPC service (``radixserve.v1.Worker``) over one ``Engine``, and the server that hosts it.
 
 ``WorkerServer`` owns a ``grpc.aio`` server with the Worker service, the standard health service
-(``""`` and ``radixserve.v1.Worker``) and server reflection. Create, start and stop it on one asyncio loop;
+(``""`` and ``radixserve.v1.Worker``) and server reflection, and optionally the OpenAI-compatible HTTP API
+(``worker.http_api``) over the same engine. Create, start and stop it on one asyncio loop;
 any thread's loop will do (a Ray actor runs it in a dedicated thread).
 
 Errors: request bytes that do not parse as the method's request message are ``INVALID_ARGUMENT`` naming the
@@ -32,12 +33,18 @@ from typing import NamedTuple
 
 import grpc
 
+from radixserve.cluster.base.config import SecurityConfig
 from radixserve.cluster.base.grpc_util import HealthReporter, server_options
 from radixserve.cluster.base.metrics import MetricsEndpoint
+from radixserve.cluster.base.openai.app import HttpOptions
+from radixserve.cluster.base.openai.server import HttpServer
+from radixserve.cluster.base.security import ApiKeys, uvicorn_tls
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.cluster.base.wire import add_servicer, sampling_params_from_proto
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+from radixserve.worker.backend import EngineBackend
 from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed, RequestIdInUse
+from radixserve.worker.http_api import worker_app
 from radixserve.worker.kv.radix_cache import KVEvent
 from radixserve.worker.outputs import CompletionOutput, RequestOutput
 
@@ -295,19 +302,28 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
 
 class WorkerServer:
-    """Serves one engine over gRPC: the Worker service, health checking and reflection.
+    """Serves one engine over gRPC: the Worker service, health checking and reflection; and, with ``http_port``
+    (0: a free port), the OpenAI-compatible HTTP API over the same engine at ``http_address``
+    (``worker.http_api``; bodies up to ``max_message_bytes``).
 
     Runs once: ``start``, then ``stop``. ``address`` is the ``host:port`` actually bound (None before
     ``start``); ``incarnation`` is a fresh uuid per server, so routers notice a restarted worker. With
     ``metrics_port`` (0: a free port) the engine's metrics are served at ``metrics_address`` from ``start``
-    until ``stop``.
+    until ``stop``. ``security`` secures the HTTP API: TLS (client certificates required under
+    ``worker_mtls``) and API keys.
     """
 
     def __init__(self, engine: Engine, worker_id: str, host: str = "127.0.0.1", port: int = 0,
                  max_message_bytes: int = 4 * 2**20,
                  max_pending_batches: int = DEFAULT_MAX_PENDING_BATCHES, metrics_host: str = "127.0.0.1",
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None, http_port: int | None = None,
+                 security: SecurityConfig = SecurityConfig()) -> None:
         self._engine = engine
+        self._backend = EngineBackend(engine, worker_id)
+        self._http: HttpServer | None = None
+        if http_port is not None:
+            app = worker_app(engine, self._backend, HttpOptions(max_message_bytes, ApiKeys.from_config(security)))
+            self._http = HttpServer(app, host, http_port, uvicorn_tls(security, security.worker_mtls))
         self._metrics_at = None if metrics_port is None else (metrics_host, metrics_port)
         self._metrics: MetricsEndpoint | None = None
         self._worker_id = worker_id
@@ -334,6 +350,11 @@ class WorkerServer:
     def metrics_address(self) -> str | None:
         return self._metrics.address if self._metrics is not None else None
 
+    @property
+    def http_address(self) -> str | None:
+        """The HTTP API's bound ``host:port``; None without ``http_port`` or before ``start``."""
+        return self._http.address if self._http is not None else None
+
     async def start(self) -> str:
         """Binds, starts serving (health SERVING) and returns the bound ``host:port``."""
         if self._server is not None:
@@ -348,21 +369,27 @@ class WorkerServer:
         await server.start()
         self._service.start()
         self._server = server
+        if self._http is not None:
+            await self._http.start()
         if self._metrics_at is not None:
             self._metrics = MetricsEndpoint(self._engine.metrics.registry, *self._metrics_at)
         return self._address
 
     async def stop(self, grace_s: float) -> None:
-        """Drains, then stops: health NOT_SERVING and new Generate calls refused with UNAVAILABLE, up to
-        ``grace_s`` for the Generate calls in flight (the rest are cancelled, which aborts them), KV event
-        streams ended with UNAVAILABLE. A no-op before ``start`` or when already stopping."""
+        """Drains, then stops: health NOT_SERVING (HTTP ``/health`` 503) and new Generate calls and HTTP requests
+        refused with UNAVAILABLE, up to ``grace_s`` for the requests in flight (the rest are cancelled, which
+        aborts them), KV event streams ended with UNAVAILABLE. A no-op before ``start`` or when already stopping."""
         server, service, health = self._server, self._service, self._health
         if server is None or service is None or health is None or self._stopping:
             return
         self._stopping = True
+        deadline = time.monotonic() + grace_s
         service.begin_drain()
+        self._backend.draining = True
         await health.set_serving(False)
         await service.wait_idle(grace_s)
+        if self._http is not None:
+            await self._http.stop(deadline - time.monotonic())
         await service.close()
         await server.stop(_CANCEL_GRACE_S)
         if self._metrics is not None:

@@ -71,8 +71,9 @@ class WorkerRecord:
 
     ``address`` is ``"host:port"`` of its worker service. ``incarnation`` changes whenever the worker restarts
     (its cache is then empty). ``max_running_requests`` is its batch capacity. ``metrics_address`` is the
-    ``"host:port"`` of its Prometheus ``/metrics`` endpoint, None if it serves none. Every field is validated on
-    construction and a bad one raises ValueError naming it.
+    ``"host:port"`` of its Prometheus ``/metrics`` endpoint, ``http_address`` that of its OpenAI-compatible HTTP
+    API, each None if it serves none. Every field is validated on construction and a bad one raises ValueError
+    naming it.
     """
 
     worker_id: str
@@ -81,14 +82,16 @@ class WorkerRecord:
     incarnation: str
     max_running_requests: int
     metrics_address: str | None = None
+    http_address: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("worker_id", "model", "incarnation"):
             value = getattr(self, name)
             _require(isinstance(value, str) and bool(value), name, "a non-empty string", value)
         _require(_is_address(self.address), "address", '"host:port" with a port in [1, 65535]', self.address)
-        _require(self.metrics_address is None or _is_address(self.metrics_address), "metrics_address",
-                 'null or "host:port" with a port in [1, 65535]', self.metrics_address)
+        for name in ("metrics_address", "http_address"):
+            value = getattr(self, name)
+            _require(value is None or _is_address(value), name, 'null or "host:port" with a port in [1, 65535]', value)
         capacity = self.max_running_requests
         _require(type(capacity) is int and capacity >= 1, "max_running_requests", "an int >= 1", capacity)
 

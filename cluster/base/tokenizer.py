@@ -7,9 +7,22 @@ from collections.abc import Iterable, Mapping, Sequence
 import jinja2
 import jinja2.ext
 import tokenizers
+import tokenizers.decoders
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 _REPLACEMENT_CHAR = "\ufffd"
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's scheme): printable Latin-1 bytes stand for
+    themselves, the other bytes for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
 
 
 class Tokenizer:
@@ -82,6 +95,16 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; an incomplete or invalid UTF-8 byte sequence decodes to U+FFFD."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token ``token_id`` stands for, alone: a byte-level BPE token may hold part of a multi-byte
+        character, which ``decode`` would show as U+FFFD. Special tokens give their text's UTF-8 bytes."""
+        piece = self._backend.id_to_token(token_id)
+        if piece is not None and isinstance(self._backend.decoder, tokenizers.decoders.ByteLevel):
+            raw = [_BYTE_OF_CHAR.get(char) for char in piece]
+            if all(b is not None for b in raw):
+                return bytes(raw)  # type: ignore[arg-type]
+        return self.decode([token_id], skip_special_tokens=False).encode()
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
         """Render ``messages`` (each with str ``role`` and ``content``) with the checkpoint's chat template.

@@ -1,8 +1,8 @@
 """The worker pool: one Ray actor per engine, restarted by Ray when it dies, announced on the event bus.
 
-Each ``WorkerActor`` builds its engine and serves the internal worker API (``radixserve.v1.Worker``) from a
-dedicated thread running its own asyncio loop, so Ray's actor calls (``record``, ``drain``) never wait behind
-engine steps. Ray re-runs the constructor after a crash (``max_restarts``), which loads the model again and
+Each ``WorkerActor`` builds its engine and serves the internal worker API (``radixserve.v1.Worker``) and, with
+``pool.worker_http_port``, the OpenAI-compatible HTTP API, from a dedicated thread running its own asyncio loop,
+so Ray's actor calls (``record``, ``drain``) never wait behind engine steps. Ray re-runs the constructor after a crash (``max_restarts``), which loads the model again and
 serves a new incarnation with an empty cache.
 
 Workers cannot reach an in-process bus living in the launcher's process, so the ``WorkerPool`` announces them:
@@ -23,7 +23,7 @@ from typing import Any
 import ray
 
 from radixserve.cluster.base.bus import EventBus, WorkerRecord
-from radixserve.cluster.base.config import ClusterConfig, EngineConfig, MetricsConfig, PoolConfig
+from radixserve.cluster.base.config import ClusterConfig, EngineConfig, MetricsConfig, PoolConfig, SecurityConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,11 @@ def worker_name(index: int) -> str:
 
 
 class WorkerActor:
-    """One engine behind the internal gRPC API. Wrapped with ``ray.remote`` by ``WorkerPool``."""
+    """One engine behind the internal gRPC API (and the HTTP API on ``http_port`` unless None, secured by
+    ``security``). Wrapped with ``ray.remote`` by ``WorkerPool``."""
 
     def __init__(self, worker_id: str, engine_config: EngineConfig, host: str, port: int, num_threads: int,
-                 metrics: MetricsConfig) -> None:
+                 metrics: MetricsConfig, http_port: int | None, security: SecurityConfig) -> None:
         import torch
 
         from radixserve.worker.engine import Engine
@@ -53,7 +54,7 @@ class WorkerActor:
         engine = Engine.from_config(engine_config, worker_id)
         self._loop = asyncio.new_event_loop()
         self._server = WorkerServer(engine, worker_id, host=host, port=port, metrics_host=metrics.host,
-                                    metrics_port=metrics.worker_port)
+                                    metrics_port=metrics.worker_port, http_port=http_port, security=security)
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{worker_id}-loop", daemon=True)
         self._thread.start()
         self._address = self._call(self._server.start())
@@ -67,7 +68,8 @@ class WorkerActor:
         return WorkerRecord(worker_id=self._worker_id, address=self._address, model=config.model,
                             incarnation=self._server.incarnation,
                             max_running_requests=config.scheduler.max_running_requests,
-                            metrics_address=self._server.metrics_address).to_bytes()
+                            metrics_address=self._server.metrics_address,
+                            http_address=self._server.http_address).to_bytes()
 
     def drain(self, grace_s: float) -> None:
         """Finish the requests in flight (refusing new ones) for at most ``grace_s``, then stop serving."""
@@ -98,12 +100,14 @@ class WorkerPool:
                 num_gpus=_num_gpus(pool, self._config.engine), max_restarts=pool.max_restarts, max_task_retries=-1,
                 max_concurrency=4)
             self.actors.append(options.remote(worker_name(i), self._config.engine, pool.worker_host,
-                                              pool.worker_port, num_threads, self._config.metrics))
+                                              pool.worker_port, num_threads, self._config.metrics,
+                                              pool.worker_http_port, self._config.security))
         records = []
         for i, actor in enumerate(self.actors):
             record = WorkerRecord.from_bytes(await asyncio.wait_for(actor.record.remote(), _STARTUP_TIMEOUT_S))
             await self._announce(record)
-            progress(f"worker {i + 1}/{pool.num_workers} ready: {record.worker_id} at {record.address}")
+            http = f", HTTP at {record.http_address}" if record.http_address else ""
+            progress(f"worker {i + 1}/{pool.num_workers} ready: {record.worker_id} at {record.address}{http}")
             records.append(record)
         self._watchers = [asyncio.create_task(self._watch(actor)) for actor in self.actors]
         return records

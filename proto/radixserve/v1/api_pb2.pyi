@@ -98,7 +98,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "address", "model", "state", "load", "num_routed", "num_in_flight", "num_indexed_pages", "events_live")
+    __slots__ = ("worker_id", "address", "model", "state", "load", "num_routed", "num_in_flight", "num_indexed_pages", "events_live", "http_address")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class WorkerStatus(_message.Message):
     NUM_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     NUM_INDEXED_PAGES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_LIVE_FIELD_NUMBER: _ClassVar[int]
+    HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     model: str
@@ -117,7 +118,8 @@ class WorkerStatus(_message.Message):
     num_in_flight: int
     num_indexed_pages: int
     events_live: bool
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., load: _Optional[_Union[_types_pb2.LoadReport, _Mapping]] = ..., num_routed: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., num_indexed_pages: _Optional[int] = ..., events_live: _Optional[bool] = ...) -> None: ...
+    http_address: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., load: _Optional[_Union[_types_pb2.LoadReport, _Mapping]] = ..., num_routed: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., num_indexed_pages: _Optional[int] = ..., events_live: _Optional[bool] = ..., http_address: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("policy", "workers")

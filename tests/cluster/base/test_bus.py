@@ -22,7 +22,7 @@ from radixserve.cluster.base.bus import (
 
 TIMEOUT_S = 2.0
 RECORD = WorkerRecord(worker_id="worker-0", address="127.0.0.1:7001", model="smollm2-135m-instruct",
-                      incarnation="a1", max_running_requests=64)
+                      incarnation="a1", max_running_requests=64, http_address="127.0.0.1:8001")
 
 
 def run_with_bus(test: Callable[[EventBus], Awaitable[None]]) -> None:
@@ -234,7 +234,8 @@ BAD_RECORD_FIELDS = [
     ("address", "127.0.0.1"), ("address", ":7001"), ("address", "host:0"), ("address", "host:65536"),
     ("address", "host:-1"), ("address", "host:port"), ("address", 7001),
     ("max_running_requests", 0), ("max_running_requests", 1.0), ("max_running_requests", True),
-    ("max_running_requests", "64"),
+    ("max_running_requests", "64"), ("metrics_address", "127.0.0.1"), ("http_address", "127.0.0.1"),
+    ("http_address", 8001),
 ]
 
 

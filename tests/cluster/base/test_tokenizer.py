@@ -138,6 +138,25 @@ def test_smollm2_stream_equals_decode_for_any_ids(smollm2_tokenizer: Tokenizer, 
     assert "".join(stream(smollm2_tokenizer, ids)) == smollm2_tokenizer.decode(ids)
 
 
+@given(text=st.text(max_size=40))
+@settings(max_examples=50, deadline=None)
+def test_token_bytes_join_to_the_decoded_text_even_where_tokens_split_characters(smollm2_tokenizer: Tokenizer,
+                                                                                  text: str) -> None:
+    ids = smollm2_tokenizer.encode(text)
+    joined = b"".join(smollm2_tokenizer.token_bytes(i) for i in ids)
+    assert joined.decode("utf-8", "replace") == smollm2_tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def test_token_bytes_of_split_characters_are_their_parts(smollm2_tokenizer: Tokenizer) -> None:
+    text = "Héllo wörld 日本"
+    pieces = [smollm2_tokenizer.token_bytes(i) for i in smollm2_tokenizer.encode(text)]
+    assert b"".join(pieces) == text.encode() and b"\x97" in pieces  # 日 spans three tokens
+
+
+def test_token_bytes_of_a_special_token_are_its_text(smollm2_tokenizer: Tokenizer) -> None:
+    assert smollm2_tokenizer.token_bytes(smollm2_tokenizer.encode("<|im_end|>")[0]) == b"<|im_end|>"
+
+
 def test_json_round_trip_rebuilds_an_equal_tokenizer(tokenizer: Tokenizer) -> None:
     rebuilt = Tokenizer.from_json(tokenizer.to_json(), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, chat_template=tokenizer.chat_template)

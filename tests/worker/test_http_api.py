@@ -1,0 +1,157 @@
+"""The worker's HTTP API (the shared OpenAI front end over its engine, and the SGLang-style info and load
+endpoints) over 127.0.0.1 with the tiny model, driven by the openai SDK and httpx."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from gated_engine import GatedEngine
+from loop_thread import LoopThread
+
+from radixserve.cluster.base.config import CacheConfig, EngineConfig, SchedulerConfig
+from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.models.loading import open_checkpoint
+from radixserve.worker.service import WorkerServer
+
+MAX_WAITING = 2
+MESSAGES = [{"role": "system", "content": "You answer in one word. " * 8}, {"role": "user", "content": "Hi"}]
+
+
+@dataclass
+class Worker:
+    engine: GatedEngine
+    server: WorkerServer
+    url: str
+    sdk: openai.OpenAI
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_hf_dir: Path) -> Iterator[Worker]:
+    checkpoint: Checkpoint = open_checkpoint(tiny_hf_dir)
+    config = EngineConfig(model="tiny", cache=CacheConfig(page_size=4, num_pages=256),
+                          scheduler=SchedulerConfig(max_waiting_requests=MAX_WAITING))
+    engine = GatedEngine(config, checkpoint)
+    loop = LoopThread()
+    server = WorkerServer(engine, "w0", http_port=0)
+    loop.run(server.start())
+    url = f"http://{server.http_address}"
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    try:
+        yield Worker(engine, server, url, sdk)
+    finally:
+        engine.gate.set()
+        loop.run(server.stop(grace_s=5))
+        loop.close()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def loads(worker: Worker) -> dict:
+    return httpx.get(f"{worker.url}/v1/loads?include=core,disagg,queues,memory").json()["loads"][0]
+
+
+def idle(worker: Worker) -> bool:
+    load = loads(worker)
+    return load["num_total_reqs"] == 0 and load["num_used_tokens"] == 0
+
+
+def test_chat_and_completions_through_the_sdk_stream_what_they_answer_whole(worker: Worker) -> None:
+    whole = worker.sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, n=2,
+                                               logprobs=True, top_logprobs=2)
+    assert [c.index for c in whole.choices] == [0, 1]
+    assert whole.choices[0].message.content == whole.choices[1].message.content  # greedy: both samples agree
+    assert len(whole.choices[0].logprobs.content) == whole.usage.completion_tokens // 2
+    assert all(len(lp.top_logprobs) == 2 and bytes(lp.bytes).decode("utf-8", "replace") == lp.token
+               for lp in whole.choices[0].logprobs.content)
+    stream = worker.sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0,
+                                                stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens // 2
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again
+
+    text = worker.sdk.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=5, temperature=0,
+                                         logprobs=1, extra_body={"ignore_eos": True})
+    choice = text.choices[0]
+    assert choice.finish_reason == "length" and len(choice.logprobs.tokens) == 5
+    assert choice.logprobs.text_offset[0] == 0 and all(len(top) >= 1 for top in choice.logprobs.top_logprobs)
+    ids = worker.engine.tokenizer.encode("The quick brown fox")
+    by_ids = worker.sdk.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == choice.text
+    streamed = worker.sdk.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+
+
+def test_the_info_and_load_endpoints_answer_as_sglang_gateways_expect(worker: Worker) -> None:
+    for path in ("/get_model_info", "/model_info"):
+        info = httpx.get(worker.url + path).json()
+        assert info["model_path"] == "tiny" and info["is_generation"] is True
+    for path in ("/get_server_info", "/server_info"):
+        info = httpx.get(worker.url + path).json()
+        assert info["served_model_name"] == "tiny" and info["max_total_num_tokens"] == 256 * 4
+    assert [m["id"] for m in httpx.get(worker.url + "/v1/models").json()["data"]] == ["tiny"]
+    assert httpx.get(worker.url + "/health").json() == {"status": "ok"}
+    report = httpx.get(worker.url + "/loads?model=tiny").json()
+    assert report["dp_rank_count"] == 1 and report["loads"][0]["max_running_requests"] == 64
+    assert set(report["loads"][0]) >= {"num_running_reqs", "num_waiting_reqs", "num_used_tokens", "token_usage"}
+
+
+def test_a_full_queue_answers_429_and_the_worker_serves_again_after(worker: Worker) -> None:
+    worker.engine.gate.clear()
+    held = [threading.Thread(target=worker.sdk.completions.create,
+                             kwargs=dict(model="tiny", prompt=f"held {i}", max_tokens=2)) for i in range(MAX_WAITING)]
+    try:
+        for thread in held:
+            thread.start()
+        wait_until(lambda: loads(worker)["num_total_reqs"] == MAX_WAITING, "the queue to fill")
+        with pytest.raises(openai.RateLimitError) as refused:
+            worker.sdk.completions.create(model="tiny", prompt="one too many", max_tokens=2)
+        assert refused.value.body["code"] == "overloaded"
+    finally:
+        worker.engine.gate.set()
+        for thread in held:
+            thread.join(timeout=30)
+    assert worker.sdk.completions.create(model="tiny", prompt="again", max_tokens=2).choices[0].text is not None
+
+
+def test_closing_a_stream_aborts_the_request_and_frees_its_pages(worker: Worker) -> None:
+    before = worker.engine.load().num_generated_tokens
+    stream = worker.sdk.completions.create(model="tiny", prompt="Tell a long story", max_tokens=1000, stream=True,
+                                           extra_body={"ignore_eos": True})
+    for _, chunk in zip(range(3), stream):
+        assert chunk.choices
+    stream.close()
+    wait_until(lambda: idle(worker), "the worker to release the closed stream's request")
+    assert worker.engine.load().num_generated_tokens - before < 1000
+
+
+def test_a_client_giving_up_on_a_whole_answer_aborts_its_request(worker: Worker) -> None:
+    before = worker.engine.load()
+    worker.engine.gate.clear()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{worker.url}/v1/completions", timeout=httpx.Timeout(30, read=0.5),
+                       json={"model": "tiny", "prompt": "never answered", "max_tokens": 50})
+        time.sleep(1.0)  # for the server to notice the closed connection (on loopback, at once)
+    finally:
+        worker.engine.gate.set()
+    wait_until(lambda: worker.engine.load().num_requests_finished == before.num_requests_finished + 1,
+               "the abandoned request to end")
+    assert worker.engine.load().num_generated_tokens == before.num_generated_tokens  # aborted before any step
+    assert idle(worker)

@@ -1,0 +1,92 @@
+"""``EngineBackend``: one engine as a ``GenerationBackend``, so the shared front ends serve a worker directly.
+
+Requests are prepared as the router prepares them (``cluster.base.requests.prepare``, with the engine's tokenizer
+and limits), then run on the engine. Errors, as ``GenerationError``: bad input INVALID_ARGUMENT naming the field;
+a request id already in flight ALREADY_EXISTS; a full queue (``EngineOverloaded``) RESOURCE_EXHAUSTED; a draining
+worker UNAVAILABLE; the request's own work failing (``RequestFailed``) or a failed engine step INTERNAL;
+``timeout_s`` passing DEADLINE_EXCEEDED. Closing the stream aborts the request and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from radixserve.cluster.base.generation import (ChoiceDelta, GenerationDelta, GenerationError, GenerationRequest,
+                                                ServedModel, Status, Usage)
+from radixserve.cluster.base.requests import ModelLimits, prepare
+from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed, RequestIdInUse
+from radixserve.worker.outputs import RequestOutput
+
+# The engine's own field names -> the neutral request's.
+_FIELDS = {"prompt_token_ids": "token_ids"}
+
+
+class EngineBackend:
+    """Serves ``engine``'s model under ``engine.config.model``; deltas carry ``worker_id``.
+
+    ``draining`` refuses new requests (UNAVAILABLE) and makes ``ready`` false; ``num_in_flight`` counts the
+    requests being served.
+    """
+
+    def __init__(self, engine: Engine, worker_id: str) -> None:
+        self._engine = engine
+        self._worker_id = worker_id
+        self._served = ServedModel(engine.config.model, engine.max_model_len, engine.tokenizer)
+        self._limits = ModelLimits(engine.model_config.vocab_size, engine.max_model_len)
+        self.draining = False
+        self.num_in_flight = 0
+
+    def served_model(self) -> ServedModel:
+        return self._served
+
+    def ready(self) -> bool:
+        return not self.draining
+
+    async def generate(self, request: GenerationRequest, method: str) -> AsyncIterator[GenerationDelta]:
+        if self.draining:
+            raise GenerationError(Status.UNAVAILABLE, "the worker is draining; send to another worker")
+        prepared = prepare(request, self._engine.tokenizer, self._limits)
+        deadline = None if prepared.timeout_s is None else time.monotonic() + prepared.timeout_s
+        self.num_in_flight += 1
+        num_tokens = 0
+        try:
+            outputs = self._engine.generate(list(prepared.token_ids), prepared.params, prepared.request_id)
+            async with contextlib.aclosing(outputs):
+                while (output := await _next(outputs, deadline)) is not None:
+                    num_tokens += sum(len(o.token_ids) for o in output.outputs)
+                    yield self._delta(output, num_tokens)
+        except (ValueError, EngineOverloaded, RequestFailed, RuntimeError) as error:
+            raise _refusal(error) from None
+        finally:
+            self.num_in_flight -= 1
+
+    def _delta(self, output: RequestOutput, num_tokens: int) -> GenerationDelta:
+        choices = tuple(ChoiceDelta(o.index, o.token_ids, o.text, o.logprobs, o.finish_reason)
+                        for o in output.outputs)
+        usage = Usage(output.num_prompt_tokens, output.num_cached_tokens, num_tokens) if output.finished else None
+        return GenerationDelta(output.request_id, choices, self._worker_id, usage)
+
+
+async def _next(outputs: AsyncIterator[RequestOutput], deadline: float | None) -> RequestOutput | None:
+    """The next output (None at the end), DEADLINE_EXCEEDED past ``deadline`` (the wait is then cancelled,
+    which closes ``outputs``)."""
+    if deadline is None:
+        return await anext(outputs, None)
+    try:
+        return await asyncio.wait_for(anext(outputs, None), max(deadline - time.monotonic(), 0.0))
+    except TimeoutError:
+        raise GenerationError(Status.DEADLINE_EXCEEDED, "the request's timeout passed") from None
+
+
+def _refusal(error: Exception) -> GenerationError:
+    if isinstance(error, RequestIdInUse):
+        return GenerationError(Status.ALREADY_EXISTS, str(error).partition(": ")[2], "request_id")
+    if isinstance(error, ValueError):
+        invalid = GenerationError.invalid(error)
+        return invalid.renamed(lambda name: _FIELDS.get(name, name))
+    if isinstance(error, EngineOverloaded):
+        return GenerationError(Status.RESOURCE_EXHAUSTED, f"the worker's queue is full; retry later: {error}")
+    return GenerationError(Status.INTERNAL, str(error))
