@@ -477,22 +477,24 @@ async def router_overhead(url: str, workers: Sequence[WorkerEndpoints], num_pair
     async with _async_client(4) as client:
         for worker in workers:
             await stream_completion(client, worker.http_url, direct_body)
+
+        async def direct_all(order: Sequence[WorkerEndpoints]) -> dict[str, Outcome]:
+            return {w.worker_id: await stream_completion(client, w.http_url, direct_body) for w in order}
+
         for i in range(num_pairs):
-            direct: dict[str, float] = {}
-            if i % 2:
-                direct = {w.worker_id: (await stream_completion(client, w.http_url, direct_body)).ttft_s
-                          for w in reversed(workers)}
-                expected += len(workers)
+            routed_first = i % 2 == 0
+            direct = {} if routed_first else await direct_all(list(reversed(workers)))
+            expected += len(direct)
             before = settled_finished(workers, expected)
-            routed_s = (await stream_completion(client, url, routed_body)).ttft_s
+            routed = await stream_completion(client, url, routed_body)
             expected += 1
             after = settled_finished(workers, expected)
-            if not i % 2:
-                direct = {w.worker_id: (await stream_completion(client, w.http_url, direct_body)).ttft_s
-                          for w in workers}
-                expected += len(workers)
+            if routed_first:
+                direct = await direct_all(workers)
+                expected += len(direct)
             serving = max(after, key=lambda wid: after[wid] - before.get(wid, 0.0))
-            diffs.append(routed_s - direct[serving])
+            if not routed.error and not direct[serving].error:  # a failed request shows in the run's errors
+                diffs.append(routed.ttft_s - direct[serving].ttft_s)
     return diffs
 
 
