@@ -3,7 +3,8 @@
 Request, routing and KV-event metrics are observed by the router as things happen, on its event loop. The
 per-worker gauges (prefix-index size, requests in flight, worker states) are read from the ``WorkerSet`` and the
 ``PrefixIndex`` when scraped, by a collector, so they cannot drift from what the router routes on. Label sets are
-bounded: ``method`` (2), gRPC ``code`` (17), ``policy`` (one per router), ``worker`` (the pool).
+bounded: ``method`` (4: ``Generate``, ``Complete``, ``chat.completions``, ``completions``), gRPC ``code`` (17),
+``policy`` (one per router), ``worker`` (the pool).
 """
 
 from __future__ import annotations

@@ -244,6 +244,7 @@ _COLUMNS = (
     _Column("WORKER", lambda w: w.worker_id, left=True),
     _Column("STATE", lambda w: w.state, left=True),
     _Column("ADDRESS", lambda w: w.address, left=True),
+    _Column("HTTP", lambda w: w.http_address or "-", left=True),
     _Column("RUNNING", lambda w: str(w.load.num_running)),
     _Column("WAITING", lambda w: str(w.load.num_waiting)),
     _Column("KV PAGES", _kv_pages),
@@ -258,7 +259,8 @@ _COLUMNS = (
 def format_status(response: api_pb2.ListWorkersResponse) -> str:
     """The router's policy, then a table with a header and one row per worker (columns as in ``_COLUMNS``).
 
-    KV PAGES is used/total (used + free) with the used percentage; HIT is the prefix-cache hit ratio in percent.
+    HTTP is the worker's OpenAI-compatible HTTP API ("-": none). KV PAGES is used/total (used + free) with the
+    used percentage; HIT is the prefix-cache hit ratio in percent.
     """
     title = f"policy: {response.policy or '?'}, {len(response.workers)} worker(s)"
     rows = [[column.header for column in _COLUMNS]]

@@ -35,13 +35,15 @@ _DOWN_MARGIN_S = 60.0
 
 @dataclass(frozen=True)
 class ClusterState:
-    """What ``up`` records for ``down`` and clients: the serving process and where it listens."""
+    """What ``up`` records for ``down`` and clients: the serving process and where it listens (``http_address``:
+    the router's OpenAI-compatible HTTP API, empty without one)."""
 
     pid: int
     router_address: str
     ray_address: str
     log_path: str
     targets_path: str
+    http_address: str = ""
 
     @staticmethod
     def path() -> Path:
@@ -73,6 +75,7 @@ class ClusterRunner:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.router_address = ""
+        self.http_address = ""
         self.ray_address = ""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="radixserve-cluster", daemon=True)
@@ -104,6 +107,9 @@ class ClusterRunner:
         timer.step("starting the router")
         self.router_address = self._run(self._start_router())
         timer.step(f"router listening on {self.router_address} (policy {self.config.router.policy})")
+        if self._router.http_address is not None:
+            self.http_address = self._router.http_address
+            timer.step(f"OpenAI-compatible HTTP API at {self._router.http_url}")
         timer.step(f"metrics: router at {self._router.metrics_address}; Prometheus targets in {self.targets_path}")
         return self.router_address
 
@@ -152,7 +158,7 @@ class ClusterRunner:
 
         assert self._bus is not None
         metrics = self.config.metrics
-        self._router = Router(self.config.router, self._bus, metrics.host, metrics.router_port)
+        self._router = Router(self.config.router, self._bus, metrics.host, metrics.router_port, self.config.security)
         address = await self._router.start()
         self._targets_task = asyncio.create_task(keep_targets(self._bus, self.targets_path,
                                                               self._router.metrics_address))
@@ -187,7 +193,9 @@ def add_launcher_commands(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--model", dest="engine.model", help="model-store name or path to a .gguf / HF directory")
     up.add_argument("--policy", dest="router.policy", help="routing policy")
     up.add_argument("--host", dest="router.host", help="router listen address")
-    up.add_argument("--port", type=int, dest="router.port", help="router port")
+    up.add_argument("--port", type=int, dest="router.port", help="router gRPC port")
+    up.add_argument("--http-port", type=int, dest="router.http_port",
+                    help="router OpenAI-compatible HTTP port (0: a free one; default 8000)")
     up.add_argument("--address", dest="pool.ray_address", help="join this Ray cluster instead of starting one")
     up.add_argument("--kv-memory-gib", type=float, dest="engine.cache.memory_gib", help="KV cache per worker")
     up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -248,7 +256,7 @@ def _foreground(config: ClusterConfig) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs a SIGTERM handler of its own
         signal.signal(signum, lambda *_: stop.set())
     state = ClusterState(os.getpid(), runner.router_address, runner.ray_address,
-                         os.environ.get("RADIXSERVE_LOG", ""), str(runner.targets_path))
+                         os.environ.get("RADIXSERVE_LOG", ""), str(runner.targets_path), runner.http_address)
     state.save()
     say("ready: try `radixserve generate \"Hello\"` or `radixserve status`; Ctrl-C (or `radixserve down`) stops")
     try:
@@ -275,7 +283,8 @@ def _detach(argv: Sequence[str]) -> int:
         shown = _echo_new_lines(log_path, shown)
         state = ClusterState.load()
         if state is not None and state.pid == child.pid:
-            print(f"cluster up: router at {state.router_address}; stop it with `radixserve down`")
+            http = f", OpenAI-compatible HTTP at {state.http_address}" if state.http_address else ""
+            print(f"cluster up: router at {state.router_address}{http}; stop it with `radixserve down`")
             return 0
         if child.poll() is not None:
             _echo_new_lines(log_path, shown)

@@ -1,7 +1,7 @@
 """A real cluster for the end-to-end tests: a local Ray, two SmolLM2 workers and the router, in this process.
 
-Tests talk to it only through the generated gRPC stubs, as a user's client would; they reach Ray only to kill
-a worker actor.
+Tests talk to it only through its public APIs (the generated gRPC stubs, the OpenAI-compatible HTTP API of the
+router and of each worker), as a user's client would; they reach Ray only to kill a worker actor.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cluster_calls import free_port
 
 from radixserve.cluster.base.config import load_cluster_config
 from radixserve.cluster.control.launcher import ClusterRunner
-from radixserve.v1 import api_pb2_grpc
+from radixserve.v1 import api_pb2, api_pb2_grpc
 
 # Small enough to start fast, big enough that no e2e workload evicts: 4,096 tokens of context, 0.25 GiB of KV.
 E2E_SETTINGS = {
@@ -24,6 +24,7 @@ E2E_SETTINGS = {
     "engine.cache.memory_gib": 0.25,
     "router.health_interval_s": 0.2,
     "router.drain_timeout_s": 5.0,
+    "router.http_port": 0,
 }
 
 
@@ -54,3 +55,16 @@ def channel(cluster: ClusterRunner) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="session")
 def stub(channel: grpc.Channel) -> api_pb2_grpc.GenerationStub:
     return api_pb2_grpc.GenerationStub(channel)
+
+
+@pytest.fixture(scope="session")
+def router_url(cluster: ClusterRunner) -> str:
+    """The router's OpenAI-compatible HTTP API."""
+    return f"http://{cluster.http_address}"
+
+
+@pytest.fixture(scope="session")
+def worker_urls(stub: api_pb2_grpc.GenerationStub) -> list[str]:
+    """Each worker's own OpenAI-compatible HTTP API, in worker order."""
+    workers = sorted(stub.ListWorkers(api_pb2.ListWorkersRequest(), timeout=30).workers, key=lambda w: w.worker_id)
+    return [f"http://{w.http_address}" for w in workers]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 from cluster_calls import free_port
 
 
@@ -23,10 +24,13 @@ def test_up_generate_status_down(tmp_path: Path, smollm2_path: Path):
     (home / "models" / smollm2_path.parent.name).symlink_to(smollm2_path.parent)
     port = free_port()
     env = {**os.environ, "RADIXSERVE_HOME": str(home), "RADIXSERVE_TARGET": f"127.0.0.1:{port}"}
-    up = _radixserve(env, "up", "--detach", "--port", str(port), "--kv-memory-gib", "0.25")
+    up = _radixserve(env, "up", "--detach", "--port", str(port), "--http-port", "0", "--kv-memory-gib", "0.25")
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"127.0.0.1:{port}" in up.stdout
+        http_address = json.loads((home / "run" / "cluster.json").read_text())["http_address"]
+        assert f"OpenAI-compatible HTTP at {http_address}" in up.stdout
+        assert httpx.get(f"http://{http_address}/health").status_code == 200
         again = _radixserve(env, "up", "--detach", "--port", str(port), timeout=60)
         assert again.returncode == 1 and "already running" in again.stderr
 

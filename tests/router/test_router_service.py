@@ -66,7 +66,8 @@ async def cluster(checkpoint: Checkpoint, num_workers: int = 2, max_waiting: int
     for i, server in enumerate(servers):
         address = await server.start()
         await bus.announce(WorkerRecord(f"w{i}", address, "tiny", server.incarnation, 64))
-    router = Router(RouterConfig(port=0, health_interval_s=0.05, drain_timeout_s=10), bus, metrics_port=0)
+    router = Router(RouterConfig(port=0, http_port=None, health_interval_s=0.05, drain_timeout_s=10), bus,
+                    metrics_port=0)
     address = await router.start()
     try:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -407,7 +408,7 @@ def test_the_router_metrics_count_requests_by_code_decisions_tokens_and_kv_event
             assert {(s.labels["method"], s.labels["code"]): s.value for s in m
                     if s.name == "radixserve_router_requests_total"} == {
                 ("Complete", "OK"): 1, ("Generate", "OK"): 1, ("Complete", "INVALID_ARGUMENT"): 1,
-                ("Generate", "CANCELLED"): 1}
+                ("Generate", "CANCELLED"): 1, ("chat.completions", "OK"): 0, ("completions", "OK"): 0}
             assert total(m, "radixserve_router_routing_decisions_total", policy="prefix") == 3
             assert total(m, "radixserve_router_time_to_first_token_seconds_count") == 2
             assert total(m, "radixserve_router_e2e_request_latency_seconds_count") == 2

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -45,6 +45,7 @@ from radixserve.cluster.base.security import ApiKeys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+COUNTED_METHODS = (ChatFormat.method, CompletionFormat.method)  # the methods generation requests are counted as
 _DONE = "data: [DONE]\n\n"
 _CLIENT_GONE = 499  # nginx's "client closed request": nobody reads it
 
@@ -114,7 +115,7 @@ class _FrontEnd:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
-    async def _serve(self, request: Request, kind: type[ApiFormat]) -> Response:  # type: ignore[type-arg]
+    async def _serve(self, request: Request, kind: type[ApiFormat[Any]]) -> Response:
         try:
             api, generation = await self._accept(request, kind)
             deltas = self._backend.generate(generation, kind.method)
@@ -130,7 +131,7 @@ class _FrontEnd:
             return Response(status_code=_CLIENT_GONE)
 
     async def _accept(self, request: Request,
-                      kind: type[ApiFormat]) -> tuple[ApiFormat, GenerationRequest]:  # type: ignore[type-arg]
+                      kind: type[ApiFormat[Any]]) -> tuple[ApiFormat[Any], GenerationRequest]:
         """The request's format and neutral request; errors are counted as refused."""
         try:
             body = kind.parse(await _read_body(request, self._options.max_body_bytes))
@@ -193,7 +194,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _events(api: ApiFormat, first: GenerationDelta | None,  # type: ignore[type-arg]
+async def _events(api: ApiFormat[Any], first: GenerationDelta | None,
                   deltas: AsyncIterator[GenerationDelta]) -> AsyncIterator[str]:
     """The stream's server-sent events, starting from its first delta; closes ``deltas`` however it ends."""
     async with _closing(deltas):

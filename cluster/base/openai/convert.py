@@ -250,5 +250,3 @@ class CompletionFormat(ApiFormat[api.CompletionRequest]):
         return api.CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in logprobs],
                                       top_logprobs=tops, text_offset=offsets)
 
-
-FORMATS: tuple[type[ApiFormat], ...] = (ChatFormat, CompletionFormat)  # type: ignore[type-arg]

@@ -27,7 +27,8 @@ HOLD = "hold on"  # the fake sends its first word, then waits for FakeGeneration
 NUM_CACHED = 8
 
 WORKERS = api_pb2.ListWorkersResponse(policy="prefix", workers=[
-    api_pb2.WorkerStatus(worker_id="worker-0", address="127.0.0.1:7001", model="m", state="up",
+    api_pb2.WorkerStatus(worker_id="worker-0", address="127.0.0.1:7001", http_address="127.0.0.1:8001", model="m",
+                         state="up",
                          load=types_pb2.LoadReport(num_running=3, num_waiting=1, num_pages_used=30, num_pages_free=70,
                                                    hit_ratio=0.375),
                          num_routed=120, num_in_flight=4, num_indexed_pages=29, events_live=True),
@@ -301,10 +302,10 @@ def test_format_status_shows_every_column_per_worker() -> None:
     title, rows = parse_table(format_status(WORKERS))
     assert title == "policy: prefix, 2 worker(s)"
     assert rows == [
-        {"WORKER": "worker-0", "STATE": "up", "ADDRESS": "127.0.0.1:7001", "RUNNING": "3", "WAITING": "1",
+        {"WORKER": "worker-0", "STATE": "up", "ADDRESS": "127.0.0.1:7001", "HTTP": "127.0.0.1:8001", "RUNNING": "3", "WAITING": "1",
          "KV PAGES": "30/100 (30.0%)", "HIT": "37.5%", "ROUTED": "120", "IN FLIGHT": "4", "INDEXED": "29",
          "EVENTS": "live"},
-        {"WORKER": "worker-1", "STATE": "down", "ADDRESS": "127.0.0.1:7002", "RUNNING": "0", "WAITING": "0",
+        {"WORKER": "worker-1", "STATE": "down", "ADDRESS": "127.0.0.1:7002", "HTTP": "-", "RUNNING": "0", "WAITING": "0",
          "KV PAGES": "1/3 (33.3%)", "HIT": "100.0%", "ROUTED": "7", "IN FLIGHT": "0", "INDEXED": "0",
          "EVENTS": "stale"},
     ]

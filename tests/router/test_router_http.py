@@ -1,0 +1,150 @@
+"""The router's OpenAI-compatible HTTP API over real worker servers (tiny engines, no Ray): API keys, the
+metrics it counts, no worker up, and draining on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from gated_engine import GatedEngine
+from loop_thread import LoopThread
+
+from radixserve.cluster.base.bus import InProcessBus, WorkerRecord
+from radixserve.cluster.base.config import CacheConfig, EngineConfig, RouterConfig, SecurityConfig
+from radixserve.cluster.base.metrics import scrape, total
+from radixserve.router.server import Router
+from radixserve.worker.models.loading import open_checkpoint
+from radixserve.worker.service import WorkerServer
+
+KEY = "sk-test-0123456789"
+KEY_ENV = "RADIXSERVE_TEST_API_KEYS"
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+@dataclass
+class Cluster:
+    engines: list[GatedEngine]
+    router: Router
+    url: str
+
+
+@contextlib.asynccontextmanager
+async def cluster(tiny_hf_dir: Path, num_workers: int, security: SecurityConfig = SecurityConfig(),
+                  drain_timeout_s: float = 10) -> AsyncIterator[Cluster]:
+    checkpoint = open_checkpoint(tiny_hf_dir)
+    config = EngineConfig(model="tiny", cache=CacheConfig(page_size=4, num_pages=128))
+    engines = [GatedEngine(config, checkpoint) for _ in range(num_workers)]
+    servers = [WorkerServer(engine, f"w{i}") for i, engine in enumerate(engines)]
+    bus = InProcessBus()
+    for i, server in enumerate(servers):
+        await bus.announce(WorkerRecord(f"w{i}", await server.start(), "tiny", server.incarnation, 64))
+    router = Router(RouterConfig(port=0, http_port=0, health_interval_s=0.05, drain_timeout_s=drain_timeout_s),
+                    bus, metrics_port=0, security=security)
+    await router.start()
+    try:
+        yield Cluster(engines, router, f"http://{router.http_address}")
+    finally:
+        for engine in engines:
+            engine.gate.set()
+        if not router.core.draining:
+            await router.stop()
+        for server in servers:
+            await server.stop(grace_s=2)
+        await bus.close()
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_hf_dir: Path) -> Iterator[Cluster]:
+    """One worker behind a router that requires ``KEY``."""
+    loop = LoopThread()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KEY_ENV, f"other-key, {KEY}")
+        context = cluster(tiny_hf_dir, 1, SecurityConfig(api_keys_env=KEY_ENV))
+        started = loop.run(context.__aenter__())
+    try:
+        yield started
+    finally:
+        loop.run(context.__aexit__(None, None, None))
+        loop.close()
+
+
+def test_api_keys_are_required_except_for_health_and_never_echoed(keyed: Cluster,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY}):
+        for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models")):
+            answer = httpx.request(method, keyed.url + path, json=CHAT, headers=headers)
+            assert answer.status_code == 401, (headers, path)
+            assert answer.json()["error"]["code"] == "invalid_api_key" and KEY not in answer.text
+    assert httpx.get(keyed.url + "/health").status_code == 200
+    sdk = openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEY, max_retries=0)
+    assert sdk.chat.completions.create(**CHAT).choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert KEY not in caplog.text
+
+
+def test_requests_are_counted_under_their_method_and_status(tiny_hf_dir: Path) -> None:
+    async def main() -> None:
+        async with cluster(tiny_hf_dir, 2) as c, httpx.AsyncClient(base_url=c.url) as http:
+            assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+            completion = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, "stream": True}
+            async with http.stream("POST", "/v1/completions", json=completion) as streamed:
+                assert (await streamed.aread()).endswith(b"data: [DONE]\n\n")
+            assert (await http.post("/v1/completions", json={**completion, "top_p": 2.0})).status_code == 400
+            assert (await http.post("/v1/completions", content=b"{")).status_code == 400
+            assert (await http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"})).status_code == 404
+            metrics = scrape(c.router.metrics_address)
+
+            def counted(method: str, code: str) -> float:
+                return total(metrics, "radixserve_router_requests_total", method=method, code=code)
+            assert counted("chat.completions", "OK") == 1 and counted("completions", "OK") == 1
+            assert counted("completions", "INVALID_ARGUMENT") == 2  # refused by the core and before it
+            assert counted("chat.completions", "NOT_FOUND") == 1
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_without_a_worker_the_router_answers_503_and_health_says_so(tiny_hf_dir: Path) -> None:
+    async def main() -> None:
+        bus = InProcessBus()
+        router = Router(RouterConfig(port=0, http_port=0), bus)
+        await router.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://{router.http_address}") as http:
+                refused = await http.post("/v1/chat/completions", json=CHAT)
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
+                assert (await http.get("/health")).status_code == 503
+                assert (await http.get("/v1/models")).json()["data"] == []
+        finally:
+            await router.stop()
+            await bus.close()
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_stopping_the_router_drains_http_requests(tiny_hf_dir: Path) -> None:
+    async def main() -> None:
+        async with cluster(tiny_hf_dir, 1) as c, httpx.AsyncClient(base_url=c.url, timeout=30) as http:
+            c.engines[0].gate.clear()
+            held = asyncio.create_task(http.post("/v1/chat/completions", json=CHAT))
+            while c.router.core.num_in_flight == 0:
+                await asyncio.sleep(0.01)
+            stopping = asyncio.create_task(c.router.stop())
+            while not c.router.core.draining:
+                await asyncio.sleep(0.01)
+            assert (await http.get("/health")).status_code == 503
+            refused = await http.post("/v1/chat/completions", json=CHAT)
+            assert refused.status_code == 503
+            c.engines[0].gate.set()
+            assert (await held).status_code == 200
+            await stopping
+            with pytest.raises(httpx.ConnectError):
+                await http.get("/health")
+    asyncio.run(asyncio.wait_for(main(), 120))
+
