@@ -273,8 +273,8 @@ class Cluster:
         port, http_port = free_port(), free_port()
         self.target = f"{_LOCALHOST}:{port}"
         self.http_url = f"http://{_LOCALHOST}:{http_port}"
-        self._args = ["up", "--detach", "--port", str(port), "--policy", policy, "--kv-memory-gib",
-                      str(kv_memory_gib), "--set", "engine.max_model_len=4096", "--set", f"router.http_port={http_port}"]
+        self._args = ["up", "--detach", "--port", str(port), "--policy", policy, "--kv-memory-gib", str(kv_memory_gib),
+                      "--set", "engine.max_model_len=4096", "--set", f"router.http_port={http_port}"]
 
     @property
     def home(self) -> Path:
@@ -285,13 +285,21 @@ class Cluster:
         """The Prometheus targets file ``up`` keeps for this cluster."""
         return self.home / "run" / "prometheus_targets.json"
 
-    def workers(self) -> list[WorkerEndpoints]:
-        """Every worker's endpoints, by worker id: HTTP addresses from ListWorkers, metrics from the targets file."""
+    def workers(self, timeout_s: float = 30.0) -> list[WorkerEndpoints]:
+        """Every worker's endpoints, by worker id: HTTP addresses from ListWorkers, metrics from the targets file
+        (waited for until it lists them all)."""
         with grpc.insecure_channel(self.target) as channel:
             listed = api_pb2_grpc.GenerationStub(channel).ListWorkers(api_pb2.ListWorkersRequest(), timeout=10)
-        metrics = {_worker_label(address): address for address in read_targets(self.targets_path)["worker"]}
+        wait_until(lambda: len(self._metrics_addresses()) >= len(listed.workers), timeout_s, "the targets file")
+        metrics = {_worker_label(address): address for address in self._metrics_addresses()}
         return [WorkerEndpoints(w.worker_id, f"http://{w.http_address}", metrics[w.worker_id])
                 for w in sorted(listed.workers, key=lambda w: w.worker_id)]
+
+    def _metrics_addresses(self) -> list[str]:
+        try:
+            return read_targets(self.targets_path).get("worker", [])
+        except (OSError, ValueError):  # not written yet
+            return []
 
     def _cli(self, *args: str) -> None:
         subprocess.run([sys.executable, "-m", "radixserve.cluster.control.cli", *args], env=self._env, check=True,
@@ -317,7 +325,8 @@ def scrape_finished(metrics_addresses: Sequence[str]) -> dict[str, float]:
             if s.name == _FINISHED}
 
 
-def settled_finished(workers: Sequence[WorkerEndpoints], expected_total: float, timeout_s: float = 5.0) -> dict[str, float]:
+def settled_finished(workers: Sequence[WorkerEndpoints], expected_total: float,
+                     timeout_s: float = 5.0) -> dict[str, float]:
     """The workers' finished counts once they add up to ``expected_total`` (or whatever they are at the timeout:
     a request that failed before reaching a worker is never counted)."""
     deadline = time.monotonic() + timeout_s
@@ -398,7 +407,8 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str,
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
-                outcome.error = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')[:300]}"
+                answer = (await response.aread()).decode(errors="replace")
+                outcome.error = f"HTTP {response.status_code}: {answer[:300]}"
             else:
                 await _read_events(response, outcome, sent)
     except httpx.HTTPError as error:
@@ -502,17 +512,20 @@ async def router_overhead(url: str, workers: Sequence[WorkerEndpoints], num_pair
 
 @contextlib.contextmanager
 def front_door(contender: Contender, cluster: Cluster, workers: Sequence[WorkerEndpoints]) -> Iterator[str]:
-    """The base URL the contender serves: our router's HTTP port, or a peer router started for this run."""
+    """The base URL the contender serves: our router's HTTP port, or a peer router started for this run (its log in
+    the temporary directory, ``radixserve-bench-<contender>.log``, kept after the run)."""
     if contender.router == "radixserve":
         yield cluster.http_url
     else:
-        with peer_router(contender, workers, cluster.home / f"{contender.name}.log") as url:
+        with peer_router(contender, workers, Path(tempfile.gettempdir()) / f"radixserve-bench-{contender.name}.log") \
+                as url:
             yield url
 
 
 def run_contender(contender: Contender, arrivals: list[Arrival], texts: Sequence[str], probe: Probe, w: Workload,
                   args: argparse.Namespace, oracle: float) -> ContenderResult:
-    """One run on a fresh cluster: the replay, then the overhead pairs, through the contender's front door."""
+    """One run on a fresh cluster: the replay, then the overhead pairs, through the contender's front door (a peer
+    routes to the workers itself; our router then runs round_robin, unused)."""
     cluster_policy = contender.policy if contender.router == "radixserve" else "round_robin"
     with Cluster(cluster_policy, args.kv_memory_gib) as cluster:
         workers = cluster.workers()
