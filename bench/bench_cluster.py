@@ -1,22 +1,32 @@
-"""Shared-prefix serving through the cluster, every routing policy in one run.
+"""Shared-prefix serving over OpenAI HTTP: our router's policies and the real peer routers, in one run.
 
 The workload has the shape of SGLang's generated-shared-prefix benchmark, scaled to a 2-core CPU: ``groups``
 system prompts of ``system_len`` tokens, each followed by ``prompts_per_group`` questions of ``question_len``
 tokens, ``output_len`` generated tokens each (eos ignored), in a shuffled order with Poisson arrivals at
-``rate`` requests/s. Prompts are random token ids (seeded), sent as ``token_ids`` so their lengths are exact.
+``rate`` requests/s. Prompts are random "word" tokens of the model's vocabulary (a space and lowercase letters,
+each its own pre-token), so a prompt's text encodes back to exactly its token ids: a contender that refuses
+token-id prompts (SMG's ``/v1/completions`` takes a string or strings only) gets that text, the others the ids.
 
-For each run the bench starts a fresh cluster (``radixserve up --detach``, so client and router are separate
-processes and every run starts cold), replays the same arrival schedule through the router, then measures
-the router's own overhead: the TTFT of a short, cached request through the router minus the same request sent
-straight to the worker the router chose, in pairs whose order alternates, medians of the paired differences.
-Each policy runs ``--repeats`` times (default 2), all runs in one shuffled order (``--order-seed``), because
-this machine's noise moves a run's throughput by 10-30%: the table gives each policy's medians and the spread
-(lowest-highest) of its runs.
+Contenders: our router under each of its policies (``prefix``, and the in-house baselines such as
+``round_robin`` and ``sglang_cache_aware``), and the peers, SMG (``smg_cache_aware``, ``smg_round_robin``) and
+vllm-router (``vllm_router_cache_aware``), installed by ``bench/peers/setup.sh`` in ``bench/.venv-peers``. Every
+run starts a fresh 2-worker cluster (``radixserve up --detach``: cold caches, client and servers in separate
+processes); a peer is started pointed at the same workers' OpenAI endpoints (their addresses from
+``ListWorkers``) and stopped after the run. Each contender gets the same arrival schedule as streamed
+``/v1/completions`` requests (``stream_options.include_usage``); TTFT is taken at the first SSE chunk that carries
+a choice. Each contender runs ``--repeats`` times (default 2), all runs in one shuffled order (``--order-seed``),
+because this machine's noise moves a run's throughput by 10-30%: the table gives medians and the spread
+(lowest-highest) of each contender's runs.
 
-Reported per policy: prefix hit ratio (cached / prompt tokens, as the workers report them) and its share of the
-oracle's (one unbounded cache that sees every request in arrival order), TTFT and end-to-end p50/p99,
-throughput over the makespan, each worker's share of the requests, and the router overhead.
+Reported per contender: prefix hit ratio (cached / prompt tokens, from ``usage.prompt_tokens_details``) and its
+share of the oracle's (one unbounded cache that sees every request in arrival order), TTFT and end-to-end
+p50/p99, throughput over the makespan, each worker's share of the requests (from the workers' own
+``radixserve_worker_requests_finished`` counters, so it needs nothing of the router), and the HTTP router
+overhead: the TTFT of a short cached request through the contender minus the same request sent straight to the
+worker that served it (each pair also asks the other worker, so the serving one, known from the counters
+afterwards, always has its direct twin), in pairs whose order alternates.
 
+    bash bench/peers/setup.sh                      # once: the peers and aiperf in bench/.venv-peers
     python bench/bench_cluster.py                  # table on stdout, JSON in bench/results/cluster.json
 """
 
@@ -24,27 +34,42 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import re
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 
 from radixserve.cluster.base.config import POLICIES
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
+from radixserve.cluster.base.metrics import scrape
 from radixserve.cluster.base.model_store import ModelStore
-from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
+from radixserve.cluster.base.tokenizer import Tokenizer
+from radixserve.cluster.control.discovery import read_targets
+from radixserve.v1 import api_pb2, api_pb2_grpc
+from radixserve.worker.models.loading import open_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
+PEERS_VENV = Path(__file__).parent / ".venv-peers"
+MODEL = "smollm2-135m-instruct"
 PAGE_SIZE = 16
 TOKEN_RANGE = (1000, 40000)  # ordinary vocabulary ids of SmolLM2, far from the special tokens
+_LOCALHOST = "127.0.0.1"
+_REQUEST_TIMEOUT_S = 1800.0
+_FINISHED = "radixserve_worker_requests_finished_total"
 
 
 @dataclass(frozen=True)
@@ -67,7 +92,6 @@ class Arrival:
 
 @dataclass
 class Outcome:
-    worker_id: str = ""
     ttft_s: float = 0.0
     e2e_s: float = 0.0
     prompt_tokens: int = 0
@@ -76,9 +100,34 @@ class Outcome:
     error: str = ""
 
 
-@dataclass
-class PolicyResult:
+@dataclass(frozen=True)
+class Contender:
+    """One line of the table: a router program under one policy, driven at its OpenAI HTTP port.
+
+    ``router`` is ``"radixserve"`` (our router, ``policy`` one of ``POLICIES``), ``"smg"`` or ``"vllm-router"``;
+    ``text_prompts`` says the router takes a prompt's text only (the text encodes to exactly its token ids).
+    """
+
+    name: str
+    router: str
     policy: str
+    text_prompts: bool = False
+
+
+CONTENDERS = {c.name: c for c in [
+    *(Contender(policy, "radixserve", policy) for policy in POLICIES),
+    Contender("smg_cache_aware", "smg", "cache_aware", text_prompts=True),
+    Contender("smg_round_robin", "smg", "round_robin", text_prompts=True),
+    Contender("vllm_router_cache_aware", "vllm-router", "cache_aware"),
+]}
+DEFAULT_CONTENDERS = ("prefix", "sglang_cache_aware", "round_robin", "smg_cache_aware", "smg_round_robin",
+                      "vllm_router_cache_aware")
+PEERS = ("smg_cache_aware", "vllm_router_cache_aware")  # the targets' peers
+
+
+@dataclass
+class ContenderResult:
+    policy: str  # the contender's name (``policy`` for the readers of earlier result files)
     hit_ratio: float
     oracle_share: float
     ttft_p50_ms: float
@@ -95,10 +144,22 @@ class PolicyResult:
     outcomes: list[dict] = field(default_factory=list)
 
 
-def make_arrivals(w: Workload) -> list[Arrival]:
+# ---- the workload ---------------------------------------------------------------------------------------------
+
+def make_arrivals(w: Workload, vocabulary: Sequence[int] = range(*TOKEN_RANGE)) -> list[Arrival]:
+    """The workload's requests in arrival order, their tokens taken from ``vocabulary``.
+
+    Each token is drawn from ``TOKEN_RANGE`` and mapped onto ``vocabulary`` (its offset modulo the vocabulary's
+    length), so the random draws, and with them the groups, the order and the arrival times, are the same for
+    every vocabulary; the default one gives the token ids of the runs before word vocabularies.
+    """
     rng = random.Random(w.seed)
-    systems = [[rng.randrange(*TOKEN_RANGE) for _ in range(w.system_len)] for _ in range(w.groups)]
-    prompts = [(g, systems[g] + [rng.randrange(*TOKEN_RANGE) for _ in range(w.question_len)])
+
+    def token() -> int:
+        return vocabulary[(rng.randrange(*TOKEN_RANGE) - TOKEN_RANGE[0]) % len(vocabulary)]
+
+    systems = [[token() for _ in range(w.system_len)] for _ in range(w.groups)]
+    prompts = [(g, systems[g] + [token() for _ in range(w.question_len)])
                for g in range(w.groups) for _ in range(w.prompts_per_group)]
     rng.shuffle(prompts)
     at, arrivals = 0.0, []
@@ -121,26 +182,124 @@ def oracle_hit_ratio(arrivals: list[Arrival], namespace: str) -> float:
     return cached / total
 
 
-# ---- the cluster --------------------------------------------------------------------------------------------
+def load_tokenizer(model: str = MODEL) -> Tokenizer:
+    """The model's tokenizer, read from its file in the model store."""
+    return open_checkpoint(ModelStore().resolve(model)).tokenizer
+
+
+def word_vocabulary(tokenizer: Tokenizer) -> list[int]:
+    """Ids whose text is a space and lowercase letters and encodes back to that one id.
+
+    Byte-level BPE pre-tokenizes text into such words before merging, so any sequence of these ids decodes to a
+    text that encodes to exactly the same ids (``prompt_texts`` checks it for every prompt).
+    """
+    return [i for i in range(tokenizer.vocab_size)
+            if re.fullmatch(r" [a-z]+", text := tokenizer.decode([i])) and tokenizer.encode(text) == [i]]
+
+
+def prompt_texts(arrivals: list[Arrival], tokenizer: Tokenizer) -> list[str]:
+    """Each arrival's prompt as text; raises SystemExit if one does not encode back to its exact token ids."""
+    texts = [tokenizer.decode(a.token_ids) for a in arrivals]
+    for i, (arrival, text) in enumerate(zip(arrivals, texts, strict=True)):
+        if tokenizer.encode(text) != arrival.token_ids:
+            raise SystemExit(f"arrival {i}: its text does not encode back to its token ids")
+    return texts
+
+
+# ---- processes and ports --------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind((_LOCALHOST, 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(ready: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.25) -> None:
+    """Poll ``ready`` until it returns true; raises TimeoutError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what}: not ready within {timeout_s:.0f} s")
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM this process (by its pid, which this bench started), then SIGKILL it after ``grace_s``."""
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+def _http_client(**limits: int) -> httpx.Client:
+    return httpx.Client(timeout=5.0, trust_env=False, **limits)
+
+
+def _answers(url: str, check: Callable[[httpx.Response], bool]) -> bool:
+    """Whether GET ``url`` answers and ``check`` accepts the answer."""
+    try:
+        with _http_client() as client:
+            return check(client.get(url))
+    except httpx.HTTPError:
+        return False
+
+
+# ---- the cluster ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkerEndpoints:
+    """One worker's OpenAI base URL and its Prometheus endpoint (``host:port``)."""
+
+    worker_id: str
+    http_url: str
+    metrics_address: str
+
 
 class Cluster:
-    """``radixserve up --detach`` in a private RADIXSERVE_HOME, stopped by ``down``."""
+    """``radixserve up --detach`` in a private RADIXSERVE_HOME on free ports, stopped by ``down``."""
 
-    def __init__(self, policy: str, port: int, kv_memory_gib: float) -> None:
+    def __init__(self, policy: str, kv_memory_gib: float) -> None:
         self._home = tempfile.TemporaryDirectory(prefix="radixserve-bench-")
         models = Path(self._home.name) / "models"
         models.mkdir()
-        model_dir = ModelStore().resolve("smollm2-135m-instruct").parent
+        model_dir = ModelStore().resolve(MODEL).parent
         (models / model_dir.name).symlink_to(model_dir)
         self._env = {**os.environ, "RADIXSERVE_HOME": self._home.name}
-        self.target = f"127.0.0.1:{port}"
-        self._args = ["up", "--detach", "--port", str(port), "--policy", policy, "--kv-memory-gib",
-                      str(kv_memory_gib), "--set", "engine.max_model_len=4096"]
+        port, http_port = free_port(), free_port()
+        self.target = f"{_LOCALHOST}:{port}"
+        self.http_url = f"http://{_LOCALHOST}:{http_port}"
+        self._args = ["up", "--detach", "--port", str(port), "--policy", policy, "--kv-memory-gib", str(kv_memory_gib),
+                      "--set", "engine.max_model_len=4096", "--set", f"router.http_port={http_port}"]
+
+    @property
+    def home(self) -> Path:
+        return Path(self._home.name)
 
     @property
     def targets_path(self) -> Path:
         """The Prometheus targets file ``up`` keeps for this cluster."""
-        return Path(self._home.name) / "run" / "prometheus_targets.json"
+        return self.home / "run" / "prometheus_targets.json"
+
+    def workers(self, timeout_s: float = 30.0) -> list[WorkerEndpoints]:
+        """Every worker's endpoints, by worker id: HTTP addresses from ListWorkers, metrics from the targets file
+        (waited for until it lists them all)."""
+        with grpc.insecure_channel(self.target) as channel:
+            listed = api_pb2_grpc.GenerationStub(channel).ListWorkers(api_pb2.ListWorkersRequest(), timeout=10)
+        wait_until(lambda: len(self._metrics_addresses()) >= len(listed.workers), timeout_s, "the targets file")
+        metrics = {_worker_label(address): address for address in self._metrics_addresses()}
+        return [WorkerEndpoints(w.worker_id, f"http://{w.http_address}", metrics[w.worker_id])
+                for w in sorted(listed.workers, key=lambda w: w.worker_id)]
+
+    def _metrics_addresses(self) -> list[str]:
+        try:
+            return read_targets(self.targets_path).get("worker", [])
+        except (OSError, ValueError):  # not written yet
+            return []
 
     def _cli(self, *args: str) -> None:
         subprocess.run([sys.executable, "-m", "radixserve.cluster.control.cli", *args], env=self._env, check=True,
@@ -155,89 +314,243 @@ class Cluster:
         self._home.cleanup()
 
 
-async def replay(target: str, arrivals: list[Arrival], output_len: int) -> tuple[list[Outcome], float]:
-    """Send every arrival at its time; returns the outcomes and the makespan (first send to last finish)."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = api_pb2_grpc.GenerationStub(channel)
-        start = time.perf_counter()
-        outcomes = await asyncio.gather(*(_send(stub, a, start, output_len) for a in arrivals))
-        return list(outcomes), time.perf_counter() - start
+def _worker_label(metrics_address: str) -> str:
+    """The ``worker`` label of the worker whose ``/metrics`` is at ``metrics_address``."""
+    return next(iter(scrape_finished([metrics_address])))
 
 
-async def _send(stub: api_pb2_grpc.GenerationStub, arrival: Arrival, start: float, output_len: int) -> Outcome:
-    await asyncio.sleep(max(0.0, start + arrival.at_s - time.perf_counter()))
-    request = api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=arrival.token_ids), sampling=types_pb2.SamplingOptions(
-        max_tokens=output_len, temperature=0.0, ignore_eos=True))
+def scrape_finished(metrics_addresses: Sequence[str]) -> dict[str, float]:
+    """``radixserve_worker_requests_finished_total`` of each worker, by its ``worker`` label."""
+    return {s.labels["worker"]: s.value for address in metrics_addresses for s in scrape(address)
+            if s.name == _FINISHED}
+
+
+def settled_finished(workers: Sequence[WorkerEndpoints], expected_total: float,
+                     timeout_s: float = 5.0) -> dict[str, float]:
+    """The workers' finished counts once they add up to ``expected_total`` (or whatever they are at the timeout:
+    a request that failed before reaching a worker is never counted)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = scrape_finished([w.metrics_address for w in workers])
+        if sum(counts.values()) >= expected_total or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
+
+
+# ---- the peer routers -----------------------------------------------------------------------------------------
+
+def peer_command(contender: Contender, port: int, metrics_port: int, worker_urls: Sequence[str]) -> list[str]:
+    """The command line that starts a peer router on 127.0.0.1:``port`` routing to ``worker_urls``."""
+    python = str(PEERS_VENV / "bin" / "python")
+    common = ["--host", _LOCALHOST, "--port", str(port), "--worker-urls", *worker_urls, "--policy", contender.policy,
+              "--prometheus-host", _LOCALHOST, "--prometheus-port", str(metrics_port)]
+    if contender.router == "smg":
+        return [python, "-m", "smg", "launch", *common, "--log-level", "warn"]
+    if contender.router == "vllm-router":
+        return [python, "-m", "vllm_router.launch_router", *common, "--log-level", "warning"]
+    raise ValueError(f"router: {contender.router!r} is not a peer")
+
+
+def _peer_ready(contender: Contender, url: str, num_workers: int) -> bool:
+    """SMG registers workers after it binds, so it is ready when ``/workers`` lists them all healthy;
+    vllm-router binds only once its workers answer ``/health``."""
+    if contender.router == "smg":
+        def all_healthy(response: httpx.Response) -> bool:
+            workers = response.json().get("workers", []) if response.status_code == 200 else []
+            return len(workers) == num_workers and all(w.get("is_healthy") for w in workers)
+        return _answers(f"{url}/workers", all_healthy)
+    return _answers(f"{url}/health", lambda response: response.status_code == 200)
+
+
+@contextlib.contextmanager
+def peer_router(contender: Contender, workers: Sequence[WorkerEndpoints], log_path: Path,
+                timeout_s: float = 120.0) -> Iterator[str]:
+    """A peer router routing to ``workers``, its log in ``log_path``; yields its base URL, stops it on exit."""
+    if not (PEERS_VENV / "bin" / "python").exists():
+        raise SystemExit(f"{PEERS_VENV} is missing: run `bash bench/peers/setup.sh` first")
+    port = free_port()
+    url = f"http://{_LOCALHOST}:{port}"
+    command = peer_command(contender, port, free_port(), [w.http_url for w in workers])
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: process.poll() is not None or _peer_ready(contender, url, len(workers)), timeout_s,
+                   contender.name)
+        if process.poll() is not None:
+            raise RuntimeError(f"{contender.name} exited with status {process.returncode}; see {log_path}")
+        yield url
+    finally:
+        stop_process(process)
+
+
+# ---- the HTTP driver ------------------------------------------------------------------------------------------
+
+def _async_client(max_connections: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(_REQUEST_TIMEOUT_S, connect=10.0),
+                             limits=httpx.Limits(max_connections=max_connections,
+                                                 max_keepalive_connections=max_connections))
+
+
+def completion_body(prompt: list[int] | str, max_tokens: int) -> dict[str, object]:
+    """A greedy streamed ``/v1/completions`` request that generates exactly ``max_tokens`` tokens, usage included."""
+    return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str, object]) -> Outcome:
+    """POST ``body`` to ``url``/v1/completions and read its SSE stream to ``[DONE]``.
+
+    TTFT is at the first chunk that carries a choice (the usage chunk carries none); the usage is the last
+    chunk's. An HTTP error or an ``error`` object in the stream ends it with ``Outcome.error`` set.
+    """
     outcome, sent = Outcome(), time.perf_counter()
     try:
-        async for part in stub.Generate(request, timeout=1800):
-            if not outcome.ttft_s and any(c.token_ids for c in part.choices):
-                outcome.ttft_s = time.perf_counter() - sent
-            outcome.worker_id = part.worker_id
-            if part.HasField("usage"):
-                outcome.prompt_tokens = part.usage.prompt_tokens
-                outcome.cached_tokens = part.usage.cached_tokens
-                outcome.completion_tokens = part.usage.completion_tokens
-    except grpc.aio.AioRpcError as error:
-        outcome.error = f"{error.code().name}: {error.details()}"
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                answer = (await response.aread()).decode(errors="replace")
+                outcome.error = f"HTTP {response.status_code}: {answer[:300]}"
+            else:
+                await _read_events(response, outcome, sent)
+    except httpx.HTTPError as error:
+        outcome.error = f"{type(error).__name__}: {error}"
     outcome.e2e_s = time.perf_counter() - sent
     return outcome
 
 
-async def router_overhead(target: str, num_pairs: int) -> list[float]:
-    """Paired TTFT differences (router minus direct to the same worker) of a short cached request, seconds."""
-    ids = list(range(TOKEN_RANGE[0], TOKEN_RANGE[0] + 2 * PAGE_SIZE + 1))
-    sampling = types_pb2.SamplingOptions(max_tokens=1, temperature=0.0)
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = api_pb2_grpc.GenerationStub(channel)
-        first = await stub.Complete(api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=ids), sampling=sampling))
-        workers = await stub.ListWorkers(api_pb2.ListWorkersRequest())
-        address = next(w.address for w in workers.workers if w.worker_id == first.worker_id)
-        async with grpc.aio.insecure_channel(address) as direct_channel:
-            direct = worker_pb2_grpc.WorkerStub(direct_channel)
-            diffs = []
-            for i in range(num_pairs):
-                def routed() -> grpc.aio.UnaryStreamCall:
-                    return stub.Generate(api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=ids),
-                                                                 sampling=sampling))
+async def _read_events(response: httpx.Response, outcome: Outcome, sent: float) -> None:
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[len("data:"):].strip()
+        if data == "[DONE]":
+            return
+        chunk = json.loads(data)
+        if "error" in chunk:
+            outcome.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
+            return
+        if not outcome.ttft_s and chunk.get("choices"):
+            outcome.ttft_s = time.perf_counter() - sent
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+            outcome.prompt_tokens = usage.get("prompt_tokens", 0)
+            outcome.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            outcome.completion_tokens = usage.get("completion_tokens", 0)
 
-                def straight() -> grpc.aio.UnaryStreamCall:
-                    return direct.Generate(worker_pb2.WorkerGenerateRequest(
-                        request_id=f"bench-direct-{i}", token_ids=ids, sampling=sampling))
 
-                if i % 2:  # alternate which goes first, so a drift in the machine's load cancels out
-                    straight_s = await _ttft(straight())
-                    routed_s = await _ttft(routed())
-                else:
-                    routed_s = await _ttft(routed())
-                    straight_s = await _ttft(straight())
-                diffs.append(routed_s - straight_s)
+async def replay(url: str, arrivals: list[Arrival], output_len: int,
+                 texts: Sequence[str] | None = None) -> tuple[list[Outcome], float]:
+    """Send every arrival at its time (its text when ``texts`` is given, else its token ids) to the OpenAI server
+    at ``url``; returns the outcomes and the makespan (first send to last finish)."""
+    prompts: Sequence[list[int] | str] = texts if texts is not None else [a.token_ids for a in arrivals]
+    async with _async_client(len(arrivals)) as client:
+        start = time.perf_counter()
+
+        async def send(arrival: Arrival, prompt: list[int] | str) -> Outcome:
+            await asyncio.sleep(max(0.0, start + arrival.at_s - time.perf_counter()))
+            return await stream_completion(client, url, completion_body(prompt, output_len))
+
+        outcomes = await asyncio.gather(*(send(a, p) for a, p in zip(arrivals, prompts, strict=True)))
+        return list(outcomes), time.perf_counter() - start
+
+
+# ---- router overhead ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Probe:
+    """The overhead probe: a short prompt as token ids and as the text that encodes to exactly them."""
+
+    token_ids: list[int]
+    text: str
+
+
+def make_probe(vocabulary: Sequence[int], tokenizer: Tokenizer) -> Probe:
+    """Two pages and a token of word tokens (the last token is always computed, so two pages are cached)."""
+    ids = list(vocabulary[:2 * PAGE_SIZE + 1])
+    text = tokenizer.decode(ids)
+    if tokenizer.encode(text) != ids:
+        raise SystemExit("the overhead probe's text does not encode back to its token ids")
+    return Probe(ids, text)
+
+
+async def router_overhead(url: str, workers: Sequence[WorkerEndpoints], num_pairs: int, probe: Probe,
+                          text: bool) -> list[float]:
+    """Paired TTFT differences (through ``url`` minus straight to the worker that served it), seconds.
+
+    The probe is cached on every worker first. Each pair sends it through the router and straight to every worker,
+    the router's part first in even pairs and last in odd ones, so a drift in the machine's load cancels out; the
+    workers' finished counters, read before and after the routed request, say which worker served it.
+    """
+    routed_body = completion_body(probe.text if text else probe.token_ids, 1)
+    direct_body = completion_body(probe.token_ids, 1)
+    expected = sum(settled_finished(workers, 0).values()) + len(workers)
+    diffs: list[float] = []
+    async with _async_client(4) as client:
+        for worker in workers:
+            await stream_completion(client, worker.http_url, direct_body)
+
+        async def direct_all(order: Sequence[WorkerEndpoints]) -> dict[str, Outcome]:
+            return {w.worker_id: await stream_completion(client, w.http_url, direct_body) for w in order}
+
+        for i in range(num_pairs):
+            routed_first = i % 2 == 0
+            direct = {} if routed_first else await direct_all(list(reversed(workers)))
+            expected += len(direct)
+            before = settled_finished(workers, expected)
+            routed = await stream_completion(client, url, routed_body)
+            expected += 1
+            after = settled_finished(workers, expected)
+            if routed_first:
+                direct = await direct_all(workers)
+                expected += len(direct)
+            serving = max(after, key=lambda wid: after[wid] - before.get(wid, 0.0))
+            if not routed.error and not direct[serving].error:  # a failed request shows in the run's errors
+                diffs.append(routed.ttft_s - direct[serving].ttft_s)
     return diffs
 
 
-async def _ttft(call: grpc.aio.UnaryStreamCall) -> float:
-    started = time.perf_counter()
-    async for _ in call:
-        return time.perf_counter() - started
-    raise RuntimeError("the stream ended without a message")
+# ---- one run --------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def front_door(contender: Contender, cluster: Cluster, workers: Sequence[WorkerEndpoints]) -> Iterator[str]:
+    """The base URL the contender serves: our router's HTTP port, or a peer router started for this run (its log in
+    the temporary directory, ``radixserve-bench-<contender>.log``, kept after the run)."""
+    if contender.router == "radixserve":
+        yield cluster.http_url
+    else:
+        with peer_router(contender, workers, Path(tempfile.gettempdir()) / f"radixserve-bench-{contender.name}.log") \
+                as url:
+            yield url
 
 
-# ---- the run ------------------------------------------------------------------------------------------------
+def run_contender(contender: Contender, arrivals: list[Arrival], texts: Sequence[str], probe: Probe, w: Workload,
+                  args: argparse.Namespace, oracle: float) -> ContenderResult:
+    """One run on a fresh cluster: the replay, then the overhead pairs, through the contender's front door (a peer
+    routes to the workers itself; our router then runs round_robin, unused)."""
+    cluster_policy = contender.policy if contender.router == "radixserve" else "round_robin"
+    with Cluster(cluster_policy, args.kv_memory_gib) as cluster:
+        workers = cluster.workers()
+        with front_door(contender, cluster, workers) as url:
+            before = settled_finished(workers, 0)
+            outcomes, makespan = asyncio.run(replay(url, arrivals, w.output_len,
+                                                    texts if contender.text_prompts else None))
+            after = settled_finished(workers, sum(before.values()) + len(arrivals))
+            overhead = asyncio.run(router_overhead(url, workers, args.overhead_pairs, probe, contender.text_prompts))
+    served = {wid: after[wid] - before.get(wid, 0.0) for wid in after}
+    return summarize_run(contender.name, outcomes, makespan, served, overhead, oracle)
 
-def run_policy(policy: str, arrivals: list[Arrival], w: Workload, args: argparse.Namespace,
-               oracle: float) -> PolicyResult:
-    with Cluster(policy, args.port, args.kv_memory_gib) as cluster:
-        outcomes, makespan = asyncio.run(replay(cluster.target, arrivals, w.output_len))
-        overhead = asyncio.run(router_overhead(cluster.target, args.overhead_pairs))
+
+def summarize_run(name: str, outcomes: list[Outcome], makespan: float, served: dict[str, float],
+                  overhead: list[float], oracle: float) -> ContenderResult:
+    """One run's figures; ``served`` is the requests each worker finished during the replay."""
     done = [o for o in outcomes if not o.error]
     hit_ratio = sum(o.cached_tokens for o in done) / max(1, sum(o.prompt_tokens for o in done))
-    workers = sorted({o.worker_id for o in done})
-    return PolicyResult(
-        policy=policy, hit_ratio=hit_ratio, oracle_share=hit_ratio / oracle,
+    total_served = max(1.0, sum(served.values()))
+    return ContenderResult(
+        policy=name, hit_ratio=hit_ratio, oracle_share=hit_ratio / oracle,
         ttft_p50_ms=_ms(_quantile([o.ttft_s for o in done], 0.5)), ttft_p99_ms=_ms(_quantile([o.ttft_s for o in done], 0.99)),
         e2e_p50_ms=_ms(_quantile([o.e2e_s for o in done], 0.5)), e2e_p99_ms=_ms(_quantile([o.e2e_s for o in done], 0.99)),
         requests_per_s=len(done) / makespan, output_tokens_per_s=sum(o.completion_tokens for o in done) / makespan,
-        makespan_s=makespan, worker_share={wid: sum(o.worker_id == wid for o in done) / len(done) for wid in workers},
+        makespan_s=makespan, worker_share={wid: n / total_served for wid, n in sorted(served.items())},
         router_overhead_p50_ms=_ms(_quantile(overhead, 0.5)), router_overhead_p99_ms=_ms(_quantile(overhead, 0.99)),
         errors=len(outcomes) - len(done), outcomes=[asdict(o) for o in outcomes])
 
@@ -248,6 +561,17 @@ def _cpu_model() -> str:
         if line.startswith("model name"):
             return line.partition(":")[2].strip()
     return "unknown"
+
+
+def peer_versions() -> dict[str, str]:
+    """The installed versions of the peer routers in bench/.venv-peers (empty when it is missing)."""
+    python = PEERS_VENV / "bin" / "python"
+    if not python.exists():
+        return {}
+    script = ("import importlib.metadata as m; import json; "
+              "print(json.dumps({p: m.version(p) for p in ('smg', 'vllm-router', 'sglang-router', 'aiperf')}))")
+    return json.loads(subprocess.run([str(python), "-c", script], capture_output=True, text=True, check=True,
+                                     timeout=60).stdout)
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -261,95 +585,121 @@ def _ms(seconds: float) -> float:
     return seconds * 1000
 
 
+# ---- the report -----------------------------------------------------------------------------------------------
+
 SUMMARY_FIELDS = ("hit_ratio", "oracle_share", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
                   "requests_per_s", "output_tokens_per_s", "router_overhead_p50_ms", "router_overhead_p99_ms")
 
 
-def summarize(results: list[PolicyResult]) -> dict[str, dict[str, object]]:
-    """Per policy, in first-run order: the median of each figure over its runs, the runs' lowest and highest,
+def summarize(results: list[ContenderResult]) -> dict[str, dict[str, object]]:
+    """Per contender, in first-run order: the median of each figure over its runs, the runs' lowest and highest,
     the larger worker share of each run, and the errors summed."""
-    by_policy: dict[str, list[PolicyResult]] = {}
+    by_name: dict[str, list[ContenderResult]] = {}
     for r in results:
-        by_policy.setdefault(r.policy, []).append(r)
+        by_name.setdefault(r.policy, []).append(r)
     summary: dict[str, dict[str, object]] = {}
-    for policy, runs in by_policy.items():
+    for name, runs in by_name.items():
         row: dict[str, object] = {"runs": len(runs), "errors": sum(r.errors for r in runs),
-                                  "max_worker_share": [max(r.worker_share.values()) for r in runs]}
-        for name in SUMMARY_FIELDS:
-            values = [getattr(r, name) for r in runs]
-            row[name] = statistics.median(values)
-            row[name + "_range"] = [min(values), max(values)]
-        summary[policy] = row
+                                  "max_worker_share": [max(r.worker_share.values(), default=0.0) for r in runs]}
+        for figure in SUMMARY_FIELDS:
+            values = [getattr(r, figure) for r in runs]
+            row[figure] = statistics.median(values)
+            row[figure + "_range"] = [min(values), max(values)]
+        summary[name] = row
     return summary
 
 
 def print_table(summary: dict[str, dict], oracle: float) -> None:
-    print(f"\noracle hit ratio: {oracle:.3f}; medians over each policy's runs, (lowest-highest) beside\n")
-    print("| policy | runs | hit ratio | of oracle | TTFT p50 | TTFT p99 | e2e p50 | e2e p99 | req/s "
-          "| busier worker's share | router overhead p50 / p99 | errors |")
+    print(f"\noracle hit ratio: {oracle:.3f}; medians over each contender's runs, (lowest-highest) beside\n")
+    print("| contender | runs | hit ratio | of oracle | TTFT p50 | TTFT p99 | e2e p50 | e2e p99 | req/s "
+          "| busier worker's share | HTTP router overhead p50 / p99 | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for policy, r in summary.items():
-        def spread(name: str, fmt: str, scale: float = 1.0) -> str:
-            low, high = r[name + "_range"]
-            return f"{r[name] * scale:{fmt}} ({low * scale:{fmt}}-{high * scale:{fmt}})"
+    for name, r in summary.items():
+        def spread(figure: str, fmt: str, scale: float = 1.0) -> str:
+            low, high = r[figure + "_range"]
+            return f"{r[figure] * scale:{fmt}} ({low * scale:{fmt}}-{high * scale:{fmt}})"
         shares = ", ".join(f"{v:.0%}" for v in r["max_worker_share"])
-        print(f"| {policy} | {r['runs']} | {spread('hit_ratio', '.3f')} | {r['oracle_share']:.0%} | "
+        print(f"| {name} | {r['runs']} | {spread('hit_ratio', '.3f')} | {r['oracle_share']:.0%} | "
               f"{spread('ttft_p50_ms', ',.1f', 1e-3)} s | {spread('ttft_p99_ms', ',.1f', 1e-3)} s | "
               f"{r['e2e_p50_ms'] / 1000:,.1f} s | {r['e2e_p99_ms'] / 1000:,.1f} s | {spread('requests_per_s', '.3f')} | "
               f"{shares} | {r['router_overhead_p50_ms']:.2f} / {r['router_overhead_p99_ms']:.2f} ms | {r['errors']} |")
-    _print_targets(summary)
+    print("\ntargets (medians): " + "; ".join(target_lines(summary)))
 
 
-def _print_targets(summary: dict[str, dict]) -> None:
-    def check(ok: bool) -> str:
-        return "met" if ok else "NOT met"
-
+def target_lines(summary: dict[str, dict]) -> list[str]:
+    """The targets for ``prefix`` that the summary can check: against the oracle, its own overhead, round_robin,
+    SGLang's rule, and each peer (ahead on throughput and TTFT p99, at least level on hit ratio)."""
     prefix = summary.get("prefix")
     if prefix is None:
-        return
-    lines = [f"prefix hit ratio {prefix['oracle_share']:.0%} of oracle (>= 90%: {check(prefix['oracle_share'] >= 0.9)})",
-             f"router overhead p50 {prefix['router_overhead_p50_ms']:.2f} ms (<= 2 ms: "
-             f"{check(prefix['router_overhead_p50_ms'] <= 2)})"]
+        return []
+    lines = [f"prefix hit ratio {prefix['oracle_share']:.0%} of oracle (>= 90%: {_met(prefix['oracle_share'] >= 0.9)})",
+             f"HTTP router overhead p50 {prefix['router_overhead_p50_ms']:.2f} ms (<= 2 ms: "
+             f"{_met(prefix['router_overhead_p50_ms'] <= 2)})"]
     if "round_robin" in summary:
         ratio = prefix["requests_per_s"] / summary["round_robin"]["requests_per_s"]
-        lines.append(f"throughput {ratio:.2f}x round_robin (>= 1.5x: {check(ratio >= 1.5)})")
-    if "sglang_cache_aware" in summary:
-        peer = summary["sglang_cache_aware"]
-        ratio = prefix["requests_per_s"] / peer["requests_per_s"]
-        p99 = prefix["ttft_p99_ms"] / peer["ttft_p99_ms"]
-        lines.append(f"throughput {ratio:.2f}x sglang_cache_aware (>= 1.0x: {check(ratio >= 1.0)}); TTFT p99 "
-                     f"{p99:.2f}x sglang_cache_aware's (<= 1.0x: {check(p99 <= 1.0)})")
-    print("\ntargets (medians): " + "; ".join(lines))
+        lines.append(f"throughput {ratio:.2f}x round_robin (>= 1.5x: {_met(ratio >= 1.5)})")
+    for peer in ("sglang_cache_aware", *PEERS):
+        if peer in summary:
+            lines.append(_peer_line(prefix, peer, summary[peer]))
+    return lines
+
+
+def _peer_line(prefix: dict, name: str, peer: dict) -> str:
+    ratio = prefix["requests_per_s"] / peer["requests_per_s"]
+    p99 = prefix["ttft_p99_ms"] / peer["ttft_p99_ms"]
+    hits = prefix["hit_ratio"] - peer["hit_ratio"]
+    return (f"vs {name}: throughput {ratio:.2f}x (> 1.0x: {_met(ratio > 1.0)}), TTFT p99 {p99:.2f}x "
+            f"(< 1.0x: {_met(p99 < 1.0)}), hit ratio {hits * 100:+.1f} pp (>= 0: {_met(round(hits, 3) >= 0)})")
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """One option per ``Workload`` field (``--system-len``, ...), its default the field's."""
+    for name, default in asdict(Workload()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+
+
+def workload_from_args(args: argparse.Namespace) -> Workload:
+    """The ``Workload`` that ``add_workload_args``' options describe."""
+    return Workload(**{name: getattr(args, name) for name in asdict(Workload())})
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in asdict(Workload()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each policy, all in one shuffled order")
+    add_workload_args(parser)
+    parser.add_argument("--contenders", "--policies", nargs="+", default=list(DEFAULT_CONTENDERS),
+                        choices=list(CONTENDERS))
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each contender, all in one shuffled order")
     parser.add_argument("--order-seed", type=int, default=0)
     parser.add_argument("--kv-memory-gib", type=float, default=0.3,
                         help="KV cache per worker (0.3 GiB, 6.5k tokens, holds about 6 of the 8 groups' prompts)")
-    parser.add_argument("--port", type=int, default=50071)
     parser.add_argument("--overhead-pairs", type=int, default=60)
     parser.add_argument("--out", type=Path, default=RESULTS / "cluster.json")
     args = parser.parse_args()
-    workload = Workload(**{name: getattr(args, name) for name in asdict(Workload())})
-    arrivals = make_arrivals(workload)
-    oracle = oracle_hit_ratio(arrivals, "smollm2-135m-instruct")
-    order = [policy for policy in args.policies for _ in range(args.repeats)]
+    workload = workload_from_args(args)
+    tokenizer = load_tokenizer()
+    vocabulary = word_vocabulary(tokenizer)
+    arrivals = make_arrivals(workload, vocabulary)
+    texts = prompt_texts(arrivals, tokenizer)
+    probe = make_probe(vocabulary, tokenizer)
+    oracle = oracle_hit_ratio(arrivals, MODEL)
+    order = [name for name in args.contenders for _ in range(args.repeats)]
     random.Random(args.order_seed).shuffle(order)
     results = []
-    for i, policy in enumerate(order, start=1):
-        print(f"run {i}/{len(order)}: {policy} ...", file=sys.stderr, flush=True)
-        results.append(run_policy(policy, arrivals, workload, args, oracle))
+    for i, name in enumerate(order, start=1):
+        print(f"run {i}/{len(order)}: {name} ...", file=sys.stderr, flush=True)
+        results.append(run_contender(CONTENDERS[name], arrivals, texts, probe, workload, args, oracle))
     summary = summarize(results)
     print_table(summary, oracle)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"workload": asdict(workload), "kv_memory_gib": args.kv_memory_gib,
-                                    "oracle_hit_ratio": oracle, "cpu": _cpu_model(), "order": order,
-                                    "summary": summary, "results": [asdict(r) for r in results]}, indent=1))
+                                    "oracle_hit_ratio": oracle, "cpu": _cpu_model(), "peers": peer_versions(),
+                                    "contenders": {n: asdict(CONTENDERS[n]) for n in args.contenders},
+                                    "order": order, "summary": summary,
+                                    "results": [asdict(r) for r in results]}, indent=1))
     print(f"\nwrote {args.out}")
     return 0
 

@@ -1,11 +1,12 @@
 """Prometheus against the benchmark: the cluster benchmark's workload, scraped by a real Prometheus.
 
 One ``prefix`` cluster (``radixserve up --detach``, as ``bench_cluster.py`` starts it) serves the cluster
-benchmark's shared-prefix workload while a local Prometheus scrapes every process each second through the targets
-file ``up`` keeps. The table compares the figures the benchmark measures at the client with the ones Prometheus
-reads from the router's metrics for the same run (hit ratio, throughput, TTFT mean and p50); the target is agreement
-within 5%. The main dashboard panels are then rendered from Prometheus range queries of the run, with the
-dashboard's own expressions, to ``bench/results/observability.png``; figures go to ``observability.json``.
+benchmark's shared-prefix workload, over OpenAI HTTP as that benchmark sends it, while a local Prometheus scrapes
+every process each second through the targets file ``up`` keeps. The table compares the figures the benchmark
+measures at the client with the ones Prometheus reads from the router's metrics for the same run (hit ratio,
+throughput, TTFT mean and p50); the target is agreement within 5%. The main dashboard panels are then rendered
+from Prometheus range queries of the run, with the dashboard's own expressions, to
+``bench/results/observability.png``; figures go to ``observability.json``.
 
     python bench/bench_observability.py          # about 2 minutes
 """
@@ -80,17 +81,16 @@ def plot_panels(server: PrometheusServer, start: float, end: float, path: Path) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=50081)
     parser.add_argument("--kv-memory-gib", type=float, default=0.3)
     parser.add_argument("--out", type=Path, default=RESULTS / "observability.json")
     args = parser.parse_args()
     workload = Workload()
     arrivals = make_arrivals(workload)
-    with Cluster("prefix", args.port, args.kv_memory_gib) as cluster, \
+    with Cluster("prefix", args.kv_memory_gib) as cluster, \
             PrometheusServer(cluster.targets_path, [ALERTS], scrape_interval_s=1.0) as server:
         server.wait_for(lambda: len(server.query("up == 1")) == 3, timeout_s=60)
         start = time.time()
-        outcomes, makespan = asyncio.run(replay(cluster.target, arrivals, workload.output_len))
+        outcomes, makespan = asyncio.run(replay(cluster.http_url, arrivals, workload.output_len))
         end = start + makespan
         time.sleep(3)  # two more scrapes, so the last requests are in Prometheus
         scraped = prometheus_figures(server, start, end + 2.5, makespan)

@@ -1,7 +1,7 @@
 """Does the simulator predict the real cluster? The cluster benchmark's run, replayed by the simulator.
 
 Reads the real 2-worker runs that ``bench/bench_cluster.py`` wrote (``bench/results/cluster.json``, plus any
-repeats given; each policy's median over them is compared), rebuilds their
+repeats given; each of our policies' median over them is compared, the peer routers' lines skipped), rebuilds their
 exact workload with that benchmark's own generator (same seed, same arrival times and token ids, cut into the
 engine's 16-token pages), and simulates it with the ``cpu`` device preset (fitted to the real engine on this
 machine by ``radixserve calibrate``), the SmolLM2-135M shape, the engine's default batching (512 tokens a step,
@@ -11,7 +11,7 @@ randomized policies (``random``, ``power_of_two``, and the random tie-breaks of 
 well as on their seed, so each policy is simulated with ``--seeds`` seeds and the median is compared, with the
 simulated range shown beside it.
 
-    python bench/bench_cluster.py --policies least_load random power_of_two dynamo_kv --out bench/results/cluster_repeat_baselines.json
+    python bench/bench_cluster.py --contenders least_load random power_of_two dynamo_kv --out bench/results/cluster_repeat_baselines.json
     python bench/bench_sim_fidelity.py           # table on stdout, JSON in bench/results/sim_fidelity.json
 """
 
@@ -24,7 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from radixserve.cluster.base.config import RouterConfig
+from radixserve.cluster.base.config import POLICIES, RouterConfig
 from radixserve.cluster.control.sim.costmodel import MODELS
 from radixserve.cluster.control.sim.simulator import SimConfig, simulate
 from radixserve.cluster.control.sim.report import summarize
@@ -88,6 +88,8 @@ def main() -> int:
     oracle = oracle_hit_ratio(workload)
     rows = []
     for policy, reals in by_policy.items():
+        if policy not in POLICIES:  # a peer router's line (bench_cluster's smg_*, vllm_router_*): not simulated
+            continue
         runs = [_figures(workload, dataclasses.replace(sim_config(measured, policy), seed=seed), oracle)
                 for seed in range(args.seeds)]
         hits = [r["hit_ratio"] for r in runs]

@@ -112,6 +112,36 @@ def test_the_info_and_load_endpoints_answer_as_sglang_gateways_expect(worker: Wo
     assert set(report["loads"][0]) >= {"num_running_reqs", "num_waiting_reqs", "num_used_tokens", "token_usage"}
 
 
+# The bodies the peer gateways forward for a client's streamed request, as logged from vllm-router 0.1.17 and SMG
+# 1.13.0 (bench/bench_cluster.py's contenders): each adds fields at their defaults.
+VLLM_ROUTER_COMPLETION = {"prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0.0, "stream": True,
+                          "stream_options": {"include_usage": True}, "echo": False, "no_stop_trim": False,
+                          "ignore_eos": True, "skip_special_tokens": True, "return_hidden_states": False}
+VLLM_ROUTER_CHAT = {"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 2,
+                    "logprobs": False, "no_stop_trim": False, "ignore_eos": False, "continue_final_message": False,
+                    "skip_special_tokens": True, "separate_reasoning": True, "stream_reasoning": True,
+                    "return_hidden_states": False, "include_reasoning": True}
+SMG_COMPLETION = {"prompt": "The quick brown fox", "echo": False, "max_tokens": 2, "stream": True,
+                  "stream_options": {"include_usage": True}, "temperature": 0.0, "ignore_eos": True}
+SMG_CHAT = {"messages": MESSAGES, "logprobs": False, "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+
+@pytest.mark.parametrize("path, body", [("/v1/completions", VLLM_ROUTER_COMPLETION),
+                                        ("/v1/chat/completions", VLLM_ROUTER_CHAT),
+                                        ("/v1/completions", SMG_COMPLETION), ("/v1/chat/completions", SMG_CHAT)])
+def test_the_bodies_peer_gateways_forward_are_served_and_other_values_refused(worker: Worker, path: str,
+                                                                              body: dict) -> None:
+    with httpx.stream("POST", worker.url + path, json={"model": "tiny", **body}, timeout=30) as response:
+        assert response.status_code == 200
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and '"usage"' in events[-2]
+    added = {k: v for k, v in body.items() if k in ("no_stop_trim", "return_hidden_states", "separate_reasoning")}
+    for field, value in added.items():
+        refused = httpx.post(worker.url + path, json={"model": "tiny", **body, field: not value}, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field
+
+
 def test_a_full_queue_answers_429_and_the_worker_serves_again_after(worker: Worker) -> None:
     worker.engine.gate.clear()
     held = [threading.Thread(target=worker.sdk.completions.create,

@@ -4,10 +4,13 @@ Requests are validated strictly, as OpenAI's own API does: JSON types must match
 ``true``), and a field the schema does not know is refused (an *unrecognized request argument*), so a typo never
 passes silently. Integers must fit int64 (what travels to a worker). A few fields of OpenAI's schema that
 radixserve does not implement (``logit_bias``, ``tools``, ``tool_choice``, ``response_format``; ``echo``,
-``best_of``, ``suffix`` of completions) are accepted at their neutral value only, so clients that send defaults
-explicitly still work; ``user`` and a message's ``name`` are accepted and ignored. vLLM's and SGLang's sampling
-extras are accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``). Ranges of sampling options are checked where the options are built (``SamplingParams``).
+``best_of``, ``suffix`` of completions), and the SGLang fields vllm-router adds to every request it forwards
+(``no_stop_trim``, ``skip_special_tokens``, ``return_hidden_states``; in chat also ``continue_final_message``,
+``separate_reasoning``, ``stream_reasoning``, ``include_reasoning``), are accepted at their neutral value only, so
+clients and gateways that send defaults explicitly still work; ``user`` and a message's ``name`` are accepted and
+ignored. vLLM's and SGLang's sampling extras are accepted (``top_k``, ``min_p``, ``repetition_penalty``,
+``min_tokens``, ``ignore_eos``, ``stop_token_ids``). Ranges of sampling options are checked where the options are
+built (``SamplingParams``).
 
 Responses follow OpenAI's objects; ``usage.prompt_tokens_details.cached_tokens`` counts the prompt tokens served
 from the prefix cache.
@@ -95,7 +98,9 @@ class SamplingRequest(_Strict):
     ``NEUTRAL`` maps each accepted-but-unimplemented field to the values it may take.
     """
 
-    NEUTRAL: ClassVar[dict[str, tuple[object, ...]]] = {"logit_bias": (None, {})}
+    NEUTRAL: ClassVar[dict[str, tuple[object, ...]]] = {
+        "logit_bias": (None, {}), "no_stop_trim": (None, False), "skip_special_tokens": (None, True),
+        "return_hidden_states": (None, False)}
 
     model: str
     stream: bool | None = None
@@ -117,9 +122,14 @@ class SamplingRequest(_Strict):
     min_tokens: Int64 | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[Int64] | None = None
+    # SGLang's, at their defaults only: vllm-router adds them to every request it forwards
+    no_stop_trim: Any = None
+    skip_special_tokens: Any = None
+    return_hidden_states: Any = None
 
     @field_validator("logit_bias", "tools", "tool_choice", "response_format", "echo", "best_of", "suffix",
-                     check_fields=False)
+                     "no_stop_trim", "skip_special_tokens", "return_hidden_states", "continue_final_message",
+                     "separate_reasoning", "stream_reasoning", "include_reasoning", check_fields=False)
     @classmethod
     def _only_neutral(cls, value: object, info: ValidationInfo) -> object:
         allowed = cls.NEUTRAL[info.field_name or ""]
@@ -132,7 +142,8 @@ class SamplingRequest(_Strict):
 class ChatCompletionRequest(SamplingRequest):
     NEUTRAL: ClassVar[dict[str, tuple[object, ...]]] = {
         **SamplingRequest.NEUTRAL, "tools": (None, []), "tool_choice": (None, "none", "auto"),
-        "response_format": (None, {"type": "text"})}
+        "response_format": (None, {"type": "text"}), "continue_final_message": (None, False),
+        "separate_reasoning": (None, True), "stream_reasoning": (None, True), "include_reasoning": (None, True)}
 
     messages: list[ChatMessage]
     max_completion_tokens: Int64 | None = None
@@ -141,6 +152,10 @@ class ChatCompletionRequest(SamplingRequest):
     tools: Any = None
     tool_choice: Any = None
     response_format: Any = None
+    continue_final_message: Any = None  # vllm-router's additions to chat, at their defaults only
+    separate_reasoning: Any = None
+    stream_reasoning: Any = None
+    include_reasoning: Any = None
 
 
 class CompletionRequest(SamplingRequest):
