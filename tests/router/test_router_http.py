@@ -6,58 +6,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from gated_engine import GatedEngine
+import router_cluster
 from loop_thread import LoopThread
+from router_cluster import Cluster
 
-from radixserve.cluster.base.bus import InProcessBus, WorkerRecord
-from radixserve.cluster.base.config import CacheConfig, EngineConfig, RouterConfig, SecurityConfig
+from radixserve.cluster.base.bus import InProcessBus
+from radixserve.cluster.base.config import RouterConfig, SecurityConfig
 from radixserve.cluster.base.metrics import scrape, total
 from radixserve.router.server import Router
 from radixserve.worker.models.loading import open_checkpoint
-from radixserve.worker.service import WorkerServer
 
 KEY = "sk-test-0123456789"
 KEY_ENV = "RADIXSERVE_TEST_API_KEYS"
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 
 
-@dataclass
-class Cluster:
-    engines: list[GatedEngine]
-    router: Router
-    url: str
-
-
-@contextlib.asynccontextmanager
-async def cluster(tiny_hf_dir: Path, num_workers: int, security: SecurityConfig = SecurityConfig(),
-                  drain_timeout_s: float = 10) -> AsyncIterator[Cluster]:
-    checkpoint = open_checkpoint(tiny_hf_dir)
-    config = EngineConfig(model="tiny", cache=CacheConfig(page_size=4, num_pages=128))
-    engines = [GatedEngine(config, checkpoint) for _ in range(num_workers)]
-    servers = [WorkerServer(engine, f"w{i}") for i, engine in enumerate(engines)]
-    bus = InProcessBus()
-    for i, server in enumerate(servers):
-        await bus.announce(WorkerRecord(f"w{i}", await server.start(), "tiny", server.incarnation, 64))
-    router = Router(RouterConfig(port=0, http_port=0, health_interval_s=0.05, drain_timeout_s=drain_timeout_s),
-                    bus, metrics_port=0, security=security)
-    await router.start()
-    try:
-        yield Cluster(engines, router, f"http://{router.http_address}")
-    finally:
-        for engine in engines:
-            engine.gate.set()
-        if not router.core.draining:
-            await router.stop()
-        for server in servers:
-            await server.stop(grace_s=2)
-        await bus.close()
+def cluster(tiny_hf_dir: Path, num_workers: int, security: SecurityConfig | None = None,
+            drain_timeout_s: float = 10) -> contextlib.AbstractAsyncContextManager[Cluster]:
+    """``num_workers`` tiny workers behind a router serving HTTP on a free port."""
+    return router_cluster.cluster(open_checkpoint(tiny_hf_dir), num_workers, num_pages=128, http_port=0,
+                                  security=security, drain_timeout_s=drain_timeout_s)
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import gc
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +17,17 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from loop_thread import LoopThread
+from router_cluster import Cluster, cluster
 from undecodable import call_raw, refused, request_class, undecodable
 
-from radixserve.cluster.base.bus import KV_EVENTS_TOPIC, InProcessBus, Lost, Subscription, WorkerRecord
-from radixserve.cluster.base.config import CacheConfig, EngineConfig, RouterConfig, SchedulerConfig
+from radixserve.cluster.base.bus import KV_EVENTS_TOPIC, Lost, Subscription
+from radixserve.cluster.base.config import EngineConfig
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.base.metrics import scrape, total
 from radixserve.cluster.base.tokenizer import Tokenizer
-from radixserve.router.server import Router
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.loading import open_checkpoint
-from radixserve.worker.service import WorkerServer
 
 TIMEOUT_S = 30.0
 
@@ -39,47 +35,6 @@ TIMEOUT_S = 30.0
 @pytest.fixture(scope="module")
 def checkpoint(tiny_hf_dir: Path) -> Checkpoint:
     return open_checkpoint(tiny_hf_dir)
-
-
-@dataclass
-class Cluster:
-    engines: list[GatedEngine]
-    servers: list[WorkerServer]
-    bus: InProcessBus
-    router: Router
-    stub: api_pb2_grpc.GenerationStub
-    channel: grpc.aio.Channel
-
-
-@contextlib.asynccontextmanager
-async def cluster(checkpoint: Checkpoint, num_workers: int = 2, max_waiting: int = 64, num_pages: int = 256,
-                  engine_class: type[GatedEngine] = GatedEngine,
-                  worker_settings: Sequence[dict[str, Any]] = ()) -> AsyncIterator[Cluster]:
-    """``num_workers`` workers over tiny engines (``worker_settings[i]`` overrides worker i's ``EngineConfig``
-    fields), announced on an in-process bus, and a router following them."""
-    config = EngineConfig(model="tiny", cache=CacheConfig(page_size=4, num_pages=num_pages),
-                          scheduler=SchedulerConfig(max_waiting_requests=max_waiting))
-    settings_of = list(worker_settings) + [{}] * (num_workers - len(worker_settings))
-    engines = [engine_class(dataclasses.replace(config, **settings), checkpoint) for settings in settings_of]
-    servers = [WorkerServer(engine, f"w{i}") for i, engine in enumerate(engines)]
-    bus = InProcessBus()
-    for i, server in enumerate(servers):
-        address = await server.start()
-        await bus.announce(WorkerRecord(f"w{i}", address, "tiny", server.incarnation, 64))
-    router = Router(RouterConfig(port=0, http_port=None, health_interval_s=0.05, drain_timeout_s=10), bus,
-                    metrics_port=0)
-    address = await router.start()
-    try:
-        async with grpc.aio.insecure_channel(address) as channel:
-            yield Cluster(engines, servers, bus, router, api_pb2_grpc.GenerationStub(channel), channel)
-    finally:
-        for engine in engines:
-            engine.gate.set()
-        if not router.core.draining:
-            await router.stop()
-        for server in servers:
-            await server.stop(grace_s=2)
-        await bus.close()
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:
