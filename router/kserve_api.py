@@ -25,12 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from importlib.metadata import version
 
 import grpc
 
 from radixserve.cluster.base.generation import (GenerationDelta, GenerationError, GenerationRequest, Prompt,
                                                 ServedModel, Status, fold)
+from radixserve.cluster.base.version import radixserve_version
 from radixserve.cluster.base.wire import Undecodable, grpc_code
 from radixserve.kserve.v2 import grpc_service_pb2 as pb
 from radixserve.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
@@ -63,7 +63,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="radixserve", version=version("radixserve"))
+        return pb.ServerMetadataResponse(name="radixserve", version=radixserve_version())
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:

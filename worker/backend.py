@@ -14,8 +14,8 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from radixserve.cluster.base.generation import (ChoiceDelta, GenerationDelta, GenerationError, GenerationRequest,
-                                                ServedModel, Status, Usage)
+from radixserve.cluster.base.generation import (GenerationDelta, GenerationError, GenerationRequest, ServedModel,
+                                                Status, Usage)
 from radixserve.cluster.base.requests import ModelLimits, prepare
 from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed, RequestIdInUse
 from radixserve.worker.outputs import RequestOutput
@@ -59,15 +59,13 @@ class EngineBackend:
                     num_tokens += sum(len(o.token_ids) for o in output.outputs)
                     yield self._delta(output, num_tokens)
         except (ValueError, EngineOverloaded, RequestFailed, RuntimeError) as error:
-            raise _refusal(error) from None
+            raise engine_error(error) from None
         finally:
             self.num_in_flight -= 1
 
     def _delta(self, output: RequestOutput, num_tokens: int) -> GenerationDelta:
-        choices = tuple(ChoiceDelta(o.index, o.token_ids, o.text, o.logprobs, o.finish_reason)
-                        for o in output.outputs)
         usage = Usage(output.num_prompt_tokens, output.num_cached_tokens, num_tokens) if output.finished else None
-        return GenerationDelta(output.request_id, choices, self._worker_id, usage)
+        return GenerationDelta(output.request_id, output.outputs, self._worker_id, usage)
 
 
 async def _next(outputs: AsyncIterator[RequestOutput], deadline: float | None) -> RequestOutput | None:
@@ -81,12 +79,16 @@ async def _next(outputs: AsyncIterator[RequestOutput], deadline: float | None) -
         raise GenerationError(Status.DEADLINE_EXCEEDED, "the request's timeout passed") from None
 
 
-def _refusal(error: Exception) -> GenerationError:
+def engine_error(error: Exception) -> GenerationError:
+    """The ``GenerationError`` of an engine refusing or failing a request: a request id in flight ALREADY_EXISTS
+    naming ``request_id``, another ValueError INVALID_ARGUMENT naming its field (``token_ids`` for the engine's
+    ``prompt_token_ids``), a full queue RESOURCE_EXHAUSTED, anything else INTERNAL. Every front end of a worker
+    (HTTP through ``EngineBackend``, the gRPC service) maps the engine's errors through it."""
     if isinstance(error, RequestIdInUse):
         return GenerationError(Status.ALREADY_EXISTS, str(error).partition(": ")[2], "request_id")
     if isinstance(error, ValueError):
         invalid = GenerationError.invalid(error)
         return invalid.renamed(lambda name: _FIELDS.get(name, name))
     if isinstance(error, EngineOverloaded):
-        return GenerationError(Status.RESOURCE_EXHAUSTED, f"the worker's queue is full; retry later: {error}")
+        return GenerationError(Status.RESOURCE_EXHAUSTED, f"worker overloaded, retry later or elsewhere: {error}")
     return GenerationError(Status.INTERNAL, str(error))

@@ -11,7 +11,6 @@ still to prefill before the first token).
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from radixserve.cluster.base.openai.app import HttpOptions, create_app
+from radixserve.cluster.base.version import radixserve_version
 from radixserve.worker.backend import EngineBackend
 from radixserve.worker.engine import Engine
 
@@ -43,10 +43,6 @@ def _endpoint(reply: Callable[[Engine], dict[str, Any]], engine: Engine) -> Call
     return endpoint
 
 
-def _version() -> str:
-    return importlib.metadata.version("radixserve")
-
-
 def model_info(engine: Engine) -> dict[str, Any]:
     name = engine.config.model
     return {"model_path": name, "tokenizer_path": name, "is_generation": True, "model_type": "llama",
@@ -60,7 +56,7 @@ def server_info(engine: Engine) -> dict[str, Any]:
             "context_length": engine.max_model_len, "max_total_num_tokens": _pool_tokens(engine),
             "max_prefill_tokens": config.scheduler.max_num_batched_tokens,
             "max_running_requests": config.scheduler.max_running_requests,
-            "max_waiting_requests": config.scheduler.max_waiting_requests, "version": _version()}
+            "max_waiting_requests": config.scheduler.max_waiting_requests, "version": radixserve_version()}
 
 
 def load_report(engine: Engine) -> dict[str, Any]:
@@ -77,7 +73,7 @@ def load_report(engine: Engine) -> dict[str, Any]:
             "num_waiting_uncached_tokens": load.num_pending_prefill_tokens}
     aggregate = {"total_running_reqs": load.num_running, "total_waiting_reqs": load.num_waiting,
                  "total_reqs": rank["num_total_reqs"], "avg_token_usage": rank["token_usage"]}
-    return {"timestamp": datetime.now(timezone.utc).isoformat(), "version": _version(), "dp_rank_count": 1,
+    return {"timestamp": datetime.now(timezone.utc).isoformat(), "version": radixserve_version(), "dp_rank_count": 1,
             "loads": [rank], "aggregate": aggregate}
 
 

@@ -40,10 +40,10 @@ from radixserve.cluster.base.openai.app import HttpOptions
 from radixserve.cluster.base.openai.server import HttpServer
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.cluster.base.security import ApiKeys, add_port, grpc_server, uvicorn_tls
-from radixserve.cluster.base.wire import add_servicer, chunk_to_proto, sampling_params_from_proto
+from radixserve.cluster.base.wire import add_servicer, chunk_to_proto, grpc_code, sampling_params_from_proto
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
-from radixserve.worker.backend import EngineBackend
-from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed, RequestIdInUse
+from radixserve.worker.backend import EngineBackend, engine_error
+from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed
 from radixserve.worker.http_api import worker_app
 from radixserve.worker.kv.radix_cache import KVEvent
 from radixserve.worker.outputs import RequestOutput
@@ -54,8 +54,8 @@ MAX_REQUEST_ID_CHARS = 128
 DEFAULT_MAX_PENDING_BATCHES = 1024  # ~10 s of event batches at the pump's pace
 _PUMP_INTERVAL_S = 0.01
 _CANCEL_GRACE_S = 0.2  # lets the streams ended at stop send their status before the server cancels the rest
-# Engine error fields -> the WorkerGenerateRequest fields they come from.
-_WIRE_FIELDS = {"prompt": "token_ids", "prompt_token_ids": "token_ids", "stop_token_ids": "sampling.stop_token_ids"}
+# Fields the engine's errors name (after engine_error) -> the WorkerGenerateRequest fields they come from.
+_WIRE_FIELDS = {"prompt": "token_ids", "stop_token_ids": "sampling.stop_token_ids"}
 _EVENT_KINDS = {"stored": worker_pb2.KvEvent.STORED, "removed": worker_pb2.KvEvent.REMOVED}
 
 
@@ -249,7 +249,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             outputs = self._engine.generate(list(request.token_ids), _request_params(request), request.request_id)
             first = await anext(outputs)  # the engine validates the request before its first output
         except (ValueError, EngineOverloaded) as error:
-            await context.abort(*_refusal(error))
+            refusal = engine_error(error).renamed(lambda name: _WIRE_FIELDS.get(name, name))
+            await context.abort(grpc_code(refusal.status), str(refusal))
         # Closing the engine's stream (also when this call is cancelled) aborts the request and frees its pages.
         async with contextlib.aclosing(outputs):
             yield _response(first)
@@ -408,16 +409,6 @@ def _request_params(request: worker_pb2.WorkerGenerateRequest) -> SamplingParams
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise ValueError(f"request_id: {len(request.request_id)} characters, at most {MAX_REQUEST_ID_CHARS} allowed")
     return sampling_params_from_proto(request.sampling)
-
-
-def _refusal(error: ValueError | EngineOverloaded) -> tuple[grpc.StatusCode, str]:
-    """The status and details a refused Generate gets."""
-    if isinstance(error, RequestIdInUse):
-        return grpc.StatusCode.ALREADY_EXISTS, str(error)
-    if isinstance(error, ValueError):
-        field, sep, rest = str(error).partition(": ")
-        return grpc.StatusCode.INVALID_ARGUMENT, f"{_WIRE_FIELDS.get(field, field)}{sep}{rest}"
-    return grpc.StatusCode.RESOURCE_EXHAUSTED, f"worker overloaded, retry later or elsewhere: {error}"
 
 
 def _response(output: RequestOutput) -> worker_pb2.WorkerGenerateResponse:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import json
 import logging
 import time
@@ -42,6 +41,7 @@ from radixserve.cluster.base.openai.convert import ApiFormat, ChatFormat, Comple
 from radixserve.cluster.base.openai.errors import ApiError, from_generation_error
 from radixserve.cluster.base.openai.protocol import ModelCard, ModelList
 from radixserve.cluster.base.security import ApiKeys
+from radixserve.cluster.base.version import radixserve_version
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -108,7 +108,7 @@ class _FrontEnd:
         return ModelList(data=cards)
 
     async def version(self) -> dict[str, str]:
-        return {"version": importlib.metadata.version("radixserve")}
+        return {"version": radixserve_version()}
 
     async def health(self) -> JSONResponse:
         if self._backend.ready():
