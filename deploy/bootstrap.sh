@@ -10,13 +10,16 @@ cd "$(dirname "$0")/.."
 task="${1:-demo}"
 python="${PYTHON:-python3.11}"
 
-# System packages: venv support, a C++ compiler plus Python headers for the JIT-built attention kernel, Prometheus.
+# System packages: venv support, a C++ compiler plus Python headers for the JIT-built attention kernel, Prometheus,
+# Redis.
 missing=()
 "$python" -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3.11-venv)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 [ -f "$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || missing+=(python3.11-dev)
 # Prometheus (and promtool): the observability tests scrape the cluster with a real one.
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# redis-server: the shared bus of several routers (`up --routers N` starts a local one); tests start real ones.
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "==> installing ${missing[*]} (apt-get)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"

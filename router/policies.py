@@ -22,9 +22,10 @@ class Candidate:
 
     ``matched_pages``: leading pages of the prompt the worker holds (``PrefixIndex.match``).
     ``num_in_flight``: requests this router has outstanding on the worker; ``num_queued``: the requests the worker
-    holds as far as anyone knows (the larger of ``num_in_flight`` and the worker's own report).
+    holds as far as anyone knows (the larger of every router's in flight there, this one's plus what the others
+    published, and the worker's own report).
     ``pending_prefill_tokens`` / ``pending_output_tokens``: the work still owed there: uncached prompt tokens of
-    requests before their first token, and what is left of every request's output budget (this router's figures
+    requests before their first token, and what is left of every request's output budget (the routers' figures
     or the worker's report, the larger).
     ``active_pages``: the KV pages this router's requests' prompts and outputs will occupy there.
     """

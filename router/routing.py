@@ -1,8 +1,9 @@
 """One routing decision, shared by the router's server and the cluster simulator.
 
 ``decide`` asks the prefix index how many leading pages of the prompt each worker holds, pairs that with what
-this router has outstanding on each worker (``WorkerLoad``) and what each worker last reported of its own queue
-(``ReportedLoad``: other routers' and direct traffic included), and lets the policy choose. The caller then
+this router has outstanding on each worker (``WorkerLoad``), what the other routers last published of theirs
+there (shared load, a ``ReportedLoad`` summed over them) and what each worker last reported of its own queue
+(``ReportedLoad``: every router's and direct traffic included), and lets the policy choose. The caller then
 records the request on the chosen worker's ``WorkerLoad`` with the decision's estimates, reports its progress,
 and ends it when the request ends. Pure: no I/O, no clock of its own.
 """
@@ -98,26 +99,31 @@ class Decision(NamedTuple):
 
 def decide(policy: Policy, index: PrefixIndex, request: RouteRequest, hashes: Sequence[int],
            worker_ids: Sequence[str], loads: Sequence[WorkerLoad],
-           reports: Sequence[ReportedLoad] | None = None) -> Decision:
-    """The policy's choice among ``worker_ids`` (non-empty; ``loads`` and ``reports`` in the same order) for a
-    prompt whose page hashes are ``hashes``.
+           reports: Sequence[ReportedLoad] | None = None, peers: Sequence[ReportedLoad] | None = None) -> Decision:
+    """The policy's choice among ``worker_ids`` (non-empty; ``loads``, ``reports`` and ``peers`` in the same
+    order) for a prompt whose page hashes are ``hashes``.
 
-    A candidate's queue and pending work are the larger of this router's own figures and the worker's report: the
-    report is up to a poll interval old but counts traffic this router cannot see; its own figures are current.
+    A candidate's queue and pending work are the larger of the routers' figures (this router's own, current, plus
+    what the other routers published, ``peers``) and the worker's report: the report is up to a poll interval
+    old but counts traffic no router sent; the routers' figures count requests not yet at the worker.
     ``prefill_tokens`` is the prompt tokens not cached on the chosen worker, ``output_tokens`` the request's
     ``max_tokens``, ``active_pages`` the pages of the prompt plus ``max_tokens``, rounded up.
     """
     matched = index.match(hashes, worker_ids)
     reports = reports if reports is not None else [NO_REPORT] * len(worker_ids)
-    candidates = [_candidate(worker_id, matched[worker_id], load, report)
-                  for worker_id, load, report in zip(worker_ids, loads, reports, strict=True)]
+    peers = peers if peers is not None else [NO_REPORT] * len(worker_ids)
+    candidates = [_candidate(worker_id, matched[worker_id], load, report, peer)
+                  for worker_id, load, report, peer in zip(worker_ids, loads, reports, peers, strict=True)]
     chosen = policy.choose(request, candidates)
     pages = -(-(request.num_prompt_tokens + request.max_tokens) // request.page_size)
     return Decision(chosen, candidates[chosen].matched_pages, uncached_tokens(request, candidates[chosen]),
                     request.max_tokens, pages)
 
 
-def _candidate(worker_id: str, matched_pages: int, load: WorkerLoad, report: ReportedLoad) -> Candidate:
-    return Candidate(worker_id, matched_pages, load.num_in_flight, max(load.num_in_flight, report.num_requests),
-                     max(load.pending_prefill_tokens, report.pending_prefill_tokens),
-                     max(load.pending_output_tokens, report.pending_output_tokens), load.active_pages)
+def _candidate(worker_id: str, matched_pages: int, load: WorkerLoad, report: ReportedLoad,
+               peer: ReportedLoad) -> Candidate:
+    return Candidate(worker_id, matched_pages, load.num_in_flight,
+                     max(load.num_in_flight + peer.num_requests, report.num_requests),
+                     max(load.pending_prefill_tokens + peer.pending_prefill_tokens, report.pending_prefill_tokens),
+                     max(load.pending_output_tokens + peer.pending_output_tokens, report.pending_output_tokens),
+                     load.active_pages)

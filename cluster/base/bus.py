@@ -1,12 +1,22 @@
-"""The event bus: topics of bytes messages, and the registry of workers, shared by routers and workers.
+"""The event bus that routers and workers share: the registry of workers, each worker's KV event log, and load.
 
-Workers announce themselves in the registry and publish their KV events; routers watch the registry topic to
-learn membership and feed ``KV_EVENTS_TOPIC`` into their prefix index. ``EventBus`` is the one interface; this
-module holds the in-process backend (the embedded default, one asyncio loop). Payloads are bytes and every
-method that may need a round trip is async, so a Redis Streams backend implements the same interface.
+``EventBus`` is the one interface; this module holds the in-process backend (the embedded default: one router
+and the pool in one process, on one asyncio loop) and ``cluster.base.redis_bus`` the Redis one (several routers
+and workers in any number of processes). Payloads are bytes the bus does not parse, and every method that may
+need a round trip is async.
 
-A consumer that must not miss state follows one pattern: subscribe, then read the state (``members()``, or a
-worker's reset batch), then apply messages; on ``Lost`` it reads the state again.
+* **Registry**: ``announce`` / ``withdraw`` a ``WorkerRecord``; with a TTL the record is a heartbeat and
+  expires unless announced again in time. ``watch_registry`` streams the changes, ``members`` reads the whole.
+* **KV event logs**: each worker has its own log of serialized ``radixserve.v1.KvEventBatch`` messages,
+  appended in its sequence order by one writer (the worker itself on a shared bus; the router relaying the
+  worker's gRPC stream on the in-process bus). A snapshot entry (a reset batch) lets the log drop every entry
+  before the *previous* snapshot, so a log that was ever trimmed starts with a snapshot, and a reader that has
+  just read one snapshot still finds every entry after it. ``follow_kv`` reads a log from its first retained
+  entry on, then live.
+* **Load**: small documents, one per worker or router, that expire unless refreshed (``put_load``, ``loads``).
+
+A consumer that must not miss state follows one pattern: watch or follow first, then read the state
+(``members()``; a log's first entry is its snapshot), then apply messages; on ``Lost`` it starts over.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,13 +33,10 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Any, NamedTuple
 
-REGISTRY_TOPIC = "radixserve.registry"
-"""Carries a ``RegistryChange`` (``to_bytes``) for each announce or withdraw that changed the registry."""
-
-KV_EVENTS_TOPIC = "radixserve.kv_events"
-"""Carries serialized ``radixserve.v1.KvEventBatch`` messages from every worker."""
+from radixserve.cluster.base.config import BusConfig
 
 DEFAULT_MAX_PENDING = 10_000
+LOAD_KINDS = ("worker", "router")
 
 
 def _require(ok: bool, name: str, expectation: str, value: object) -> None:
@@ -127,7 +135,7 @@ class ChangeKind(StrEnum):
 
 @dataclass(frozen=True)
 class RegistryChange:
-    """One change of the registry, as published on ``REGISTRY_TOPIC``."""
+    """One change of the registry, as ``EventBus.watch_registry`` delivers it."""
 
     kind: ChangeKind
     record: WorkerRecord
@@ -153,7 +161,7 @@ class Lost(NamedTuple):
 
 
 class Subscription:
-    """The messages of one topic published since subscribing, for one consumer, as an async iterator.
+    """A stream of messages for one consumer (registry changes, a KV event log), as an async iterator.
 
     Iteration yields each payload (``bytes``) in publish order. A subscription holds at most ``max_pending``
     unread messages; publishing to a full one drops its oldest message instead of waiting, so a slow consumer
@@ -167,7 +175,7 @@ class Subscription:
 
     def __init__(self, topic: str, max_pending: int, on_close: Callable[[Subscription], None]) -> None:
         _require(type(max_pending) is int and max_pending >= 1, "max_pending", "an int >= 1", max_pending)
-        self.topic = topic
+        self.topic = topic  # what it follows, for its backend: "registry", or the worker id of a KV log
         self._pending: collections.deque[bytes] = collections.deque(maxlen=max_pending)
         self._num_lost = 0
         self._closed = False
@@ -216,111 +224,234 @@ class Subscription:
         self.close()
 
 
-class EventBus(ABC):
-    """Topics of bytes messages and a registry of workers.
+class BusUnavailable(Exception):
+    """The bus could not be reached (a Redis outage); the call had no effect and may be retried."""
 
-    ``publish`` hands a payload to every subscription of its topic open at that moment, in publish order, and
-    never waits on a subscriber. ``subscribe`` returns a subscription that receives every later message.
-    ``announce`` and ``withdraw`` change the registry and publish the change on ``REGISTRY_TOPIC``; a call that
-    changes nothing publishes nothing. After ``close()`` every subscription ends and the other methods raise
-    ``RuntimeError``. Bad arguments raise ValueError naming them.
+
+class EventBus(ABC):
+    """The registry, the KV event logs and the load documents; see the module docstring.
+
+    ``shared`` says whether other processes reach this bus: then workers announce themselves, append their own
+    KV events and publish their own load; otherwise the pool announces them and the router relays their events.
+    ``connected`` is False from a call that failed with ``BusUnavailable`` until one succeeds (always True
+    in process). After ``close()`` every subscription ends and the other methods raise ``RuntimeError``. Bad
+    arguments raise ValueError naming them; any call that needs the backend may raise ``BusUnavailable``.
     """
 
-    @abstractmethod
-    async def publish(self, topic: str, payload: bytes) -> None:
-        """Deliver ``payload`` to the current subscribers of ``topic``."""
+    shared: bool = False
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    # ---- registry ---------------------------------------------------------------------------------------
 
     @abstractmethod
-    def subscribe(self, topic: str, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
-        """A subscription to what is published on ``topic`` from now on, holding at most ``max_pending`` unread."""
+    def watch_registry(self, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
+        """Every later change of the registry, each a ``RegistryChange`` (``to_bytes``); ``Lost`` where some
+        were missed (then read ``members()`` again). A record whose TTL ran out arrives as ``left``."""
 
     @abstractmethod
-    async def announce(self, record: WorkerRecord) -> None:
-        """Add ``record`` or replace the record of its ``worker_id`` (publishing ``joined`` or ``updated``)."""
+    async def announce(self, record: WorkerRecord, ttl_s: float | None = None) -> None:
+        """Add ``record`` or replace the record of its ``worker_id`` (a change: ``joined`` or ``updated``).
+
+        With ``ttl_s`` the record expires ``ttl_s`` seconds after this call unless announced again: a
+        heartbeat. Announcing an unchanged record only renews it.
+        """
 
     @abstractmethod
     async def withdraw(self, worker_id: str) -> None:
-        """Remove the worker (publishing ``left`` with its last record); an unknown id is ignored."""
+        """Remove the worker (a ``left`` change carrying its last record); an unknown id is ignored."""
 
     @abstractmethod
     async def members(self) -> dict[str, WorkerRecord]:
         """The registry now: worker id to record (a copy)."""
+
+    # ---- KV event logs ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def append_kv(self, worker_id: str, payload: bytes, snapshot: bool = False) -> None:
+        """Append one serialized ``KvEventBatch`` to the worker's log, in the writer's sequence order.
+
+        A ``snapshot`` (a reset batch) lets the log drop every entry before the previous snapshot.
+        """
+
+    @abstractmethod
+    def follow_kv(self, worker_id: str, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
+        """The worker's log from its first retained entry on, then each entry as it is appended.
+
+        ``Lost`` stands where entries were missed (the reader fell behind, the backend was unreachable); the
+        subscription then goes on, and a reader that needs every entry follows the log again.
+        """
+
+    @abstractmethod
+    async def kv_log_length(self, worker_id: str) -> int:
+        """The number of entries the worker's log retains (0 for a log never written)."""
+
+    # ---- load -------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def put_load(self, kind: str, name: str, payload: bytes, ttl_s: float) -> None:
+        """Publish the load document of worker or router ``name`` (``kind`` in ``LOAD_KINDS``), replacing its
+        previous one; it expires ``ttl_s`` seconds after this call."""
+
+    @abstractmethod
+    async def loads(self, kind: str) -> dict[str, bytes]:
+        """Every unexpired load document of ``kind``: name to payload."""
 
     @abstractmethod
     async def close(self) -> None:
         """End every subscription and release the backend; idempotent."""
 
 
-def _check_topic(topic: object) -> None:
-    _require(isinstance(topic, str) and bool(topic), "topic", "a non-empty string", topic)
+def check_load_key(kind: object, name: object) -> None:
+    """Raise ValueError unless ``kind`` is one of ``LOAD_KINDS`` and ``name`` a non-empty string."""
+    _require(kind in LOAD_KINDS, "kind", f"one of {LOAD_KINDS}", kind)
+    _require(isinstance(name, str) and bool(name), "name", "a non-empty string", name)
+
+
+def check_ttl(ttl_s: object, name: str = "ttl_s") -> None:
+    _require(isinstance(ttl_s, (int, float)) and not isinstance(ttl_s, bool) and ttl_s > 0, name, "a number > 0",
+             ttl_s)
+
+
+def check_payload(payload: object) -> None:
+    _require(isinstance(payload, bytes), "payload", "bytes", type(payload).__name__)
+
+
+def check_worker_id(worker_id: object) -> None:
+    _require(isinstance(worker_id, str) and bool(worker_id), "worker_id", "a non-empty string", worker_id)
+
+
+class _KvLog:
+    """One worker's log in process: entries in order, the position of its last snapshot, its followers."""
+
+    def __init__(self) -> None:
+        self.entries: list[bytes] = []
+        self.last_snapshot: int | None = None  # index of the newest snapshot entry
+        self.followers: list[Subscription] = []
+
+    def append(self, payload: bytes, snapshot: bool) -> None:
+        if snapshot:
+            if self.last_snapshot is not None:  # keep from the previous snapshot on
+                del self.entries[:self.last_snapshot]
+            self.last_snapshot = len(self.entries)
+        self.entries.append(payload)
+        for follower in tuple(self.followers):
+            follower.push(payload)
 
 
 class InProcessBus(EventBus):
     """The bus inside one process and one asyncio loop: every caller and consumer must run on that loop."""
 
     def __init__(self) -> None:
-        self._subscriptions: dict[str, list[Subscription]] = {}
+        self._watchers: list[Subscription] = []
         self._members: dict[str, WorkerRecord] = {}
+        self._expiries: dict[str, asyncio.TimerHandle] = {}
+        self._logs: dict[str, _KvLog] = {}
+        self._loads: dict[tuple[str, str], tuple[bytes, float]] = {}  # (kind, name) -> (payload, expiry)
         self._closed = False
 
-    async def publish(self, topic: str, payload: bytes) -> None:
+    def watch_registry(self, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
         self._check_open()
-        _check_topic(topic)
-        _require(isinstance(payload, bytes), "payload", "bytes", type(payload).__name__)
-        for subscription in tuple(self._subscriptions.get(topic, ())):
-            subscription.push(payload)
-
-    def subscribe(self, topic: str, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
-        self._check_open()
-        _check_topic(topic)
-        subscription = Subscription(topic, max_pending, self._forget)
-        self._subscriptions.setdefault(topic, []).append(subscription)
+        subscription = Subscription("registry", max_pending, self._watchers.remove)
+        self._watchers.append(subscription)
         return subscription
 
-    async def announce(self, record: WorkerRecord) -> None:
+    async def announce(self, record: WorkerRecord, ttl_s: float | None = None) -> None:
         self._check_open()
         _require(isinstance(record, WorkerRecord), "record", "a WorkerRecord", record)
+        if ttl_s is not None:
+            check_ttl(ttl_s)
+        self._renew(record.worker_id, ttl_s)
         previous = self._members.get(record.worker_id)
         if previous == record:
             return
         self._members[record.worker_id] = record
-        kind = ChangeKind.JOINED if previous is None else ChangeKind.UPDATED
-        await self.publish(REGISTRY_TOPIC, RegistryChange(kind, record).to_bytes())
+        self._notify(ChangeKind.JOINED if previous is None else ChangeKind.UPDATED, record)
 
     async def withdraw(self, worker_id: str) -> None:
         self._check_open()
-        record = self._members.pop(worker_id, None)
-        if record is not None:
-            await self.publish(REGISTRY_TOPIC, RegistryChange(ChangeKind.LEFT, record).to_bytes())
+        self._remove(worker_id)
 
     async def members(self) -> dict[str, WorkerRecord]:
         self._check_open()
         return dict(self._members)
 
+    async def append_kv(self, worker_id: str, payload: bytes, snapshot: bool = False) -> None:
+        self._check_open()
+        check_worker_id(worker_id)
+        check_payload(payload)
+        self._logs.setdefault(worker_id, _KvLog()).append(payload, bool(snapshot))
+
+    def follow_kv(self, worker_id: str, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
+        self._check_open()
+        check_worker_id(worker_id)
+        log = self._logs.setdefault(worker_id, _KvLog())
+        subscription = Subscription(worker_id, max_pending, log.followers.remove)
+        for payload in log.entries:
+            subscription.push(payload)
+        log.followers.append(subscription)
+        return subscription
+
+    async def kv_log_length(self, worker_id: str) -> int:
+        self._check_open()
+        log = self._logs.get(worker_id)
+        return 0 if log is None else len(log.entries)
+
+    async def put_load(self, kind: str, name: str, payload: bytes, ttl_s: float) -> None:
+        self._check_open()
+        check_load_key(kind, name)
+        check_payload(payload)
+        check_ttl(ttl_s)
+        self._loads[(kind, name)] = (payload, time.monotonic() + ttl_s)
+
+    async def loads(self, kind: str) -> dict[str, bytes]:
+        self._check_open()
+        check_load_key(kind, "-")
+        now = time.monotonic()
+        return {name: payload for (k, name), (payload, expiry) in self._loads.items() if k == kind and expiry > now}
+
     async def close(self) -> None:
         self._closed = True
-        for subscriptions in tuple(self._subscriptions.values()):
-            for subscription in tuple(subscriptions):
-                subscription.close()
+        for handle in self._expiries.values():
+            handle.cancel()
+        self._expiries.clear()
+        for subscription in (*self._watchers, *(f for log in self._logs.values() for f in log.followers)):
+            subscription.close()
 
-    def _forget(self, subscription: Subscription) -> None:
-        subscriptions = self._subscriptions[subscription.topic]
-        subscriptions.remove(subscription)
-        if not subscriptions:
-            del self._subscriptions[subscription.topic]
+    def _renew(self, worker_id: str, ttl_s: float | None) -> None:
+        handle = self._expiries.pop(worker_id, None)
+        if handle is not None:
+            handle.cancel()
+        if ttl_s is not None:
+            self._expiries[worker_id] = asyncio.get_running_loop().call_later(ttl_s, self._remove, worker_id)
+
+    def _remove(self, worker_id: str) -> None:
+        handle = self._expiries.pop(worker_id, None)
+        if handle is not None:
+            handle.cancel()
+        record = self._members.pop(worker_id, None)
+        if record is not None and not self._closed:
+            self._notify(ChangeKind.LEFT, record)
+
+    def _notify(self, kind: ChangeKind, record: WorkerRecord) -> None:
+        payload = RegistryChange(kind, record).to_bytes()
+        for subscription in tuple(self._watchers):
+            subscription.push(payload)
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("bus: closed")
 
 
-_BACKENDS: dict[str, Callable[[], EventBus]] = {"inprocess": InProcessBus}
+def make_bus(config: BusConfig | None = None) -> EventBus:
+    """A new bus for ``config`` (default: in process). A Redis bus needs ``config.url``; it connects lazily."""
+    config = config or BusConfig()
+    if config.backend == "inprocess":
+        return InProcessBus()
+    if config.url is None:
+        raise ValueError("bus.url: the Redis backend needs a URL (`radixserve up` starts a local server without one)")
+    from radixserve.cluster.base.redis_bus import RedisBus
 
-
-def make_bus(kind: str = "inprocess") -> EventBus:
-    """A new bus of backend ``kind`` (``"inprocess"``); an unknown kind raises ValueError ``"bus: ..."``."""
-    try:
-        backend = _BACKENDS[kind]
-    except (KeyError, TypeError):
-        raise ValueError(f"bus: unknown kind {kind!r} (known: {', '.join(_BACKENDS)})") from None
-    return backend()
+    return RedisBus(config)

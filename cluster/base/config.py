@@ -115,6 +115,9 @@ class RouterConfig:
     ``max_message_bytes`` caps one request message (a gRPC message, an HTTP body: larger ones are refused,
     RESOURCE_EXHAUSTED / 413); ``drain_timeout_s`` bounds a graceful shutdown. ``port`` serves gRPC
     (radixserve.v1 and KServe v2), ``http_port`` the OpenAI-compatible HTTP API (None: no HTTP), both on ``host``.
+    ``replicas`` routers run over one shared bus (more than one needs ``bus.backend = "redis"``): replica ``i``
+    listens on ``replica_ports[i]`` and ``replica_http_ports[i]`` when those are listed (one per replica), else
+    on ``port + i`` and ``http_port + i`` (0 stays 0: a free port each).
     """
 
     host: str = "127.0.0.1"
@@ -128,9 +131,20 @@ class RouterConfig:
     max_message_bytes: int = 4 * 2**20
     drain_timeout_s: float = 30.0
     seed: int = 0
+    replicas: int = 1
+    replica_ports: tuple[int, ...] = ()
+    replica_http_ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         require(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
+        require(type(self.replicas) is int and self.replicas >= 1, "replicas", f"must be >= 1, got {self.replicas}")
+        for name in ("replica_ports", "replica_http_ports"):
+            ports = getattr(self, name)
+            require(len(ports) in (0, self.replicas), name, f"must list one port per replica ({self.replicas}) "
+                    f"or none, got {len(ports)}")
+            require(all(0 <= p < 65536 for p in ports), name, "ports must be in [0, 65535]")
+        require(not self.replica_http_ports or self.http_port is not None, "replica_http_ports",
+                "needs http_port (None turns HTTP off)")
         require(self.http_port is None or 0 <= self.http_port < 65536, "http_port",
                 f"must be in [0, 65535], got {self.http_port}")
         require(self.policy in POLICIES, "policy", f"must be one of {POLICIES}, got {self.policy!r}")
@@ -225,16 +239,56 @@ class SecurityConfig:
         return self.cert_file is not None
 
 
+BUS_BACKENDS = ("inprocess", "redis")
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    """The event bus: worker registry, KV event logs and shared load (``cluster.base.bus``).
+
+    ``backend`` ``"inprocess"`` (the embedded default: one router, inside the launcher's process) or ``"redis"``:
+    the Redis server at ``url`` (``redis://host:port/db``; None: ``up`` starts a local ``redis-server`` on a free
+    port with persistence off and stops it on ``down``), under keys prefixed ``namespace:``, so clusters can share
+    a server. On Redis, a worker's record expires ``worker_ttl_s`` after its last heartbeat (sent every quarter
+    of it); workers and routers publish their load every ``load_interval_s``; a worker appends a snapshot of its
+    cache to its KV event log every ``snapshot_interval_batches`` batches, and the log keeps what follows the
+    previous snapshot.
+    """
+
+    backend: str = "inprocess"
+    url: str | None = None
+    namespace: str = "radixserve"
+    worker_ttl_s: float = 5.0
+    load_interval_s: float = 0.1
+    snapshot_interval_batches: int = 256
+
+    def __post_init__(self) -> None:
+        require(self.backend in BUS_BACKENDS, "backend", f"must be one of {BUS_BACKENDS}, got {self.backend!r}")
+        require(self.url is None or self.url.startswith(("redis://", "rediss://", "unix://")), "url",
+                f"must be a redis://, rediss:// or unix:// URL, got {self.url!r}")
+        require(self.url is None or self.backend == "redis", "url", 'is only read with backend = "redis"')
+        require(bool(self.namespace) and ":" not in self.namespace, "namespace", "must be non-empty, without ':'")
+        for name in ("worker_ttl_s", "load_interval_s"):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(type(self.snapshot_interval_batches) is int and self.snapshot_interval_batches >= 1,
+                "snapshot_interval_batches", "must be an int >= 1")
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Everything ``radixserve up`` starts: the pool, the engine each worker runs, the router, their metrics, and
-    how they are secured."""
+    """Everything ``radixserve up`` starts: the pool, the engine each worker runs, the routers, their metrics, how
+    they are secured, and the bus they share."""
 
     pool: PoolConfig = field(default_factory=PoolConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    bus: BusConfig = field(default_factory=BusConfig)
+
+    def __post_init__(self) -> None:
+        require(self.router.replicas == 1 or self.bus.backend == "redis", "bus.backend",
+                f'must be "redis" for {self.router.replicas} router replicas (they share one view through it)')
 
 
 def build_config(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
@@ -297,14 +351,20 @@ def _as_tree(config: Any) -> dict[str, Any]:
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
-    """Check ``value`` against a field's annotation (bool, int, float, str, or ``X | None``)."""
+    """Check ``value`` against a field's annotation (bool, int, float, str, ``tuple[int, ...]`` from a list, or
+    ``X | None``)."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if value is None and type(None) in options:
         return None
     for option in options:
+        if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
+            if all(type(item) is int for item in value):
+                return tuple(value)
+            raise ValueError(f"{name}: must be a list of ints, got {value!r}")
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if option in (bool, int, str) and type(value) is option:
             return value
-    expected = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    expected = " or ".join("null" if o is type(None) else "a list of ints" if typing.get_origin(o) is tuple
+                           else o.__name__ for o in options)
     raise ValueError(f"{name}: must be {expected}, got {value!r}")
