@@ -281,7 +281,10 @@ class EventBus(ABC):
         """The worker's log from its first retained entry on, then each entry as it is appended.
 
         ``Lost`` stands where entries were missed (the reader fell behind, the backend was unreachable); the
-        subscription then goes on, and a reader that needs every entry follows the log again.
+        subscription then goes on with later entries, and a reader that needs every entry closes it and follows
+        the log again (from its first retained entry, a snapshot once the log was trimmed). Entries are
+        delivered as the bytes appended; an entry the backend cannot read as one (a foreign writer's) is
+        delivered as ``b""``, which parses as no valid batch.
         """
 
     @abstractmethod
