@@ -111,6 +111,7 @@ class RouterCore:
         self._policy = make_policy(config.policy, config.load_weight, random.Random(config.seed))
         self._view: ModelView | None = None
         self.draining = False
+        self.warm = False
         self.num_in_flight = 0
 
     def served_model(self) -> ServedModel | None:
@@ -121,7 +122,8 @@ class RouterCore:
         return ServedModel(view.model, limits.max_model_len, view.tokenizer)
 
     def ready(self) -> bool:
-        return not self.draining and bool(self._workers.serving())
+        """Serving: not draining, its index warm (``WorkerSet.warm`` once, at start) and a worker serving."""
+        return self.warm and not self.draining and bool(self._workers.serving())
 
     async def generate(self, request: GenerationRequest, method: str) -> AsyncIterator[GenerationDelta]:
         """``_serve``, counted in flight and in the request metrics (final status, TTFT, end to end).
@@ -219,7 +221,8 @@ class RouterCore:
                              model.page_size)
         started = time.perf_counter()
         decision = decide(self._policy, self._index, route, hashes, [c.worker_id for c in clients],
-                          [c.outstanding for c in clients], [c.reported_load for c in clients])
+                          [c.outstanding for c in clients], [c.reported_load for c in clients],
+                          [c.peer_load for c in clients])
         chosen = clients[decision.worker]
         matched = min(decision.matched_pages * model.page_size / route.num_prompt_tokens, 1.0)
         self._metrics.on_decision(chosen.worker_id, time.perf_counter() - started, matched)

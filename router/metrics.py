@@ -23,13 +23,26 @@ WORKER_STATES = ("up", "down", "draining")
 
 
 class WorkerGauges(NamedTuple):
-    """One worker's gauges at scrape time: its state, the pages the prefix index holds for it, and the requests
-    this router has in flight there."""
+    """One worker's gauges at scrape time: its state, the pages the prefix index holds for it, the requests
+    this router has in flight there, and the entries its KV event log on the bus retains (as last read)."""
 
     worker_id: str
     state: str
     num_indexed_pages: int
     num_in_flight: int
+    num_log_entries: int = 0
+
+
+class BusGauges(NamedTuple):
+    """The router's view of the bus at scrape time: whether its index is stale (the bus unreachable), for how
+    many seconds, and how many other routers' load it counts."""
+
+    stale: bool
+    staleness_s: float
+    num_peer_routers: int
+
+
+NO_BUS = BusGauges(False, 0.0, 0)
 
 
 class RouterMetrics:
@@ -50,6 +63,12 @@ class RouterMetrics:
                                   ["policy"], registry=registry, buckets=RATIO_BUCKETS).labels(policy)
         self.kv_events = Counter(_PREFIX + "kv_events", "KV events applied to the prefix index, by worker.",
                                  ["worker"], registry=registry)
+        self.kv_malformed = Counter(_PREFIX + "kv_malformed_entries",
+                                    "Entries of a worker's KV event log that were not one of its batches, skipped.",
+                                    ["worker"], registry=registry)
+        self.kv_resyncs = Counter(_PREFIX + "kv_resyncs",
+                                  "Gaps in a worker's KV event sequence, after which the index awaited a snapshot.",
+                                  ["worker"], registry=registry)
         self.kv_event_lag = Histogram(_PREFIX + "kv_event_lag_seconds",
                                       "Worker taking a KV event batch from its engine to the router applying it.",
                                       registry=registry, buckets=LATENCY_BUCKETS)
@@ -69,9 +88,10 @@ class RouterMetrics:
         self.completion_tokens = Counter(_PREFIX + "completion_tokens", "Tokens streamed to clients, by worker.",
                                          ["worker"], registry=registry)
 
-    def bind(self, read: Callable[[], Iterable[WorkerGauges]]) -> None:
-        """Expose the per-worker gauges, read from ``read()`` at each scrape (called on the scraping thread)."""
-        self.registry.register(_WorkerCollector(read))
+    def bind(self, read: Callable[[], Iterable[WorkerGauges]], bus: Callable[[], BusGauges] = lambda: NO_BUS) -> None:
+        """Expose the per-worker gauges and the bus gauges, read from ``read()`` and ``bus()`` at each scrape
+        (called on the scraping thread)."""
+        self.registry.register(_WorkerCollector(read, bus))
 
     def on_decision(self, worker_id: str, seconds: float, matched_ratio: float) -> None:
         self.decisions.labels(self._policy, worker_id).inc()
@@ -82,8 +102,9 @@ class RouterMetrics:
 class _WorkerCollector(Collector):
     """Per-worker gauges from the router's live worker set."""
 
-    def __init__(self, read: Callable[[], Iterable[WorkerGauges]]) -> None:
+    def __init__(self, read: Callable[[], Iterable[WorkerGauges]], bus: Callable[[], BusGauges]) -> None:
         self._read = read
+        self._bus = bus
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         workers = list(self._read())
@@ -92,9 +113,21 @@ class _WorkerCollector(Collector):
         in_flight = GaugeMetricFamily(_PREFIX + "in_flight_requests", "Requests this router has on a worker.",
                                       labels=["worker"])
         states = GaugeMetricFamily(_PREFIX + "workers", "Workers the router knows, by state.", labels=["state"])
+        log_entries = GaugeMetricFamily(_PREFIX + "kv_log_entries",
+                                        "Entries a worker's KV event log on the bus retains, as last read.",
+                                        labels=["worker"])
         for worker in workers:
             pages.add_metric([worker.worker_id], worker.num_indexed_pages)
             in_flight.add_metric([worker.worker_id], worker.num_in_flight)
+            log_entries.add_metric([worker.worker_id], worker.num_log_entries)
         for state in WORKER_STATES:
             states.add_metric([state], sum(worker.state == state for worker in workers))
-        yield from (pages, in_flight, states)
+        bus = self._bus()
+        stale = GaugeMetricFamily(_PREFIX + "index_stale",
+                                  "1 while the bus is unreachable: the index may miss events and other routers' load.",
+                                  value=float(bus.stale))
+        staleness = GaugeMetricFamily(_PREFIX + "index_staleness_seconds",
+                                      "Seconds since the bus last answered (0 while it does).", value=bus.staleness_s)
+        peers = GaugeMetricFamily(_PREFIX + "peer_routers", "Other routers whose load this router counts.",
+                                  value=bus.num_peer_routers)
+        yield from (pages, in_flight, states, log_entries, stale, staleness, peers)

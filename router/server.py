@@ -9,12 +9,13 @@ OpenAI-compatible HTTP API (``cluster.base.openai``) on ``http_port`` unless Non
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from prometheus_client import CollectorRegistry
 
 from radixserve.cluster.base.bus import EventBus
-from radixserve.cluster.base.config import RouterConfig, SecurityConfig
+from radixserve.cluster.base.config import BusConfig, RouterConfig, SecurityConfig
 from radixserve.cluster.base.grpc_util import HealthReporter
 from radixserve.cluster.base.metrics import MetricsEndpoint
 from radixserve.cluster.base.openai.app import COUNTED_METHODS as HTTP_METHODS
@@ -25,10 +26,12 @@ from radixserve.cluster.base.security import (ApiKeys, add_port, call_metadata, 
 from radixserve.cluster.base.wire import add_servicer
 from radixserve.router import kserve_api
 from radixserve.router.core import RETRYABLE, RouterCore
-from radixserve.router.metrics import RouterMetrics, WorkerGauges
+from radixserve.router.metrics import NO_BUS, BusGauges, RouterMetrics, WorkerGauges
 from radixserve.router.prefix_index import PrefixIndex
 from radixserve.router.v1_api import COUNTED_METHODS, GENERATION, GenerationService
 from radixserve.router.workers import WorkerChannels, WorkerSet
+
+log = logging.getLogger(__name__)
 
 
 class Router:
@@ -36,23 +39,30 @@ class Router:
 
     ``security`` secures its ports (TLS) and its calls to workers (TLS, the router's certificate under worker
     mTLS); with API keys (``api_keys``, by default those ``security`` names) every call but health and
-    reflection needs one, and the router's own calls to workers carry one. Its metrics (``self.metrics``) are served at ``metrics_address`` from ``start`` until
-    ``stop`` when ``metrics_port`` is given (0: a free port) on ``metrics_host``. ``http_address`` is where the
-    HTTP API listens (None without ``config.http_port``).
+    reflection needs one, and the router's own calls to workers carry one. Its metrics (``self.metrics``) are
+    served at ``metrics_address`` from ``start`` until ``stop`` when ``metrics_port`` is given (0: a free port) on
+    ``metrics_host``. ``http_address`` is where the HTTP API listens (None without ``config.http_port``).
+
+    On a shared bus several routers run side by side, each named ``router_id`` (unique among them); they share
+    the workers' KV event logs and, every ``bus_config.load_interval_s``, their load. A router that starts
+    when the workers already hold a cache listens at once but reports NOT_SERVING (gRPC health, HTTP
+    ``/health`` 503, KServe ready false) until its index has read every worker's snapshot and log tail.
     """
 
     def __init__(self, config: RouterConfig, bus: EventBus, metrics_host: str = "127.0.0.1",
                  metrics_port: int | None = None, security: SecurityConfig | None = None,
-                 api_keys: ApiKeys | None = None) -> None:
+                 api_keys: ApiKeys | None = None, router_id: str = "router-0",
+                 bus_config: BusConfig | None = None) -> None:
         self.config = config
         self.security = security or SecurityConfig()
         self.api_keys = api_keys if api_keys is not None else ApiKeys.from_config(self.security)
         self.index = PrefixIndex(config.pending_ttl_s, config.approx_ttl_s)
         self.metrics = RouterMetrics(CollectorRegistry(), config.policy)
+        self.router_id = router_id
         self.workers = WorkerSet(bus, self.index, self.metrics, WorkerChannels(
             config.health_interval_s, config.max_message_bytes, grpc_channel_credentials(self.security),
-            call_metadata(self.api_keys)))
-        self.metrics.bind(self._gauges)
+            call_metadata(self.api_keys)), router_id, (bus_config or BusConfig()).load_interval_s)
+        self.metrics.bind(self._gauges, self._bus_gauges)
         for status in RETRYABLE:  # the series dashboards rate() exist from the start, at 0
             self.metrics.retries.labels(status.name)
         for method in (*COUNTED_METHODS, *kserve_api.COUNTED_METHODS, *HTTP_METHODS):
@@ -76,8 +86,12 @@ class Router:
 
     def _gauges(self) -> list[WorkerGauges]:
         clients = list(self.workers.clients.values())  # a copy: the event loop may change the dict meanwhile
-        return [WorkerGauges(c.worker_id, c.state, self.index.num_pages(c.worker_id), c.outstanding.num_in_flight)
-                for c in clients]
+        return [WorkerGauges(c.worker_id, c.state, self.index.num_pages(c.worker_id), c.outstanding.num_in_flight,
+                             c.num_log_entries) for c in clients]
+
+    def _bus_gauges(self) -> BusGauges:
+        shared = self.workers.shared_load
+        return NO_BUS if shared is None else BusGauges(shared.stale, shared.staleness_s, shared.num_peers)
 
     @property
     def http_url(self) -> str | None:
@@ -88,20 +102,26 @@ class Router:
     def metrics_address(self) -> str | None:
         return self._endpoint.address if self._endpoint is not None else None
 
-    async def start(self) -> str:
-        """Listen and follow the workers; returns the bound ``host:port``."""
+    async def start(self, warm_timeout_s: float = 60.0) -> str:
+        """Listen, follow the workers and warm the index (NOT_SERVING until warm, at most ``warm_timeout_s``);
+        returns the bound ``host:port``."""
         port = add_port(self._server, f"{self.config.host}:{self.config.port}", self.security)
         if port == 0:
             raise RuntimeError(f"router: cannot listen on {self.config.host}:{self.config.port} (port in use?)")
-        await self.workers.start()
-        await self.workers.wait_informed(timeout_s=30)
+        await self._health.set_serving(False)  # until warm
         await self._server.start()
-        await self._health.set_serving(True)
         self.address = f"{self.config.host}:{port}"
         if self._http is not None:
             self.http_address = await self._http.start()
         if self._metrics_at is not None:
             self._endpoint = MetricsEndpoint(self.metrics.registry, *self._metrics_at)
+        await self.workers.start()
+        if not await self.workers.wait_warm(warm_timeout_s):
+            cold = [c.worker_id for c in self.workers.clients.values() if not c.events_live]
+            log.warning("router %s: index not warm after %.0f s (no snapshot yet from %s); serving anyway",
+                        self.router_id, warm_timeout_s, ", ".join(cold))
+        self.core.warm = True
+        await self._health.set_serving(True)
         return self.address
 
     async def stop(self) -> None:

@@ -1,12 +1,19 @@
 """The router's view of its workers: one gRPC client each, their health, load and KV events.
 
 ``WorkerSet`` follows the event bus registry: a worker announced there gets a ``WorkerClient``; a withdrawn one
-is closed and forgotten by the prefix index. Each client polls its worker's load every ``health_interval_s``,
-which doubles as the health probe: a worker that stops answering is marked ``down`` and routed around until a
-poll succeeds again. A changed incarnation means the worker restarted with an empty cache, so the index forgets
-it. Each client also follows the worker's KV event stream and republishes the batches on the bus; the worker
-set applies them from there in each worker's sequence order (``KvEventSequencer``), so routers learn of events
-the same way whatever the bus backend, and a gap in a worker's sequence makes its client resubscribe.
+(or, on a shared bus, one whose heartbeat expired) is closed and forgotten by the prefix index. Each client
+polls its worker's load every ``health_interval_s``, which doubles as the health probe: a worker that stops
+answering is marked ``down`` and routed around until a poll succeeds again. A changed incarnation means the
+worker restarted with an empty cache, so the index forgets it.
+
+KV events reach the index from each worker's log on the bus (``EventBus.follow_kv``), applied in the worker's
+sequence order (``KvEventSequencer``), so routers learn of events the same way whatever the backend. On a
+shared bus the worker writes its log itself; on the in-process bus the worker's client relays the worker's
+gRPC event stream into it. A lost stretch of the log (``Lost``) makes the router read the log again from its
+start: what it applied already is dropped as duplicates and stale snapshots, and if the log was trimmed past
+its cursor, its first entry is a snapshot newer than the cursor. A gap in the sequence makes it wait for the
+next snapshot (and, when relaying, ask the worker for one). An entry that is not a batch of the log's worker is counted, logged and skipped.
+While the bus is unreachable the index keeps what it knew (its events no longer live) and routing goes on.
 """
 
 from __future__ import annotations
@@ -15,25 +22,29 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 
-from radixserve.cluster.base.bus import (KV_EVENTS_TOPIC, REGISTRY_TOPIC, ChangeKind, EventBus, Lost, RegistryChange,
-                                    Subscription, WorkerRecord)
+from google.protobuf.message import DecodeError
+
+from radixserve.cluster.base.bus import (BusUnavailable, ChangeKind, EventBus, Lost, RegistryChange, Subscription,
+                                         WorkerRecord)
 from radixserve.cluster.base.generation import ChoiceDelta, Status
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.cluster.base.wire import chunk_from_proto, sampling_options_to_proto, status_of
 from radixserve.router.kv_events import BatchOutcome, KvEventSequencer
 from radixserve.router.metrics import RouterMetrics
 from radixserve.router.prefix_index import PrefixIndex
-from radixserve.router.routing import ReportedLoad, WorkerLoad
+from radixserve.router.routing import NO_REPORT, ReportedLoad, WorkerLoad
+from radixserve.router.shared_load import SharedLoad
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 _RETRY_S = 0.5  # pause before re-subscribing to a worker's KV events
+_MALFORMED_LOG_EVERY = 100  # log the first malformed entry of a worker's log, then every this many
 
 
 @dataclass(frozen=True)
@@ -84,16 +95,20 @@ class WorkerClient:
     """One worker as the router sees it. Methods run on the router's event loop.
 
     ``info`` is None until the worker has answered ``GetInfo`` once; until then the router sends it nothing.
+    ``peer_load`` is what the other routers last published of their requests there (shared load; zeros alone).
+    With ``relay`` (the in-process bus) it appends the worker's gRPC KV event stream to the worker's bus log.
     """
 
     def __init__(self, record: WorkerRecord, bus: EventBus, sequencer: KvEventSequencer,
-                 channels: WorkerChannels) -> None:
+                 channels: WorkerChannels, relay: bool, on_entry: Callable[[str, bytes], None]) -> None:
         self.record = record
         self.info: worker_pb2.WorkerInfo | None = None
         self.load = types_pb2.LoadReport()
         self.state = WorkerState.DOWN
         self.num_routed = 0
         self.outstanding = WorkerLoad()  # what this router has in flight there
+        self.peer_load = NO_REPORT
+        self.num_log_entries = 0  # of its KV event log on the bus, as last read
         self._bus = bus
         self._sequencer = sequencer
         self._interval = channels.health_interval_s
@@ -101,8 +116,10 @@ class WorkerClient:
         self._channel = channels.open(record.address)
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._informed = asyncio.Event()
+        self._on_entry = on_entry
         self._poller = asyncio.create_task(self._poll())
-        self._follower = asyncio.create_task(self._follow_events())
+        self._follower: asyncio.Task[None] | None = asyncio.create_task(self._relay_events()) if relay else None
+        self._reader = asyncio.create_task(self._read_log())
 
     @property
     def worker_id(self) -> str:
@@ -158,13 +175,13 @@ class WorkerClient:
         self.state = WorkerState.DOWN
 
     def resubscribe(self) -> None:
-        """Restart the KV event stream: the worker answers with a fresh reset snapshot."""
-        self._sequencer.resync(self.worker_id)
-        self._follower.cancel()
-        self._follower = asyncio.create_task(self._follow_events())
+        """When relaying, restart the worker's KV event stream: the worker answers with a fresh snapshot."""
+        if self._follower is not None:
+            self._follower.cancel()
+            self._follower = asyncio.create_task(self._relay_events())
 
     async def close(self) -> None:
-        await _cancel(self._poller, self._follower)
+        await _cancel(self._poller, self._reader, *([self._follower] if self._follower is not None else []))
         await self._channel.close()
 
     async def refresh(self) -> None:
@@ -189,58 +206,110 @@ class WorkerClient:
             self._informed.set()
             if restarted:
                 self.resubscribe()
+                self.relearn()
         self.load = load
         if self.state != WorkerState.UP:
             log.info("worker %s is up at %s", self.worker_id, self.record.address)
         self.state = WorkerState.UP
 
-    async def _follow_events(self) -> None:
+    def relearn(self) -> None:
+        """Read the worker's KV event log again from its start: its snapshots are checked against the
+        incarnation ``GetInfo`` reported, so a new incarnation's first snapshot may have been dropped."""
+        self._reader.cancel()
+        self._reader = asyncio.create_task(self._read_log())
+
+    async def _read_log(self) -> None:
+        """Hand every entry of the worker's bus log to ``on_entry``; after ``Lost``, read it again from its start."""
         await self._informed.wait()  # batches are checked against the incarnation GetInfo reported
+        while True:
+            try:
+                async with self._bus.follow_kv(self.worker_id) as entries:
+                    async for entry in entries:
+                        if isinstance(entry, Lost):  # what was applied comes again as duplicates
+                            log.info("kv event log of %s: %d entries lost; reading it again", self.worker_id,
+                                     entry.count)
+                            break
+                        self._on_entry(self.worker_id, entry)
+            except BusUnavailable:
+                await asyncio.sleep(_RETRY_S)
+
+    async def _relay_events(self) -> None:
+        """Append the worker's gRPC KV event stream to its bus log (a reset batch as a snapshot)."""
         while True:
             try:
                 stream = self.stub.StreamKvEvents(worker_pb2.StreamKvEventsRequest(), metadata=self._metadata)
                 async for batch in stream:
-                    await self._bus.publish(KV_EVENTS_TOPIC, batch.SerializeToString())
+                    await self._bus.append_kv(self.worker_id, batch.SerializeToString(), snapshot=batch.reset)
             except grpc.aio.AioRpcError as error:
                 log.debug("kv events of %s interrupted: %s", self.worker_id, error.code().name)
-            self._sequencer.resync(self.worker_id)
             await asyncio.sleep(_RETRY_S)
 
 
 class WorkerSet:
-    """The workers a router knows, kept in step with the bus registry; feeds the prefix index from the bus
-    through ``sequencer``."""
+    """The workers a router knows, kept in step with the bus registry; feeds the prefix index from the workers'
+    bus logs through ``sequencer``. On a shared bus it also exchanges load with the other routers
+    (``router.shared_load``) as ``router_id``, every ``load_interval_s``."""
 
-    def __init__(self, bus: EventBus, index: PrefixIndex, metrics: RouterMetrics, channels: WorkerChannels) -> None:
+    def __init__(self, bus: EventBus, index: PrefixIndex, metrics: RouterMetrics, channels: WorkerChannels,
+                 router_id: str = "router", load_interval_s: float = 0.1) -> None:
         self._bus = bus
         self.sequencer = KvEventSequencer(index)
         self._metrics = metrics
         self._channels = channels
         self.clients: dict[str, WorkerClient] = {}
+        self.shared_load = SharedLoad(bus, router_id, self.clients, load_interval_s) if bus.shared else None
+        self._num_malformed: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> None:
-        """Subscribe first, then read the current members, so no announcement falls in between."""
-        registry = self._bus.subscribe(REGISTRY_TOPIC)
-        events = self._bus.subscribe(KV_EVENTS_TOPIC)
-        for record in (await self._bus.members()).values():
+    async def start(self, timeout_s: float = 30.0) -> None:
+        """Watch first, then read the current members, so no announcement falls in between. An unreachable bus
+        is retried for up to ``timeout_s`` (then ``BusUnavailable``)."""
+        registry = self._bus.watch_registry()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                members = await self._bus.members()
+                break
+            except BusUnavailable:
+                if time.monotonic() > deadline:
+                    registry.close()
+                    raise
+                await asyncio.sleep(_RETRY_S)
+        for record in members.values():
             await self._upsert(record)
-        self._tasks = [asyncio.create_task(self._watch_registry(registry)),
-                       asyncio.create_task(self._feed_index(events))]
+        self._tasks = [asyncio.create_task(self._watch_registry(registry))]
+        if self.shared_load is not None:
+            self._tasks.append(asyncio.create_task(self.shared_load.run()))
 
     async def close(self) -> None:
         await _cancel(*self._tasks)
+        if self.shared_load is not None:
+            await self.shared_load.withdraw()
         for client in list(self.clients.values()):
             await client.close()
         self.clients.clear()
 
     async def wait_informed(self, timeout_s: float) -> None:
         """Wait (at most ``timeout_s``) until every known worker has answered ``GetInfo``."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while any(c.info is None for c in self.clients.values()):
-            if asyncio.get_running_loop().time() > deadline:
-                return
+        await self._wait(lambda: all(c.info is not None for c in self.clients.values()), timeout_s)
+
+    @property
+    def warm(self) -> bool:
+        """Every known worker answered ``GetInfo`` and the index follows its KV events (a snapshot applied)."""
+        return all(c.info is not None and c.events_live for c in self.clients.values())
+
+    async def wait_warm(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until ``warm``; says whether it is."""
+        return await self._wait(lambda: self.warm, timeout_s)
+
+    @staticmethod
+    async def _wait(done: Callable[[], bool], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            if time.monotonic() > deadline:
+                return False
             await asyncio.sleep(0.05)
+        return True
 
     async def refresh(self) -> None:
         """Poll every worker's load now (for status answers fresher than the poll interval)."""
@@ -256,7 +325,8 @@ class WorkerSet:
         if current is not None:
             self.sequencer.forget(record.worker_id)  # until the new client learns the incarnation
             await current.close()
-        self.clients[record.worker_id] = WorkerClient(record, self._bus, self.sequencer, self._channels)
+        self.clients[record.worker_id] = WorkerClient(record, self._bus, self.sequencer, self._channels,
+                                                      relay=not self._bus.shared, on_entry=self.apply_entry)
 
     async def _remove(self, worker_id: str) -> None:
         self.sequencer.forget(worker_id)  # first: a gap seen meanwhile must not resubscribe a closing client
@@ -267,11 +337,7 @@ class WorkerSet:
     async def _watch_registry(self, subscription: Subscription) -> None:
         async for item in subscription:
             if isinstance(item, Lost):  # membership changes were dropped: re-read the whole registry
-                members = await self._bus.members()
-                for worker_id in set(self.clients) - set(members):
-                    await self._remove(worker_id)
-                for record in members.values():
-                    await self._upsert(record)
+                await self._reread_members()
                 continue
             change = RegistryChange.from_bytes(item)
             if change.kind == ChangeKind.LEFT:
@@ -279,20 +345,40 @@ class WorkerSet:
             else:
                 await self._upsert(change.record)
 
-    async def _feed_index(self, subscription: Subscription) -> None:
-        async for item in subscription:
-            if isinstance(item, Lost):  # events were dropped: every worker must resend its whole cache
-                for client in self.clients.values():
-                    client.resubscribe()
-                continue
-            self.apply_batch(worker_pb2.KvEventBatch.FromString(item))
+    async def _reread_members(self) -> None:
+        try:
+            members = await self._bus.members()
+        except BusUnavailable:  # keep what we know; the bus reports Lost again when it is back
+            return
+        for worker_id in set(self.clients) - set(members):
+            await self._remove(worker_id)
+        for record in members.values():
+            await self._upsert(record)
+
+    def apply_entry(self, worker_id: str, entry: bytes) -> None:
+        """Apply one entry of ``worker_id``'s bus log; one that is not a batch of that worker is counted,
+        logged (the first, then every ``_MALFORMED_LOG_EVERY``th) and skipped."""
+        try:
+            batch = worker_pb2.KvEventBatch.FromString(entry)
+        except DecodeError:
+            batch = None
+        if batch is None or batch.worker_id != worker_id or not batch.incarnation:
+            self._metrics.kv_malformed.labels(worker_id).inc()
+            count = self._num_malformed[worker_id] = self._num_malformed.get(worker_id, 0) + 1
+            if count % _MALFORMED_LOG_EVERY == 1:
+                log.warning("kv event log of %s: entry %d is not one of its batches (%d bytes); skipped", worker_id,
+                            count, len(entry))
+            return
+        self.apply_batch(batch)
 
     def apply_batch(self, batch: worker_pb2.KvEventBatch) -> None:
-        """Apply one worker's event batch to the index if it is the one due (see ``KvEventSequencer``); a gap
-        makes the worker's client resubscribe."""
+        """Apply one worker's event batch to the index if it is the one due (see ``KvEventSequencer``); after a
+        gap the index waits for the worker's next snapshot (a relaying client asks the worker for one)."""
         outcome = self.sequencer.apply(batch)
         if outcome is BatchOutcome.GAP:
-            log.info("kv events of %s: batch %d came after a gap; resubscribing", batch.worker_id, batch.sequence)
+            log.info("kv events of %s: batch %d came after a gap; awaiting a snapshot", batch.worker_id,
+                     batch.sequence)
+            self._metrics.kv_resyncs.labels(batch.worker_id).inc()
             self.clients[batch.worker_id].resubscribe()  # a followed worker has a client
         elif outcome is BatchOutcome.APPLIED:
             self._metrics.kv_events.labels(batch.worker_id).inc(len(batch.events))

@@ -13,12 +13,10 @@ details start with the field's path in ``WorkerGenerateRequest`` (``request_id``
 new Generate calls with ``UNAVAILABLE``; a request whose own work failed (sampling, stop checking, detokenizing)
 ends with ``INTERNAL`` naming it, and the other requests go on.
 
-KV events: the service keeps a mirror of the page hashes the engine caches, built from every event batch in
-order, so a new subscriber's reset snapshot and the live batches after it neither miss nor repeat an event.
-Batches are numbered once, as they are published (1, 2, ... per incarnation), and every subscriber sees the same
-numbers: a reset snapshot carries the sequence of the last batch folded into it, and the live batches after it
-go on from there. The service must be the engine's only consumer of ``take_events`` from before the engine
-caches anything.
+KV events: the service pumps the engine's events into a ``worker.kv_hub.KvEventHub``, which numbers them and
+fans them out to the gRPC ``StreamKvEvents`` streams and, on a shared bus, to the worker's own log there
+(``worker.bus_publisher``). The service must be the engine's only consumer of ``take_events`` from before the
+engine caches anything.
 """
 
 from __future__ import annotations
@@ -27,13 +25,12 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from types import TracebackType
-from typing import NamedTuple
+from collections.abc import AsyncIterator
 
 import grpc
 
-from radixserve.cluster.base.config import SecurityConfig
+from radixserve.cluster.base.bus import EventBus, WorkerRecord
+from radixserve.cluster.base.config import BusConfig, SecurityConfig
 from radixserve.cluster.base.grpc_util import HealthReporter
 from radixserve.cluster.base.metrics import MetricsEndpoint
 from radixserve.cluster.base.openai.app import HttpOptions
@@ -43,136 +40,20 @@ from radixserve.cluster.base.security import ApiKeys, add_port, grpc_server, uvi
 from radixserve.cluster.base.wire import add_servicer, chunk_to_proto, grpc_code, sampling_params_from_proto
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from radixserve.worker.backend import EngineBackend, engine_error
+from radixserve.worker.bus_publisher import BusPublisher
 from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed
 from radixserve.worker.http_api import worker_app
-from radixserve.worker.kv.radix_cache import KVEvent
+from radixserve.worker.kv_hub import (DEFAULT_MAX_PENDING_BATCHES, KvBatches, KvEventHub, KvHubClosed,
+                                      KvSubscriberLagged, KvSubscription)
 from radixserve.worker.outputs import RequestOutput
 
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
 SERVICE_NAME = SERVICE.full_name
 MAX_REQUEST_ID_CHARS = 128
-DEFAULT_MAX_PENDING_BATCHES = 1024  # ~10 s of event batches at the pump's pace
 _PUMP_INTERVAL_S = 0.01
 _CANCEL_GRACE_S = 0.2  # lets the streams ended at stop send their status before the server cancels the rest
 # Fields the engine's errors name (after engine_error) -> the WorkerGenerateRequest fields they come from.
 _WIRE_FIELDS = {"prompt": "token_ids", "stop_token_ids": "sampling.stop_token_ids"}
-_EVENT_KINDS = {"stored": worker_pb2.KvEvent.STORED, "removed": worker_pb2.KvEvent.REMOVED}
-
-
-class KvSubscriberLagged(Exception):
-    """The subscriber fell too many batches behind and was dropped; it must resubscribe."""
-
-
-class KvHubClosed(Exception):
-    """The hub was closed because the worker is stopping."""
-
-
-class SequencedBatch(NamedTuple):
-    """One published batch of KV events and its sequence number."""
-
-    sequence: int
-    events: tuple[KVEvent, ...]
-
-
-class KvSubscription:
-    """One subscriber's view of the cache: ``snapshot`` when it subscribed, the cache after batch ``sequence``
-    (0: before any batch), then every later batch in order, numbered ``sequence + 1`` on.
-
-    A context manager: leaving it unsubscribes.
-    """
-
-    def __init__(self, hub: KvEventHub, snapshot: tuple[int, ...], sequence: int, max_pending_batches: int) -> None:
-        self.snapshot = snapshot
-        self.sequence = sequence
-        self._hub = hub
-        self._queue: asyncio.Queue[SequencedBatch | Exception] = asyncio.Queue(max_pending_batches)
-
-    async def next_batch(self) -> SequencedBatch:
-        """The next live batch; raises ``KvSubscriberLagged`` or ``KvHubClosed`` when the subscription ended."""
-        item = await self._queue.get()
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def __enter__(self) -> KvSubscription:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._hub.unsubscribe(self)
-
-    def _offer(self, batch: SequencedBatch) -> bool:
-        try:
-            self._queue.put_nowait(batch)
-        except asyncio.QueueFull:
-            return False
-        return True
-
-    def _end(self, error: Exception) -> None:
-        """Replaces whatever is still queued by ``error``, which ``next_batch`` raises."""
-        while not self._queue.empty():
-            self._queue.get_nowait()
-        self._queue.put_nowait(error)
-
-
-class KvEventHub:
-    """The cached page hashes (a mirror built from the engine's events) and the fan-out of live batches.
-
-    Subscribing and publishing are synchronous, so on one event loop every batch is either in a new
-    subscriber's snapshot or delivered to it live, never both or neither. Each published batch gets the next
-    sequence number (from 1). A subscriber holding ``max_pending_batches`` undelivered batches is dropped
-    (``KvSubscriberLagged``) instead of holding up others.
-    """
-
-    def __init__(self, max_pending_batches: int = DEFAULT_MAX_PENDING_BATCHES) -> None:
-        if max_pending_batches < 1:
-            raise ValueError(f"max_pending_batches: must be >= 1, got {max_pending_batches}")
-        self._max_pending_batches = max_pending_batches
-        self._cached: dict[int, None] = {}  # insertion-ordered: a prefix's pages come before its extensions
-        self._sequence = 0  # of the last batch published
-        self._subscribers: set[KvSubscription] = set()
-        self._closed = False
-
-    @property
-    def cached_hashes(self) -> tuple[int, ...]:
-        """Every cached page hash, oldest first."""
-        return tuple(self._cached)
-
-    def publish(self, events: Sequence[KVEvent]) -> None:
-        """Applies ``events`` (oldest first) to the mirror and queues them as one batch, numbered with the next
-        sequence, for every subscriber. No events: no batch."""
-        if not events:
-            return
-        for event in events:
-            for page_hash in event.page_hashes:
-                if event.kind == "stored":
-                    self._cached[page_hash] = None
-                else:
-                    self._cached.pop(page_hash, None)
-        self._sequence += 1
-        batch = SequencedBatch(self._sequence, tuple(events))
-        for subscriber in list(self._subscribers):
-            if not subscriber._offer(batch):
-                self._subscribers.discard(subscriber)
-                subscriber._end(KvSubscriberLagged("kv event subscriber fell behind; resubscribe"))
-
-    def subscribe(self) -> KvSubscription:
-        """A subscription whose snapshot is the cache now; raises ``KvHubClosed`` once the hub is closed."""
-        if self._closed:
-            raise KvHubClosed("worker is stopping")
-        subscription = KvSubscription(self, self.cached_hashes, self._sequence, self._max_pending_batches)
-        self._subscribers.add(subscription)
-        return subscription
-
-    def unsubscribe(self, subscription: KvSubscription) -> None:
-        self._subscribers.discard(subscription)
-
-    def close(self) -> None:
-        """Ends every subscription with ``KvHubClosed`` and refuses new ones."""
-        self._closed = True
-        for subscriber in self._subscribers:
-            subscriber._end(KvHubClosed("worker is stopping"))
-        self._subscribers.clear()
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -185,6 +66,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._incarnation = incarnation
         self._info = _worker_info(engine, worker_id, address, incarnation)
         self._hub = KvEventHub(max_pending_batches)
+        self.batches = KvBatches(worker_id, incarnation)
         self._pump_task: asyncio.Task[None] | None = None
         self._draining = False
         self._num_generating = 0
@@ -263,6 +145,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def GetLoad(self, request: worker_pb2.GetLoadRequest,
                       context: grpc.aio.ServicerContext) -> types_pb2.LoadReport:
+        return self.load_report()
+
+    def load_report(self) -> types_pb2.LoadReport:
+        """The engine's load now, as ``GetLoad`` answers it and the bus publisher publishes it."""
         load = self._engine.load()
         return types_pb2.LoadReport(
             num_running=load.num_running, num_waiting=load.num_waiting, num_pages_used=load.num_pages_used,
@@ -273,16 +159,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             num_pending_prefill_tokens=load.num_pending_prefill_tokens,
             num_pending_output_tokens=load.num_pending_output_tokens)
 
+    def subscribe_kv(self) -> KvSubscription:
+        """A subscription to the KV event batches (the freshest snapshot first); ``KvHubClosed`` once stopping."""
+        self._drain_events()
+        return self._hub.subscribe()
+
     async def StreamKvEvents(self, request: worker_pb2.StreamKvEventsRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.KvEventBatch]:
-        self._drain_events()  # the freshest snapshot
         try:
-            subscription = self._hub.subscribe()
+            subscription = self.subscribe_kv()
         except KvHubClosed as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         with subscription:
-            snapshot = [worker_pb2.KvEvent(kind=worker_pb2.KvEvent.STORED, page_hashes=subscription.snapshot)]
-            yield self._batch(subscription.sequence, snapshot if subscription.snapshot else [], reset=True)
+            yield self.batches.snapshot(subscription)
             while True:
                 try:
                     batch = await subscription.next_batch()
@@ -290,17 +179,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
                 except KvHubClosed as error:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-                yield self._batch(batch.sequence, [_event(e) for e in batch.events])
+                yield self.batches.live(batch)
 
     async def FlushCache(self, request: worker_pb2.FlushCacheRequest,
                          context: grpc.aio.ServicerContext) -> worker_pb2.FlushCacheResponse:
         num_freed = await asyncio.wrap_future(self._engine.flush_cache())
         return worker_pb2.FlushCacheResponse(num_pages_freed=num_freed)
-
-    def _batch(self, sequence: int, events: list[worker_pb2.KvEvent], reset: bool = False) -> worker_pb2.KvEventBatch:
-        return worker_pb2.KvEventBatch(worker_id=self._worker_id, incarnation=self._incarnation,
-                                       sequence=sequence, reset=reset, events=events, sent_unix_s=time.time())
-
 
 class WorkerServer:
     """Serves one engine over gRPC: the Worker service, health checking and reflection; and, with ``http_port``
@@ -313,14 +197,21 @@ class WorkerServer:
     until ``stop``. ``security`` secures the gRPC port and the HTTP API (TLS; under ``worker_mtls`` only clients
     with a certificate signed by ``ca_file`` are served); with API keys (``api_keys``, by default those
     ``security`` names) every call but health and reflection needs one. ``http_port`` (0: a free port; None: none) serves the OpenAI-compatible API over the engine.
+    With a shared ``bus`` (Redis) the worker keeps its own record, KV event log and load there
+    (``worker.bus_publisher``, paced by ``bus_config``) from ``start`` until ``stop`` withdraws it; without one,
+    whoever started it announces it and routers relay its events.
     """
 
     def __init__(self, engine: Engine, worker_id: str, host: str = "127.0.0.1", port: int = 0,
                  max_message_bytes: int = 4 * 2**20,
                  max_pending_batches: int = DEFAULT_MAX_PENDING_BATCHES, metrics_host: str = "127.0.0.1",
                  metrics_port: int | None = None, http_port: int | None = None,
-                 security: SecurityConfig | None = None, api_keys: ApiKeys | None = None) -> None:
+                 security: SecurityConfig | None = None, api_keys: ApiKeys | None = None,
+                 bus: EventBus | None = None, bus_config: BusConfig | None = None) -> None:
         self._engine = engine
+        self._bus = bus
+        self._bus_config = bus_config or BusConfig()
+        self._publisher: BusPublisher | None = None
         self._security = security or SecurityConfig()
         self._api_keys = api_keys if api_keys is not None else ApiKeys.from_config(self._security)
         self._backend = EngineBackend(engine, worker_id)
@@ -359,6 +250,16 @@ class WorkerServer:
         """The HTTP API's bound ``host:port``; None without ``http_port`` or before ``start``."""
         return self._http.address if self._http is not None else None
 
+    def record(self) -> WorkerRecord:
+        """This worker's registry record (once started)."""
+        if self._address is None:
+            raise RuntimeError("WorkerServer: not started")
+        config = self._engine.config
+        return WorkerRecord(worker_id=self._worker_id, address=self._address, model=config.model,
+                            incarnation=self._incarnation,
+                            max_running_requests=config.scheduler.max_running_requests,
+                            metrics_address=self.metrics_address, http_address=self.http_address)
+
     async def start(self) -> str:
         """Binds, starts serving (health SERVING) and returns the bound ``host:port``."""
         if self._server is not None:
@@ -379,6 +280,10 @@ class WorkerServer:
             await self._http.start()
         if self._metrics_at is not None:
             self._metrics = MetricsEndpoint(self._engine.metrics.registry, *self._metrics_at)
+        if self._bus is not None:
+            self._publisher = BusPublisher(self._bus, self._bus_config, self._service.subscribe_kv,
+                                           self._service.batches, self._service.load_report, self.record)
+            self._publisher.start()
         return self._address
 
     async def stop(self, grace_s: float) -> None:
@@ -396,6 +301,8 @@ class WorkerServer:
         await service.wait_idle(grace_s)
         if self._http is not None:
             await self._http.stop(deadline - time.monotonic())
+        if self._publisher is not None:
+            await self._publisher.stop()
         await service.close()
         await server.stop(_CANCEL_GRACE_S)
         if self._metrics is not None:
@@ -415,10 +322,6 @@ def _response(output: RequestOutput) -> worker_pb2.WorkerGenerateResponse:
     return worker_pb2.WorkerGenerateResponse(choices=[chunk_to_proto(c) for c in output.outputs],
                                              num_prompt_tokens=output.num_prompt_tokens,
                                              num_cached_tokens=output.num_cached_tokens, finished=output.finished)
-
-
-def _event(event: KVEvent) -> worker_pb2.KvEvent:
-    return worker_pb2.KvEvent(kind=_EVENT_KINDS[event.kind], page_hashes=event.page_hashes)
 
 
 def _worker_info(engine: Engine, worker_id: str, address: str, incarnation: str) -> worker_pb2.WorkerInfo:

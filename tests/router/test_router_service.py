@@ -20,7 +20,7 @@ from loop_thread import LoopThread
 from router_cluster import Cluster, cluster
 from undecodable import call_raw, refused, request_class, undecodable
 
-from radixserve.cluster.base.bus import KV_EVENTS_TOPIC, Lost, Subscription
+from radixserve.cluster.base.bus import Lost, Subscription
 from radixserve.cluster.base.config import EngineConfig
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.base.metrics import scrape, total
@@ -130,18 +130,19 @@ def test_late_duplicates_and_old_snapshots_on_the_bus_resurrect_no_page_and_a_ga
                                                  sequence=old_snapshot.sequence, events=old_snapshot.events)
                 await worker.FlushCache(worker_pb2.FlushCacheRequest(), timeout=TIMEOUT_S)
                 await eventually(lambda: index.num_pages("w0") == 0, "the removed events")
-                for late in (old_snapshot, stored):
-                    await c.bus.publish(KV_EVENTS_TOPIC, late.SerializeToString())
+                for late in (old_snapshot, stored):  # appended to the worker's log as the relay would
+                    await c.bus.append_kv("w0", late.SerializeToString())
                 await c.stub.Complete(marker, timeout=TIMEOUT_S)  # its events follow the late ones on the bus
                 await eventually(lambda: index.match(prompt_hashes(marker), ["w0"])["w0"] == 5,
                                  "the marker's stored events")
                 assert index.match(prompt_hashes(cached), ["w0"]) == {"w0": 0}
-                feed = c.bus.subscribe(KV_EVENTS_TOPIC)
+                feed = c.bus.follow_kv("w0")
+                await asyncio.wait_for(next_reset(feed), TIMEOUT_S)  # the log's first entry
                 ahead = worker_pb2.KvEventBatch(
                     worker_id="w0", incarnation=c.servers[0].incarnation, sequence=old_snapshot.sequence + 1000,
                     events=[worker_pb2.KvEvent(kind=worker_pb2.KvEvent.STORED, page_hashes=prompt_hashes(gap))])
-                await c.bus.publish(KV_EVENTS_TOPIC, ahead.SerializeToString())
-                await asyncio.wait_for(next_reset(feed), TIMEOUT_S)  # the router resubscribed
+                await c.bus.append_kv("w0", ahead.SerializeToString())
+                await asyncio.wait_for(next_reset(feed), TIMEOUT_S)  # the router asked the worker for a snapshot
                 await eventually(lambda: c.router.workers.clients["w0"].events_live, "the fresh snapshot")
                 assert index.match(prompt_hashes(gap), ["w0"]) == {"w0": 0}
                 assert index.match(prompt_hashes(marker), ["w0"]) == {"w0": 5}

@@ -31,7 +31,8 @@ from radixserve.worker.engine import Engine
 from radixserve.worker.kv.radix_cache import KVEvent
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.loading import open_checkpoint
-from radixserve.worker.service import SERVICE_NAME, KvEventHub, KvSubscriberLagged, WorkerServer
+from radixserve.worker.kv_hub import KvEventHub, KvSubscriberLagged
+from radixserve.worker.service import SERVICE_NAME, WorkerServer
 
 T = TypeVar("T")
 Responses = list[worker_pb2.WorkerGenerateResponse]

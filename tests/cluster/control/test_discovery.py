@@ -16,15 +16,15 @@ def record(worker_id: str, metrics_port: int | None) -> WorkerRecord:
 
 def test_groups_list_the_router_then_every_worker_serving_metrics_in_id_order() -> None:
     workers = {"w2": record("w2", 9002), "w0": record("w0", 9000), "w1": record("w1", None)}
-    assert target_groups("127.0.0.1:9100", workers) == [
+    assert target_groups(["127.0.0.1:9100"], workers) == [
         {"targets": ["127.0.0.1:9100"], "labels": {"component": "router"}},
         {"targets": ["127.0.0.1:9000", "127.0.0.1:9002"], "labels": {"component": "worker"}}]
-    assert target_groups(None, {}) == []
+    assert target_groups([None], {}) == []
 
 
 def test_a_written_file_reads_back_by_component_and_leaves_no_scratch_file(tmp_path: Path) -> None:
     path = tmp_path / "run" / "targets.json"
-    write_targets(path, target_groups("127.0.0.1:9100", {"w0": record("w0", 9000)}))
+    write_targets(path, target_groups(["127.0.0.1:9100"], {"w0": record("w0", 9000)}))
     assert read_targets(path) == {"router": ["127.0.0.1:9100"], "worker": ["127.0.0.1:9000"]}
     assert [p.name for p in path.parent.iterdir()] == ["targets.json"]
 
@@ -42,7 +42,7 @@ def test_the_file_follows_workers_joining_and_leaving(tmp_path: Path) -> None:
     async def main() -> None:
         bus = InProcessBus()
         await bus.announce(record("w0", 9000))
-        keeper = asyncio.create_task(keep_targets(bus, path, "127.0.0.1:9100"))
+        keeper = asyncio.create_task(keep_targets(bus, path, ["127.0.0.1:9100"]))
         await wait_for({"router": ["127.0.0.1:9100"], "worker": ["127.0.0.1:9000"]})
         await bus.announce(record("w1", 9001))
         await wait_for({"router": ["127.0.0.1:9100"], "worker": ["127.0.0.1:9000", "127.0.0.1:9001"]})

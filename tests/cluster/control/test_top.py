@@ -62,7 +62,7 @@ def endpoints(tmp_path: Path) -> Iterator[Endpoints]:
     targets = tmp_path / "targets.json"
     workers = {"w0": WorkerRecord("w0", "127.0.0.1:1", "m", "i", 8, served[1].address),
                "w1": WorkerRecord("w1", "127.0.0.1:1", "m", "i", 8, f"127.0.0.1:{free_port()}")}  # silent
-    write_targets(targets, target_groups(served[0].address, workers))
+    write_targets(targets, target_groups([served[0].address], workers))
     yield Endpoints(router, worker, load, targets)
     for endpoint in served:
         endpoint.stop()
