@@ -59,6 +59,7 @@ class Router:
         self.index = PrefixIndex(config.pending_ttl_s, config.approx_ttl_s)
         self.metrics = RouterMetrics(CollectorRegistry(), config.policy)
         self.router_id = router_id
+        self.bus = bus
         self.workers = WorkerSet(bus, self.index, self.metrics, WorkerChannels(
             config.health_interval_s, config.max_message_bytes, grpc_channel_credentials(self.security),
             call_metadata(self.api_keys)), router_id, (bus_config or BusConfig()).load_interval_s)

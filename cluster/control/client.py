@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,29 +26,69 @@ _UNAVAILABLE_HINT = "is the cluster up? start it with `radixserve up`"
 
 
 def default_target() -> str:
-    """The router address: ``$RADIXSERVE_TARGET`` when set, else ``127.0.0.1:50051``."""
-    return os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    """The router addresses: ``$RADIXSERVE_TARGET`` when set, else those of the cluster ``radixserve up`` runs
+    here, else ``127.0.0.1:50051``."""
+    from radixserve.cluster.control.launcher import ClusterState
+
+    state = ClusterState.load()
+    running = ",".join(state.router_addresses or (state.router_address,)) if state is not None else None
+    return os.environ.get(TARGET_ENV) or running or DEFAULT_TARGET
+
+
+def channel_target(targets: str | Sequence[str]) -> str:
+    """The gRPC target of one router address, or of several (``"a:1,b:2"`` or a list): gRPC's static
+    ``ipv4:`` / ``ipv6:`` address list, each host resolved now. ValueError names a malformed address."""
+    addresses = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+    if not addresses:
+        raise ValueError("target: no router address given")
+    if len(addresses) == 1:
+        return addresses[0]
+    resolved = [_resolve(address) for address in addresses]
+    families = {family for family, _ in resolved}
+    if len(families) > 1:
+        raise ValueError("target: mixes IPv4 and IPv6 router addresses")
+    return f"{families.pop()}:" + ",".join(address for _, address in resolved)
+
+
+def _resolve(address: str) -> tuple[str, str]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"target: {address!r} is not host:port")
+    host = host.strip("[]")
+    try:
+        family, *_, sockaddr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise ValueError(f"target: cannot resolve {host!r}: {error}") from None
+    if family == socket.AF_INET6:
+        return "ipv6", f"[{sockaddr[0]}]:{port}"
+    return "ipv4", f"{sockaddr[0]}:{port}"
 
 
 class ClusterClient:
-    """A blocking client of a cluster's router (the ``radixserve.v1.Generation`` service).
+    """A blocking client of a cluster's routers (the ``radixserve.v1.Generation`` service).
 
-    ``timeout_s`` is the deadline of every call (None: none). ``ca_file`` (PEM) makes it speak TLS, trusting that
-    authority; ``api_key`` goes with every call as ``authorization: Bearer <key>``. Failed calls raise
-    ``grpc.RpcError``; invalid arguments raise ValueError naming them. Close it, or use it as a context manager.
+    ``target`` is one router address or several (``"host:port,host:port"`` or a list): calls then take turns
+    among them (gRPC's ``round_robin``) and skip a router that does not answer, so one router going away costs
+    only the calls it had in flight. ``timeout_s`` is the deadline of every call (None: none). ``ca_file`` (PEM)
+    makes it speak TLS, trusting that authority; ``api_key`` goes with every call as ``authorization: Bearer
+    <key>``. Failed calls raise ``grpc.RpcError``; invalid arguments raise ValueError naming them. Close it, or
+    use it as a context manager.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float | None = None, ca_file: str | None = None,
-                 api_key: str | None = None) -> None:
-        self.target = target
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, timeout_s: float | None = None,
+                 ca_file: str | None = None, api_key: str | None = None) -> None:
+        self.target = target if isinstance(target, str) else ",".join(target)
         self._timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        address = channel_target(target)
+        options = [("grpc.lb_policy_name", "round_robin")]
         if ca_file is None:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(address, options=options)
         else:
             with open(ca_file, "rb") as file:
                 roots = file.read()
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots),
+                                                options=options)
         self._stub = api_pb2_grpc.GenerationStub(self._channel)
 
     def generate(self, prompt: str | None = None, *, chat: Sequence[dict[str, str]] | None = None,
@@ -162,8 +203,9 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=default_target(),
-                        help=f"router address (default: ${TARGET_ENV} or {DEFAULT_TARGET})")
+    parser.add_argument("--target", default=None,
+                        help=f"router address, or several comma-separated (default: ${TARGET_ENV}, else the "
+                             f"routers of the cluster `radixserve up` runs here, else {DEFAULT_TARGET})")
     parser.add_argument("--ca-file", default=os.environ.get(CA_FILE_ENV) or None,
                         help=f"speak TLS, trusting this CA certificate (PEM; default: ${CA_FILE_ENV})")
     parser.add_argument("--api-key", default=None, help=f"API key (default: ${API_KEY_ENV}; prefer the variable, "
@@ -171,6 +213,8 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> ClusterClient:
+    if args.target is None:
+        args.target = default_target()
     return ClusterClient(args.target, ca_file=args.ca_file, api_key=args.api_key or os.environ.get(API_KEY_ENV))
 
 
@@ -186,6 +230,9 @@ def run_generate(args: argparse.Namespace) -> int:
             last = _print_samples(client.generate(args.prompt if args.raw else None, chat=chat, sampling=sampling))
     except grpc.RpcError as error:
         return _report(error, args.target)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(_summary(last, time.monotonic() - started), file=sys.stderr)
     return 0
 
@@ -226,6 +273,9 @@ def run_status(args: argparse.Namespace) -> int:
             response = client.list_workers()
     except grpc.RpcError as error:
         return _report(error, args.target)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(format_status(response))
     path = targets_path(None)
     if path is not None and path.exists():

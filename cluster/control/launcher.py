@@ -1,4 +1,8 @@
-"""``radixserve up`` / ``down``: start Ray, the worker pool and the router from one ``ClusterConfig``.
+"""``radixserve up`` / ``down``: start Ray, the worker pool and the routers from one ``ClusterConfig``.
+
+With ``bus.backend = "redis"`` the workers and ``router.replicas`` routers (Ray actors, ``cluster.routers``)
+share the Redis server at ``bus.url``; without a URL ``up`` starts a local ``redis-server`` (persistence off)
+and stops it when the cluster stops. Otherwise one router runs in this process on the in-process bus.
 
 ``ClusterRunner`` runs everything on one asyncio loop in a background thread, so the same code serves the
 foreground command (which waits for Ctrl-C or SIGTERM, then drains) and tests that start a cluster in-process.
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -45,6 +50,7 @@ class ClusterState:
     log_path: str
     targets_path: str
     http_address: str = ""
+    router_addresses: tuple[str, ...] = ()  # every replica's, the first being ``router_address``
 
     @staticmethod
     def path() -> Path:
@@ -61,7 +67,8 @@ class ClusterState:
     def load(cls) -> ClusterState | None:
         """The recorded cluster if its process is still alive, else None (a stale file is removed)."""
         try:
-            state = cls(**json.loads(cls.path().read_text()))
+            values = json.loads(cls.path().read_text())
+            state = cls(**{**values, "router_addresses": tuple(values.get("router_addresses", ()))})
         except (OSError, ValueError, TypeError):
             return None
         if not _alive(state.pid):
@@ -76,8 +83,12 @@ class ClusterRunner:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.router_address = ""
+        self.router_addresses: list[str] = []
         self.http_address = ""
         self.ray_address = ""
+        self.bus_config = config.bus  # with the URL of the local Redis once started
+        self._redis: Any = None
+        self._routers: Any = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="radixserve-cluster", daemon=True)
         self._bus: EventBus | None = None
@@ -98,6 +109,8 @@ class ClusterRunner:
         ModelStore().resolve(self.config.engine.model)  # fail before starting anything
         self._api_keys = ApiKeys.from_config(self.config.security)  # read once, here: remote workers lack our env
         timer = _Timer(progress)
+        if self.config.bus.backend == "redis" and self.config.bus.url is None:
+            self._start_redis(timer)
         pool = self.config.pool
         self._owns_ray = pool.ray_address is None and not ray.is_initialized()
         timer.step("starting Ray" if self._owns_ray else f"joining Ray at {pool.ray_address}")
@@ -107,14 +120,32 @@ class ClusterRunner:
         timer.step(f"starting {pool.num_workers} workers ({self.config.engine.model}; the first start of a "
                    f"machine also builds the attention kernel, about 30 s)")
         self._run(self._start_pool(timer))
-        timer.step("starting the router")
-        self.router_address = self._run(self._start_router())
-        timer.step(f"router listening on {self.router_address} (policy {self.config.router.policy})")
-        if self._router.http_address is not None:
-            self.http_address = self._router.http_address
-            timer.step(f"OpenAI-compatible HTTP API at {self._router.http_url}")
-        timer.step(f"metrics: router at {self._router.metrics_address}; Prometheus targets in {self.targets_path}")
+        replicas = self.config.router.replicas
+        timer.step(f"starting {replicas} routers on Redis at {self.bus_config.url}" if self._bus_shared
+                   else "starting the router")
+        found = self._run(self._start_routers(timer))
+        self.router_addresses = [f.address for f in found]
+        self.router_address = self.router_addresses[0]
+        timer.step(f"routers listening on {', '.join(self.router_addresses)} (policy {self.config.router.policy})")
+        if found[0].http_address is not None:
+            self.http_address = found[0].http_address
+            scheme = "https" if self.config.security.tls else "http"
+            timer.step("OpenAI-compatible HTTP API at " + ", ".join(f"{scheme}://{f.http_address}" for f in found))
+        timer.step(f"metrics: routers at {', '.join(str(f.metrics_address) for f in found)}; Prometheus targets in "
+                   f"{self.targets_path}")
         return self.router_address
+
+    @property
+    def _bus_shared(self) -> bool:
+        return self.bus_config.backend != "inprocess"
+
+    def _start_redis(self, timer: _Timer) -> None:
+        from radixserve.cluster.control.redis_server import LocalRedisServer
+
+        self._redis = LocalRedisServer(radixserve_home() / "run" / "redis")
+        self._redis.start()
+        self.bus_config = dataclasses.replace(self.config.bus, url=self._redis.url)
+        timer.step(f"started redis-server at {self._redis.url} (pid {self._redis.pid}, persistence off)")
 
     def stop(self, progress: Callable[[str], None] = lambda _: None) -> None:
         """Drain the router, then the workers, then stop Ray if this runner started it."""
@@ -123,14 +154,17 @@ class ClusterRunner:
         timer = _Timer(progress)
         if self._targets_task is not None:
             self._run(self._stop_targets(self._targets_task))
-        if self._router is not None:
-            timer.step("draining the router")
-            self._run(self._router.stop())
+        if self._router is not None or self._routers is not None:
+            timer.step("draining the routers")
+            self._run(self._router.stop() if self._router is not None else self._routers.stop())
         if self._pool is not None:
             timer.step("draining the workers")
             self._run(self._pool.stop(self.config.router.drain_timeout_s))
         if self._bus is not None:
             self._run(self._bus.close())
+        if self._redis is not None:
+            timer.step("stopping redis-server")
+            self._redis.stop()
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
@@ -152,21 +186,27 @@ class ClusterRunner:
     async def _start_pool(self, timer: _Timer) -> None:
         from radixserve.cluster.control.pool import WorkerPool
 
-        self._bus = make_bus()
-        self._pool = WorkerPool(self.config, self._bus, self._api_keys)
+        self._bus = make_bus(self.bus_config)
+        self._pool = WorkerPool(self.config, self._bus, self._api_keys, self.bus_config)
         await self._pool.start(timer.step)
 
-    async def _start_router(self) -> str:
+    async def _start_routers(self, timer: _Timer) -> list[Any]:
+        from radixserve.cluster.control.routers import RouterAddresses, RouterPool, router_name
         from radixserve.router.server import Router
 
         assert self._bus is not None
-        metrics = self.config.metrics
-        self._router = Router(self.config.router, self._bus, metrics.host, metrics.router_port,
-                              self.config.security, self._api_keys)
-        address = await self._router.start()
+        if self._bus_shared:
+            self._routers = RouterPool(self.config, self.bus_config, self._api_keys)
+            found = await self._routers.start(timer.step)
+        else:
+            metrics = self.config.metrics
+            self._router = Router(self.config.router, self._bus, metrics.host, metrics.router_port,
+                                  self.config.security, self._api_keys, router_name(0), self.bus_config)
+            await self._router.start()
+            found = [RouterAddresses(self._router.address, self._router.http_address, self._router.metrics_address)]
         self._targets_task = asyncio.create_task(keep_targets(self._bus, self.targets_path,
-                                                              self._router.metrics_address))
-        return address
+                                                              [f.metrics_address for f in found]))
+        return found
 
 
 class _Timer:
@@ -194,6 +234,8 @@ def add_launcher_commands(subparsers: argparse._SubParsersAction) -> None:
     up = subparsers.add_parser("up", help="start Ray, the workers and the router (Ctrl-C drains and stops)")
     up.add_argument("--config", default=None, help="a TOML file ([pool], [engine], [engine.cache], [router], ...)")
     up.add_argument("--workers", type=int, dest="pool.num_workers", help="number of workers")
+    up.add_argument("--routers", type=int, dest="router.replicas",
+                    help="number of router replicas (more than one runs them on Redis: bus.backend=redis)")
     up.add_argument("--model", dest="engine.model", help="model-store name or path to a .gguf / HF directory")
     up.add_argument("--policy", dest="router.policy", help="routing policy")
     up.add_argument("--host", dest="router.host", help="router listen address")
@@ -211,7 +253,8 @@ def add_launcher_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ClusterConfig:
-    """The TOML file (if any), then ``--set`` pairs, then the named flags, over the embedded defaults."""
+    """The TOML file (if any), then ``--set`` pairs, then the named flags, over the embedded defaults.
+    ``--routers N`` above 1 puts the cluster on Redis unless a bus backend is set."""
     overrides: dict[str, Any] = {}
     for pair in args.set:
         key, sep, value = pair.partition("=")
@@ -219,6 +262,9 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
             raise ValueError(f"--set: expected KEY=VALUE, got {pair!r}")
         overrides[key.strip()] = _toml_value(key.strip(), value)
     overrides.update({k: v for k, v in vars(args).items() if "." in k and v is not None})
+    config = load_cluster_config(args.config, {k: v for k, v in overrides.items() if k != "router.replicas"})
+    if (overrides.get("router.replicas") or 1) > 1 and "bus.backend" not in overrides:
+        overrides["bus.backend"] = "redis" if config.bus.backend == "inprocess" else config.bus.backend
     return load_cluster_config(args.config, overrides)
 
 
@@ -260,7 +306,8 @@ def _foreground(config: ClusterConfig) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs a SIGTERM handler of its own
         signal.signal(signum, lambda *_: stop.set())
     state = ClusterState(os.getpid(), runner.router_address, runner.ray_address,
-                         os.environ.get("RADIXSERVE_LOG", ""), str(runner.targets_path), runner.http_address)
+                         os.environ.get("RADIXSERVE_LOG", ""), str(runner.targets_path), runner.http_address,
+                         tuple(runner.router_addresses))
     state.save()
     say("ready: try `radixserve generate \"Hello\"` or `radixserve status`; Ctrl-C (or `radixserve down`) stops")
     try:

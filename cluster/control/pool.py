@@ -5,9 +5,10 @@ Each ``WorkerActor`` builds its engine and serves the internal worker API (``rad
 so Ray's actor calls (``record``, ``drain``) never wait behind engine steps. Ray re-runs the constructor after a crash (``max_restarts``), which loads the model again and
 serves a new incarnation with an empty cache.
 
-Workers cannot reach an in-process bus living in the launcher's process, so the ``WorkerPool`` announces them:
-it asks each actor for its ``WorkerRecord`` and re-announces whenever the record changes (a restart brings a new
-incarnation and possibly a new address). With a shared bus backend the actors could announce themselves.
+Workers cannot reach an in-process bus living in the launcher's process, so there the ``WorkerPool`` announces
+them: it asks each actor for its ``WorkerRecord`` and re-announces whenever the record changes (a restart brings
+a new incarnation and possibly a new address). On a shared bus (Redis) each actor connects to it and keeps its
+own heartbeat record, KV event log and load there (``worker.bus_publisher``), restarts included.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 
 import ray
 
-from radixserve.cluster.base.bus import EventBus, WorkerRecord
-from radixserve.cluster.base.config import ClusterConfig, EngineConfig, MetricsConfig, PoolConfig, SecurityConfig
+from radixserve.cluster.base.bus import EventBus, WorkerRecord, make_bus
+from radixserve.cluster.base.config import (BusConfig, ClusterConfig, EngineConfig, MetricsConfig, PoolConfig,
+                                            SecurityConfig)
 from radixserve.cluster.base.security import ApiKeys
 
 log = logging.getLogger(__name__)
@@ -43,35 +45,34 @@ class WorkerActor:
     ``security``). Wrapped with ``ray.remote`` by ``WorkerPool``."""
 
     def __init__(self, worker_id: str, engine_config: EngineConfig, host: str, port: int, num_threads: int,
-                 metrics: MetricsConfig, http_port: int | None, security: SecurityConfig, api_keys: ApiKeys) -> None:
+                 metrics: MetricsConfig, http_port: int | None, security: SecurityConfig, api_keys: ApiKeys,
+                 bus: BusConfig) -> None:
         import torch
 
         from radixserve.worker.engine import Engine
         from radixserve.worker.service import WorkerServer
 
         torch.set_num_threads(num_threads)
-        self._worker_id = worker_id
-        self._engine_config = engine_config
         engine = Engine.from_config(engine_config, worker_id)
         self._loop = asyncio.new_event_loop()
-        self._server = WorkerServer(engine, worker_id, host=host, port=port, metrics_host=metrics.host,
-                                    metrics_port=metrics.worker_port, http_port=http_port, security=security,
-                                    api_keys=api_keys)
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{worker_id}-loop", daemon=True)
         self._thread.start()
-        self._address = self._call(self._server.start())
+
+        async def build() -> WorkerServer:  # a bus's connections belong to the loop that made them
+            shared = make_bus(bus) if bus.backend != "inprocess" else None
+            return WorkerServer(engine, worker_id, host=host, port=port, metrics_host=metrics.host,
+                                metrics_port=metrics.worker_port, http_port=http_port, security=security,
+                                api_keys=api_keys, bus=shared, bus_config=bus)
+
+        self._server = self._call(build())
+        self._call(self._server.start())
 
     def _call(self, coroutine: Any, timeout: float | None = None) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def record(self) -> bytes:
         """This worker's registry record (``WorkerRecord.to_bytes``)."""
-        config = self._engine_config
-        return WorkerRecord(worker_id=self._worker_id, address=self._address, model=config.model,
-                            incarnation=self._server.incarnation,
-                            max_running_requests=config.scheduler.max_running_requests,
-                            metrics_address=self._server.metrics_address,
-                            http_address=self._server.http_address).to_bytes()
+        return self._server.record().to_bytes()
 
     def drain(self, grace_s: float) -> None:
         """Finish the requests in flight (refusing new ones) for at most ``grace_s``, then stop serving."""
@@ -82,11 +83,14 @@ class WorkerActor:
 
 
 class WorkerPool:
-    """Starts ``config.pool.num_workers`` actors, announces them on ``bus`` and keeps their records current."""
+    """Starts ``config.pool.num_workers`` actors on ``bus`` (configured by ``bus_config``, whose URL the actors
+    connect to when it is shared); on the in-process bus it announces them and keeps their records current."""
 
-    def __init__(self, config: ClusterConfig, bus: EventBus, api_keys: ApiKeys | None = None) -> None:
+    def __init__(self, config: ClusterConfig, bus: EventBus, api_keys: ApiKeys | None = None,
+                 bus_config: BusConfig | None = None) -> None:
         self._config = config
         self._bus = bus
+        self._bus_config = bus_config or config.bus
         self._api_keys = api_keys or ApiKeys()
         self.actors: list[Any] = []
         self._records: dict[str, WorkerRecord] = {}
@@ -104,7 +108,8 @@ class WorkerPool:
                 max_concurrency=4)
             self.actors.append(options.remote(worker_name(i), self._config.engine, pool.worker_host,
                                               pool.worker_port, num_threads, self._config.metrics,
-                                              pool.worker_http_port, self._config.security, self._api_keys))
+                                              pool.worker_http_port, self._config.security, self._api_keys,
+                                              self._bus_config))
         records = []
         for i, actor in enumerate(self.actors):
             record = WorkerRecord.from_bytes(await asyncio.wait_for(actor.record.remote(), _STARTUP_TIMEOUT_S))
@@ -112,7 +117,8 @@ class WorkerPool:
             http = f", HTTP at {record.http_address}" if record.http_address else ""
             progress(f"worker {i + 1}/{pool.num_workers} ready: {record.worker_id} at {record.address}{http}")
             records.append(record)
-        self._watchers = [asyncio.create_task(self._watch(actor)) for actor in self.actors]
+        if not self._bus.shared:
+            self._watchers = [asyncio.create_task(self._watch(actor)) for actor in self.actors]
         return records
 
     async def stop(self, grace_s: float) -> None:
@@ -130,6 +136,8 @@ class WorkerPool:
         self.actors.clear()
 
     async def _announce(self, record: WorkerRecord) -> None:
+        if self._bus.shared:  # the worker announces itself
+            return
         if self._records.get(record.worker_id) != record:
             self._records[record.worker_id] = record
             await self._bus.announce(record)
