@@ -152,6 +152,10 @@ class PrefixIndex:
                 counts[worker_id] = depth
         return counts
 
+    def exact_pages(self, worker_id: str) -> frozenset[int]:
+        """The pages the worker's KV events say it holds (routed guesses not included)."""
+        return frozenset(self._exact.get(worker_id, ()))
+
     def num_pages(self, worker_id: str) -> int:
         """Distinct pages the index believes the worker holds: exact plus unexpired routed.
 

@@ -422,6 +422,12 @@ class Engine:
             events, self._events = self._events, []
         return events
 
+    def cached_page_hashes(self) -> frozenset[int]:
+        """Every page hash the radix cache holds; any thread, exact between steps (a step in progress may be
+        changing the tree)."""
+        with self._lock:
+            return self.cache.page_hashes()
+
     def flush_cache(self) -> Future[int]:
         """Drops every cached page no request holds; the future gives the number of pages freed.
 

@@ -139,6 +139,16 @@ class RadixCache:
         """Pages in unlocked nodes: exactly what ``flush`` would free."""
         return self._num_cached_pages - self._num_locked_pages
 
+    def page_hashes(self) -> frozenset[int]:
+        """The chained hash of every page in the tree: what a router's index should hold for this cache."""
+        hashes: set[int] = set()
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            hashes.update(node._hashes)
+            stack.extend(node._children.values())
+        return frozenset(hashes)
+
     def match_prefix(self, tokens: Sequence[int]) -> MatchResult:
         """The longest cached prefix of ``tokens`` (Python ints) in whole pages; marks it most recently used.
 

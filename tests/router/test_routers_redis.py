@@ -1,0 +1,209 @@
+"""Several routers on one real redis-server: one view of the workers' caches, shared load, faults survived.
+
+Tiny engines and routers in this process, each with its own Redis connection (as separate processes would
+have); the server is a real ``redis-server`` that the fault tests kill with SIGKILL and start again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis_cluster import RouterHandle, redis_cluster
+
+from radixserve.cluster.base.bus import WorkerRecord, make_bus
+from radixserve.cluster.base.config import BusConfig
+from radixserve.cluster.control.redis_server import LocalRedisServer
+from radixserve.router.server import Router
+from radixserve.v1 import api_pb2, types_pb2, worker_pb2
+from radixserve.worker.models.checkpoint import Checkpoint
+
+TIMEOUT_S = 30.0
+PAGE = 4  # the fixture's page size
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> LocalRedisServer:
+    server = LocalRedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def run(main) -> None:  # type: ignore[no-untyped-def]
+    asyncio.run(asyncio.wait_for(main(), 240))
+
+
+def prompt(group: int, question: int, prefix_pages: int = 10, suffix_len: int = 6) -> list[int]:
+    """A prompt of ``group``'s shared prefix (``prefix_pages`` whole pages) and a question of its own."""
+    rng = random.Random(group)
+    prefix = [rng.randrange(5, 300) for _ in range(prefix_pages * PAGE)]
+    return prefix + [(7 * question + j) % 290 + 5 for j in range(suffix_len)]
+
+
+def request(token_ids: Sequence[int], max_tokens: int = 3) -> api_pb2.GenerateRequest:
+    return api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=list(token_ids)), sampling=types_pb2.SamplingOptions(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+
+def workload(num_groups: int, per_group: int, seed: int = 0) -> list[list[int]]:
+    """Shared-prefix requests: every group's questions, interleaved in a seeded order."""
+    order = [(g, q) for g in range(num_groups) for q in range(per_group)]
+    random.Random(seed).shuffle(order)
+    return [prompt(g, q) for g, q in order]
+
+
+async def send_all(handles: Sequence[RouterHandle], prompts: Sequence[list[int]],
+                   concurrency: int = 2) -> list[api_pb2.CompleteResponse]:
+    """Send every prompt, request i through router ``i % len(handles)``, ``concurrency`` at a time."""
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, ids: list[int]) -> api_pb2.CompleteResponse:
+        async with limit:
+            return await handles[i % len(handles)].stub.Complete(request(ids), timeout=TIMEOUT_S)
+
+    return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts))))
+
+
+def hit_ratio(replies: Sequence[api_pb2.CompleteResponse]) -> float:
+    return sum(r.usage.cached_tokens for r in replies) / sum(r.usage.prompt_tokens for r in replies)
+
+
+def test_two_routers_taking_turns_hit_the_cache_as_one_router_does_and_their_indexes_equal_the_trees(
+        checkpoint: Checkpoint, redis: LocalRedisServer) -> None:
+    prompts = workload(num_groups=6, per_group=8)
+
+    async def measure(num_routers: int, namespace: str) -> tuple[float, float]:
+        async with redis_cluster(checkpoint, redis.url, num_routers=num_routers,
+                                 bus=lambda c: _namespaced(c, namespace)) as c:
+            replies = await send_all(c.routers, prompts)
+            return hit_ratio(replies), await c.indexes_equal_trees(within_s=1.0)
+
+    async def main() -> None:
+        one, _ = await measure(1, "one")
+        two, settled_s = await measure(2, "two")
+        print(f"hit ratio: one router {one:.3f}, two routers {two:.3f}; indexes equal the trees after "
+              f"{settled_s * 1000:.0f} ms")
+        assert abs(one - two) <= 0.02
+        assert two > 0.5  # the workload shares most of every prompt
+    run(main)
+
+
+def _namespaced(config: BusConfig, namespace: str) -> BusConfig:
+    return dataclasses.replace(config, namespace=namespace)
+
+
+async def _health(handle: RouterHandle) -> int:
+    stub = health_pb2_grpc.HealthStub(handle.channel)
+    return (await stub.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)).status
+
+
+def test_a_late_replica_warms_from_the_logs_and_its_first_requests_of_cached_prefixes_hit(
+        checkpoint: Checkpoint, redis: LocalRedisServer) -> None:
+    groups = range(8)
+
+    async def main() -> None:
+        async with redis_cluster(checkpoint, redis.url, num_routers=1, num_pages=1024,
+                                 bus=lambda c: _snapshots_every(c, 16)) as c:
+            prompts = [prompt(g, q) for q, g in itertools.product(range(63), groups)][:500]
+            replies = await send_all(c.routers, prompts, concurrency=4)
+            assert len(replies) == 500
+            late = await c.add_router()
+            assert await _health(late) == health_pb2.HealthCheckResponse.SERVING
+            assert late.router.workers.warm
+            first = [await late.stub.Complete(request(prompt(g, 1000 + i)), timeout=TIMEOUT_S)
+                     for i, g in zip(range(20), itertools.cycle(groups))]
+            cached = [r.usage.cached_tokens for r in first]
+            print(f"the late replica's first 20 requests: cached tokens {cached}")
+            assert all(n >= 10 * PAGE for n in cached), cached  # each its group's whole prefix
+    run(main)
+
+
+def _snapshots_every(config: BusConfig, num_batches: int) -> BusConfig:
+    return dataclasses.replace(config, snapshot_interval_batches=num_batches)
+
+
+def test_a_router_reports_not_serving_until_every_worker_log_has_given_it_a_snapshot(
+        checkpoint: Checkpoint, redis: LocalRedisServer) -> None:
+    async def main() -> None:
+        async with redis_cluster(checkpoint, redis.url, num_routers=1) as c:
+            bus, router_bus = make_bus(c.bus_config), make_bus(c.bus_config)
+            w0 = c.servers[0]
+            silent = WorkerRecord("w-silent", w0.address, "tiny", w0.incarnation, 64)
+            await bus.announce(silent, ttl_s=60)  # answers GetInfo (w0 does) but has written no log
+            router = Router(dataclasses.replace(c.router_config, http_port=0), router_bus, router_id="router-late",
+                            bus_config=c.bus_config)
+            starting = asyncio.create_task(router.start(warm_timeout_s=60))
+            try:
+                while router.http_address is None:
+                    await asyncio.sleep(0.01)
+                async with grpc.aio.insecure_channel(router.address) as channel, httpx.AsyncClient() as http:
+                    health = health_pb2_grpc.HealthStub(channel)
+                    for _ in range(3):
+                        await asyncio.sleep(0.3)
+                        check = await health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+                        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                        assert (await http.get(f"{router.http_url}/health")).status_code == 503
+                        assert not starting.done()
+                    snapshot = worker_pb2.KvEventBatch(worker_id="w-silent", incarnation=w0.incarnation,
+                                                       sequence=0, reset=True)
+                    await bus.append_kv("w-silent", snapshot.SerializeToString(), snapshot=True)
+                    await asyncio.wait_for(starting, TIMEOUT_S)
+                    check = await health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+                    assert check.status == health_pb2.HealthCheckResponse.SERVING
+                    assert (await http.get(f"{router.http_url}/health")).status_code == 200
+            finally:
+                await asyncio.wait_for(starting, TIMEOUT_S)
+                await router.stop()
+                await bus.withdraw("w-silent")
+                await bus.close()
+                await router_bus.close()
+    run(main)
+
+
+def test_redis_killed_under_load_and_restarted_after_5_s_fails_no_request_and_the_indexes_catch_up(
+        checkpoint: Checkpoint, redis: LocalRedisServer) -> None:
+    async def main() -> None:
+        async with redis_cluster(checkpoint, redis.url, num_routers=2, num_pages=1024) as c:
+            outcomes: list[str] = []
+            stop = asyncio.Event()
+
+            async def load() -> None:
+                for i in itertools.count():
+                    if stop.is_set() or i >= 5000:
+                        return
+                    handle = c.routers[i % 2]
+                    try:
+                        await handle.stub.Complete(request(prompt(i % 6, i)), timeout=TIMEOUT_S)
+                        outcomes.append("ok")
+                    except grpc.aio.AioRpcError as error:
+                        outcomes.append(error.code().name)
+
+            clients = [asyncio.create_task(load()) for _ in range(3)]
+            await asyncio.sleep(1.5)
+            redis.kill()
+            killed_at = len(outcomes)
+            await asyncio.sleep(5.0)
+            assert all(h.router.workers.shared_load.stale for h in c.routers)
+            during = len(outcomes) - killed_at
+            redis.start()
+            await asyncio.sleep(1.5)
+            stop.set()
+            await asyncio.gather(*clients)
+            settled_s = await c.indexes_equal_trees(within_s=5.0)
+            failed = [o for o in outcomes if o != "ok"]
+            print(f"{len(outcomes)} requests, {during} while Redis was down, {len(failed)} failed; indexes equal "
+                  f"the trees {settled_s:.2f} s after the load stopped")
+            assert not failed and during > 0
+            assert not any(h.router.workers.shared_load.stale for h in c.routers)
+    run(main)
