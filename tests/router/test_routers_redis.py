@@ -25,9 +25,15 @@ from radixserve.cluster.control.redis_server import LocalRedisServer
 from radixserve.router.server import Router
 from radixserve.v1 import api_pb2, types_pb2, worker_pb2
 from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.models.loading import open_checkpoint
 
 TIMEOUT_S = 30.0
 PAGE = 4  # the fixture's page size
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_hf_dir: Path) -> Checkpoint:
+    return open_checkpoint(tiny_hf_dir)
 
 
 @pytest.fixture

@@ -1,0 +1,99 @@
+"""``radixserve up`` with two router replicas on Redis: Ray actors for the routers and the workers, the launcher's
+own redis-server, tiny workers. One router is killed with SIGKILL: the other goes on serving and no worker keeps
+a page of the dead router's requests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import ray
+from cluster_calls import free_port, wait_for
+
+from radixserve.cluster.base.config import load_cluster_config
+from radixserve.cluster.control.client import ClusterClient
+from radixserve.cluster.control.launcher import ClusterRunner
+from radixserve.cluster.control.pool import RAY_NAMESPACE
+from radixserve.cluster.control.routers import router_name
+from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterRunner]:
+    targets = tmp_path_factory.mktemp("metrics") / "prometheus_targets.json"
+    config = load_cluster_config(None, {
+        "engine.model": str(tiny_hf_dir), "engine.cache.num_pages": 512, "engine.cache.page_size": 4,
+        "pool.num_workers": 2, "pool.max_restarts": 0, "router.replicas": 2, "router.port": free_port(),
+        "router.http_port": 0, "router.health_interval_s": 0.2, "router.drain_timeout_s": 3.0,
+        "bus.backend": "redis", "metrics.sd_file": str(targets)})
+    runner = ClusterRunner(config)
+    try:
+        runner.start(print)
+        yield runner
+    finally:
+        runner.stop(print)
+
+
+def request(i: int, max_tokens: int = 3) -> api_pb2.GenerateRequest:
+    ids = [(13 * i + j) % 290 + 5 for j in range(24)]
+    return api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=ids), sampling=types_pb2.SamplingOptions(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+
+def test_both_replicas_serve_and_a_client_given_both_takes_turns(replicas: ClusterRunner) -> None:
+    assert len(replicas.router_addresses) == 2 and replicas.router_addresses[1] != replicas.router_addresses[0]
+    for address in replicas.router_addresses:
+        with ClusterClient(address, timeout_s=30) as client:
+            client.wait_ready(30)
+            assert len(client.list_workers().workers) == 2
+    with ClusterClient(replicas.router_addresses, timeout_s=30) as client:
+        replies = [client.complete(token_ids=list(request(i).token_ids.ids)) for i in range(6)]
+    assert all(r.choices[0].token_ids for r in replies)
+
+
+def test_a_router_killed_with_sigkill_leaves_the_other_serving_and_no_page_leaked(replicas: ClusterRunner) -> None:
+    doomed, survivor = replicas.router_addresses
+    actor = ray.get_actor(router_name(0), namespace=RAY_NAMESPACE)
+    pid = ray.get(actor.pid.remote())
+    with grpc.insecure_channel(doomed) as channel:
+        stub = api_pb2_grpc.GenerationStub(channel)
+        streams = [stub.Generate(request(100 + i, max_tokens=2000), timeout=60) for i in range(4)]
+        for stream in streams:
+            next(stream)  # each mid-flight on a worker
+        os.kill(pid, signal.SIGKILL)
+        for stream in streams:  # each ends with an error status, none silently
+            with pytest.raises(grpc.RpcError) as failure:
+                for _ in stream:
+                    pass
+            assert failure.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    with ClusterClient(survivor, timeout_s=60) as client, ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda i: client.complete(token_ids=list(request(i).token_ids.ids)), range(12)))
+        assert all(r.choices[0].token_ids for r in replies)
+        workers = client.list_workers().workers
+        wait_for(lambda: all(w.load.num_running == 0 and w.load.num_waiting == 0
+                             for w in client.list_workers().workers), 20, "workers to drop the dead router's calls")
+    for worker in workers:
+        with grpc.insecure_channel(worker.address) as channel:
+            worker_stub = worker_pb2_grpc.WorkerStub(channel)
+            worker_stub.FlushCache(worker_pb2.FlushCacheRequest(), timeout=30)
+            load = worker_stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=30)
+        assert load.num_pages_used == 0, f"{worker.worker_id} still holds {load.num_pages_used} pages"
+
+
+def test_the_cli_given_both_routers_goes_on_through_the_one_left(replicas: ClusterRunner) -> None:
+    targets = ",".join(replicas.router_addresses)  # the first one was killed by the test before
+    command = [sys.executable, "-m", "radixserve.cluster.control.cli"]
+    status = subprocess.run([*command, "status", "--target", targets], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "w" in status.stdout and status.stdout.count("up") >= 2
+    generated = subprocess.run([*command, "generate", "--raw", "hello", "--max-tokens", "3", "--target", targets],
+                               capture_output=True, text=True, timeout=60)
+    assert generated.returncode == 0, generated.stderr
+    assert "3 tokens" in generated.stderr
