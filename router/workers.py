@@ -327,6 +327,8 @@ class WorkerSet:
             await current.close()
         self.clients[record.worker_id] = WorkerClient(record, self._bus, self.sequencer, self._channels,
                                                       relay=not self._bus.shared, on_entry=self.apply_entry)
+        for counter in (self._metrics.kv_resyncs, self._metrics.kv_malformed):  # rate() series exist from the start
+            counter.labels(record.worker_id)
 
     async def _remove(self, worker_id: str) -> None:
         self.sequencer.forget(worker_id)  # first: a gap seen meanwhile must not resubscribe a closing client

@@ -28,19 +28,21 @@ DASHBOARD = REPO / "dashboards" / "radixserve-overview.json"
 ALERTS = REPO / "dashboards" / "alerts.yml"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 ALERT_NAMES = {"RadixserveWorkerDown", "RadixserveHitRatioCollapsed", "RadixserveQueueGrowing",
-               "RadixserveKvPoolExhausted", "RadixserveErrorRate"}
+               "RadixserveKvPoolExhausted", "RadixserveErrorRate", "RadixserveRouterIndexStale"}
 
 
 
 def _router_registry() -> CollectorRegistry:
     """A router's registry with one observation on every metric, so every labelled series exists."""
     metrics = RouterMetrics(CollectorRegistry(), "prefix")
-    metrics.bind(lambda: [WorkerGauges("w0", "up", 0, 0)])
+    metrics.bind(lambda: [WorkerGauges("w0", "up", 0, 0, 3)])
     metrics.requests.labels("Generate", "OK").inc()
     metrics.requests.labels("Complete", "UNAVAILABLE").inc()
     metrics.on_decision("w0", 0.001, 0.5)
     metrics.kv_events.labels("w0").inc()
     metrics.kv_event_lag.observe(0.01)
+    metrics.kv_resyncs.labels("w0").inc()
+    metrics.kv_malformed.labels("w0").inc()
     metrics.retries.labels("UNAVAILABLE").inc()
     metrics.ttft.observe(0.1)
     metrics.e2e.observe(0.5)
