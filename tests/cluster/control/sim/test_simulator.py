@@ -155,15 +155,16 @@ def test_the_routers_view_of_a_worker_shrinks_as_its_requests_stream_tokens() ->
     workload = shared_prefix(groups=2, prompts_per_group=4, system_len=512, question_len=32, output_len=40,
                              rate=20.0, seed=4)
     simulation = _Simulation(workload, SimConfig(num_workers=2, seed=0), None)
+    loads = simulation._routers[0].loads
     seen: list[int] = []
     original = simulation._notice
 
     def notice(w: int, n: Notice) -> None:
-        before = simulation._loads[w].pending_output_tokens
+        before = loads[w].pending_output_tokens
         original(w, n)
         if not n.finished:
-            seen.append(before - simulation._loads[w].pending_output_tokens)
+            seen.append(before - loads[w].pending_output_tokens)
     simulation._notice = notice  # type: ignore[method-assign]
     simulation.run()
     assert seen and all(delta > 0 for delta in seen)
-    assert all(load.pending_tokens == 0 and load.num_in_flight == 0 for load in simulation._loads)
+    assert all(load.pending_tokens == 0 and load.num_in_flight == 0 for load in loads)
