@@ -41,6 +41,10 @@ def add_sim_commands(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--load-weight", type=float, help="the prefix policy's load weight (default: the router's)")
     sim.add_argument("--step-noise", type=float,
                      help="sigma of a log-normal factor on each step's time, per worker (default 0: exact steps)")
+    sim.add_argument("--routers", dest="num_routers", type=_at_least_one,
+                     help="router replicas taking the requests in turn, each with its own index and load (default 1)")
+    sim.add_argument("--shared-load", dest="shared_load", type=_on_off,
+                     help="on (default) | off: whether each router sees the in-flight load the others publish")
     sim.add_argument("--seed", type=int, help="seeds the random policies and the step noise (default 0)")
     sim.add_argument("--out", type=Path, default=Path("sim-results"), help="folder for results.json and plots")
     sim.set_defaults(func=_run_sim)
@@ -51,6 +55,24 @@ def add_sim_commands(subparsers: argparse._SubParsersAction) -> None:
                     "simulator's 'cpu' device preset to them.")
     calibrate.add_argument("--out", type=Path, help="where to write the preset (default: the packaged cpu.json)")
     calibrate.set_defaults(func=_run_calibrate)
+
+
+def _at_least_one(text: str) -> int:
+    """An argparse type: an int >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _on_off(text: str) -> bool:
+    """An argparse type: ``on`` or ``off``."""
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"must be on or off, got {text!r}")
+    return text == "on"
 
 
 def _load_workload(args: argparse.Namespace) -> Workload:
@@ -82,6 +104,8 @@ def _run_sim(args: argparse.Namespace) -> int:
         return 2
     print(report.format_table(stats))
     title = f"{loaded.name}: {len(loaded.requests):,} requests, {base.model} on {base.device}"
+    if base.num_routers > 1:
+        title += f", {base.num_routers} routers (shared load {'on' if base.shared_load else 'off'})"
     meta = {"workload": loaded.name, "num_requests": len(loaded.requests), "time_scale": args.time_scale,
             "tile": args.tile, "config": dataclasses.asdict(base)}
     args.out.mkdir(parents=True, exist_ok=True)

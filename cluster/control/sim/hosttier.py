@@ -41,14 +41,20 @@ class HostTier:
                 else:
                     self._events.append(event)
 
-    def hits(self, hashes: list[int], start: int, stop: int) -> int:
-        """How many blocks of ``hashes[start:stop]`` this tier holds, consecutively from ``start``, marking them
-        used. Call ``absorb`` first, so that the blocks the device just evicted are here."""
+    def held(self, hashes: list[int], start: int, stop: int) -> int:
+        """How many blocks of ``hashes[start:stop]`` this tier holds, consecutively from ``start``; changes nothing.
+        Call ``absorb`` first, so that the blocks the device just evicted are here."""
         k = start
         while k < stop and hashes[k] in self._blocks:
-            self._blocks.move_to_end(hashes[k])
             k += 1
         return k - start
+
+    def hits(self, hashes: list[int], start: int, stop: int) -> int:
+        """``held``, marking those blocks used."""
+        num_held = self.held(hashes, start, stop)
+        for page in hashes[start : start + num_held]:
+            self._blocks.move_to_end(page)
+        return num_held
 
     def take_events(self) -> list[KVEvent]:
         """The worker's events since the last call, oldest first."""

@@ -1,7 +1,8 @@
 """The engine's radix cache keyed by one token per page: the scheduler's prefix cache at a cost per page.
 
 ``PageKeyedCache`` is the real ``RadixCache`` with ``page_size`` 1 whose key for each page of ``page_size`` tokens
-is the page's last token; only ``match_prefix`` and ``insert``, the calls that take tokens, translate. That is
+is the page's last token; only ``match_prefix``, ``cached_prefix_len`` and ``insert``, the calls that take tokens,
+translate. That is
 exact whenever a page's last token, with the pages before it, fixes the page's tokens, which the simulator's token
 ids guarantee (``worker.SimSeq``): then every match, insert, lock and eviction, and every page and node, is the one
 a ``RadixCache`` over the whole tokens with ``page_size`` tokens a page would give, while matching a 512-token page
@@ -30,6 +31,9 @@ class PageKeyedCache(RadixCache):
 
     def match_prefix(self, tokens: Sequence[int]) -> MatchResult:
         return super().match_prefix(self.keys(tokens))
+
+    def cached_prefix_len(self, tokens: Sequence[int]) -> int:
+        return super().cached_prefix_len(self.keys(tokens)) * self._tokens_per_page
 
     def insert(self, tokens: Sequence[int], pages: Sequence[int]) -> InsertResult:
         if len(tokens) != len(pages) * self._tokens_per_page:

@@ -1,11 +1,15 @@
 """The simulation loop: requests arrive, the router's own code picks a worker, simulated workers serve them.
 
 Routing runs the real ``router.prefix_index.PrefixIndex`` (on the simulated clock), the real policies of
-``router.policies`` and the router's own in-flight accounting (``router.routing``); the index learns of cached
-and evicted blocks only through the simulated workers' KV events, delivered ``kv_event_lag_s`` after the
-change. A request is routed when it arrives: at its ``arrival_s``, or ``think_s`` after the request it follows
-finished. Every request ends (the loop runs until no event is left; a request that could never fit a worker's
-KV pool is refused up front with a ValueError).
+``router.policies`` and the router's own in-flight accounting (``router.routing``), in ``num_routers`` replicas
+(``routers.SimRouter``) that take the arriving requests in turn, round-robin. Each index learns of cached and
+evicted blocks only through the simulated workers' KV events, delivered to every router ``kv_event_lag_s`` after
+the change. Each router sees each worker's load report as of its last poll (every ``health_interval_s``) and,
+with ``shared_load``, the other routers' in-flight figures as of their last publication (every
+``load_interval_s``); router ``r`` of ``N`` polls and publishes ``r / N`` of an interval after router 0, which
+does so at whole multiples of it. A request is routed when it arrives: at its ``arrival_s``, or ``think_s`` after
+the request it follows finished. Every request ends (the loop runs until no event is left; a request that could
+never fit a worker's KV pool is refused up front with a ValueError).
 
 The simulation is deterministic for a workload and a config: events at equal times run in the order they were
 scheduled, and the only randomness is the policy's, seeded by ``seed``.
@@ -21,15 +25,15 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from radixserve.cluster.base.config import POLICIES, RouterConfig, SchedulerConfig, require
+from radixserve.cluster.base.config import POLICIES, BusConfig, RouterConfig, SchedulerConfig, require
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.control.sim.costmodel import DEVICES, MODELS, CostModel
 from radixserve.cluster.control.sim.report import PolicyStats, Progress, RequestOutcome, WorkerStats, summarize
+from radixserve.cluster.control.sim.routers import Sampled, SimRouter, peer_load
 from radixserve.cluster.control.sim.workload import BLOCK_ID_LIMIT, Workload, oracle_cached_tokens, oracle_hit_ratio
 from radixserve.cluster.control.sim.worker import Notice, SimSeq, SimWorker, WorkerConfig
-from radixserve.router.policies import RouteRequest, make_policy
-from radixserve.router.prefix_index import PrefixIndex
-from radixserve.router.routing import WorkerLoad, decide
+from radixserve.router.policies import RouteRequest
+from radixserve.router.routing import ReportedLoad
 from radixserve.worker.kv.radix_cache import KVEvent
 
 _NAMESPACE = "sim"
@@ -42,7 +46,11 @@ class SimConfig:
     blocks evicted from the device, loaded back at ``host_bw`` bytes/s (PCIe); the router fields mirror
     ``RouterConfig``; ``max_batch_tokens`` and ``max_running`` are each worker's ``SchedulerConfig`` limits
     (``max_num_batched_tokens``, ``max_running_requests``); ``step_noise`` is each worker's step-time noise
-    (``WorkerConfig.step_noise``), drawn from a generator per worker seeded by ``seed``."""
+    (``WorkerConfig.step_noise``), drawn from a generator per worker seeded by ``seed``. ``num_routers`` router
+    replicas share the arrivals; ``shared_load``: each sees what the others publish of their in-flight load
+    every ``load_interval_s`` (``BusConfig``); each polls the workers' load every ``health_interval_s``. Router 0
+    draws its ties from ``seed``, so one router routes as the simulator always did; router ``r`` from
+    ``"<seed>:router-<r>"``."""
 
     num_workers: int = 8
     policy: str = "prefix"
@@ -60,10 +68,14 @@ class SimConfig:
     kv_event_lag_s: float = 0.005
     pending_ttl_s: float = 30.0
     approx_ttl_s: float = 300.0
+    num_routers: int = 1
+    shared_load: bool = True
+    load_interval_s: float = BusConfig.load_interval_s
+    health_interval_s: float = RouterConfig.health_interval_s
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_workers", "max_batch_tokens", "max_running"):
+        for name in ("num_workers", "max_batch_tokens", "max_running", "num_routers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.policy not in POLICIES:
@@ -80,6 +92,9 @@ class SimConfig:
             raise ValueError(f"host_kv_gib: must be >= 0, got {self.host_kv_gib}")
         if self.kv_event_lag_s < 0:
             raise ValueError(f"kv_event_lag_s: must be >= 0, got {self.kv_event_lag_s}")
+        for name in ("load_interval_s", "health_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
 
     def cost_model(self) -> CostModel:
         model = MODELS[self.model]
@@ -130,6 +145,8 @@ def compare(workload: Workload, configs: Sequence[SimConfig],
     results = []
     for config in configs:
         label = f"{config.policy} x{config.num_workers}"
+        if config.num_routers > 1:
+            label += f", {config.num_routers} routers, shared load {'on' if config.shared_load else 'off'}"
         with Progress(len(workload.requests), label) as progress:
             run = simulate(workload, config, progress)
         stats = summarize(config.policy, run.outcomes, run.workers, oracle, run.wall_s)
@@ -155,12 +172,14 @@ class _Simulation:
         self._workers = [SimWorker(worker_config, cost, self._block_size, _NAMESPACE,
                                    random.Random(f"{config.seed}:{w}")) for w in range(config.num_workers)]
         self._ids = [f"worker-{i}" for i in range(config.num_workers)]
-        self._loads = [WorkerLoad() for _ in self._workers]
         self.now = 0.0
-        self._index = PrefixIndex(config.pending_ttl_s, config.approx_ttl_s, clock=lambda: self.now)
-        for worker_id in self._ids:
-            self._index.set_events_live(worker_id, True)
-        self._policy = make_policy(config.policy, config.load_weight, random.Random(config.seed))
+        num_routers = config.num_routers
+        self._routers = [self._router(r) for r in range(num_routers)]
+        # _polls[w][r]: worker w's load as router r last polled it
+        self._polls = [[Sampled(worker.load, config.health_interval_s, r * config.health_interval_s / num_routers)
+                        for r in range(num_routers)] for worker in self._workers]
+        self._num_arrived = 0
+        self._router_of: list[int] = [0] * len(workload.requests)
         self._seed = namespace_seed(_NAMESPACE)
         self._first_generated = _first_generated(workload)
         self._events: list[tuple[float, int, Callable[[], None]]] = []
@@ -185,6 +204,13 @@ class _Simulation:
         served = Counter(o.worker for o in outcomes)
         return outcomes, tuple(self._worker_stats(w, end_s, served[w]) for w in range(len(self._workers)))
 
+    def _router(self, r: int) -> SimRouter:
+        config = self._config
+        rng = random.Random(config.seed if r == 0 else f"{config.seed}:router-{r}")
+        return SimRouter(self._ids, config.policy, config.load_weight, rng, config.pending_ttl_s,
+                         config.approx_ttl_s, lambda: self.now, config.load_interval_s,
+                         r * config.load_interval_s / config.num_routers)
+
     def _at(self, time_s: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._events, (time_s, self._num_scheduled, action))
         self._num_scheduled += 1
@@ -194,13 +220,25 @@ class _Simulation:
         cacheable = request.block_ids[: request.input_len // self._block_size]
         hashes = page_hashes(cacheable, 1, self._seed)
         route = RouteRequest(request.input_len, request.output_len, self._block_size)
-        decision = decide(self._policy, self._index, route, hashes, self._ids, self._loads)
-        w = decision.worker
-        self._index.record_routed(self._ids[w], hashes)
-        self._loads[w].begin(str(i), decision.prefill_tokens, decision.output_tokens, decision.active_pages)
+        r = self._router_of[i] = self._num_arrived % len(self._routers)
+        self._num_arrived += 1
+        reports = [polls[r].value(self.now) for polls in self._polls]
+        w = self._routers[r].route(route, hashes, str(i), reports, self._peers(r), self.now).worker
         seq = SimSeq.of_blocks(i, request.block_ids, request.input_len, request.output_len, self._block_size,
                                self._first_generated[i], hashes)
+        self._changing(w)
         self._schedule_step(w, self._workers[w].submit(seq, self.now))
+
+    def _peers(self, r: int) -> list[ReportedLoad] | None:
+        """What the routers other than ``r`` last published, summed per worker; None without shared load."""
+        if not self._config.shared_load:
+            return None
+        return peer_load([router.published(self.now) for k, router in enumerate(self._routers) if k != r])
+
+    def _changing(self, w: int) -> None:
+        """Worker ``w``'s load is about to change: the polls since the last change see it as it was."""
+        for poll in self._polls[w]:
+            poll.changing(self.now)
 
     def _schedule_step(self, w: int, end_s: float | None) -> None:
         worker = self._workers[w]
@@ -215,25 +253,25 @@ class _Simulation:
         worker = self._workers[w]
         if version != worker.version:
             return  # the step was cut short; its replacement is scheduled
+        self._changing(w)
         notices, end_s = worker.finish_step(self.now)
         for notice in notices:
             self._notice(w, notice)
         self._schedule_step(w, end_s)
 
     def _notice(self, w: int, notice: Notice) -> None:
-        """The router's view of a request's progress, as its streamed tokens tell the real router."""
+        """The routing router's view of a request's progress, as its streamed tokens tell the real router."""
         i = notice.index
-        self._loads[w].progress(str(i), notice.num_tokens)
+        self._routers[self._router_of[i]].notice(w, str(i), notice.num_tokens, notice.first, notice.finished,
+                                                 self.now)
         if notice.first:
             self._first_token_s[i] = notice.time_s
-            self._loads[w].first_token(str(i))
         if not notice.finished:
             return
         request = self._workload.requests[i]
         arrival_s = self._arrival_s.get(i, request.arrival_s)
         self._outcomes[i] = RequestOutcome(w, arrival_s, self._first_token_s[i], notice.time_s, request.input_len,
                                            notice.cached_tokens, request.output_len)
-        self._loads[w].end(str(i))
         for follower in self._followers.get(i, ()):
             at = notice.time_s + self._workload.requests[follower].think_s
             self._arrival_s[follower] = at
@@ -242,11 +280,8 @@ class _Simulation:
             self._progress.advance()
 
     def _apply_events(self, w: int, events: list[KVEvent]) -> None:
-        for event in events:
-            if event.kind == "stored":
-                self._index.apply_stored(self._ids[w], event.page_hashes)
-            else:
-                self._index.apply_removed(self._ids[w], event.page_hashes)
+        for router in self._routers:
+            router.apply_events(self._ids[w], events)
 
     def _worker_stats(self, w: int, end_s: float, num_requests: int) -> WorkerStats:
         worker = self._workers[w]

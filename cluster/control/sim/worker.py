@@ -24,12 +24,19 @@ before the ``k``-th; no running request is in its prompt, so no waiting request'
 waiting request the first step could not admit (no room in the pool or in ``max_running_requests``) is not
 admitted by the others either, and its repeated match only re-marks its own path most recently used. An arrival
 during a macro-step cuts it at the end of the step then in progress, where continuous batching would admit it.
+
+Load reports (``SimWorker.load``) are the engine's (``Engine.load``): requests in flight, the prompt tokens still
+to prefill before their first token (what the engine estimated at arrival would not need computing left out:
+the prefix the cache tiers held or the prompts in flight ahead of it bring), and the output budgets left; a
+report taken inside a decode macro-step counts the tokens of its steps already ended, as single steps would.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +46,7 @@ from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.control.sim.costmodel import CostModel, PrefillChunk
 from radixserve.cluster.control.sim.hosttier import HostTier
 from radixserve.cluster.control.sim.pagecache import PageKeyedCache
+from radixserve.router.routing import ReportedLoad
 from radixserve.worker.kv.allocator import PageAllocator
 from radixserve.worker.kv.radix_cache import KVEvent
 from radixserve.worker.scheduler import ScheduledBatch, Scheduler
@@ -73,13 +81,15 @@ class WorkerConfig:
 class SimSeq(KVSequence):
     """Request ``index`` of the workload on a worker, generating ``output_len`` tokens from ``first_generated`` on
     (see the module docstring). ``hashes``: chained hashes of its leading pages, how the host tier names them;
-    ``num_loading``: pages to bring from the host tier before the step that admits it runs."""
+    ``num_loading``: pages to bring from the host tier before the step that admits it runs;
+    ``num_cached_at_arrival``: the prompt tokens the worker estimated, when it arrived, it would not compute."""
 
     index: int
     output_len: int
     first_generated: int
     hashes: list[int]
     num_loading: int = 0
+    num_cached_at_arrival: int = 0
 
     @classmethod
     def of_blocks(cls, index: int, block_ids: tuple[int, ...], input_len: int, output_len: int, block_size: int,
@@ -142,6 +152,7 @@ class SimWorker:
         self._scheduler: Scheduler[SimSeq] = Scheduler(config.scheduler, self._cache, self._allocator, block_size,
                                                        extend)
         self._step: _Step | None = None
+        self._prompt_pages: Counter[int] = Counter()  # the full prompt pages of the requests in flight
         self.version = 0
         self._used_area = 0.0  # integral of used blocks over time
         self._peak_used = 0
@@ -159,6 +170,7 @@ class SimWorker:
 
     def submit(self, seq: SimSeq, now: float) -> float | None:
         """Queue a routed request at ``now``."""
+        self._estimate_cached(seq)
         self._scheduler.add(seq)
         if self._step is None:
             return self._start(now)
@@ -170,6 +182,15 @@ class SimWorker:
         assert step is not None and step.end_s == now, "finish_step called off its step's end"
         notices = self._apply(step, now)
         return notices, self._start(now)
+
+    def load(self, at_s: float) -> ReportedLoad:
+        """The load report the engine would send at ``at_s`` (see the module docstring): a time from the last
+        ``submit`` or ``finish_step`` call to the end of the step in flight."""
+        seqs = [*self._scheduler.running, *self._scheduler.waiting]
+        prefill = sum(max(0, seq.prompt_len - max(seq.num_computed, seq.num_cached_at_arrival))
+                      for seq in seqs if seq.num_generated == 0)
+        output = sum(seq.output_len - seq.num_generated for seq in seqs) - self._decoded_by(at_s)
+        return ReportedLoad(len(seqs), prefill, output)
 
     def take_events(self) -> list[KVEvent]:
         """The worker's KV events since the last call, over both tiers, oldest first."""
@@ -250,9 +271,43 @@ class SimWorker:
             finished = seq.num_generated == seq.output_len
             if finished:
                 self._scheduler.finish(seq, "length")
+                self._forget_prompt(seq)
             notices.append(Notice(seq.index, now, skipped + 1, seq.num_generated == 1, finished,
                                   seq.num_cached_prompt_tokens))
         return notices
+
+    def _decoded_by(self, at_s: float) -> int:
+        """The tokens the decode macro-step in flight generated in its steps that ended before ``at_s``."""
+        step = self._step
+        if step is None or step.num_decode_steps == 1:
+            return 0
+        ended = math.ceil((at_s - step.start_s) / step.decode_step_s) - 1
+        return min(max(ended, 0), step.num_decode_steps - 1) * len(step.batch.items)
+
+    # ---- load estimates, as the engine's ---------------------------------------------------------------
+
+    def _estimate_cached(self, seq: SimSeq) -> None:
+        """``seq.num_cached_at_arrival`` as ``Engine._estimate_cached`` sets it: the longer of the prompt's prefix
+        the cache tiers hold (the host tier's count: the scheduler will load them) and the prefix the prompts in
+        flight here bring. Touches nothing the scheduler sees."""
+        pages = self._prompt_pages_of(seq)
+        ahead = next((i for i, page in enumerate(pages) if page not in self._prompt_pages), len(pages))
+        self._prompt_pages.update(pages)
+        self._host.absorb(self._cache.take_events())  # the blocks the device evicted are in host memory now
+        on_device = self._cache.cached_prefix_len(seq.token_ids[: seq.prompt_len - 1]) // self._block_size
+        held = on_device + self._host.held(pages, on_device, len(pages))
+        seq.num_cached_at_arrival = max(held, ahead) * self._block_size
+
+    def _forget_prompt(self, seq: SimSeq) -> None:
+        pages = self._prompt_pages_of(seq)
+        self._prompt_pages.subtract(pages)
+        for page in pages:
+            if self._prompt_pages[page] <= 0:
+                del self._prompt_pages[page]
+
+    def _prompt_pages_of(self, seq: SimSeq) -> list[int]:
+        """The hashes of the full pages of its prompt less the last token, as the engine hashes a prompt."""
+        return seq.hashes[: (seq.prompt_len - 1) // self._block_size]
 
     # ---- the host tier ---------------------------------------------------------------------------------
 

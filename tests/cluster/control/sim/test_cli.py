@@ -38,3 +38,20 @@ def test_sim_reports_bad_settings_by_name(tmp_path: Path, capsys: pytest.Capture
                                           field: str) -> None:
     assert main(["sim", *args, "--out", str(tmp_path)]) == 2
     assert field in capsys.readouterr().err
+
+
+def test_sim_runs_several_routers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sim", "--workers", "2", "--policies", "prefix", "--routers", "3", "--shared-load", "off",
+                 "--out", str(tmp_path)]) == 0
+    config = json.loads((tmp_path / "results.json").read_text())["meta"]["config"]
+    assert (config["num_routers"], config["shared_load"]) == (3, False)
+
+
+@pytest.mark.parametrize("args, flag", [(["--routers", "0"], "--routers"), (["--routers", "two"], "--routers"),
+                                        (["--shared-load", "yes"], "--shared-load")])
+def test_sim_rejects_bad_router_settings_naming_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         args: list[str], flag: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["sim", *args, "--out", str(tmp_path)])
+    assert exited.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err

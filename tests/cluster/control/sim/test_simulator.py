@@ -121,7 +121,8 @@ def test_generated_token_ids_must_fit_above_the_block_ids() -> None:
 
 @pytest.mark.parametrize("field, value", [("num_workers", 0), ("policy", "fastest"), ("device", "tpu"),
                                           ("model", "gpt-5"), ("host_kv_gib", -1.0), ("num_blocks", 0),
-                                          ("max_batch_tokens", 0), ("max_running", 0)])
+                                          ("max_batch_tokens", 0), ("max_running", 0), ("num_routers", 0),
+                                          ("load_interval_s", 0.0), ("health_interval_s", -1.0)])
 def test_config_errors_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"^{field}: "):
         SimConfig(**{field: value})
@@ -155,15 +156,75 @@ def test_the_routers_view_of_a_worker_shrinks_as_its_requests_stream_tokens() ->
     workload = shared_prefix(groups=2, prompts_per_group=4, system_len=512, question_len=32, output_len=40,
                              rate=20.0, seed=4)
     simulation = _Simulation(workload, SimConfig(num_workers=2, seed=0), None)
+    loads = simulation._routers[0].loads
     seen: list[int] = []
     original = simulation._notice
 
     def notice(w: int, n: Notice) -> None:
-        before = simulation._loads[w].pending_output_tokens
+        before = loads[w].pending_output_tokens
         original(w, n)
         if not n.finished:
-            seen.append(before - simulation._loads[w].pending_output_tokens)
+            seen.append(before - loads[w].pending_output_tokens)
     simulation._notice = notice  # type: ignore[method-assign]
     simulation.run()
     assert seen and all(delta > 0 for delta in seen)
-    assert all(load.pending_tokens == 0 and load.num_in_flight == 0 for load in simulation._loads)
+    assert all(load.pending_tokens == 0 and load.num_in_flight == 0 for load in loads)
+
+
+# The hot prefix of tests/router/test_routing.py: a 2,048-token prefix (32 blocks of 64 tokens), 64-token suffixes,
+# 32 output tokens, two workers. A first request caches the prefix on one worker (the holder, known to every
+# router's index through its KV events); at t = 10 s a burst of requests sharing it arrives 1 us apart, too fast
+# for the holder to finish any (its first step alone reads the weights for milliseconds) and within one load poll
+# (every 0.5 s; the last one saw an idle cluster), so the workers' reports add nothing.
+HOT = 64
+HOT_PREFIX = tuple(range(1, 33))
+
+
+def hot_prefix(num_burst: int, spacing_s: float = 1e-6) -> Workload:
+    first = SimRequest(0.0, HOT_PREFIX + (1000,), 33 * HOT, 32)
+    burst = [SimRequest(10.0 + k * spacing_s, HOT_PREFIX + (2000 + k,), 33 * HOT, 32) for k in range(num_burst)]
+    return Workload("hot prefix", HOT, (first, *burst))
+
+
+def taken_by_holder(**config: object) -> int:
+    """How many burst requests went to the holder before the first went elsewhere: all still in flight there."""
+    run = simulate(hot_prefix(160), replace(SimConfig(num_workers=2, load_interval_s=1e-7), **config))
+    holder = run.outcomes[0].worker
+    return next(k for k, o in enumerate(run.outcomes[1:]) if o.worker != holder)
+
+
+def test_with_shared_load_a_hot_prefix_spreads_at_the_same_total_in_flight_as_with_one_router() -> None:
+    # One router: the holder keeps the prefix while its pending work (96 tokens a request: 64 to prefill, 32 to
+    # generate) exceeds the idle worker's by at most 2,048 / 0.35 tokens, for 61 requests in flight, as in the
+    # router's own test. Two routers taking turns, publishing every 0.1 us (arrivals 1 us apart): each sees its
+    # own 30 or 31 plus the other's published ones, the same 61, and the 62nd goes to the other worker.
+    assert taken_by_holder() == 61
+    assert taken_by_holder(num_routers=2) == 61
+    # Without shared load each router counts only its own: it lets the holder take 61 of them, 122 in all (the
+    # 123rd, router 1's 62nd, leaves).
+    assert taken_by_holder(num_routers=2, shared_load=False) == 122
+    # What a router published is up to load_interval_s old: a burst within one interval (the default 0.1 s)
+    # looks to each router like its own traffic alone, as without shared load.
+    assert taken_by_holder(num_routers=2, load_interval_s=0.1) == 122
+
+
+def test_the_workers_load_reports_count_every_routers_traffic_once_polled() -> None:
+    # Shared load off, but each router polls the workers every 0.1 us: the holder's report (its queue, prefill owed
+    # net of the prefix it caches) counts both routers' requests, and the prefix spreads at 61 again.
+    assert taken_by_holder(num_routers=2, shared_load=False, health_interval_s=1e-7) == 61
+
+
+def test_one_router_routes_alike_with_shared_load_on_or_off() -> None:
+    trace = shared_prefix(groups=4, prompts_per_group=8, system_len=256, question_len=16, output_len=8, rate=200.0)
+    config = replace(SMALL, num_blocks=256, kv_event_lag_s=0.005, num_routers=1)
+    on, off = (simulate(trace, replace(config, shared_load=shared_load)) for shared_load in (True, False))
+    assert on.outcomes == off.outcomes and on.workers == off.workers
+
+
+def test_several_routers_are_deterministic_for_a_seed() -> None:
+    trace = shared_prefix(groups=4, prompts_per_group=8, system_len=256, question_len=16, output_len=8, rate=200.0)
+    for shared_load in (True, False):
+        config = replace(SMALL, num_workers=3, num_blocks=256, num_routers=3, shared_load=shared_load, seed=2,
+                         load_interval_s=0.003, health_interval_s=0.01)
+        first, second = simulate(trace, config), simulate(trace, config)
+        assert first.outcomes == second.outcomes and first.workers == second.workers
