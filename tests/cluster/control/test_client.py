@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from radixserve.cluster.control.client import DEFAULT_TARGET, ClusterClient, add_client_commands, format_status
+from radixserve.cluster.control.client import (DEFAULT_TARGET, ClusterClient, add_client_commands, channel_target,
+                                              default_target, format_status)
+from radixserve.cluster.control.launcher import ClusterState
 from radixserve.cluster.base.wire import sampling_params_from_proto
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2
 
@@ -280,15 +284,38 @@ def test_status_command_prints_the_table(server: Server, capsys: pytest.CaptureF
     assert capsys.readouterr().out == format_status(WORKERS) + "\n"
 
 
-def test_target_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    parser = argparse.ArgumentParser()
+def test_the_target_defaults_to_the_environment_then_the_running_clusters_routers(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RADIXSERVE_HOME", str(tmp_path))
     monkeypatch.delenv("RADIXSERVE_TARGET", raising=False)
-    add_client_commands(parser.add_subparsers(dest="command"))
-    assert parser.parse_args(["status"]).target == DEFAULT_TARGET
+    assert default_target() == DEFAULT_TARGET
+    ClusterState(os.getpid(), "127.0.0.1:7001", "", "", "", router_addresses=("127.0.0.1:7001", "127.0.0.1:7002")).save()
+    assert default_target() == "127.0.0.1:7001,127.0.0.1:7002"
     monkeypatch.setenv("RADIXSERVE_TARGET", "10.0.0.5:6000")
+    assert default_target() == "10.0.0.5:6000"
     parser = argparse.ArgumentParser()
     add_client_commands(parser.add_subparsers(dest="command"))
-    assert parser.parse_args(["status"]).target == "10.0.0.5:6000"
+    assert parser.parse_args(["status"]).target is None  # resolved when the command runs
+
+
+def test_several_router_addresses_become_one_static_grpc_address_list() -> None:
+    assert channel_target("127.0.0.1:1") == "127.0.0.1:1"
+    assert channel_target("127.0.0.1:1, localhost:2") in ("ipv4:127.0.0.1:1,127.0.0.1:2", "ipv6:[::1]:1,[::1]:2")
+    assert channel_target(["127.0.0.1:1", "127.0.0.2:2"]) == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    for bad in ("", "127.0.0.1:1,nohost", "127.0.0.1:1,127.0.0.1:x"):
+        with pytest.raises(ValueError, match="^target: "):
+            channel_target(bad)
+
+
+def test_a_client_of_two_routers_goes_on_through_the_live_one(server: Server, closed_target: str) -> None:
+    with ClusterClient([closed_target, server.target], timeout_s=10) as client:
+        for _ in range(4):
+            assert client.list_workers() == WORKERS
+
+
+def test_a_bad_target_is_an_error_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_command(["status", "--target", "127.0.0.1:1,nohost"]) == 2
+    assert capsys.readouterr().err.startswith("error: target: ")
 
 
 def parse_table(text: str) -> tuple[str, list[dict[str, str]]]:
