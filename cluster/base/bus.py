@@ -155,7 +155,8 @@ class RegistryChange:
 
 
 class Lost(NamedTuple):
-    """Stands where ``count`` messages of a subscription were dropped because it fell too far behind."""
+    """Stands where messages of a subscription were missed: ``count`` it dropped because its consumer fell too far
+    behind, plus, when its backend could not read for a while (``Subscription.mark_lost``), an unknown number."""
 
     count: int
 
@@ -178,6 +179,7 @@ class Subscription:
         self.topic = topic  # what it follows, for its backend: "registry", or the worker id of a KV log
         self._pending: collections.deque[bytes] = collections.deque(maxlen=max_pending)
         self._num_lost = 0
+        self._gap = False  # the backend missed messages it cannot count
         self._closed = False
         self._wakeup = asyncio.Event()
         self._on_close = on_close
@@ -191,6 +193,19 @@ class Subscription:
         self._pending.append(payload)
         self._wakeup.set()
 
+    def mark_lost(self) -> None:
+        """Mark that the backend missed messages it cannot count (its source was unreachable).
+
+        The unread messages are dropped too (they are counted), so one ``Lost`` comes next and what follows it
+        is contiguous; ignored once closed.
+        """
+        if self._closed:
+            return
+        self._num_lost += len(self._pending)
+        self._pending.clear()
+        self._gap = True
+        self._wakeup.set()
+
     def close(self) -> None:
         """Stop receiving and end iteration (a consumer waiting for a message wakes up); idempotent."""
         if self._closed:
@@ -198,6 +213,7 @@ class Subscription:
         self._closed = True
         self._pending.clear()
         self._num_lost = 0
+        self._gap = False
         self._wakeup.set()
         self._on_close(self)
 
@@ -208,8 +224,8 @@ class Subscription:
         while True:
             if self._closed:
                 raise StopAsyncIteration
-            if self._num_lost:
-                lost, self._num_lost = Lost(self._num_lost), 0
+            if self._num_lost or self._gap:
+                lost, self._num_lost, self._gap = Lost(self._num_lost), 0, False
                 return lost
             if self._pending:
                 return self._pending.popleft()
@@ -239,17 +255,29 @@ class EventBus(ABC):
     """
 
     shared: bool = False
+    _closed: bool = False
 
     @property
     def connected(self) -> bool:
         return True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("bus: closed")
 
     # ---- registry ---------------------------------------------------------------------------------------
 
     @abstractmethod
     def watch_registry(self, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
         """Every later change of the registry, each a ``RegistryChange`` (``to_bytes``); ``Lost`` where some
-        were missed (then read ``members()`` again). A record whose TTL ran out arrives as ``left``."""
+        were missed (then read ``members()`` again). A record whose TTL ran out arrives as ``left``.
+
+        A shared bus learns the changes by reading the registry, so: a watcher may also get ``joined`` for
+        records that were there before it subscribed (``updated`` / ``left`` for ones it never saw), and changes
+        undone between two reads are not seen; a record that expired is reported ``left`` once it has been
+        missing for ``BusConfig.worker_ttl_s`` of reads that succeeded (so that the registry may come back after
+        a restart of the backend); while the backend is unreachable no change arrives.
+        """
 
     @abstractmethod
     async def announce(self, record: WorkerRecord, ttl_s: float | None = None) -> None:
@@ -326,6 +354,13 @@ def check_worker_id(worker_id: object) -> None:
     _require(isinstance(worker_id, str) and bool(worker_id), "worker_id", "a non-empty string", worker_id)
 
 
+def check_announce(record: object, ttl_s: object) -> None:
+    """Raise ValueError unless ``record`` is a ``WorkerRecord`` and ``ttl_s`` None or a number > 0."""
+    _require(isinstance(record, WorkerRecord), "record", "a WorkerRecord", record)
+    if ttl_s is not None:
+        check_ttl(ttl_s)
+
+
 class _KvLog:
     """One worker's log in process: entries in order, the position of its last snapshot, its followers."""
 
@@ -353,7 +388,6 @@ class InProcessBus(EventBus):
         self._expiries: dict[str, asyncio.TimerHandle] = {}
         self._logs: dict[str, _KvLog] = {}
         self._loads: dict[tuple[str, str], tuple[bytes, float]] = {}  # (kind, name) -> (payload, expiry)
-        self._closed = False
 
     def watch_registry(self, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
         self._check_open()
@@ -363,9 +397,7 @@ class InProcessBus(EventBus):
 
     async def announce(self, record: WorkerRecord, ttl_s: float | None = None) -> None:
         self._check_open()
-        _require(isinstance(record, WorkerRecord), "record", "a WorkerRecord", record)
-        if ttl_s is not None:
-            check_ttl(ttl_s)
+        check_announce(record, ttl_s)
         self._renew(record.worker_id, ttl_s)
         previous = self._members.get(record.worker_id)
         if previous == record:
@@ -375,6 +407,7 @@ class InProcessBus(EventBus):
 
     async def withdraw(self, worker_id: str) -> None:
         self._check_open()
+        check_worker_id(worker_id)
         self._remove(worker_id)
 
     async def members(self) -> dict[str, WorkerRecord]:
@@ -399,6 +432,7 @@ class InProcessBus(EventBus):
 
     async def kv_log_length(self, worker_id: str) -> int:
         self._check_open()
+        check_worker_id(worker_id)
         log = self._logs.get(worker_id)
         return 0 if log is None else len(log.entries)
 
@@ -442,10 +476,6 @@ class InProcessBus(EventBus):
         payload = RegistryChange(kind, record).to_bytes()
         for subscription in tuple(self._watchers):
             subscription.push(payload)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("bus: closed")
 
 
 def make_bus(config: BusConfig | None = None) -> EventBus:
