@@ -110,6 +110,29 @@ def test_an_entry_without_a_batch_field_arrives_empty(local_redis: LocalRedisSer
     run(test)
 
 
+def test_a_follower_whose_position_was_trimmed_away_gets_lost(
+        local_redis: LocalRedisServer) -> None:  # noqa: F811
+    config = bus_config(local_redis)
+    key = f"{config.namespace}:kv:worker-0"
+
+    async def test() -> None:
+        bus = RedisBus(config)
+        try:
+            await bus.append_kv("worker-0", b"a")
+            follower = bus.follow_kv("worker-0")
+            assert await take(follower, 1) == [b"a"]
+            with redis.Redis.from_url(local_redis.url) as foreign:  # blocking: the bus's reader cannot run
+                ids = [foreign.xadd(key, {"batch": payload}) for payload in (b"x1", b"x2", b"x3")]
+                foreign.xtrim(key, minid=ids[-1], approximate=False)  # as a writer far ahead would
+            received = await take(follower, 2)
+            if received[0] == b"x1":  # a read already waiting got x1 before the trim
+                received = received[1:] + await take(follower, 1)
+            assert received == [Lost(0), b"x3"]
+        finally:
+            await bus.close()
+    run(test)
+
+
 def test_an_unreadable_record_is_skipped(local_redis: LocalRedisServer) -> None:  # noqa: F811
     config = bus_config(local_redis)
     with redis.Redis.from_url(local_redis.url) as foreign:
