@@ -36,7 +36,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -110,6 +110,15 @@ class _Follower:
     last_id: bytes = b"0-0"
     # It received entries since it started or its last Lost: losing some now is a gap to report.
     contiguous: bool = False
+
+
+class _StreamRead(NamedTuple):
+    """What one read got of a KV log stream: the entries after ``start``, and its first retained entry's id as
+    read just before (None: it was empty)."""
+
+    start: bytes
+    first: bytes | None
+    entries: list[tuple[bytes, dict[bytes, bytes]]]
 
 
 class _RegistryView:
@@ -253,10 +262,13 @@ class RedisBus(EventBus):
         tasks = tuple(self._tasks.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Closing the connections also ends a read that a cancellation did not reach (redis-py may turn one into
+        # an error, which the tasks survive; they stop on seeing the bus closed).
+        await self._redis.aclose()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2 * SOCKET_TIMEOUT_S)
         for subscription in (*self._watchers, *self._followers):
             subscription.close()
-        await self._redis.aclose()
 
     # ---- internals --------------------------------------------------------------------------------------
 
@@ -308,7 +320,7 @@ class RedisBus(EventBus):
     async def _poll_registry(self) -> None:
         view = _RegistryView(self._config.worker_ttl_s)
         interval_s = min(self._config.worker_ttl_s / 4, MAX_POLL_INTERVAL_S)
-        while True:
+        while not self._closed:
             try:
                 current = await self._call(self._read_members())
                 withdrawn = await self._call(self._withdrawn(view.missing(current)))
@@ -327,14 +339,16 @@ class RedisBus(EventBus):
     async def _read_logs(self) -> None:
         backoff_s = MIN_BACKOFF_S
         failing = False
-        while True:
+        while not self._closed:
             if not self._followers:
                 self._followed.clear()
                 await self._followed.wait()
                 continue
             try:
-                firsts, streams = await self._call(self._read_streams())
+                reads = await self._call(self._read_streams())
             except (BusUnavailable, RedisError) as error:
+                if self._closed:
+                    return
                 if not failing:
                     log.warning("bus: reading the KV logs failed, retrying: %s", error)
                 failing = True
@@ -343,12 +357,12 @@ class RedisBus(EventBus):
                 backoff_s = min(2 * backoff_s, MAX_BACKOFF_S)
                 continue
             failing, backoff_s = False, MIN_BACKOFF_S
-            for worker_id, entries in streams.items():
-                self._deliver(worker_id, firsts[worker_id], entries)
+            for worker_id, read in reads.items():
+                self._deliver(worker_id, read)
 
-    async def _read_streams(self) -> tuple[dict[str, bytes | None], dict[str, list[tuple[bytes, dict]]]]:
-        """One read of every followed stream after the least last id of its followers: each worker's first
-        retained entry id (None: empty) as read before, and the entries read, by worker id."""
+    async def _read_streams(self) -> dict[str, _StreamRead]:
+        """One read of every followed stream after the least last id of its followers, by worker id (the
+        streams with new entries only)."""
         positions: dict[str, bytes] = {}
         for follower in self._followers.values():
             worker_id = follower.subscription.topic
@@ -362,22 +376,23 @@ class RedisBus(EventBus):
                    block=READ_BLOCK_MS)
         *heads, read = await pipe.execute()
         firsts = {worker_id: head[0][0] if head else None for worker_id, head in zip(keys.values(), heads)}
-        return firsts, {keys[key.decode()]: entries for key, entries in read}
+        return {worker_id: _StreamRead(positions[worker_id], firsts[worker_id], entries)
+                for worker_id, entries in ((keys[key.decode()], entries) for key, entries in read)}
 
-    def _deliver(self, worker_id: str, first: bytes | None, entries: list[tuple[bytes, dict]]) -> None:
-        """Push ``entries`` of ``worker_id``'s log to each of its followers after that follower's last id."""
+    def _deliver(self, worker_id: str, read: _StreamRead) -> None:
+        """Push what ``read`` got of ``worker_id``'s log to each of its followers after that follower's last id."""
         for follower in tuple(self._followers.values()):
-            if follower.subscription.topic != worker_id:
-                continue
             last = _entry_id(follower.last_id)
-            if follower.contiguous and first is not None and _entry_id(first) > last:
+            if follower.subscription.topic != worker_id or last < _entry_id(read.start):
+                continue  # another log, or a follower added during the read: the next one starts at its last id
+            if follower.contiguous and read.first is not None and _entry_id(read.first) > last:
                 self._interrupt(follower)  # its last entry was trimmed: it may have missed the ones after it
-            for entry_id, fields in entries:
+            for entry_id, fields in read.entries:
                 if _entry_id(entry_id) > last:
                     follower.subscription.push(self._batch(worker_id, fields))
                     follower.last_id, follower.contiguous = entry_id, True
 
-    def _batch(self, worker_id: str, fields: dict) -> bytes:
+    def _batch(self, worker_id: str, fields: dict[bytes, bytes]) -> bytes:
         payload = fields.get(b"batch")
         if payload is None:
             self._warn_once(f"kv:{worker_id}", "bus: an entry of the KV log of %r has no 'batch' field "

@@ -33,11 +33,11 @@ def _free_port() -> int:
 class LocalRedisServer:
     """One ``redis-server`` process in ``directory``, on ``port`` (None: a free one, chosen at the first start).
 
-    ``start()`` returns once the server answers PING (at most ``START_TIMEOUT_S``) and raises RuntimeError with
-    the end of its log if it does not; ``start()`` after ``stop()`` or ``kill()`` restarts it on the same port.
-    ``stop()`` sends SIGTERM and SIGKILL after ``STOP_TIMEOUT_S``; ``kill()`` sends SIGKILL at once (a crash, for
-    fault tests). Both wait for the process and do nothing when it is not running. As a context manager it
-    starts and stops.
+    ``start()`` returns once the process answers on its port (at most ``START_TIMEOUT_S``) and raises
+    RuntimeError with the end of its log if it does not; ``start()`` after ``stop()`` or ``kill()`` restarts it
+    on the same port. ``stop()`` sends SIGTERM and SIGKILL after ``STOP_TIMEOUT_S``; ``kill()`` sends SIGKILL at
+    once (a crash, for fault tests). Both wait for the process and do nothing when it is not running. As a
+    context manager it starts and stops.
     """
 
     def __init__(self, directory: Path, port: int | None = None, binary: str = DEFAULT_BINARY) -> None:
@@ -109,10 +109,12 @@ class LocalRedisServer:
                     raise RuntimeError(f"redis-server: exited with status {self._process.returncode} on start; "
                                        f"{self._log_tail()}")
                 try:
-                    if client.ping():
+                    # Another server may hold the port: only our own process counts.
+                    if client.info("server")["process_id"] == self._process.pid:
                         return
                 except (redis.ConnectionError, redis.TimeoutError):
-                    time.sleep(0.02)
+                    pass
+                time.sleep(0.02)
         finally:
             client.close()
         raise RuntimeError(f"redis-server: no answer on port {self.port} within {START_TIMEOUT_S} s; "

@@ -1,51 +1,82 @@
+"""The ``EventBus`` contract, run against both backends: ``InProcessBus`` and ``RedisBus`` on a real redis-server.
+
+A shared bus learns registry changes by reading the registry, so changes arrive within a poll interval rather
+than at once: each test waits for a change before making the next one. The Redis-only fault behaviour is in
+test_redis_bus.py; the ``Subscription`` queue itself is tested directly, at the end.
+"""
+
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis_server import bus_config, local_redis  # noqa: F401  (a fixture)
 
-from radixserve.cluster.base.bus import (
-    KV_EVENTS_TOPIC,
-    REGISTRY_TOPIC,
-    ChangeKind,
-    EventBus,
-    InProcessBus,
-    Lost,
-    RegistryChange,
-    Subscription,
-    WorkerRecord,
-    make_bus,
-)
+from radixserve.cluster.base.bus import (ChangeKind, EventBus, InProcessBus, Lost, RegistryChange, Subscription,
+                                         WorkerRecord, make_bus)
+from radixserve.cluster.base.config import BusConfig
+from radixserve.cluster.base.redis_bus import RedisBus
+from radixserve.cluster.control.redis_server import LocalRedisServer
 
-TIMEOUT_S = 2.0
+TIMEOUT_S = 5.0
+WORKER_TTL_S = 0.4  # the Redis bus's grace before a missing record leaves, and its tombstones' life
 RECORD = WorkerRecord(worker_id="worker-0", address="127.0.0.1:7001", model="smollm2-135m-instruct",
                       incarnation="a1", max_running_requests=64, http_address="127.0.0.1:8001")
+OTHER = dataclasses.replace(RECORD, worker_id="worker-1", address="127.0.0.1:7002")
 
 
-def run_with_bus(test: Callable[[EventBus], Awaitable[None]]) -> None:
-    """Run ``test`` on a fresh in-process bus inside its own loop, bounded by a timeout, then close the bus."""
-    async def main() -> None:
-        bus = make_bus()
-        try:
-            await asyncio.wait_for(test(bus), TIMEOUT_S)
-        finally:
-            await bus.close()
-    asyncio.run(main())
+@dataclass
+class Backend:
+    """How to make a bus of one backend and how long to wait for it."""
+
+    name: str
+    make: Callable[[float], EventBus]  # worker_ttl_s -> a bus with a registry and logs of its own
+    settle_s: float  # a change not seen within this is not coming
+
+    def run(self, test: Callable[[EventBus], Awaitable[None]], worker_ttl_s: float = WORKER_TTL_S) -> None:
+        """Run ``test`` on a new bus in its own loop, bounded by ``TIMEOUT_S``, then close the bus."""
+        async def main() -> None:
+            bus = self.make(worker_ttl_s)
+            try:
+                await asyncio.wait_for(test(bus), TIMEOUT_S)
+            finally:
+                await bus.close()
+        asyncio.run(main())
+
+
+def _redis_backend(server: LocalRedisServer) -> Backend:
+    return Backend("redis", lambda worker_ttl_s: RedisBus(bus_config(server, worker_ttl_s=worker_ttl_s)),
+                   settle_s=0.4)
+
+
+@pytest.fixture(params=["inprocess", "redis"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "inprocess":
+        return Backend("inprocess", lambda _: InProcessBus(), settle_s=0.05)
+    return _redis_backend(request.getfixturevalue("local_redis"))
 
 
 async def take(subscription: Subscription, count: int) -> list[bytes | Lost]:
-    return [await anext(subscription) for _ in range(count)]
+    return [await asyncio.wait_for(anext(subscription), TIMEOUT_S) for _ in range(count)]
 
 
-async def drain(subscription: Subscription) -> list[bytes | Lost]:
-    """Everything the subscription holds until it is idle for a moment or ends."""
+async def changes(subscription: Subscription, count: int) -> list[RegistryChange]:
+    return [RegistryChange.from_bytes(item) for item in await take(subscription, count)]  # type: ignore[arg-type]
+
+
+async def drain(subscription: Subscription, idle_s: float) -> list[bytes | Lost]:
+    """Everything the subscription holds until it is idle for ``idle_s`` or ends."""
     items: list[bytes | Lost] = []
     while True:
         try:
-            items.append(await asyncio.wait_for(anext(subscription), 0.05))
+            items.append(await asyncio.wait_for(anext(subscription), idle_s))
         except (TimeoutError, StopAsyncIteration):
             return items
 
@@ -54,167 +85,243 @@ def payloads(start: int, stop: int) -> list[bytes]:
     return [f"m{i}".encode() for i in range(start, stop)]
 
 
-def test_make_bus_default_is_in_process_and_unknown_kind_is_refused() -> None:
-    assert isinstance(make_bus(), InProcessBus)
-    assert isinstance(make_bus("inprocess"), InProcessBus)
-    with pytest.raises(ValueError, match=r"^bus: unknown kind 'redis'"):
-        make_bus("redis")
+# ---- registry ---------------------------------------------------------------------------------------------
 
 
-def test_messages_arrive_in_order_and_only_those_published_after_subscribing() -> None:
+def test_announce_and_withdraw_publish_joined_updated_and_left(backend: Backend) -> None:
     async def test(bus: EventBus) -> None:
-        await bus.publish(KV_EVENTS_TOPIC, b"before")
-        subscription = bus.subscribe(KV_EVENTS_TOPIC)
-        for payload in payloads(0, 100):
-            await bus.publish(KV_EVENTS_TOPIC, payload)
-        assert await take(subscription, 100) == payloads(0, 100)
-        assert await drain(subscription) == []
-    run_with_bus(test)
-
-
-def test_every_subscriber_of_a_topic_gets_every_message_and_topics_are_separate() -> None:
-    async def test(bus: EventBus) -> None:
-        subscriptions = [bus.subscribe("a") for _ in range(3)]
-        other = bus.subscribe("b")
-        for payload in payloads(0, 5):
-            await bus.publish("a", payload)
-        await bus.publish("b", b"only-b")
-        for subscription in subscriptions:
-            assert await take(subscription, 5) == payloads(0, 5)
-        assert await drain(other) == [b"only-b"]
-    run_with_bus(test)
-
-
-def test_a_waiting_consumer_wakes_up_on_publish() -> None:
-    async def test(bus: EventBus) -> None:
-        subscription = bus.subscribe("a")
-        waiter = asyncio.create_task(anext(subscription))
-        await asyncio.sleep(0.01)
-        assert not waiter.done()
-        await bus.publish("a", b"x")
-        assert await waiter == b"x"
-    run_with_bus(test)
-
-
-def test_overflow_drops_the_oldest_and_marks_the_gap_without_blocking_the_publisher() -> None:
-    async def test(bus: EventBus) -> None:
-        slow = bus.subscribe("a", max_pending=3)
-        fast = bus.subscribe("a")
-        for payload in payloads(0, 10):
-            await asyncio.wait_for(bus.publish("a", payload), 0.1)
-        assert await drain(slow) == [Lost(7), *payloads(7, 10)]
-        assert await drain(fast) == payloads(0, 10)
-    run_with_bus(test)
-
-
-def test_the_lost_marker_stands_where_the_gap_is() -> None:
-    async def test(bus: EventBus) -> None:
-        subscription = bus.subscribe("a", max_pending=2)
-        for payload in payloads(0, 2):
-            await bus.publish("a", payload)
-        assert await take(subscription, 1) == payloads(0, 1)
-        for payload in payloads(2, 6):  # m1 and m2 and m3 are dropped
-            await bus.publish("a", payload)
-        assert await drain(subscription) == [Lost(3), *payloads(4, 6)]
-        await bus.publish("a", b"m6")
-        assert await drain(subscription) == [b"m6"]
-    run_with_bus(test)
-
-
-def test_max_pending_must_be_positive() -> None:
-    async def test(bus: EventBus) -> None:
-        with pytest.raises(ValueError, match=r"^max_pending: "):
-            bus.subscribe("a", max_pending=0)
-    run_with_bus(test)
-
-
-def test_bad_topic_and_payload_are_refused() -> None:
-    async def test(bus: EventBus) -> None:
-        with pytest.raises(ValueError, match=r"^topic: "):
-            bus.subscribe("")
-        with pytest.raises(ValueError, match=r"^payload: "):
-            await bus.publish("a", "text")  # type: ignore[arg-type]
-    run_with_bus(test)
-
-
-def test_closing_a_subscription_ends_a_waiting_iteration_and_stops_delivery() -> None:
-    async def test(bus: EventBus) -> None:
-        subscription = bus.subscribe("a")
-        other = bus.subscribe("a")
-        await bus.publish("a", b"unread")
-        received: list[bytes | Lost] = []
-
-        async def consume() -> None:
-            async for item in subscription:
-                received.append(item)
-
-        consumer = asyncio.create_task(consume())
-        await asyncio.sleep(0.01)
-        subscription.close()
-        await consumer
-        await bus.publish("a", b"after")
-        assert received == [b"unread"]
-        assert await drain(subscription) == []
-        assert await drain(other) == [b"unread", b"after"]
-    run_with_bus(test)
-
-
-def test_leaving_the_async_with_block_closes_the_subscription() -> None:
-    async def test(bus: EventBus) -> None:
-        async with bus.subscribe("a") as subscription:
-            await bus.publish("a", b"inside")
-            assert await take(subscription, 1) == [b"inside"]
-        await bus.publish("a", b"outside")
-        assert [item async for item in subscription] == []
-    run_with_bus(test)
-
-
-def test_closing_the_bus_ends_every_subscription_and_refuses_further_use() -> None:
-    async def test() -> None:
-        bus = InProcessBus()
-        subscriptions = [bus.subscribe(topic) for topic in ("a", "a", "b")]
-        consumers = [asyncio.create_task(drain_until_end(s)) for s in subscriptions]
-        await asyncio.sleep(0.01)
-        await bus.close()
-        assert await asyncio.wait_for(asyncio.gather(*consumers), TIMEOUT_S) == [[], [], []]
-        await bus.close()
-        with pytest.raises(RuntimeError, match=r"^bus: closed"):
-            bus.subscribe("a")
-        for call in (bus.publish("a", b"x"), bus.announce(RECORD), bus.withdraw("w"), bus.members()):
-            with pytest.raises(RuntimeError, match=r"^bus: closed"):
-                await call
-
-    async def drain_until_end(subscription: Subscription) -> list[bytes | Lost]:
-        return [item async for item in subscription]
-
-    asyncio.run(test())
-
-
-def test_announce_and_withdraw_keep_the_registry_and_publish_each_change() -> None:
-    async def test(bus: EventBus) -> None:
-        changes = bus.subscribe(REGISTRY_TOPIC)
-        other = dataclasses.replace(RECORD, worker_id="worker-1", address="127.0.0.1:7002")
+        watcher = bus.watch_registry()
         restarted = dataclasses.replace(RECORD, incarnation="b2")
         await bus.announce(RECORD)
-        await bus.announce(other)
-        await bus.announce(RECORD)  # unchanged: nothing published
+        assert await changes(watcher, 1) == [RegistryChange(ChangeKind.JOINED, RECORD)]
+        await bus.announce(OTHER)
+        assert await changes(watcher, 1) == [RegistryChange(ChangeKind.JOINED, OTHER)]
+        await bus.announce(RECORD)  # unchanged: only renewed, so the next change is the update
         await bus.announce(restarted)
-        assert await bus.members() == {"worker-0": restarted, "worker-1": other}
+        assert await changes(watcher, 1) == [RegistryChange(ChangeKind.UPDATED, restarted)]
+        assert await bus.members() == {"worker-0": restarted, "worker-1": OTHER}
         await bus.withdraw("worker-1")
-        await bus.withdraw("worker-1")  # unknown by now: nothing published
+        assert await changes(watcher, 1) == [RegistryChange(ChangeKind.LEFT, OTHER)]
+        await bus.withdraw("worker-1")  # unknown by now
+        await bus.announce(restarted)
+        assert await drain(watcher, backend.settle_s) == []
         assert await bus.members() == {"worker-0": restarted}
-        received = [RegistryChange.from_bytes(item) for item in await drain(changes)]
-        assert received == [RegistryChange(ChangeKind.JOINED, RECORD), RegistryChange(ChangeKind.JOINED, other),
-                            RegistryChange(ChangeKind.UPDATED, restarted), RegistryChange(ChangeKind.LEFT, other)]
-    run_with_bus(test)
+    backend.run(test)
 
 
-def test_members_is_a_copy() -> None:
+def test_members_is_a_copy(backend: Backend) -> None:
     async def test(bus: EventBus) -> None:
+        assert await bus.members() == {}
         await bus.announce(RECORD)
         (await bus.members()).clear()
         assert await bus.members() == {"worker-0": RECORD}
-    run_with_bus(test)
+    backend.run(test)
+
+
+def test_a_record_that_is_not_renewed_expires_and_leaves(backend: Backend) -> None:
+    async def test(bus: EventBus) -> None:
+        watcher = bus.watch_registry()
+        await bus.announce(RECORD, ttl_s=0.3)
+        await bus.announce(OTHER)  # no TTL: stays
+        assert {c.record for c in await changes(watcher, 2)} == {RECORD, OTHER}
+        for _ in range(4):  # heartbeats keep it
+            await asyncio.sleep(0.15)
+            await bus.announce(RECORD, ttl_s=0.3)
+        assert await drain(watcher, 0.01) == []
+        assert await changes(watcher, 1) == [RegistryChange(ChangeKind.LEFT, RECORD)]
+        assert await bus.members() == {"worker-1": OTHER}
+    backend.run(test)
+
+
+def test_a_withdrawn_worker_leaves_at_once_even_with_a_long_ttl(backend: Backend) -> None:
+    async def test(bus: EventBus) -> None:
+        watcher = bus.watch_registry()
+        await bus.announce(RECORD, ttl_s=30.0)
+        await changes(watcher, 1)
+        start = time.monotonic()
+        await bus.withdraw(RECORD.worker_id)
+        assert await changes(watcher, 1) == [RegistryChange(ChangeKind.LEFT, RECORD)]
+        assert time.monotonic() - start < 1.0  # well before the 10 s grace of a missing record
+        assert await bus.members() == {}
+    backend.run(test, worker_ttl_s=10.0)
+
+
+def test_two_watchers_see_the_same_changes(backend: Backend) -> None:
+    async def test(bus: EventBus) -> None:
+        first, second = bus.watch_registry(), bus.watch_registry()
+        await bus.announce(RECORD)
+        joined = [RegistryChange(ChangeKind.JOINED, RECORD)]
+        assert (await changes(first, 1), await changes(second, 1)) == (joined, joined)
+        await bus.withdraw(RECORD.worker_id)
+        left = [RegistryChange(ChangeKind.LEFT, RECORD)]
+        assert (await changes(first, 1), await changes(second, 1)) == (left, left)
+    backend.run(test)
+
+
+# ---- KV event logs ----------------------------------------------------------------------------------------
+
+
+def test_a_follower_gets_the_retained_entries_then_the_live_ones_in_order(backend: Backend) -> None:
+    async def test(bus: EventBus) -> None:
+        for payload in payloads(0, 5):
+            await bus.append_kv("worker-0", payload)
+        follower = bus.follow_kv("worker-0")
+        assert await take(follower, 5) == payloads(0, 5)
+        for payload in payloads(5, 50):
+            await bus.append_kv("worker-0", payload)
+        assert await take(follower, 45) == payloads(5, 50)
+        await bus.append_kv("worker-1", b"elsewhere")
+        assert await drain(follower, backend.settle_s) == []
+    backend.run(test)
+
+
+def test_a_snapshot_lets_the_log_drop_what_precedes_the_previous_snapshot(backend: Backend) -> None:
+    async def test(bus: EventBus) -> None:
+        await bus.append_kv("worker-0", b"a")
+        await bus.append_kv("worker-0", b"s1", snapshot=True)  # the first snapshot drops nothing
+        await bus.append_kv("worker-0", b"b")
+        assert await bus.kv_log_length("worker-0") == 3
+        await bus.append_kv("worker-0", b"s2", snapshot=True)  # keeps from s1 on
+        await bus.append_kv("worker-0", b"c")
+        assert await take(bus.follow_kv("worker-0"), 4) == [b"s1", b"b", b"s2", b"c"]
+        assert await bus.kv_log_length("worker-0") == 4
+    backend.run(test)
+
+
+def _retained(snapshots: list[bool]) -> list[bytes]:
+    """The model: append i is ``b"<i>"``; the log keeps everything from the second-to-last snapshot on."""
+    marks = [i for i, snapshot in enumerate(snapshots) if snapshot]
+    start = marks[-2] if len(marks) >= 2 else 0
+    return [str(i).encode() for i in range(start, len(snapshots))]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(snapshots=st.lists(st.booleans(), max_size=20))
+def test_a_new_follower_gets_exactly_what_the_model_retains(backend: Backend, snapshots: list[bool]) -> None:
+    async def test(bus: EventBus) -> None:
+        for i, snapshot in enumerate(snapshots):
+            await bus.append_kv("worker-0", str(i).encode(), snapshot=snapshot)
+        expected = _retained(snapshots)
+        assert await bus.kv_log_length("worker-0") == len(expected)
+        assert await take(bus.follow_kv("worker-0"), len(expected)) == expected
+    backend.run(test)
+
+
+def test_every_follower_gets_every_entry_and_a_closed_one_is_forgotten(backend: Backend) -> None:
+    async def test(bus: EventBus) -> None:
+        first, second = bus.follow_kv("worker-0"), bus.follow_kv("worker-0")
+        for payload in payloads(0, 3):
+            await bus.append_kv("worker-0", payload)
+        assert await take(first, 3) == payloads(0, 3)
+        assert await take(second, 3) == payloads(0, 3)
+        first.close()
+        late = bus.follow_kv("worker-0")
+        await bus.append_kv("worker-0", b"m3")
+        assert await take(second, 1) == [b"m3"]
+        assert await take(late, 4) == payloads(0, 4)
+        assert [item async for item in first] == []
+    backend.run(test)
+
+
+def test_leaving_the_async_with_block_closes_the_follower(backend: Backend) -> None:
+    async def test(bus: EventBus) -> None:
+        async with bus.follow_kv("worker-0") as follower:
+            await bus.append_kv("worker-0", b"inside")
+            assert await take(follower, 1) == [b"inside"]
+        await bus.append_kv("worker-0", b"outside")
+        assert [item async for item in follower] == []
+    backend.run(test)
+
+
+def test_kv_log_length_counts_the_retained_entries(backend: Backend) -> None:
+    async def test(bus: EventBus) -> None:
+        assert await bus.kv_log_length("never-written") == 0
+        for payload in payloads(0, 7):
+            await bus.append_kv("worker-0", payload)
+        assert await bus.kv_log_length("worker-0") == 7
+        assert await bus.kv_log_length("worker-1") == 0
+    backend.run(test)
+
+
+# ---- load -------------------------------------------------------------------------------------------------
+
+
+def test_load_documents_are_replaced_kept_apart_by_kind_and_expire(backend: Backend) -> None:
+    async def test(bus: EventBus) -> None:
+        assert await bus.loads("worker") == {}
+        await bus.put_load("worker", "worker-0", b"old", ttl_s=10.0)
+        await bus.put_load("worker", "worker-0", b"new", ttl_s=10.0)
+        await bus.put_load("worker", "worker-1", b"short", ttl_s=0.1)
+        await bus.put_load("router", "router-0", b"r", ttl_s=10.0)
+        assert await bus.loads("worker") == {"worker-0": b"new", "worker-1": b"short"}
+        assert await bus.loads("router") == {"router-0": b"r"}
+        await asyncio.sleep(0.25)
+        assert await bus.loads("worker") == {"worker-0": b"new"}
+        await bus.put_load("worker", "worker-1", b"back", ttl_s=10.0)
+        assert await bus.loads("worker") == {"worker-0": b"new", "worker-1": b"back"}
+    backend.run(test)
+
+
+# ---- arguments and closing --------------------------------------------------------------------------------
+
+BAD_CALLS: list[tuple[str, Callable[[EventBus], object]]] = [
+    ("record", lambda bus: bus.announce("worker-0")),  # type: ignore[arg-type]
+    ("ttl_s", lambda bus: bus.announce(RECORD, ttl_s=0)),
+    ("ttl_s", lambda bus: bus.announce(RECORD, ttl_s=True)),  # type: ignore[arg-type]
+    ("worker_id", lambda bus: bus.withdraw("")),
+    ("worker_id", lambda bus: bus.append_kv("", b"x")),
+    ("payload", lambda bus: bus.append_kv("worker-0", "text")),  # type: ignore[arg-type]
+    ("worker_id", lambda bus: bus.follow_kv("")),
+    ("max_pending", lambda bus: bus.follow_kv("worker-0", max_pending=0)),
+    ("max_pending", lambda bus: bus.watch_registry(max_pending=0)),
+    ("worker_id", lambda bus: bus.kv_log_length(3)),  # type: ignore[arg-type]
+    ("kind", lambda bus: bus.put_load("pool", "p", b"x", 1.0)),
+    ("name", lambda bus: bus.put_load("worker", "", b"x", 1.0)),
+    ("payload", lambda bus: bus.put_load("worker", "w", None, 1.0)),  # type: ignore[arg-type]
+    ("ttl_s", lambda bus: bus.put_load("worker", "w", b"x", -1.0)),
+    ("kind", lambda bus: bus.loads("workers")),
+]
+
+
+@pytest.mark.parametrize(("field", "call"), BAD_CALLS, ids=[f"{i}-{field}" for i, (field, _) in enumerate(BAD_CALLS)])
+def test_a_bad_argument_is_refused_naming_it(backend: Backend, field: str, call: Callable[[EventBus], object]) -> None:
+    async def test(bus: EventBus) -> None:
+        with pytest.raises(ValueError, match=rf"^{field}: "):
+            result = call(bus)
+            if asyncio.iscoroutine(result):
+                await result
+    backend.run(test)
+
+
+def test_closing_the_bus_ends_every_subscription_and_refuses_further_use(backend: Backend) -> None:
+    async def test(bus: EventBus) -> None:
+        subscriptions = [bus.watch_registry(), bus.follow_kv("worker-0"), bus.follow_kv("worker-1")]
+        consumers = [asyncio.create_task(drain(s, TIMEOUT_S)) for s in subscriptions]
+        await asyncio.sleep(0.01)
+        await bus.close()
+        assert await asyncio.gather(*consumers) == [[], [], []]
+        await bus.close()
+        for call in (bus.watch_registry, lambda: bus.follow_kv("worker-0")):
+            with pytest.raises(RuntimeError, match=r"^bus: closed"):
+                call()
+        for coroutine in (bus.announce(RECORD), bus.withdraw("w"), bus.members(), bus.append_kv("w", b"x"),
+                          bus.kv_log_length("w"), bus.put_load("worker", "w", b"x", 1.0), bus.loads("worker")):
+            with pytest.raises(RuntimeError, match=r"^bus: closed"):
+                await coroutine
+    backend.run(test)
+
+
+def test_make_bus_picks_the_backend(local_redis: LocalRedisServer) -> None:  # noqa: F811
+    assert isinstance(make_bus(), InProcessBus)
+    assert not make_bus().shared
+    with pytest.raises(ValueError, match=r"^bus\.url: "):
+        make_bus(BusConfig(backend="redis"))
+    bus = make_bus(bus_config(local_redis))
+    assert isinstance(bus, RedisBus) and bus.shared and bus.connected
+    asyncio.run(bus.close())
+
+
+# ---- records and changes ----------------------------------------------------------------------------------
 
 
 def test_worker_record_round_trips_through_bytes() -> None:
@@ -270,3 +377,78 @@ def test_a_bad_registry_change_names_the_field() -> None:
         RegistryChange.from_bytes(json.dumps({"kind": "left", "record": []}).encode())
     with pytest.raises(ValueError, match=r"^record: missing"):
         RegistryChange.from_bytes(json.dumps({"kind": "left"}).encode())
+
+
+# ---- the Subscription queue (what every backend feeds) ----------------------------------------------------
+
+
+def _subscription(max_pending: int = 100) -> Subscription:
+    return Subscription("t", max_pending, lambda _: None)
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), TIMEOUT_S))
+
+
+def test_a_waiting_consumer_wakes_up_on_push() -> None:
+    async def test() -> None:
+        subscription = _subscription()
+        waiter = asyncio.create_task(anext(subscription))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        subscription.push(b"x")
+        assert await waiter == b"x"
+    run(test)
+
+
+def test_overflow_drops_the_oldest_and_marks_the_gap_where_it_is() -> None:
+    async def test() -> None:
+        subscription = _subscription(max_pending=2)
+        for payload in payloads(0, 2):
+            subscription.push(payload)
+        assert await take(subscription, 1) == payloads(0, 1)
+        for payload in payloads(2, 6):  # m1, m2 and m3 are dropped
+            subscription.push(payload)
+        assert await drain(subscription, 0.01) == [Lost(3), *payloads(4, 6)]
+        subscription.push(b"m6")
+        assert await drain(subscription, 0.01) == [b"m6"]
+    run(test)
+
+
+def test_mark_lost_drops_the_unread_messages_into_one_lost_before_the_next() -> None:
+    async def test() -> None:
+        subscription = _subscription()
+        subscription.mark_lost()
+        assert await drain(subscription, 0.01) == [Lost(0)]
+        for payload in payloads(0, 3):
+            subscription.push(payload)
+        assert await take(subscription, 1) == payloads(0, 1)
+        subscription.mark_lost()
+        subscription.push(b"after")
+        assert await drain(subscription, 0.01) == [Lost(2), b"after"]
+    run(test)
+
+
+def test_closing_a_subscription_ends_a_waiting_iteration_and_discards_what_is_unread() -> None:
+    async def test() -> None:
+        closed: list[Subscription] = []
+        subscription = Subscription("t", 10, closed.append)
+        subscription.push(b"read")
+        received: list[bytes | Lost] = []
+
+        async def consume() -> None:
+            async for item in subscription:
+                received.append(item)
+
+        consumer = asyncio.create_task(consume())
+        await asyncio.sleep(0.01)
+        subscription.push(b"unread")
+        subscription.close()
+        subscription.close()
+        await consumer
+        subscription.push(b"after")
+        subscription.mark_lost()
+        assert received == [b"read"]
+        assert closed == [subscription]
+        assert await drain(subscription, 0.01) == []
+    run(test)
