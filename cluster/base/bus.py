@@ -33,7 +33,6 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from radixserve.cluster.base.config import BusConfig
 
 DEFAULT_MAX_PENDING = 10_000
 LOAD_KINDS = ("worker", "router")
@@ -476,15 +475,3 @@ class InProcessBus(EventBus):
         payload = RegistryChange(kind, record).to_bytes()
         for subscription in tuple(self._watchers):
             subscription.push(payload)
-
-
-def make_bus(config: BusConfig | None = None) -> EventBus:
-    """A new bus for ``config`` (default: in process). A Redis bus needs ``config.url``; it connects lazily."""
-    config = config or BusConfig()
-    if config.backend == "inprocess":
-        return InProcessBus()
-    if config.url is None:
-        raise ValueError("bus.url: the Redis backend needs a URL (`radixserve up` starts a local server without one)")
-    from radixserve.cluster.base.redis_bus import RedisBus
-
-    return RedisBus(config)

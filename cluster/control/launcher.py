@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from radixserve.cluster.base.bus import EventBus, make_bus
+from radixserve.cluster.base.bus import EventBus
+from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.control.discovery import keep_targets, write_targets
 from radixserve.cluster.base.config import ClusterConfig, load_cluster_config
 from radixserve.cluster.base.model_store import ModelStore, radixserve_home

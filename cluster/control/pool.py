@@ -23,7 +23,8 @@ from typing import Any
 
 import ray
 
-from radixserve.cluster.base.bus import EventBus, WorkerRecord, make_bus
+from radixserve.cluster.base.bus import EventBus, WorkerRecord
+from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.base.config import (BusConfig, ClusterConfig, EngineConfig, MetricsConfig, PoolConfig,
                                             SecurityConfig)
 from radixserve.cluster.base.security import ApiKeys

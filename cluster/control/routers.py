@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import ray
 
-from radixserve.cluster.base.bus import make_bus
+from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.base.config import BusConfig, ClusterConfig, MetricsConfig, RouterConfig, SecurityConfig
 from radixserve.cluster.base.security import ApiKeys
 

@@ -19,7 +19,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis_cluster import RouterHandle, redis_cluster
 
-from radixserve.cluster.base.bus import WorkerRecord, make_bus
+from radixserve.cluster.base.bus import WorkerRecord
+from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.base.config import BusConfig
 from radixserve.cluster.control.redis_server import LocalRedisServer
 from radixserve.router.server import Router

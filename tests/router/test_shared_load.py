@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from radixserve.cluster.base.bus import make_bus
+from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.base.config import BusConfig, RouterConfig
 from radixserve.cluster.base.hashing import page_hashes
 from radixserve.cluster.control.redis_server import LocalRedisServer

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from redis_server import bus_config, local_redis  # noqa: F401  (a fixture)
 
 from radixserve.cluster.base.bus import (ChangeKind, EventBus, InProcessBus, Lost, RegistryChange, Subscription,
-                                         WorkerRecord, make_bus)
+                                         WorkerRecord)
+from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.base.config import BusConfig
 from radixserve.cluster.base.redis_bus import RedisBus
 from radixserve.cluster.control.redis_server import LocalRedisServer
