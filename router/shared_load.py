@@ -55,6 +55,7 @@ class SharedLoad:
         self._last_contact = time.monotonic()
         self.stale = False
         self.num_peers = 0
+        self._stopped = False
 
     @property
     def staleness_s(self) -> float:
@@ -62,9 +63,10 @@ class SharedLoad:
         return time.monotonic() - self._last_contact if self.stale else 0.0
 
     async def run(self) -> None:
-        """Exchange load every ``interval_s`` until cancelled."""
+        """Exchange load every ``interval_s`` until ``stop`` (a cancellation that redis-py turned into a connection
+        error, hence ``BusUnavailable``, is caught with it: the flag still ends the loop)."""
         rounds = 0
-        while True:
+        while not self._stopped:
             try:
                 await self.exchange(read_log_lengths=rounds % _LOG_LENGTH_EVERY == 0)
                 if self.stale:
@@ -96,6 +98,10 @@ class SharedLoad:
                 client.load = report
             if read_log_lengths:
                 client.num_log_entries = await self._bus.kv_log_length(worker_id)
+
+    def stop(self) -> None:
+        """End ``run`` at its next round."""
+        self._stopped = True
 
     async def withdraw(self) -> None:
         """Publish an empty document: the others stop counting this router's requests at once."""

@@ -117,6 +117,7 @@ class WorkerClient:
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._informed = asyncio.Event()
         self._on_entry = on_entry
+        self._closed = False
         self._poller = asyncio.create_task(self._poll())
         self._follower: asyncio.Task[None] | None = asyncio.create_task(self._relay_events()) if relay else None
         self._reader = asyncio.create_task(self._read_log())
@@ -181,6 +182,7 @@ class WorkerClient:
             self._follower = asyncio.create_task(self._relay_events())
 
     async def close(self) -> None:
+        self._closed = True  # ends the log reader even where redis-py turned its cancellation into an error
         await _cancel(self._poller, self._reader, *([self._follower] if self._follower is not None else []))
         await self._channel.close()
 
@@ -221,7 +223,7 @@ class WorkerClient:
     async def _read_log(self) -> None:
         """Hand every entry of the worker's bus log to ``on_entry``; after ``Lost``, read it again from its start."""
         await self._informed.wait()  # batches are checked against the incarnation GetInfo reported
-        while True:
+        while not self._closed:
             try:
                 async with self._bus.follow_kv(self.worker_id) as entries:
                     async for entry in entries:
@@ -282,6 +284,8 @@ class WorkerSet:
             self._tasks.append(asyncio.create_task(self.shared_load.run()))
 
     async def close(self) -> None:
+        if self.shared_load is not None:
+            self.shared_load.stop()
         await _cancel(*self._tasks)
         if self.shared_load is not None:
             await self.shared_load.withdraw()

@@ -45,13 +45,22 @@ class BusPublisher:
         self._load_report = load_report
         self._record = record
         self._tasks: list[asyncio.Task[None]] = []
+        # Ends the loops even where redis-py turned their cancellation into an error (caught as BusUnavailable).
+        self._stopped = False
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Announce the worker once (so that a router started next finds it), then keep everything current. An
+        unreachable bus does not stop the worker: the loops keep trying."""
+        try:
+            await self._bus.announce(self._record(), self._config.worker_ttl_s)
+        except BusUnavailable as error:
+            log.warning("bus unreachable (%s): the worker announces itself once it is back", error)
         self._tasks = [asyncio.create_task(loop()) for loop in (self._heartbeat, self._publish_events,
                                                                  self._publish_load)]
 
     async def stop(self) -> None:
         """Stop the loops and withdraw the record, so routers drop the worker at once rather than at its TTL."""
+        self._stopped = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -62,21 +71,21 @@ class BusPublisher:
 
     async def _heartbeat(self) -> None:
         ttl_s = self._config.worker_ttl_s
-        while True:
+        while not self._stopped:
             await self._retrying(lambda: self._bus.announce(self._record(), ttl_s), "heartbeat")
             await asyncio.sleep(ttl_s / 4)
 
     async def _publish_load(self) -> None:
         worker_id = self._record().worker_id
         ttl_s = self._config.worker_ttl_s
-        while True:
+        while not self._stopped:
             payload = self._load_report().SerializeToString()
             await self._retrying(lambda: self._bus.put_load("worker", worker_id, payload, ttl_s), "load")
             await asyncio.sleep(self._config.load_interval_s)
 
     async def _publish_events(self) -> None:
         worker_id = self._record().worker_id
-        while True:
+        while not self._stopped:
             try:
                 with self._subscribe_kv() as subscription:
                     snapshot = self._batches.snapshot(subscription)
@@ -92,11 +101,10 @@ class BusPublisher:
             except KvHubClosed:
                 return
 
-    @staticmethod
-    async def _retrying(call: Callable[[], Awaitable[None]], what: str) -> None:
+    async def _retrying(self, call: Callable[[], Awaitable[None]], what: str) -> None:
         """``await call()``; while the bus is unreachable, retry every ``_RETRY_S`` (logged once per outage)."""
         warned = False
-        while True:
+        while not self._stopped:
             try:
                 await call()
                 return

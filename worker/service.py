@@ -283,7 +283,7 @@ class WorkerServer:
         if self._bus is not None:
             self._publisher = BusPublisher(self._bus, self._bus_config, self._service.subscribe_kv,
                                            self._service.batches, self._service.load_report, self.record)
-            self._publisher.start()
+            await self._publisher.start()
         return self._address
 
     async def stop(self, grace_s: float) -> None:

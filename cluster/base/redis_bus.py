@@ -276,10 +276,15 @@ class RedisBus(EventBus):
         return ":".join((self._config.namespace, *parts))
 
     async def _call(self, operation: Awaitable[T]) -> T:
-        """``operation``'s result; an error that means Redis cannot serve now becomes ``BusUnavailable``."""
+        """``operation``'s result; an error that means Redis cannot serve now becomes ``BusUnavailable``, except
+        when the calling task is being cancelled: then it stays a cancellation, so that loops retrying on
+        ``BusUnavailable`` still stop when cancelled."""
         try:
             result = await operation
         except _UNAVAILABLE as error:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # redis-py turned our cancellation into a connection error
+                raise asyncio.CancelledError() from error
             self._connected = False
             raise BusUnavailable(f"bus: Redis unavailable: {error}") from None
         self._connected = True
