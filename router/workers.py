@@ -244,6 +244,7 @@ class WorkerClient:
                     await self._bus.append_kv(self.worker_id, batch.SerializeToString(), snapshot=batch.reset)
             except grpc.aio.AioRpcError as error:
                 log.debug("kv events of %s interrupted: %s", self.worker_id, error.code().name)
+            self._sequencer.resync(self.worker_id)  # until the next stream's snapshot
             await asyncio.sleep(_RETRY_S)
 
 
