@@ -261,20 +261,25 @@ class WorkerEndpoints:
 
 
 class Cluster:
-    """``radixserve up --detach`` in a private RADIXSERVE_HOME on free ports, stopped by ``down``."""
+    """``radixserve up --detach`` in a private RADIXSERVE_HOME on free ports, stopped by ``down``; with ``routers``
+    above 1, that many router replicas on Redis (``http_urls``: one per replica, ``http_url`` the first's)."""
 
-    def __init__(self, policy: str, kv_memory_gib: float) -> None:
+    def __init__(self, policy: str, kv_memory_gib: float, routers: int = 1) -> None:
         self._home = tempfile.TemporaryDirectory(prefix="radixserve-bench-")
         models = Path(self._home.name) / "models"
         models.mkdir()
         model_dir = ModelStore().resolve(MODEL).parent
         (models / model_dir.name).symlink_to(model_dir)
         self._env = {**os.environ, "RADIXSERVE_HOME": self._home.name}
-        port, http_port = free_port(), free_port()
-        self.target = f"{_LOCALHOST}:{port}"
-        self.http_url = f"http://{_LOCALHOST}:{http_port}"
-        self._args = ["up", "--detach", "--port", str(port), "--policy", policy, "--kv-memory-gib", str(kv_memory_gib),
-                      "--set", "engine.max_model_len=4096", "--set", f"router.http_port={http_port}"]
+        ports, http_ports = [free_port() for _ in range(routers)], [free_port() for _ in range(routers)]
+        self.target = f"{_LOCALHOST}:{ports[0]}"
+        self.http_urls = [f"http://{_LOCALHOST}:{p}" for p in http_ports]
+        self.http_url = self.http_urls[0]
+        self._args = ["up", "--detach", "--port", str(ports[0]), "--policy", policy, "--kv-memory-gib",
+                      str(kv_memory_gib), "--set", "engine.max_model_len=4096", "--set", f"router.http_port={http_ports[0]}"]
+        if routers > 1:
+            self._args += ["--routers", str(routers), "--set", f"router.replica_ports={ports}",
+                           "--set", f"router.replica_http_ports={http_ports}"]
 
     @property
     def home(self) -> Path:
@@ -437,19 +442,22 @@ async def _read_events(response: httpx.Response, outcome: Outcome, sent: float) 
             outcome.completion_tokens = usage.get("completion_tokens", 0)
 
 
-async def replay(url: str, arrivals: list[Arrival], output_len: int,
+async def replay(url: str | Sequence[str], arrivals: list[Arrival], output_len: int,
                  texts: Sequence[str] | None = None) -> tuple[list[Outcome], float]:
     """Send every arrival at its time (its text when ``texts`` is given, else its token ids) to the OpenAI server
-    at ``url``; returns the outcomes and the makespan (first send to last finish)."""
+    at ``url`` (several: arrival i to the (i mod n)-th, a client taking turns between routers); returns the
+    outcomes and the makespan (first send to last finish)."""
     prompts: Sequence[list[int] | str] = texts if texts is not None else [a.token_ids for a in arrivals]
+    urls = [url] if isinstance(url, str) else list(url)
     async with _async_client(len(arrivals)) as client:
         start = time.perf_counter()
 
-        async def send(arrival: Arrival, prompt: list[int] | str) -> Outcome:
+        async def send(i: int, arrival: Arrival, prompt: list[int] | str) -> Outcome:
             await asyncio.sleep(max(0.0, start + arrival.at_s - time.perf_counter()))
-            return await stream_completion(client, url, completion_body(prompt, output_len))
+            return await stream_completion(client, urls[i % len(urls)], completion_body(prompt, output_len))
 
-        outcomes = await asyncio.gather(*(send(a, p) for a, p in zip(arrivals, prompts, strict=True)))
+        outcomes = await asyncio.gather(*(send(i, a, p) for i, (a, p) in enumerate(zip(arrivals, prompts,
+                                                                                         strict=True))))
         return list(outcomes), time.perf_counter() - start
 
 
