@@ -115,8 +115,11 @@ class ClusterRunner:
         pool = self.config.pool
         self._owns_ray = pool.ray_address is None and not ray.is_initialized()
         timer.step("starting Ray" if self._owns_ray else f"joining Ray at {pool.ray_address}")
-        context = ray.init(**_ray_init_args(self.config), namespace=RAY_NAMESPACE)
-        self.ray_address = context.address_info.get("gcs_address", "")
+        if ray.is_initialized():  # this process already has a Ray (an embedding program, a test session)
+            self.ray_address = ray.get_runtime_context().gcs_address
+        else:
+            context = ray.init(**_ray_init_args(self.config), namespace=RAY_NAMESPACE)
+            self.ray_address = context.address_info.get("gcs_address", "")
         self._thread.start()
         timer.step(f"starting {pool.num_workers} workers ({self.config.engine.model}; the first start of a "
                    f"machine also builds the attention kernel, about 30 s)")

@@ -1,44 +1,48 @@
-"""``radixserve up`` with two router replicas on Redis: Ray actors for the routers and the workers, the launcher's
-own redis-server, tiny workers. One router is killed with SIGKILL: the other goes on serving and no worker keeps
-a page of the dead router's requests."""
+"""``radixserve up --routers 2 --detach`` as a user runs it (its own process, Ray and redis-server, a private
+RADIXSERVE_HOME, tiny workers): two router replicas on Redis. One router is killed with SIGKILL: the other goes
+on serving and no worker keeps a page of the dead router's requests."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-import ray
-from cluster_calls import free_port, wait_for
+from cluster_calls import free_port, listening_pid, wait_for
 
-from radixserve.cluster.base.config import load_cluster_config
 from radixserve.cluster.control.client import ClusterClient
-from radixserve.cluster.control.launcher import ClusterRunner
-from radixserve.cluster.control.pool import RAY_NAMESPACE
-from radixserve.cluster.control.routers import router_name
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
 
 
+@dataclass(frozen=True)
+class Replicas:
+    router_addresses: list[str]
+    home: Path
+
+
 @pytest.fixture(scope="module")
-def replicas(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterRunner]:
-    targets = tmp_path_factory.mktemp("metrics") / "prometheus_targets.json"
-    config = load_cluster_config(None, {
-        "engine.model": str(tiny_hf_dir), "engine.cache.num_pages": 512, "engine.cache.page_size": 4,
-        "pool.num_workers": 2, "pool.max_restarts": 0, "router.replicas": 2, "router.port": free_port(),
-        "router.http_port": 0, "router.health_interval_s": 0.2, "router.drain_timeout_s": 3.0,
-        "bus.backend": "redis", "metrics.sd_file": str(targets)})
-    runner = ClusterRunner(config)
+def replicas(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
+    home = tmp_path_factory.mktemp("replicas-home")
+    env = {**os.environ, "RADIXSERVE_HOME": str(home)}
+    cli = [sys.executable, "-m", "radixserve.cluster.control.cli"]
+    up = [*cli, "up", "--detach", "--routers", "2", "--model", str(tiny_hf_dir), "--port", str(free_port()),
+          "--http-port", "0", "--set", "engine.cache.num_pages=512", "--set", "engine.cache.page_size=4",
+          "--set", "pool.max_restarts=0", "--set", "router.health_interval_s=0.2",
+          "--set", "router.drain_timeout_s=3.0"]
     try:
-        runner.start(print)
-        yield runner
+        subprocess.run(up, env=env, check=True, timeout=600)
+        state = json.loads((home / "run" / "cluster.json").read_text())
+        yield Replicas(state["router_addresses"], home)
     finally:
-        runner.stop(print)
+        subprocess.run([*cli, "down"], env=env, timeout=300)
 
 
 def request(i: int, max_tokens: int = 3) -> api_pb2.GenerateRequest:
@@ -47,7 +51,7 @@ def request(i: int, max_tokens: int = 3) -> api_pb2.GenerateRequest:
         max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
 
 
-def test_both_replicas_serve_and_a_client_given_both_takes_turns(replicas: ClusterRunner) -> None:
+def test_both_replicas_serve_and_a_client_given_both_takes_turns(replicas: Replicas) -> None:
     assert len(replicas.router_addresses) == 2 and replicas.router_addresses[1] != replicas.router_addresses[0]
     for address in replicas.router_addresses:
         with ClusterClient(address, timeout_s=30) as client:
@@ -58,10 +62,9 @@ def test_both_replicas_serve_and_a_client_given_both_takes_turns(replicas: Clust
     assert all(r.choices[0].token_ids for r in replies)
 
 
-def test_a_router_killed_with_sigkill_leaves_the_other_serving_and_no_page_leaked(replicas: ClusterRunner) -> None:
+def test_a_router_killed_with_sigkill_leaves_the_other_serving_and_no_page_leaked(replicas: Replicas) -> None:
     doomed, survivor = replicas.router_addresses
-    actor = ray.get_actor(router_name(0), namespace=RAY_NAMESPACE)
-    pid = ray.get(actor.pid.remote())
+    pid = listening_pid(int(doomed.rsplit(":", 1)[1]))  # the router actor's process
     with grpc.insecure_channel(doomed) as channel:
         stub = api_pb2_grpc.GenerationStub(channel)
         streams = [stub.Generate(request(100 + i, max_tokens=2000), timeout=60) for i in range(4)]
@@ -87,7 +90,7 @@ def test_a_router_killed_with_sigkill_leaves_the_other_serving_and_no_page_leake
         assert load.num_pages_used == 0, f"{worker.worker_id} still holds {load.num_pages_used} pages"
 
 
-def test_the_cli_given_both_routers_goes_on_through_the_one_left(replicas: ClusterRunner) -> None:
+def test_the_cli_given_both_routers_goes_on_through_the_one_left(replicas: Replicas) -> None:
     targets = ",".join(replicas.router_addresses)  # the first one was killed by the test before
     command = [sys.executable, "-m", "radixserve.cluster.control.cli"]
     status = subprocess.run([*command, "status", "--target", targets], capture_output=True, text=True, timeout=60)
