@@ -266,9 +266,10 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
             raise ValueError(f"--set: expected KEY=VALUE, got {pair!r}")
         overrides[key.strip()] = _toml_value(key.strip(), value)
     overrides.update({k: v for k, v in vars(args).items() if "." in k and v is not None})
-    config = load_cluster_config(args.config, {k: v for k, v in overrides.items() if k != "router.replicas"})
-    if (overrides.get("router.replicas") or 1) > 1 and "bus.backend" not in overrides:
-        overrides["bus.backend"] = "redis" if config.bus.backend == "inprocess" else config.bus.backend
+    replicas = overrides.get("router.replicas")
+    if isinstance(replicas, int) and replicas > 1 and "bus.backend" not in overrides \
+            and load_cluster_config(args.config).bus.backend == "inprocess":
+        overrides["bus.backend"] = "redis"
     return load_cluster_config(args.config, overrides)
 
 
