@@ -6,7 +6,8 @@ event loop:
 
 * the heartbeat announces the worker's record with a TTL of ``worker_ttl_s``, every quarter of it;
 * the KV loop appends a snapshot of the cache (a reset batch, from a fresh ``KvEventHub`` subscription) and then
-  each live batch in sequence order; every ``snapshot_interval_batches`` batches it subscribes again, which
+  each live batch in sequence order, every batch queued meanwhile in one call (under load a round trip per
+  batch fell seconds behind); every ``snapshot_interval_batches`` batches it subscribes again, which
   appends a new snapshot and lets the log drop what came before the previous one;
 * the load loop publishes the engine's ``LoadReport`` every ``load_interval_s``.
 
@@ -90,9 +91,12 @@ class BusPublisher:
                 with self._subscribe_kv() as subscription:
                     snapshot = self._batches.snapshot(subscription)
                     await self._bus.append_kv(worker_id, snapshot.SerializeToString(), snapshot=True)
-                    for _ in range(self._config.snapshot_interval_batches):
-                        batch = self._batches.live(await subscription.next_batch())
-                        await self._bus.append_kv(worker_id, batch.SerializeToString())
+                    num_batches = 0
+                    while num_batches < self._config.snapshot_interval_batches:
+                        batches = [await subscription.next_batch(), *subscription.ready_batches()]
+                        await self._bus.append_kv_live(
+                            worker_id, [self._batches.live(b).SerializeToString() for b in batches])
+                        num_batches += len(batches)
             except BusUnavailable as error:
                 log.warning("kv events of %s not published (%s); starting over with a snapshot", worker_id, error)
                 await asyncio.sleep(_RETRY_S)

@@ -57,6 +57,18 @@ class KvSubscription:
             raise item
         return item
 
+    def ready_batches(self) -> list[SequencedBatch]:
+        """The live batches queued now, without waiting (an end of the subscription stays queued, for
+        ``next_batch`` to raise)."""
+        ready: list[SequencedBatch] = []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, Exception):
+                self._queue.put_nowait(item)
+                break
+            ready.append(item)
+        return ready
+
     def __enter__(self) -> KvSubscription:
         return self
 

@@ -27,7 +27,7 @@ import dataclasses
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -304,6 +304,11 @@ class EventBus(ABC):
         """
 
     @abstractmethod
+    async def append_kv_live(self, worker_id: str, payloads: Sequence[bytes]) -> None:
+        """Append live (non-snapshot) batches to the worker's log, in order, as one call (one round trip on a
+        shared bus: a writer that fell behind catches up at once)."""
+
+    @abstractmethod
     def follow_kv(self, worker_id: str, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
         """The worker's log from its first retained entry on, then each entry as it is appended.
 
@@ -418,6 +423,10 @@ class InProcessBus(EventBus):
         check_worker_id(worker_id)
         check_payload(payload)
         self._logs.setdefault(worker_id, _KvLog()).append(payload, bool(snapshot))
+
+    async def append_kv_live(self, worker_id: str, payloads: Sequence[bytes]) -> None:
+        for payload in payloads:
+            await self.append_kv(worker_id, payload)
 
     def follow_kv(self, worker_id: str, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
         self._check_open()

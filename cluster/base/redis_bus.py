@@ -34,7 +34,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -222,6 +222,17 @@ class RedisBus(EventBus):
         check_payload(payload)
         keys = [self._key("kv", worker_id), self._key("kvsnap", worker_id)]
         await self._call(self._append_kv(keys=keys, args=[payload, b"1" if snapshot else b"0"]))
+
+    async def append_kv_live(self, worker_id: str, payloads: Sequence[bytes]) -> None:
+        self._check_open()
+        check_worker_id(worker_id)
+        for payload in payloads:
+            check_payload(payload)
+        keys = [self._key("kv", worker_id), self._key("kvsnap", worker_id)]
+        pipe = self._redis.pipeline(transaction=False)  # executed in order, in one round trip
+        for payload in payloads:
+            await self._append_kv(keys=keys, args=[payload, b"0"], client=pipe)  # queued, not sent
+        await self._call(pipe.execute())
 
     def follow_kv(self, worker_id: str, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
         self._check_open()

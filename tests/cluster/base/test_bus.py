@@ -176,6 +176,20 @@ def test_a_follower_gets_the_retained_entries_then_the_live_ones_in_order(backen
     backend.run(test)
 
 
+def test_live_batches_appended_in_one_call_arrive_in_order_after_a_snapshot(backend: Backend) -> None:
+    async def test(bus: EventBus) -> None:
+        await bus.append_kv("worker-0", b"snapshot", snapshot=True)
+        follower = bus.follow_kv("worker-0")
+        await bus.append_kv_live("worker-0", payloads(0, 20))
+        await bus.append_kv_live("worker-0", [])
+        await bus.append_kv_live("worker-0", payloads(20, 25))
+        assert await take(follower, 26) == [b"snapshot", *payloads(0, 25)]
+        assert await bus.kv_log_length("worker-0") == 26
+        with pytest.raises(ValueError, match="^payload"):
+            await bus.append_kv_live("worker-0", [b"ok", "text"])  # type: ignore[list-item]
+    backend.run(test)
+
+
 def test_a_snapshot_lets_the_log_drop_what_precedes_the_previous_snapshot(backend: Backend) -> None:
     async def test(bus: EventBus) -> None:
         await bus.append_kv("worker-0", b"a")
