@@ -94,9 +94,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "routers.json")
     args = parser.parse_args()
     workload = workload_from_args(args)
-    vocabulary = word_vocabulary(load_tokenizer())
+    tokenizer = load_tokenizer()
+    vocabulary = word_vocabulary(tokenizer)
     arrivals = make_arrivals(workload, vocabulary)
-    probe = make_probe(vocabulary, load_tokenizer())
+    probe = make_probe(vocabulary, tokenizer)
     oracle = oracle_hit_ratio(arrivals, MODEL)
     order = [n for n in args.routers for _ in range(args.repeats)]
     random.Random(args.order_seed).shuffle(order)

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from redis_server import fresh_redis  # noqa: F401  (a fixture)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis_cluster import RouterHandle, redis_cluster
 
@@ -36,15 +37,6 @@ PAGE = 4  # the fixture's page size
 def checkpoint(tiny_hf_dir: Path) -> Checkpoint:
     return open_checkpoint(tiny_hf_dir)
 
-
-@pytest.fixture
-def redis(tmp_path: Path) -> LocalRedisServer:
-    server = LocalRedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def run(main) -> None:  # type: ignore[no-untyped-def]
@@ -87,11 +79,11 @@ def hit_ratio(replies: Sequence[api_pb2.CompleteResponse]) -> float:
 
 
 def test_two_routers_taking_turns_hit_the_cache_as_one_router_does_and_their_indexes_equal_the_trees(
-        checkpoint: Checkpoint, redis: LocalRedisServer) -> None:
+        checkpoint: Checkpoint, fresh_redis: LocalRedisServer) -> None:
     prompts = workload(num_groups=6, per_group=24)
 
     async def measure(num_routers: int, namespace: str) -> tuple[float, float]:
-        async with redis_cluster(checkpoint, redis.url, num_routers=num_routers,
+        async with redis_cluster(checkpoint, fresh_redis.url, num_routers=num_routers,
                                  bus=lambda c: _namespaced(c, namespace)) as c:
             replies = await send_all(c.routers, prompts)
             return hit_ratio(replies), await c.indexes_equal_trees(within_s=1.0)
@@ -116,11 +108,11 @@ async def _health(handle: RouterHandle) -> int:
 
 
 def test_a_late_replica_warms_from_the_logs_and_its_first_requests_of_cached_prefixes_hit(
-        checkpoint: Checkpoint, redis: LocalRedisServer) -> None:
+        checkpoint: Checkpoint, fresh_redis: LocalRedisServer) -> None:
     groups = range(8)
 
     async def main() -> None:
-        async with redis_cluster(checkpoint, redis.url, num_routers=1, num_pages=1024,
+        async with redis_cluster(checkpoint, fresh_redis.url, num_routers=1, num_pages=1024,
                                  bus=lambda c: _snapshots_every(c, 16)) as c:
             prompts = [prompt(g, q) for q, g in itertools.product(range(63), groups)][:500]
             replies = await send_all(c.routers, prompts, concurrency=4)
@@ -141,9 +133,9 @@ def _snapshots_every(config: BusConfig, num_batches: int) -> BusConfig:
 
 
 def test_a_router_reports_not_serving_until_every_worker_log_has_given_it_a_snapshot(
-        checkpoint: Checkpoint, redis: LocalRedisServer) -> None:
+        checkpoint: Checkpoint, fresh_redis: LocalRedisServer) -> None:
     async def main() -> None:
-        async with redis_cluster(checkpoint, redis.url, num_routers=1) as c:
+        async with redis_cluster(checkpoint, fresh_redis.url, num_routers=1) as c:
             bus, router_bus = make_bus(c.bus_config), make_bus(c.bus_config)
             w0 = c.servers[0]
             silent = WorkerRecord("w-silent", w0.address, "tiny", w0.incarnation, 64)
@@ -179,9 +171,9 @@ def test_a_router_reports_not_serving_until_every_worker_log_has_given_it_a_snap
 
 
 def test_redis_killed_under_load_and_restarted_after_5_s_fails_no_request_and_the_indexes_catch_up(
-        checkpoint: Checkpoint, redis: LocalRedisServer) -> None:
+        checkpoint: Checkpoint, fresh_redis: LocalRedisServer) -> None:
     async def main() -> None:
-        async with redis_cluster(checkpoint, redis.url, num_routers=2, num_pages=1024) as c:
+        async with redis_cluster(checkpoint, fresh_redis.url, num_routers=2, num_pages=1024) as c:
             outcomes: list[str] = []
             stop = asyncio.Event()
 
@@ -198,12 +190,12 @@ def test_redis_killed_under_load_and_restarted_after_5_s_fails_no_request_and_th
 
             clients = [asyncio.create_task(load()) for _ in range(3)]
             await asyncio.sleep(1.5)
-            redis.kill()
+            fresh_redis.kill()
             killed_at = len(outcomes)
             await asyncio.sleep(5.0)
             assert all(h.router.workers.shared_load.stale for h in c.routers)
             during = len(outcomes) - killed_at
-            redis.start()
+            fresh_redis.start()
             await asyncio.sleep(1.5)
             stop.set()
             await asyncio.gather(*clients)
@@ -217,14 +209,14 @@ def test_redis_killed_under_load_and_restarted_after_5_s_fails_no_request_and_th
 
 
 def test_routers_and_workers_on_redis_leave_no_task_running_once_stopped(checkpoint: Checkpoint,
-                                                                         redis: LocalRedisServer) -> None:
+                                                                         fresh_redis: LocalRedisServer) -> None:
     """Their load exchange, log readers and publishers retry on BusUnavailable; stopping must end every one of
     them even when their cancellation does not reach them (before the fix, about one cluster in seven left its
     load exchange running after the router had stopped)."""
     async def main() -> None:
         before = asyncio.all_tasks()  # this test's own
         for i in range(12):
-            async with redis_cluster(checkpoint, redis.url, num_routers=2,
+            async with redis_cluster(checkpoint, fresh_redis.url, num_routers=2,
                                      bus=lambda c: _namespaced(c, f"cycle-{i}")) as c:
                 await send_all(c.routers, workload(6, 8))
             left = await _tasks_left(before, within_s=2.0)

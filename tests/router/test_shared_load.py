@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from pathlib import Path
 
-import pytest
+from redis_server import fresh_redis  # noqa: F401  (a fixture)
 
 from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.base.config import BusConfig, RouterConfig
@@ -41,15 +40,6 @@ class Holder:
     num_log_entries: int = 0
     info: None = None
 
-
-@pytest.fixture
-def redis(tmp_path: Path) -> LocalRedisServer:
-    server = LocalRedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def total_in_flight_when_it_spreads(redis_url: str, shared: bool) -> int:
@@ -86,17 +76,17 @@ async def total_in_flight_when_it_spreads(redis_url: str, shared: bool) -> int:
             await bus.close()
 
 
-def test_two_routers_sharing_load_spread_a_hot_prefix_at_the_one_router_total(redis: LocalRedisServer) -> None:
-    assert asyncio.run(total_in_flight_when_it_spreads(redis.url, shared=True)) == 61
+def test_two_routers_sharing_load_spread_a_hot_prefix_at_the_one_router_total(fresh_redis: LocalRedisServer) -> None:
+    assert asyncio.run(total_in_flight_when_it_spreads(fresh_redis.url, shared=True)) == 61
 
 
-def test_without_shared_load_two_routers_pile_twice_as_many_onto_the_holder(redis: LocalRedisServer) -> None:
-    assert asyncio.run(total_in_flight_when_it_spreads(redis.url, shared=False)) == 122
+def test_without_shared_load_two_routers_pile_twice_as_many_onto_the_holder(fresh_redis: LocalRedisServer) -> None:
+    assert asyncio.run(total_in_flight_when_it_spreads(fresh_redis.url, shared=False)) == 122
 
 
-def test_a_router_that_stops_publishing_drops_out_of_the_others_figures(redis: LocalRedisServer) -> None:
+def test_a_router_that_stops_publishing_drops_out_of_the_others_figures(fresh_redis: LocalRedisServer) -> None:
     async def main() -> None:
-        config = BusConfig(backend="redis", url=redis.url)
+        config = BusConfig(backend="redis", url=fresh_redis.url)
         buses = [make_bus(config), make_bus(config)]
         clients = [{"w": Holder()}, {"w": Holder()}]
         exchanges = [SharedLoad(bus, f"router-{i}", clients[i], interval_s=0.05, ttl_s=0.5)
