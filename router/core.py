@@ -233,13 +233,14 @@ class RouterCore:
         """Stream one worker's answer; raise ``_Retry`` when it fails before anything reached the client.
 
         The worker is credited with the prompt's pages in the prefix index from the start (so that requests
-        sharing the prefix follow it during the prefill), and the credit is withdrawn when the call fails
-        before the worker's first response: a worker that refused or failed the request holds none of it.
+        sharing the prefix follow it during the prefill; with shared routes, through every replica), and the
+        credit is withdrawn when the call fails before the worker's first response: a worker that refused or
+        failed the request holds none of it.
         """
         attempt_id = uuid.uuid4().hex
         client.outstanding.begin(attempt_id, decision.prefill_tokens, decision.output_tokens, decision.active_pages)
         client.num_routed += 1
-        self._index.record_routed(client.worker_id, hashes)
+        self._workers.record_routed(client.worker_id, hashes)
         timeout_s = None if deadline is None else max(deadline - time.monotonic(), 0.001)
         responded = False
         num_tokens = 0
@@ -260,7 +261,7 @@ class RouterCore:
                     yield GenerationDelta(prepared.request_id, part.choices, client.worker_id, usage)
         except WorkerCallFailed as failure:
             if not responded:
-                self._index.withdraw_routed(client.worker_id, hashes)
+                self._workers.withdraw_routed(client.worker_id, hashes)
             raise self._classify(client, failure, responded, num_tokens) from None
         finally:
             client.outstanding.end(attempt_id)

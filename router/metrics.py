@@ -70,8 +70,13 @@ class RouterMetrics:
                                   "Gaps in a worker's KV event sequence, after which the index awaited a snapshot.",
                                   ["worker"], registry=registry)
         self.kv_event_lag = Histogram(_PREFIX + "kv_event_lag_seconds",
-                                      "Worker taking a KV event batch from its engine to the router applying it.",
+                                      "Worker taking a KV event batch from its engine to the router applying it (batches "
+                                      "sent before the router began reading the worker's log are not counted).",
                                       registry=registry, buckets=LATENCY_BUCKETS)
+        self.route_hints = Counter(_PREFIX + "route_hints",
+                                   "Routing decisions shared with the other router replicas, by outcome: published, "
+                                   "dropped (unsent), applied (another replica's), malformed (route log entries).",
+                                   ["outcome"], registry=registry)
         self.retries = Counter(_PREFIX + "retries", "Requests retried on another worker, by the failure's code.",
                                ["code"], registry=registry)
         self.ttft = Histogram(_PREFIX + "time_to_first_token_seconds",

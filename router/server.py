@@ -44,7 +44,8 @@ class Router:
     ``metrics_host``. ``http_address`` is where the HTTP API listens (None without ``config.http_port``).
 
     On a shared bus several routers run side by side, each named ``router_id`` (unique among them); they share
-    the workers' KV event logs and, every ``bus_config.load_interval_s``, their load. A router that starts
+    the workers' KV event logs, their routing decisions (``bus_config.share_routes``) and, every
+    ``bus_config.load_interval_s``, their load. A router that starts
     when the workers already hold a cache listens at once but reports NOT_SERVING (gRPC health, HTTP
     ``/health`` 503, KServe ready false) until its index has read every worker's snapshot and log tail.
     """
@@ -62,7 +63,7 @@ class Router:
         self.bus = bus
         self.workers = WorkerSet(bus, self.index, self.metrics, WorkerChannels(
             config.health_interval_s, config.max_message_bytes, grpc_channel_credentials(self.security),
-            call_metadata(self.api_keys)), router_id, (bus_config or BusConfig()).load_interval_s)
+            call_metadata(self.api_keys)), router_id, bus_config)
         self.metrics.bind(self._gauges, self._bus_gauges)
         for status in RETRYABLE:  # the series dashboards rate() exist from the start, at 0
             self.metrics.retries.labels(status.name)

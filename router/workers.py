@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -31,12 +31,14 @@ from google.protobuf.message import DecodeError
 
 from radixserve.cluster.base.bus import (BusUnavailable, ChangeKind, EventBus, Lost, RegistryChange, Subscription,
                                          WorkerRecord)
+from radixserve.cluster.base.config import BusConfig
 from radixserve.cluster.base.generation import ChoiceDelta, Status
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.cluster.base.wire import chunk_from_proto, sampling_options_to_proto, status_of
 from radixserve.router.kv_events import BatchOutcome, KvEventSequencer
 from radixserve.router.metrics import RouterMetrics
 from radixserve.router.prefix_index import PrefixIndex
+from radixserve.router.route_hints import RouteHints
 from radixserve.router.routing import NO_REPORT, ReportedLoad, WorkerLoad
 from radixserve.router.shared_load import SharedLoad
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
@@ -97,10 +99,12 @@ class WorkerClient:
     ``info`` is None until the worker has answered ``GetInfo`` once; until then the router sends it nothing.
     ``peer_load`` is what the other routers last published of their requests there (shared load; zeros alone).
     With ``relay`` (the in-process bus) it appends the worker's gRPC KV event stream to the worker's bus log.
+    ``on_entry(worker_id, entry, since)`` gets each entry of the log, ``since`` the wall-clock time its reading
+    began: entries sent before then are history caught up on, not event lag.
     """
 
     def __init__(self, record: WorkerRecord, bus: EventBus, sequencer: KvEventSequencer,
-                 channels: WorkerChannels, relay: bool, on_entry: Callable[[str, bytes], None]) -> None:
+                 channels: WorkerChannels, relay: bool, on_entry: Callable[[str, bytes, float], None]) -> None:
         self.record = record
         self.info: worker_pb2.WorkerInfo | None = None
         self.load = types_pb2.LoadReport()
@@ -225,13 +229,14 @@ class WorkerClient:
         await self._informed.wait()  # batches are checked against the incarnation GetInfo reported
         while not self._closed:
             try:
+                since = time.time()
                 async with self._bus.follow_kv(self.worker_id) as entries:
                     async for entry in entries:
                         if isinstance(entry, Lost):  # what was applied comes again as duplicates
                             log.info("kv event log of %s: %d entries lost; reading it again", self.worker_id,
                                      entry.count)
                             break
-                        self._on_entry(self.worker_id, entry)
+                        self._on_entry(self.worker_id, entry, since)
             except BusUnavailable:
                 await asyncio.sleep(_RETRY_S)
 
@@ -251,16 +256,21 @@ class WorkerClient:
 class WorkerSet:
     """The workers a router knows, kept in step with the bus registry; feeds the prefix index from the workers'
     bus logs through ``sequencer``. On a shared bus it also exchanges load with the other routers
-    (``router.shared_load``) as ``router_id``, every ``load_interval_s``."""
+    (``router.shared_load``) as ``router_id``, every ``bus_config.load_interval_s``, and, with
+    ``bus_config.share_routes``, routing decisions (``router.route_hints``)."""
 
     def __init__(self, bus: EventBus, index: PrefixIndex, metrics: RouterMetrics, channels: WorkerChannels,
-                 router_id: str = "router", load_interval_s: float = 0.1) -> None:
+                 router_id: str = "router", bus_config: BusConfig | None = None) -> None:
+        bus_config = bus_config or BusConfig()
         self._bus = bus
+        self._index = index
         self.sequencer = KvEventSequencer(index)
         self._metrics = metrics
         self._channels = channels
         self.clients: dict[str, WorkerClient] = {}
-        self.shared_load = SharedLoad(bus, router_id, self.clients, load_interval_s) if bus.shared else None
+        self.shared_load = SharedLoad(bus, router_id, self.clients, bus_config.load_interval_s) if bus.shared else None
+        self.route_hints = (RouteHints(bus, router_id, index, self.clients, metrics.route_hints)
+                            if bus.shared and bus_config.share_routes else None)
         self._num_malformed: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -283,10 +293,14 @@ class WorkerSet:
         self._tasks = [asyncio.create_task(self._watch_registry(registry))]
         if self.shared_load is not None:
             self._tasks.append(asyncio.create_task(self.shared_load.run()))
+        if self.route_hints is not None:
+            self._tasks.append(asyncio.create_task(self.route_hints.run()))
 
     async def close(self) -> None:
         if self.shared_load is not None:
             self.shared_load.stop()
+        if self.route_hints is not None:
+            self.route_hints.stop()
         await _cancel(*self._tasks)
         if self.shared_load is not None:
             await self.shared_load.withdraw()
@@ -322,6 +336,19 @@ class WorkerSet:
 
     def serving(self) -> list[WorkerClient]:
         return [client for client in self.clients.values() if client.serving]
+
+    def record_routed(self, worker_id: str, hashes: Sequence[int]) -> None:
+        """A prompt with ``hashes`` went to ``worker_id``: the index credits it (``PrefixIndex.record_routed``),
+        and so do the other replicas when routes are shared."""
+        self._index.record_routed(worker_id, hashes)
+        if self.route_hints is not None:
+            self.route_hints.routed(worker_id, hashes)
+
+    def withdraw_routed(self, worker_id: str, hashes: Sequence[int]) -> None:
+        """``worker_id`` did not take the prompt ``record_routed`` credited it with: here and at the replicas."""
+        self._index.withdraw_routed(worker_id, hashes)
+        if self.route_hints is not None:
+            self.route_hints.withdrawn(worker_id, hashes)
 
     async def _upsert(self, record: WorkerRecord) -> None:
         current = self.clients.get(record.worker_id)
@@ -362,9 +389,9 @@ class WorkerSet:
         for record in members.values():
             await self._upsert(record)
 
-    def apply_entry(self, worker_id: str, entry: bytes) -> None:
-        """Apply one entry of ``worker_id``'s bus log; one that is not a batch of that worker is counted,
-        logged (the first, then every ``_MALFORMED_LOG_EVERY``th) and skipped."""
+    def apply_entry(self, worker_id: str, entry: bytes, live_since: float) -> None:
+        """Apply one entry of ``worker_id``'s bus log (see ``apply_batch`` for ``live_since``); one that is not a
+        batch of that worker is counted, logged (the first, then every ``_MALFORMED_LOG_EVERY``th) and skipped."""
         try:
             batch = worker_pb2.KvEventBatch.FromString(entry)
         except DecodeError:
@@ -376,11 +403,15 @@ class WorkerSet:
                 log.warning("kv event log of %s: entry %d is not one of its batches (%d bytes); skipped", worker_id,
                             count, len(entry))
             return
-        self.apply_batch(batch)
+        self.apply_batch(batch, live_since)
 
-    def apply_batch(self, batch: worker_pb2.KvEventBatch) -> None:
+    def apply_batch(self, batch: worker_pb2.KvEventBatch, live_since: float) -> None:
         """Apply one worker's event batch to the index if it is the one due (see ``KvEventSequencer``); after a
-        gap the index waits for the worker's next snapshot (a relaying client asks the worker for one)."""
+        gap the index waits for the worker's next snapshot (a relaying client asks the worker for one).
+
+        The event lag histogram counts only batches sent at or after ``live_since`` (wall clock): one sent
+        before the router began reading the log (a late replica's warm-up, a re-read after ``Lost``) waited in
+        the log for the router, not on the way to it."""
         outcome = self.sequencer.apply(batch)
         if outcome is BatchOutcome.GAP:
             log.info("kv events of %s: batch %d came after a gap; awaiting a snapshot", batch.worker_id,
@@ -389,7 +420,7 @@ class WorkerSet:
             self.clients[batch.worker_id].resubscribe()  # a followed worker has a client
         elif outcome is BatchOutcome.APPLIED:
             self._metrics.kv_events.labels(batch.worker_id).inc(len(batch.events))
-            if batch.sent_unix_s > 0:
+            if batch.sent_unix_s > 0 and batch.sent_unix_s >= live_since:
                 self._metrics.kv_event_lag.observe(max(time.time() - batch.sent_unix_s, 0.0))
 
 

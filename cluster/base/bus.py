@@ -1,4 +1,4 @@
-"""The event bus that routers and workers share: the registry of workers, each worker's KV event log, and load.
+"""The event bus that routers and workers share: the registry of workers, their KV event logs, load, routes.
 
 ``EventBus`` is the one interface; this module holds the in-process backend (the embedded default: one router
 and the pool in one process, on one asyncio loop) and ``cluster.base.redis_bus`` the Redis one (several routers
@@ -14,6 +14,10 @@ need a round trip is async.
   just read one snapshot still finds every entry after it. ``follow_kv`` reads a log from its first retained
   entry on, then live.
 * **Load**: small documents, one per worker or router, that expire unless refreshed (``put_load``, ``loads``).
+* **Route log**: one log the routers share, of the routing decisions each makes (``append_routes``), so that a
+  replica credits a worker with a prompt another replica just sent there, long before the prefill's KV events
+  say so. A live feed (``follow_routes``): a follower gets what is appended after it started; the log keeps
+  only recent entries.
 
 A consumer that must not miss state follows one pattern: watch or follow first, then read the state
 (``members()``; a log's first entry is its snapshot), then apply messages; on ``Lost`` it starts over.
@@ -175,7 +179,7 @@ class Subscription:
 
     def __init__(self, topic: str, max_pending: int, on_close: Callable[[Subscription], None]) -> None:
         _require(type(max_pending) is int and max_pending >= 1, "max_pending", "an int >= 1", max_pending)
-        self.topic = topic  # what it follows, for its backend: "registry", or the worker id of a KV log
+        self.topic = topic  # what it follows, for its backend: "registry", "routes", or the worker id of a KV log
         self._pending: collections.deque[bytes] = collections.deque(maxlen=max_pending)
         self._num_lost = 0
         self._gap = False  # the backend missed messages it cannot count
@@ -323,6 +327,17 @@ class EventBus(ABC):
     async def kv_log_length(self, worker_id: str) -> int:
         """The number of entries the worker's log retains (0 for a log never written)."""
 
+    # ---- route log --------------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def append_routes(self, payload: bytes) -> None:
+        """Append one entry (a serialized ``radixserve.v1.RouteHints``) to the routers' shared route log."""
+
+    @abstractmethod
+    async def follow_routes(self, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
+        """Every entry of the route log appended after this returns, in order, and nothing from before (the log
+        is a live feed); ``Lost`` stands where entries were missed, and the subscription goes on after it."""
+
     # ---- load -------------------------------------------------------------------------------------------
 
     @abstractmethod
@@ -392,6 +407,7 @@ class InProcessBus(EventBus):
         self._expiries: dict[str, asyncio.TimerHandle] = {}
         self._logs: dict[str, _KvLog] = {}
         self._loads: dict[tuple[str, str], tuple[bytes, float]] = {}  # (kind, name) -> (payload, expiry)
+        self._route_followers: list[Subscription] = []
 
     def watch_registry(self, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
         self._check_open()
@@ -444,6 +460,18 @@ class InProcessBus(EventBus):
         log = self._logs.get(worker_id)
         return 0 if log is None else len(log.entries)
 
+    async def append_routes(self, payload: bytes) -> None:
+        self._check_open()
+        check_payload(payload)
+        for follower in tuple(self._route_followers):
+            follower.push(payload)
+
+    async def follow_routes(self, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
+        self._check_open()
+        subscription = Subscription("routes", max_pending, self._route_followers.remove)
+        self._route_followers.append(subscription)
+        return subscription
+
     async def put_load(self, kind: str, name: str, payload: bytes, ttl_s: float) -> None:
         self._check_open()
         check_load_key(kind, name)
@@ -462,7 +490,8 @@ class InProcessBus(EventBus):
         for handle in self._expiries.values():
             handle.cancel()
         self._expiries.clear()
-        for subscription in (*self._watchers, *(f for log in self._logs.values() for f in log.followers)):
+        for subscription in (*self._watchers, *self._route_followers,
+                             *(f for log in self._logs.values() for f in log.followers)):
             subscription.close()
 
     def _renew(self, worker_id: str, ttl_s: float | None) -> None:

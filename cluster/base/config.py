@@ -252,7 +252,8 @@ class BusConfig:
     a server. On Redis, a worker's record expires ``worker_ttl_s`` after its last heartbeat (sent every quarter
     of it); workers and routers publish their load every ``load_interval_s``; a worker appends a snapshot of its
     cache to its KV event log every ``snapshot_interval_batches`` batches, and the log keeps what follows the
-    previous snapshot.
+    previous snapshot. With ``share_routes`` router replicas tell each other every routing decision over the
+    bus (``router.route_hints``), so that a prompt one of them sent counts at once as cached on its worker for all.
     """
 
     backend: str = "inprocess"
@@ -261,6 +262,7 @@ class BusConfig:
     worker_ttl_s: float = 5.0
     load_interval_s: float = 0.1
     snapshot_interval_batches: int = 256
+    share_routes: bool = True
 
     def __post_init__(self) -> None:
         require(self.backend in BUS_BACKENDS, "backend", f"must be one of {BUS_BACKENDS}, got {self.backend!r}")

@@ -11,6 +11,8 @@ Key layout, every key under ``<namespace>:``:
   trim and pointer update are one Lua script, so they are atomic and a restarted writer trims right.
 * ``load:<kind>:<name>``: a load document, expiring with its TTL; ``loads:<kind>``: the set of names (pruned
   when read).
+* ``routes``: the routers' route log, a stream whose entries have one field ``hints``, capped at about
+  ``ROUTE_LOG_MAX_ENTRIES`` entries (Redis trims it approximately, on append).
 
 Faults. Sockets time out after about a second and calls are not retried: a connection error, a timeout, or a
 server that cannot serve now (loading its data, read-only, out of memory) fails the call with ``BusUnavailable``
@@ -21,7 +23,8 @@ and sets ``connected`` False until a call succeeds; the client reconnects by its
   resumes where it was). A record gone without a tombstone (its TTL ran out, or a restart without persistence
   emptied Redis) is reported ``left`` only once it has been missing from reads that succeeded for
   ``worker_ttl_s``: live workers announce themselves again within a quarter of that.
-* Followers: one task per bus ``XREAD``s every followed stream after its followers' last ids, blocking at most
+* Followers (of KV logs and of the route log): one task per bus ``XREAD``s every followed stream after its
+  followers' last ids, blocking at most
   100 ms (so a new follower waits at most that long for its first entries). On an error every follower that had
   received entries gets one ``Lost``; the task retries with a backoff up to 0.5 s and then goes on after each
   follower's last id (entry ids after a restart are larger than before it). A follower whose last entry was
@@ -55,6 +58,7 @@ T = TypeVar("T")
 SOCKET_TIMEOUT_S = 1.0
 READ_BLOCK_MS = 100
 READ_COUNT = 1000  # entries per stream and read
+ROUTE_LOG_MAX_ENTRIES = 10_000  # the route log is a live feed: followers read within milliseconds
 MIN_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 0.5
 MAX_POLL_INTERVAL_S = 0.25
@@ -104,16 +108,19 @@ def _entry_id(value: bytes) -> tuple[int, int]:
 
 @dataclass
 class _Follower:
-    """A ``follow_kv`` subscription and how far it has read its stream."""
+    """A ``follow_kv`` or ``follow_routes`` subscription: its stream, the entry field that holds the payload,
+    and how far it has read."""
 
     subscription: Subscription
+    key: str
+    field: bytes
     last_id: bytes = b"0-0"
     # It received entries since it started or its last Lost: losing some now is a gap to report.
     contiguous: bool = False
 
 
 class _StreamRead(NamedTuple):
-    """What one read got of a KV log stream: the entries after ``start``, and its first retained entry's id as
+    """What one read got of a stream: the entries after ``start``, and its first retained entry's id as
     read just before (None: it was empty)."""
 
     start: bytes
@@ -238,15 +245,29 @@ class RedisBus(EventBus):
         self._check_open()
         check_worker_id(worker_id)
         subscription = Subscription(worker_id, max_pending, self._forget)
-        self._followers[subscription] = _Follower(subscription)
-        self._followed.set()
-        self._start("kv", self._read_logs)
+        self._follow(_Follower(subscription, self._key("kv", worker_id), b"batch"))
         return subscription
 
     async def kv_log_length(self, worker_id: str) -> int:
         self._check_open()
         check_worker_id(worker_id)
         return await self._call(self._redis.xlen(self._key("kv", worker_id)))
+
+    # ---- route log --------------------------------------------------------------------------------------
+
+    async def append_routes(self, payload: bytes) -> None:
+        self._check_open()
+        check_payload(payload)
+        await self._call(self._redis.xadd(self._key("routes"), {b"hints": payload}, maxlen=ROUTE_LOG_MAX_ENTRIES,
+                                          approximate=True))
+
+    async def follow_routes(self, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
+        self._check_open()
+        subscription = Subscription("routes", max_pending, self._forget)  # checks max_pending first
+        key = self._key("routes")
+        newest = await self._call(self._redis.xrevrange(key, "+", "-", count=1))
+        self._follow(_Follower(subscription, key, b"hints", newest[0][0] if newest else b"0-0"))
+        return subscription
 
     # ---- load -------------------------------------------------------------------------------------------
 
@@ -349,6 +370,11 @@ class RedisBus(EventBus):
                         subscription.push(payload)
             await asyncio.sleep(interval_s)
 
+    def _follow(self, follower: _Follower) -> None:
+        self._followers[follower.subscription] = follower
+        self._followed.set()
+        self._start("streams", self._read_logs)
+
     def _forget(self, subscription: Subscription) -> None:
         self._followers.pop(subscription, None)
 
@@ -366,53 +392,51 @@ class RedisBus(EventBus):
                 if self._closed:
                     return
                 if not failing:
-                    log.warning("bus: reading the KV logs failed, retrying: %s", error)
+                    log.warning("bus: reading the streams failed, retrying: %s", error)
                 failing = True
                 self._interrupt_followers()
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(2 * backoff_s, MAX_BACKOFF_S)
                 continue
             failing, backoff_s = False, MIN_BACKOFF_S
-            for worker_id, read in reads.items():
-                self._deliver(worker_id, read)
+            for key, read in reads.items():
+                self._deliver(key, read)
 
     async def _read_streams(self) -> dict[str, _StreamRead]:
-        """One read of every followed stream after the least last id of its followers, by worker id (the
+        """One read of every followed stream after the least last id of its followers, by stream key (the
         streams with new entries only)."""
         positions: dict[str, bytes] = {}
         for follower in self._followers.values():
-            worker_id = follower.subscription.topic
-            if worker_id not in positions or _entry_id(follower.last_id) < _entry_id(positions[worker_id]):
-                positions[worker_id] = follower.last_id
-        keys = {self._key("kv", worker_id): worker_id for worker_id in positions}
+            key = follower.key
+            if key not in positions or _entry_id(follower.last_id) < _entry_id(positions[key]):
+                positions[key] = follower.last_id
         pipe = self._redis.pipeline(transaction=False)
-        for key in keys:
+        for key in positions:
             pipe.xrange(key, "-", "+", count=1)
-        pipe.xread({key: positions[worker_id] for key, worker_id in keys.items()}, count=READ_COUNT,
-                   block=READ_BLOCK_MS)
+        pipe.xread(positions, count=READ_COUNT, block=READ_BLOCK_MS)
         *heads, read = await pipe.execute()
-        firsts = {worker_id: head[0][0] if head else None for worker_id, head in zip(keys.values(), heads)}
-        return {worker_id: _StreamRead(positions[worker_id], firsts[worker_id], entries)
-                for worker_id, entries in ((keys[key.decode()], entries) for key, entries in read)}
+        firsts = {key: head[0][0] if head else None for key, head in zip(positions, heads)}
+        return {key: _StreamRead(positions[key], firsts[key], entries)
+                for key, entries in ((key.decode(), entries) for key, entries in read)}
 
-    def _deliver(self, worker_id: str, read: _StreamRead) -> None:
-        """Push what ``read`` got of ``worker_id``'s log to each of its followers after that follower's last id."""
+    def _deliver(self, key: str, read: _StreamRead) -> None:
+        """Push what ``read`` got of stream ``key`` to each of its followers after that follower's last id."""
         for follower in tuple(self._followers.values()):
             last = _entry_id(follower.last_id)
-            if follower.subscription.topic != worker_id or last < _entry_id(read.start):
-                continue  # another log, or a follower added during the read: the next one starts at its last id
+            if follower.key != key or last < _entry_id(read.start):
+                continue  # another stream, or a follower added during the read: the next one starts at its last id
             if follower.contiguous and read.first is not None and _entry_id(read.first) > last:
                 self._interrupt(follower)  # its last entry was trimmed: it may have missed the ones after it
             for entry_id, fields in read.entries:
                 if _entry_id(entry_id) > last:
-                    follower.subscription.push(self._batch(worker_id, fields))
+                    follower.subscription.push(self._payload(follower, fields))
                     follower.last_id, follower.contiguous = entry_id, True
 
-    def _batch(self, worker_id: str, fields: dict[bytes, bytes]) -> bytes:
-        payload = fields.get(b"batch")
+    def _payload(self, follower: _Follower, fields: dict[bytes, bytes]) -> bytes:
+        payload = fields.get(follower.field)
         if payload is None:
-            self._warn_once(f"kv:{worker_id}", "bus: an entry of the KV log of %r has no 'batch' field "
-                            "(a foreign writer?); delivering it as b''", worker_id)
+            self._warn_once(follower.key, "bus: an entry of %r has no %r field (a foreign writer?); delivering "
+                            "it as b''", follower.key, follower.field.decode())
             return b""
         return payload
 

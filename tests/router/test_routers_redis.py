@@ -10,7 +10,8 @@ import asyncio
 import dataclasses
 import itertools
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -125,6 +126,78 @@ def test_a_late_replica_warms_from_the_logs_and_its_first_requests_of_cached_pre
             cached = [r.usage.cached_tokens for r in first]
             print(f"the late replica's first 20 requests: cached tokens {cached}")
             assert all(n >= 10 * PAGE for n in cached), cached  # each its group's whole prefix
+    run(main)
+
+
+def _sample(handle: RouterHandle, name: str, **labels: str) -> float:
+    value = handle.router.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def _until(condition: Callable[[], bool], what: str, within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {within_s} s: {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_a_late_replica_counts_event_lag_only_for_batches_sent_after_it_began_reading_the_logs(
+        checkpoint: Checkpoint, fresh_redis: LocalRedisServer) -> None:
+    lag = "radixserve_router_kv_event_lag_seconds"
+
+    async def main() -> None:
+        async with redis_cluster(checkpoint, fresh_redis.url, num_routers=1) as c:
+            await send_all(c.routers, workload(num_groups=3, per_group=4))
+            await c.indexes_equal_trees(within_s=1.0)  # every batch is in the logs: none is on its way
+            await asyncio.sleep(0.5)  # the history ages, as a replica started later finds it
+            late = await c.add_router()
+            assert _sample(late, "radixserve_router_kv_events_total", worker="w0") + _sample(
+                late, "radixserve_router_kv_events_total", worker="w1") > 0  # it did read the history
+            assert _sample(late, f"{lag}_count") == 0
+            await send_all([late], [prompt(g, 100 + q) for g in range(3) for q in range(2)])  # new pages
+            await c.indexes_equal_trees(within_s=1.0)
+            count, total = _sample(late, f"{lag}_count"), _sample(late, f"{lag}_sum")
+            print(f"the late replica's event lag: {count:.0f} batches, mean {total / max(count, 1) * 1000:.1f} ms")
+            assert count > 0
+            assert total / count < 0.5  # what waited in the log before it started would be >= 0.5 s
+    run(main)
+
+
+def _routes(config: BusConfig, share_routes: bool, namespace: str) -> BusConfig:
+    return dataclasses.replace(config, share_routes=share_routes, namespace=namespace)
+
+
+def test_a_replica_sends_a_prefix_another_replica_is_still_prefilling_to_the_same_worker(
+        checkpoint: Checkpoint, fresh_redis: LocalRedisServer) -> None:
+    """The first request of a group is held before its prefill (no KV event yet); the second goes through the
+    other replica. With shared routes it follows the first; without, that replica sees only the first's load
+    and sends it to the idle worker, which prefills the prefix again."""
+
+    async def workers_of_two(share_routes: bool) -> tuple[str, str]:
+        namespace = f"routes-{share_routes}"
+        async with redis_cluster(checkpoint, fresh_redis.url,
+                                 bus=lambda c: _routes(c, share_routes, namespace)) as c:
+            first_router, second_router = c.routers
+            for engine in c.engines:
+                engine.gate.clear()
+            first = asyncio.ensure_future(first_router.stub.Complete(request(prompt(0, 0)), timeout=TIMEOUT_S))
+            peers = second_router.router.workers.clients.values()
+            await _until(lambda: sum(p.peer_load.num_requests for p in peers) == 1, "the first request's load")
+            if share_routes:
+                await _until(lambda: _sample(second_router, "radixserve_router_route_hints_total",
+                                             outcome="applied") == 1, "the first request's route hint")
+            second = asyncio.ensure_future(second_router.stub.Complete(request(prompt(0, 1)), timeout=TIMEOUT_S))
+            await _until(lambda: second_router.router.core.num_in_flight == 1, "the second request routed")
+            for engine in c.engines:
+                engine.gate.set()
+            return (await first).worker_id, (await second).worker_id
+
+    async def main() -> None:
+        shared = await workers_of_two(share_routes=True)
+        alone = await workers_of_two(share_routes=False)
+        print(f"workers of the group's two requests: routes shared {shared}, not shared {alone}")
+        assert shared[0] == shared[1]
+        assert alone[0] != alone[1]
     run(main)
 
 

@@ -258,6 +258,29 @@ def test_kv_log_length_counts_the_retained_entries(backend: Backend) -> None:
     backend.run(test)
 
 
+# ---- route log --------------------------------------------------------------------------------------------
+
+
+def test_a_route_follower_gets_every_entry_appended_after_it_started_in_order_and_none_before(
+        backend: Backend) -> None:
+    async def test(bus: EventBus) -> None:
+        await bus.append_routes(b"before")
+        first = await bus.follow_routes()
+        for payload in payloads(0, 30):
+            await bus.append_routes(payload)
+        second = await bus.follow_routes()
+        await bus.append_routes(b"m30")
+        assert await take(first, 31) == payloads(0, 31)
+        assert await take(second, 1) == [b"m30"]
+        first.close()
+        await bus.append_routes(b"m31")
+        assert await take(second, 1) == [b"m31"]
+        assert [item async for item in first] == []
+        await bus.append_kv("worker-0", b"a batch")
+        assert await drain(second, backend.settle_s) == []
+    backend.run(test)
+
+
 # ---- load -------------------------------------------------------------------------------------------------
 
 
@@ -295,6 +318,8 @@ BAD_CALLS: list[tuple[str, Callable[[EventBus], object]]] = [
     ("payload", lambda bus: bus.put_load("worker", "w", None, 1.0)),  # type: ignore[arg-type]
     ("ttl_s", lambda bus: bus.put_load("worker", "w", b"x", -1.0)),
     ("kind", lambda bus: bus.loads("workers")),
+    ("payload", lambda bus: bus.append_routes("text")),  # type: ignore[arg-type]
+    ("max_pending", lambda bus: bus.follow_routes(max_pending=0)),
 ]
 
 
@@ -310,17 +335,19 @@ def test_a_bad_argument_is_refused_naming_it(backend: Backend, field: str, call:
 
 def test_closing_the_bus_ends_every_subscription_and_refuses_further_use(backend: Backend) -> None:
     async def test(bus: EventBus) -> None:
-        subscriptions = [bus.watch_registry(), bus.follow_kv("worker-0"), bus.follow_kv("worker-1")]
+        subscriptions = [bus.watch_registry(), bus.follow_kv("worker-0"), bus.follow_kv("worker-1"),
+                         await bus.follow_routes()]
         consumers = [asyncio.create_task(drain(s, TIMEOUT_S)) for s in subscriptions]
         await asyncio.sleep(0.01)
         await bus.close()
-        assert await asyncio.gather(*consumers) == [[], [], []]
+        assert await asyncio.gather(*consumers) == [[], [], [], []]
         await bus.close()
         for call in (bus.watch_registry, lambda: bus.follow_kv("worker-0")):
             with pytest.raises(RuntimeError, match=r"^bus: closed"):
                 call()
         for coroutine in (bus.announce(RECORD), bus.withdraw("w"), bus.members(), bus.append_kv("w", b"x"),
-                          bus.kv_log_length("w"), bus.put_load("worker", "w", b"x", 1.0), bus.loads("worker")):
+                          bus.kv_log_length("w"), bus.put_load("worker", "w", b"x", 1.0), bus.loads("worker"),
+                          bus.append_routes(b"x"), bus.follow_routes()):
             with pytest.raises(RuntimeError, match=r"^bus: closed"):
                 await coroutine
     backend.run(test)

@@ -1,0 +1,121 @@
+"""Route hints between router replicas (``router.route_hints``) over one bus: what one replica routes, the
+others' indexes credit; what it withdraws, they drop; their own, unknown workers' and malformed entries are
+skipped. In process (the Redis bus's route log is held to the same contract in tests/cluster/base/test_bus.py,
+and two replicas on a real Redis in tests/router/test_routers_redis.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+from prometheus_client import CollectorRegistry
+
+from radixserve.cluster.base.bus import InProcessBus
+from radixserve.router.metrics import RouterMetrics
+from radixserve.router.prefix_index import PrefixIndex
+from radixserve.router.route_hints import MAX_QUEUED_HINTS, RouteHints
+
+PROMPT = [11, 12, 13, 14]
+WORKERS = ("w0", "w1")
+
+
+class Replica:
+    def __init__(self, bus: InProcessBus, name: str) -> None:
+        self.index = PrefixIndex(pending_ttl_s=30.0, approx_ttl_s=30.0)
+        self.metrics = RouterMetrics(CollectorRegistry(), "prefix")
+        self.hints = RouteHints(bus, name, self.index, {"w0", "w1"}, self.metrics.route_hints)
+
+    def matched(self) -> dict[str, int]:
+        return self.index.match(PROMPT, WORKERS)
+
+    def count(self, outcome: str) -> float:
+        value = self.metrics.registry.get_sample_value("radixserve_router_route_hints_total", {"outcome": outcome})
+        return 0.0 if value is None else value
+
+
+@contextlib.asynccontextmanager
+async def replicas(bus: InProcessBus, *names: str) -> AsyncIterator[list[Replica]]:
+    running = [Replica(bus, name) for name in names]
+    tasks = [asyncio.create_task(r.hints.run()) for r in running]
+    await asyncio.sleep(0.01)  # each follows the route log
+    try:
+        yield running
+    finally:
+        for replica in running:
+            replica.hints.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 5 s")
+
+
+def run(main: Callable[[], object]) -> None:
+    asyncio.run(asyncio.wait_for(main(), 30))  # type: ignore[arg-type]
+
+
+def test_what_one_replica_routes_the_others_credit_and_what_it_withdraws_they_drop() -> None:
+    async def main() -> None:
+        bus = InProcessBus()
+        async with replicas(bus, "a", "b", "c") as (a, b, c):
+            a.hints.routed("w1", PROMPT[:3])
+            a.hints.routed("w0", PROMPT)
+            await until(lambda: b.matched() == {"w0": 4, "w1": 3} and c.matched() == b.matched())
+            assert a.matched() == {"w0": 0, "w1": 0}  # its own index is credited where it routes, not from the log
+            assert a.count("published") == 2 and b.count("applied") == 2
+            a.hints.withdrawn("w0", PROMPT)
+            await until(lambda: b.matched() == {"w0": 0, "w1": 3} and c.matched() == b.matched())
+        await bus.close()
+    run(main)
+
+
+def test_a_burst_of_decisions_goes_out_as_few_entries_in_order() -> None:
+    async def main() -> None:
+        bus = InProcessBus()
+        async with replicas(bus, "a", "b") as (a, b):
+            feed = await bus.follow_routes()
+            for _ in range(50):
+                a.hints.routed("w0", PROMPT)
+                a.hints.withdrawn("w0", PROMPT)
+            a.hints.routed("w1", PROMPT)
+            await until(lambda: b.count("applied") == 101)
+            assert b.matched() == {"w0": 0, "w1": 4}  # the last word on w0 was a withdrawal
+            entries = 0
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    await asyncio.wait_for(anext(feed), 0.05)
+                    entries += 1
+            assert entries == 1  # queued without a pause in between: one entry of every hint
+            feed.close()
+        await bus.close()
+    run(main)
+
+
+def test_unknown_workers_and_malformed_entries_are_skipped_and_the_feed_goes_on() -> None:
+    async def main() -> None:
+        bus = InProcessBus()
+        async with replicas(bus, "a", "b") as (a, b):
+            await bus.append_routes(b"\xff not a RouteHints")
+            await bus.append_routes(b"")  # parses, but names no router
+            a.hints.routed("w9", PROMPT)
+            a.hints.routed("w0", PROMPT)
+            await until(lambda: b.matched()["w0"] == 4)
+            assert b.index.match(PROMPT, ["w9"]) == {"w9": 0}
+            assert b.count("malformed") == 2 and a.count("malformed") == 2
+            assert b.count("applied") == 1
+        await bus.close()
+    run(main)
+
+
+def test_beyond_the_queue_cap_the_oldest_unsent_hints_are_dropped_and_counted() -> None:
+    async def main() -> None:
+        replica = Replica(InProcessBus(), "a")  # not running: nothing is sent
+        for _ in range(MAX_QUEUED_HINTS + 5):
+            replica.hints.routed("w0", PROMPT)
+        assert replica.count("dropped") == 5
+    run(main)
