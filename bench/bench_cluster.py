@@ -262,9 +262,10 @@ class WorkerEndpoints:
 
 class Cluster:
     """``radixserve up --detach`` in a private RADIXSERVE_HOME on free ports, stopped by ``down``; with ``routers``
-    above 1, that many router replicas on Redis (``http_urls``: one per replica, ``http_url`` the first's)."""
+    above 1, that many router replicas on Redis (``http_urls``: one per replica, ``http_url`` the first's);
+    ``settings`` are more ``--set key=value`` overrides."""
 
-    def __init__(self, policy: str, kv_memory_gib: float, routers: int = 1) -> None:
+    def __init__(self, policy: str, kv_memory_gib: float, routers: int = 1, settings: Sequence[str] = ()) -> None:
         self._home = tempfile.TemporaryDirectory(prefix="radixserve-bench-")
         models = Path(self._home.name) / "models"
         models.mkdir()
@@ -280,6 +281,8 @@ class Cluster:
         if routers > 1:
             self._args += ["--routers", str(routers), "--set", f"router.replica_ports={ports}",
                            "--set", f"router.replica_http_ports={http_ports}"]
+        for setting in settings:
+            self._args += ["--set", setting]
 
     @property
     def home(self) -> Path:

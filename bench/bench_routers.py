@@ -7,7 +7,9 @@ a client taking turns between replicas. Reported per router count: hit ratio, TT
 HTTP router overhead p50 through the first router (paired with direct requests to the serving worker, as in the
 cluster benchmark), and the KV event lag p50/p99 (worker taking a batch from its engine to a router applying
 it) from the routers' own ``radixserve_router_kv_event_lag_seconds`` histograms, summed over the replicas.
-Each count runs ``--repeats`` times in one shuffled order; the table gives medians.
+A contender is a router count, or ``<count>-unshared`` for that many replicas that do not share their routing
+decisions (``bus.share_routes = false``), to show what the route hints buy. Each contender runs ``--repeats``
+times in one shuffled order; the table gives medians.
 
     python bench/bench_routers.py            # table on stdout, JSON in bench/results/routers.json
 """
@@ -60,10 +62,20 @@ def bucket_quantile(buckets: dict[float, float], q: float) -> float:
     return lower
 
 
-def run(num_routers: int, args: argparse.Namespace, arrivals: list[Arrival], probe: Probe, workload: Workload,
+def parse_contender(name: str) -> tuple[int, bool]:
+    """``"N"`` or ``"N-unshared"``: the router count and whether the replicas share their routing decisions."""
+    count, _, suffix = name.partition("-")
+    if not count.isdigit() or int(count) < 1 or suffix not in ("", "unshared"):
+        raise argparse.ArgumentTypeError(f"contender: expected N or N-unshared, got {name!r}")
+    return int(count), suffix == ""
+
+
+def run(contender: str, args: argparse.Namespace, arrivals: list[Arrival], probe: Probe, workload: Workload,
         oracle: float) -> dict[str, object]:
-    """One run on a fresh cluster with ``num_routers`` routers: the replay, the lag histograms, the overhead."""
-    with Cluster("prefix", args.kv_memory_gib, routers=num_routers) as cluster:
+    """One run on a fresh cluster of ``contender``: the replay, the lag histograms, the overhead."""
+    num_routers, share_routes = parse_contender(contender)
+    settings = () if share_routes else ("bus.share_routes=false",)
+    with Cluster("prefix", args.kv_memory_gib, routers=num_routers, settings=settings) as cluster:
         workers = cluster.workers()
         routers = read_targets(cluster.targets_path).get("router", [])
         before = settled_finished(workers, 0)
@@ -72,9 +84,9 @@ def run(num_routers: int, args: argparse.Namespace, arrivals: list[Arrival], pro
         buckets = lag_buckets(routers)
         overhead = asyncio.run(router_overhead(cluster.http_url, workers, args.overhead_pairs, probe, False))
     served = {wid: after[wid] - before.get(wid, 0.0) for wid in after}
-    result = asdict(summarize_run(f"{num_routers} routers", outcomes, makespan, served, overhead, oracle))
+    result = asdict(summarize_run(contender, outcomes, makespan, served, overhead, oracle))
     result.pop("outcomes")
-    result.update(routers=num_routers, kv_event_lag_p50_ms=bucket_quantile(buckets, 0.5) * 1000,
+    result.update(contender=contender, routers=num_routers, share_routes=share_routes, kv_event_lag_p50_ms=bucket_quantile(buckets, 0.5) * 1000,
                   kv_event_lag_p99_ms=bucket_quantile(buckets, 0.99) * 1000, num_router_metrics=len(routers))
     return result
 
@@ -86,7 +98,8 @@ FIGURES = ("hit_ratio", "ttft_p50_ms", "ttft_p99_ms", "requests_per_s", "router_
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_workload_args(parser)
-    parser.add_argument("--routers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--contenders", nargs="+", default=["1", "2", "4", "2-unshared"],
+                        help="router counts; N-unshared: N replicas without shared routing decisions")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--order-seed", type=int, default=0)
     parser.add_argument("--kv-memory-gib", type=float, default=0.3)
@@ -99,19 +112,23 @@ def main() -> int:
     arrivals = make_arrivals(workload, vocabulary)
     probe = make_probe(vocabulary, tokenizer)
     oracle = oracle_hit_ratio(arrivals, MODEL)
-    order = [n for n in args.routers for _ in range(args.repeats)]
+    for contender in args.contenders:
+        parse_contender(contender)
+    order = [c for c in args.contenders for _ in range(args.repeats)]
     random.Random(args.order_seed).shuffle(order)
     results = []
-    for i, n in enumerate(order, start=1):
-        print(f"run {i}/{len(order)}: {n} routers ...", file=sys.stderr, flush=True)
-        results.append(run(n, args, arrivals, probe, workload, oracle))
-    summary = {n: {f: statistics.median(float(r[f]) for r in results if r["routers"] == n) for f in FIGURES}
-               for n in args.routers}
+    for i, contender in enumerate(order, start=1):
+        print(f"run {i}/{len(order)}: {contender} ...", file=sys.stderr, flush=True)
+        results.append(run(contender, args, arrivals, probe, workload, oracle))
+    summary = {c: {f: statistics.median(float(r[f]) for r in results if r["contender"] == c) for f in FIGURES}
+               for c in args.contenders}
     print(f"\noracle hit ratio {oracle:.3f}; {_cpu_model()}; medians of {args.repeats} run(s) each\n")
-    print("| routers | hit ratio | TTFT p50 | TTFT p99 | req/s | HTTP router overhead p50 | KV event lag p50 / p99 |")
+    print("| routers | hit ratio (min-max) | TTFT p50 | TTFT p99 | req/s | HTTP router overhead p50 | KV event lag p50 / p99 |")
     print("|---|---|---|---|---|---|---|")
-    for n, r in summary.items():
-        print(f"| {n} | {r['hit_ratio']:.3f} | {r['ttft_p50_ms'] / 1000:.1f} s | {r['ttft_p99_ms'] / 1000:.1f} s | "
+    for contender, r in summary.items():
+        hits = [float(one["hit_ratio"]) for one in results if one["contender"] == contender]
+        print(f"| {contender} | {r['hit_ratio']:.3f} ({min(hits):.3f}-{max(hits):.3f}) | "
+              f"{r['ttft_p50_ms'] / 1000:.1f} s | {r['ttft_p99_ms'] / 1000:.1f} s | "
               f"{r['requests_per_s']:.3f} | {r['router_overhead_p50_ms']:.2f} ms | "
               f"{r['kv_event_lag_p50_ms']:.1f} / {r['kv_event_lag_p99_ms']:.1f} ms |")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,8 @@ def main() -> int:
     parser.add_argument("--load-weight", type=float, default=RouterConfig.load_weight)
     parser.add_argument("--load-interval-s", type=float, default=BusConfig.load_interval_s)
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times (0.5 = twice the load)")
+    parser.add_argument("--share-routes", choices=("on", "off"), default="on",
+                        help="whether the routers credit each other's routing decisions (route hints)")
     parser.add_argument("--out", type=Path, default=RESULTS / "sim_routers.json")
     args = parser.parse_args()
     if 1 not in args.routers:
@@ -93,7 +95,8 @@ def main() -> int:
     args.trace = args.trace or mooncake_trace_path()
     trace = load_mooncake(args.trace, time_scale=args.time_scale)
     base = SimConfig(num_workers=args.workers, policy="prefix", device="h100", model="llama-3-8b",
-                     host_kv_gib=args.host_kv_gib, load_weight=args.load_weight, load_interval_s=args.load_interval_s)
+                     host_kv_gib=args.host_kv_gib, load_weight=args.load_weight, load_interval_s=args.load_interval_s,
+                     share_routes=args.share_routes == "on")
     runs = [(n, shared) for n in sorted(args.routers) for shared in (True, False)]
     stats = compare(trace, [dataclasses.replace(base, num_routers=n, shared_load=shared) for n, shared in runs])
     rows = [Row(n, shared, s) for (n, shared), s in zip(runs, stats, strict=True)]

@@ -43,6 +43,7 @@ def _router_registry() -> CollectorRegistry:
     metrics.kv_event_lag.observe(0.01)
     metrics.kv_resyncs.labels("w0").inc()
     metrics.kv_malformed.labels("w0").inc()
+    metrics.route_hints.labels("applied").inc()
     metrics.retries.labels("UNAVAILABLE").inc()
     metrics.ttft.observe(0.1)
     metrics.e2e.observe(0.5)

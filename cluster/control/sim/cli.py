@@ -45,6 +45,8 @@ def add_sim_commands(subparsers: argparse._SubParsersAction) -> None:
                      help="router replicas taking the requests in turn, each with its own index and load (default 1)")
     sim.add_argument("--shared-load", dest="shared_load", type=_on_off,
                      help="on (default) | off: whether each router sees the in-flight load the others publish")
+    sim.add_argument("--share-routes", dest="share_routes", type=_on_off,
+                     help="on (default) | off: whether each router credits the routing decisions of the others")
     sim.add_argument("--seed", type=int, help="seeds the random policies and the step noise (default 0)")
     sim.add_argument("--out", type=Path, default=Path("sim-results"), help="folder for results.json and plots")
     sim.set_defaults(func=_run_sim)
@@ -105,7 +107,8 @@ def _run_sim(args: argparse.Namespace) -> int:
     print(report.format_table(stats))
     title = f"{loaded.name}: {len(loaded.requests):,} requests, {base.model} on {base.device}"
     if base.num_routers > 1:
-        title += f", {base.num_routers} routers (shared load {'on' if base.shared_load else 'off'})"
+        title += (f", {base.num_routers} routers (shared load {'on' if base.shared_load else 'off'}, "
+                  f"shared routes {'on' if base.share_routes else 'off'})")
     meta = {"workload": loaded.name, "num_requests": len(loaded.requests), "time_scale": args.time_scale,
             "tile": args.tile, "config": dataclasses.asdict(base)}
     args.out.mkdir(parents=True, exist_ok=True)

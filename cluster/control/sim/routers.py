@@ -1,7 +1,8 @@
 """Simulated router replicas, and what one learns late of the others and of the workers, on the simulated clock.
 
 A ``SimRouter`` keeps what one replica of the real router keeps: its own ``PrefixIndex`` (the simulator delivers
-every worker's KV events to every router's index; only a router's own routing credits pages as routed), its own
+every worker's KV events to every router's index; its own routing, and with shared routes the others', credits
+pages as routed), its own
 ``WorkerLoad`` of what it has in flight on each worker, and its own policy. It routes with
 ``router.routing.decide`` given the workers' load reports as of its last poll and, with shared load, what the
 other routers last published of their in-flight load.
@@ -96,6 +97,11 @@ class SimRouter:
             load.first_token(request_id)
         if finished:
             load.end(request_id)
+
+    def credit(self, worker_id: str, hashes: Sequence[int]) -> None:
+        """Another router sent a prompt with ``hashes`` to ``worker_id`` (a route hint): credit it as that
+        router's own decision is credited."""
+        self.index.record_routed(worker_id, hashes)
 
     def apply_events(self, worker_id: str, events: Sequence[KVEvent]) -> None:
         for event in events:

@@ -7,7 +7,8 @@ evicted blocks only through the simulated workers' KV events, delivered to every
 the change. Each router sees each worker's load report as of its last poll (every ``health_interval_s``) and,
 with ``shared_load``, the other routers' in-flight figures as of their last publication (every
 ``load_interval_s``); router ``r`` of ``N`` polls and publishes ``r / N`` of an interval after router 0, which
-does so at whole multiples of it. A request is routed when it arrives: at its ``arrival_s``, or ``think_s`` after
+does so at whole multiples of it. With ``share_routes`` each routing decision reaches the other routers' indexes
+``kv_event_lag_s`` after it is made, as routed credit (``router.route_hints``). A request is routed when it arrives: at its ``arrival_s``, or ``think_s`` after
 the request it follows finished. Every request ends (the loop runs until no event is left; a request that could
 never fit a worker's KV pool is refused up front with a ValueError).
 
@@ -48,7 +49,8 @@ class SimConfig:
     (``max_num_batched_tokens``, ``max_running_requests``); ``step_noise`` is each worker's step-time noise
     (``WorkerConfig.step_noise``), drawn from a generator per worker seeded by ``seed``. ``num_routers`` router
     replicas share the arrivals; ``shared_load``: each sees what the others publish of their in-flight load
-    every ``load_interval_s`` (``BusConfig``); each polls the workers' load every ``health_interval_s``. Router 0
+    every ``load_interval_s`` (``BusConfig``); ``share_routes``: each credits the others' routing decisions
+    (``BusConfig.share_routes``); each polls the workers' load every ``health_interval_s``. Router 0
     draws its ties from ``seed``, so one router routes as the simulator always did; router ``r`` from
     ``"<seed>:router-<r>"``."""
 
@@ -70,6 +72,7 @@ class SimConfig:
     approx_ttl_s: float = 300.0
     num_routers: int = 1
     shared_load: bool = True
+    share_routes: bool = BusConfig.share_routes
     load_interval_s: float = BusConfig.load_interval_s
     health_interval_s: float = RouterConfig.health_interval_s
     seed: int = 0
@@ -147,6 +150,7 @@ def compare(workload: Workload, configs: Sequence[SimConfig],
         label = f"{config.policy} x{config.num_workers}"
         if config.num_routers > 1:
             label += f", {config.num_routers} routers, shared load {'on' if config.shared_load else 'off'}"
+            label += "" if config.share_routes else ", routes not shared"
         with Progress(len(workload.requests), label) as progress:
             run = simulate(workload, config, progress)
         stats = summarize(config.policy, run.outcomes, run.workers, oracle, run.wall_s)
@@ -224,10 +228,18 @@ class _Simulation:
         self._num_arrived += 1
         reports = [polls[r].value(self.now) for polls in self._polls]
         w = self._routers[r].route(route, hashes, str(i), reports, self._peers(r), self.now).worker
+        if self._config.share_routes and len(self._routers) > 1:
+            self._at(self.now + self._config.kv_event_lag_s, lambda: self._share_route(r, w, hashes))
         seq = SimSeq.of_blocks(i, request.block_ids, request.input_len, request.output_len, self._block_size,
                                self._first_generated[i], hashes)
         self._changing(w)
         self._schedule_step(w, self._workers[w].submit(seq, self.now))
+
+    def _share_route(self, r: int, w: int, hashes: Sequence[int]) -> None:
+        """Router ``r``'s decision to send ``hashes`` to worker ``w`` reaches the other routers."""
+        for k, router in enumerate(self._routers):
+            if k != r:
+                router.credit(self._ids[w], hashes)
 
     def _peers(self, r: int) -> list[ReportedLoad] | None:
         """What the routers other than ``r`` last published, summed per worker; None without shared load."""

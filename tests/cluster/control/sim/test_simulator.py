@@ -214,6 +214,26 @@ def test_the_workers_load_reports_count_every_routers_traffic_once_polled() -> N
     assert taken_by_holder(num_routers=2, shared_load=False, health_interval_s=1e-7) == 61
 
 
+def test_with_shared_routes_a_prefix_still_in_its_prefill_draws_the_next_request_through_another_router() -> None:
+    # Request 0 (router 0) starts a 2,048-token prefill; request 1 shares its prefix and arrives through router 1
+    # 10 ms later, after router 0's hint (5 ms) but long before the prefill's KV events. With shared routes it
+    # follows request 0; without, router 1 sees only request 0's load there and sends it to the idle worker.
+    prefix = tuple(range(1, 33))
+    trace = Workload("pair", HOT, (SimRequest(0.0, prefix + (1000,), 33 * HOT, 4),
+                                   SimRequest(0.01, prefix + (2000,), 33 * HOT, 4)))
+
+    def workers(share_routes: bool) -> list[int]:
+        config = SimConfig(num_workers=2, num_routers=2, load_interval_s=1e-4, kv_event_lag_s=0.005,
+                           share_routes=share_routes)
+        run = simulate(trace, config)
+        assert run.outcomes[0].first_token_s > 0.01  # the prefill outlasts the gap
+        return [o.worker for o in run.outcomes]
+
+    shared, alone = workers(True), workers(False)
+    assert shared[0] == shared[1]
+    assert alone[0] != alone[1]
+
+
 def test_one_router_routes_alike_with_shared_load_on_or_off() -> None:
     trace = shared_prefix(groups=4, prompts_per_group=8, system_len=256, question_len=16, output_len=8, rate=200.0)
     config = replace(SMALL, num_blocks=256, kv_event_lag_s=0.005, num_routers=1)
