@@ -45,6 +45,9 @@ class BusGauges(NamedTuple):
 NO_BUS = BusGauges(False, 0.0, 0)
 
 
+ROUTE_HINT_OUTCOMES = ("published", "dropped", "applied", "malformed")  # of router.route_hints
+
+
 class RouterMetrics:
     """Everything one router exports, in ``registry``; ``policy`` labels the routing metrics."""
 
@@ -77,6 +80,8 @@ class RouterMetrics:
                                    "Routing decisions shared with the other router replicas, by outcome: published, "
                                    "dropped (unsent), applied (another replica's), malformed (route log entries).",
                                    ["outcome"], registry=registry)
+        for outcome in ROUTE_HINT_OUTCOMES:  # the series exist from the start, on every router
+            self.route_hints.labels(outcome)
         self.retries = Counter(_PREFIX + "retries", "Requests retried on another worker, by the failure's code.",
                                ["code"], registry=registry)
         self.ttft = Histogram(_PREFIX + "time_to_first_token_seconds",

@@ -53,8 +53,6 @@ class RouteHints:
         self._queued = asyncio.Event()
         self._feed: Subscription | None = None
         self._stopped = False
-        for outcome in ("published", "dropped", "applied", "malformed"):  # the series exist from the start
-            outcomes.labels(outcome)
 
     def routed(self, worker_id: str, hashes: Sequence[int]) -> None:
         """This router sent a prompt with ``hashes`` (from its first page) to ``worker_id``."""
