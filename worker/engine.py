@@ -44,7 +44,8 @@ from radixserve.worker.kv.radix_cache import KVEvent, RadixCache
 from radixserve.worker.metrics import EngineMetrics
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.loading import open_checkpoint
-from radixserve.worker.models.llama import LlamaForCausalLM
+from radixserve.worker.models.quantization import make_linear_method
+from radixserve.worker.models.scoring import build_model
 from radixserve.worker.outputs import RequestOutput
 from radixserve.worker.runner import ModelRunner
 from radixserve.worker.sampler import Sampler, SamplerOutput, SamplingState
@@ -128,7 +129,8 @@ class Engine:
         context_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                           self.model_config.max_position_embeddings)
         self.max_model_len = min(context_len, num_pages * config.cache.page_size)
-        self.model = _build_model(checkpoint, self.max_model_len, dtype, self.device)
+        self.model = build_model(checkpoint, self.max_model_len, dtype, self.device,
+                                 make_linear_method(config.quantization))
         self.kv = KVPool(self.model_config.num_hidden_layers, num_pages, config.cache.page_size,
                          self.model_config.num_key_value_heads, self.model_config.head_dim, dtype, self.device)
         self.allocator = PageAllocator(num_pages)
@@ -528,12 +530,3 @@ def _rows(out: SamplerOutput) -> list[_Sampled]:
 def _resolve(flushed: list[tuple[Future[int], int]]) -> None:
     for future, num_freed in flushed:
         future.set_result(num_freed)
-
-
-def _build_model(checkpoint: Checkpoint, max_len: int, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    with torch.device(device):
-        model = LlamaForCausalLM(checkpoint.config, max_len)
-    model.load_weights(checkpoint.weights())
-    for param in model.parameters():  # RoPE tables stay fp32
-        param.data = param.data.to(dtype)
-    return model.eval()

@@ -12,13 +12,12 @@ from transformers import LlamaForCausalLM as HFLlama
 
 from radixserve.cluster.base.config import CacheConfig, EngineConfig
 from radixserve.worker.engine import Engine
-from radixserve.worker.kv.pool import KVPool
-from radixserve.worker.models.attention import AttentionBatch, PrefillSpan
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.models.config import ModelConfig
 from radixserve.worker.models.layers import ColumnLinear, RowLinear, Shard
 from radixserve.worker.models.llama import LlamaForCausalLM
+from radixserve.worker.models.scoring import build_model, prompt_logits
 from radixserve.worker.models.reference import transformers_model
 from radixserve.cluster.base.sampling_params import SamplingParams
 
@@ -27,17 +26,7 @@ LOGITS_ATOL = 1e-3
 
 def our_logits(checkpoint: Checkpoint, token_ids: list[int]) -> torch.Tensor:
     """Logits [T, vocab] of one prefill from position 0 through our model and a fresh paged KV pool."""
-    c = checkpoint.config
-    model = LlamaForCausalLM(c, max_len=c.max_position_embeddings)
-    model.load_weights(checkpoint.weights())
-    page_size = 16
-    num_pages = -(-len(token_ids) // page_size)
-    kv = KVPool(c.num_hidden_layers, num_pages, page_size, c.num_key_value_heads, c.head_dim, torch.float32, "cpu")
-    slots = torch.arange(len(token_ids))
-    batch = AttentionBatch(slots, 0, None, None, page_size, (PrefillSpan(0, len(token_ids), slots, None),))
-    with torch.inference_mode():
-        hidden = model(torch.tensor(token_ids), slots, batch, kv)
-        return model.compute_logits(hidden)
+    return prompt_logits(build_model(checkpoint, checkpoint.config.max_position_embeddings), token_ids)
 
 
 def hf_logits(model: HFLlama, token_ids: list[int]) -> torch.Tensor:

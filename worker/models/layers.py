@@ -3,7 +3,9 @@
 Every parameter carries a ``weight_loader(param, loaded, shard_id)`` that copies a checkpoint tensor
 into its slice of the parameter. Fused layers (QKV, gate/up) declare which checkpoint tensors feed which
 rows, and every loader narrows to this rank's shard, so tensor parallelism and expert layers can reuse the
-same checkpoints without rewriting the model.
+same checkpoints without rewriting the model. Linear layers and the embedding hold and apply their weight
+through a ``LinearMethod`` (``models.quantization``): the checkpoint loads into a float weight, then
+``process_weights_after_loading`` turns this rank's slice into the method's form.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from radixserve.worker.models.quantization import DenseMethod, LinearMethod
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,13 @@ class ColumnLinear(nn.Module):
     ``shard_id`` in the weight loader is the index into ``output_sizes`` of the tensor being loaded.
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, shard: Shard = Shard()):
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, shard: Shard = Shard(),
+                 method: LinearMethod = DenseMethod()):
         super().__init__()
         self.shard = shard
+        self.method = method
         self.local_sizes = [shard.split(n, "output_size") for n in output_sizes]
-        self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), input_size), requires_grad=False)
+        method.create_weights(self, sum(self.local_sizes), input_size)
         self.weight.weight_loader = self._load
         self.weight.num_shards = len(output_sizes)  # checkpoint tensors that fill it
         self.bias = None
@@ -71,18 +77,18 @@ class ColumnLinear(nn.Module):
         _copy_checked(dst, _narrow(loaded, 0, self.shard), "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x, self.bias)
 
 
 class RowLinear(nn.Module):
     """y = x W^T (+ b), input columns split across ranks; the caller all-reduces when ``shard.size`` > 1."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, shard: Shard = Shard()):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, shard: Shard = Shard(),
+                 method: LinearMethod = DenseMethod()):
         super().__init__()
         self.shard = shard
-        self.weight = nn.Parameter(
-            torch.empty(output_size, shard.split(input_size, "input_size")), requires_grad=False
-        )
+        self.method = method
+        method.create_weights(self, output_size, shard.split(input_size, "input_size"))
         self.weight.weight_loader = self._load_weight
         self.bias = None
         if bias:
@@ -98,22 +104,28 @@ class RowLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Only rank 0 adds the bias so that the all-reduced sum adds it once.
         bias = self.bias if self.shard.rank == 0 else None
-        return F.linear(x, self.weight, bias)
+        return self.method.apply(self, x, bias)
 
 
 class VocabEmbedding(nn.Module):
-    """Token embedding, replicated on every rank."""
+    """Token embedding, replicated on every rank; held by ``method.for_table()``, so that a tied LM head can
+    multiply by it (``logits``)."""
 
-    def __init__(self, vocab_size: int, hidden_size: int):
+    def __init__(self, vocab_size: int, hidden_size: int, method: LinearMethod = DenseMethod()):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.method = method.for_table()
+        self.method.create_weights(self, vocab_size, hidden_size)
         self.weight.weight_loader = self._load
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
         _copy_checked(param.data, loaded, "weight")
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(token_ids, self.weight)
+        return self.method.embed(self, token_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [T, hidden_size]`` times the table: [T, vocab_size] (the tied LM head)."""
+        return self.method.apply(self, hidden)
 
 
 class RMSNorm(nn.Module):

@@ -3,7 +3,8 @@
 Q/K/V and gate/up projections are fused; ``load_weights`` maps Hugging Face parameter names onto the
 fused parameters through each parameter's ``weight_loader``. Built with a ``Shard``, each rank holds its share
 of the heads and of the MLP (column-parallel Q/K/V and gate/up, row-parallel O and down); embedding, norms and
-LM head are replicated.
+LM head are replicated. Built with a ``LinearMethod`` (``models.quantization``), every linear layer, the
+embedding and the LM head hold their weights in its form once ``load_weights`` has filled them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from radixserve.worker.kv.pool import KVPool
 from radixserve.worker.models.attention import AttentionBatch, paged_attention
 from radixserve.worker.models.config import ModelConfig
 from radixserve.worker.models.layers import ColumnLinear, RMSNorm, RowLinear, Shard, VocabEmbedding
+from radixserve.worker.models.quantization import DenseMethod, LinearMethod
 from radixserve.worker.models.rope import RotaryEmbedding
 
 # Hugging Face name fragment -> (our fused parameter fragment, shard id within it)
@@ -31,15 +33,16 @@ _FUSED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, shard: Shard):
+    def __init__(self, config: ModelConfig, layer_id: int, shard: Shard, method: LinearMethod):
         super().__init__()
         self.layer_id = layer_id
         self.num_heads = shard.split(config.num_attention_heads, "num_attention_heads")
         self.num_kv_heads = shard.split(config.num_key_value_heads, "num_key_value_heads")
         self.head_dim = config.head_dim
         q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
-        self.qkv_proj = ColumnLinear(config.hidden_size, [q_size, kv_size, kv_size], config.attention_bias, shard)
-        self.o_proj = RowLinear(q_size, config.hidden_size, config.attention_bias, shard)
+        self.qkv_proj = ColumnLinear(config.hidden_size, [q_size, kv_size, kv_size], config.attention_bias, shard,
+                                     method)
+        self.o_proj = RowLinear(q_size, config.hidden_size, config.attention_bias, shard, method)
         self.qk_v_sizes = [(self.num_heads + self.num_kv_heads) * self.head_dim, self.num_kv_heads * self.head_dim]
         self.scale = self.head_dim**-0.5
 
@@ -55,11 +58,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, shard: Shard):
+    def __init__(self, config: ModelConfig, shard: Shard, method: LinearMethod):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = ColumnLinear(config.hidden_size, [size, size], config.mlp_bias, shard)
-        self.down_proj = RowLinear(size, config.hidden_size, config.mlp_bias, shard)
+        self.gate_up_proj = ColumnLinear(config.hidden_size, [size, size], config.mlp_bias, shard, method)
+        self.down_proj = RowLinear(size, config.hidden_size, config.mlp_bias, shard, method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -67,12 +70,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, shard: Shard):
+    def __init__(self, config: ModelConfig, layer_id: int, shard: Shard, method: LinearMethod):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer_id, shard)
+        self.self_attn = LlamaAttention(config, layer_id, shard, method)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, shard)
+        self.mlp = LlamaMLP(config, shard, method)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
@@ -81,15 +84,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, max_len: int, shard: Shard):
+    def __init__(self, config: ModelConfig, max_len: int, shard: Shard, method: LinearMethod):
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, method)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, max_len)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, shard) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, shard, method)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
-        x = self.embed_tokens(token_ids)  # [T, hidden]
+        x = self.embed_tokens(token_ids).to(self.norm.weight.dtype)  # [T, hidden], in the model's dtype
         for layer in self.layers:
             x = layer(x, positions, self.rotary, batch, kv)
         return self.norm(x)
@@ -104,12 +108,14 @@ class LlamaForCausalLM(nn.Module):
     refuses when ``shard.size`` > 1.
     """
 
-    def __init__(self, config: ModelConfig, max_len: int, shard: Shard = Shard()):
+    def __init__(self, config: ModelConfig, max_len: int, shard: Shard = Shard(),
+                 method: LinearMethod = DenseMethod()):
         super().__init__()
         self.config = config
         self.shard = shard
-        self.model = LlamaModel(config, max_len, shard)
-        self.lm_head = None if config.tie_word_embeddings else ColumnLinear(config.hidden_size, [config.vocab_size])
+        self.model = LlamaModel(config, max_len, shard, method)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else ColumnLinear(config.hidden_size, [config.vocab_size], method=method))
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
         if self.shard.size > 1:
@@ -117,11 +123,13 @@ class LlamaForCausalLM(nn.Module):
         return self.model(token_ids, positions, batch, kv)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return self.model.embed_tokens.logits(hidden).float()
+        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copies Hugging Face-named tensors into the parameters; every parameter must be filled once."""
+        """Copies Hugging Face-named tensors into the parameters (every parameter must be filled once), then
+        lets each layer's ``LinearMethod`` put its weight in the method's form."""
         params = dict(self.named_parameters())
         expected = {name: 0 for name in params}
         for hf_name, tensor in weights:
@@ -134,6 +142,10 @@ class LlamaForCausalLM(nn.Module):
         missing = [n for n, count in expected.items() if count != getattr(params[n], "num_shards", 1)]
         if missing:
             raise ValueError(f"weights: checkpoint lacks tensors for {missing[:5]}")
+        for module in self.modules():
+            method = getattr(module, "method", None)
+            if isinstance(method, LinearMethod):
+                method.process_weights_after_loading(module)
 
 
 def _our_name(hf_name: str) -> tuple[str, int]:
