@@ -52,6 +52,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+from machine import cpu_model
 
 from radixserve.cluster.base.config import POLICIES
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
@@ -566,14 +567,6 @@ def summarize_run(name: str, outcomes: list[Outcome], makespan: float, served: d
         errors=len(outcomes) - len(done), outcomes=[asdict(o) for o in outcomes])
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (these benchmarks run on machines whose CPUs differ)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return "unknown"
-
-
 def peer_versions() -> dict[str, str]:
     """The installed versions of the peer routers in bench/.venv-peers (empty when it is missing)."""
     python = PEERS_VENV / "bin" / "python"
@@ -707,7 +700,7 @@ def main() -> int:
     print_table(summary, oracle)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"workload": asdict(workload), "kv_memory_gib": args.kv_memory_gib,
-                                    "oracle_hit_ratio": oracle, "cpu": _cpu_model(), "peers": peer_versions(),
+                                    "oracle_hit_ratio": oracle, "cpu": cpu_model(), "peers": peer_versions(),
                                     "contenders": {n: asdict(CONTENDERS[n]) for n in args.contenders},
                                     "order": order, "summary": summary,
                                     "results": [asdict(r) for r in results]}, indent=1))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from radixserve.cluster.base.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig
+from radixserve.cluster.base.config import DEFAULT_MODEL, QUANTIZATIONS, CacheConfig, EngineConfig, SchedulerConfig
 from radixserve.cluster.base.model_store import ModelStore
 from radixserve.worker.engine import Engine
 from radixserve.worker.models.checkpoint import Checkpoint
@@ -41,6 +41,7 @@ class BenchConfig:
     suffix_len: int = 32
     repeats: int = 3
     kv_memory_gib: float = 2.0
+    quantization: str = "none"
     out: Path = Path("bench/results/engine.json")
 
 
@@ -260,7 +261,8 @@ def build(cfg: BenchConfig) -> tuple[Engine, torch.nn.Module, object | None, Che
     path = ModelStore().resolve(cfg.model)
     checkpoint = open_checkpoint(path)
     budget = max(SchedulerConfig().max_num_batched_tokens, max(cfg.batch_sizes) * cfg.prompt_len)
-    engine = Engine(EngineConfig(model=cfg.model, cache=CacheConfig(memory_gib=cfg.kv_memory_gib),
+    engine = Engine(EngineConfig(model=cfg.model, quantization=cfg.quantization,
+                                 cache=CacheConfig(memory_gib=cfg.kv_memory_gib),
                                  scheduler=SchedulerConfig(max_num_batched_tokens=budget)), checkpoint)
     return engine, transformers_model(checkpoint), load_llama_cpp(path) if path.suffix == ".gguf" else None, checkpoint
 
@@ -285,11 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=BenchConfig.prompt_len,
                         help="prompt tokens of each decoding request")
     parser.add_argument("--kv-memory-gib", type=float, default=BenchConfig.kv_memory_gib)
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=BenchConfig.quantization,
+                        help="our engine's linear method (transformers and llama.cpp run as they do)")
     parser.add_argument("--out", type=Path, default=BenchConfig.out)
     args = parser.parse_args(argv)
     cfg = BenchConfig(model=args.model, repeats=args.repeats, decode_tokens=args.decode_tokens,
                       batch_sizes=tuple(args.batch_sizes), prompt_len=args.prompt_len,
-                      kv_memory_gib=args.kv_memory_gib, out=args.out)
+                      kv_memory_gib=args.kv_memory_gib, quantization=args.quantization, out=args.out)
     rows = run(cfg)
     print_table(rows)
     report = {

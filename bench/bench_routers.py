@@ -27,9 +27,10 @@ from pathlib import Path
 
 import httpx
 
-from bench_cluster import (MODEL, RESULTS, Arrival, Cluster, Probe, Workload, _cpu_model, add_workload_args, load_tokenizer, make_arrivals,
+from bench_cluster import (MODEL, RESULTS, Arrival, Cluster, Probe, Workload, add_workload_args, load_tokenizer, make_arrivals,
                            make_probe, oracle_hit_ratio, replay, router_overhead, settled_finished,
                            summarize_run, word_vocabulary, workload_from_args)
+from machine import cpu_model
 from radixserve.cluster.control.discovery import read_targets
 
 LAG = "radixserve_router_kv_event_lag_seconds"
@@ -122,7 +123,7 @@ def main() -> int:
         results.append(run(contender, args, arrivals, probe, workload, oracle))
     summary = {c: {f: statistics.median(float(r[f]) for r in results if r["contender"] == c) for f in FIGURES}
                for c in args.contenders}
-    print(f"\noracle hit ratio {oracle:.3f}; {_cpu_model()}; medians of {args.repeats} run(s) each\n")
+    print(f"\noracle hit ratio {oracle:.3f}; {cpu_model()}; medians of {args.repeats} run(s) each\n")
     print("| routers | hit ratio (min-max) | TTFT p50 | TTFT p99 | req/s | HTTP router overhead p50 | KV event lag p50 / p99 |")
     print("|---|---|---|---|---|---|---|")
     for contender, r in summary.items():
@@ -133,7 +134,7 @@ def main() -> int:
               f"{r['kv_event_lag_p50_ms']:.1f} / {r['kv_event_lag_p99_ms']:.1f} ms |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"workload": asdict(workload), "kv_memory_gib": args.kv_memory_gib,
-                                    "oracle_hit_ratio": oracle, "cpu": _cpu_model(), "summary": summary,
+                                    "oracle_hit_ratio": oracle, "cpu": cpu_model(), "summary": summary,
                                     "runs": results}, indent=2))
     return 0
 

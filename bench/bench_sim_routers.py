@@ -18,6 +18,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from machine import cpu_model
 from radixserve.cluster.base.config import BusConfig, RouterConfig
 from radixserve.cluster.control.sim import report
 from radixserve.cluster.control.sim.report import PolicyStats
@@ -65,14 +66,6 @@ def check_targets(rows: list[Row], one: PolicyStats) -> list[str]:
         lines.append(f"- {r.num_routers} routers, shared load: hit {hit_pp:+.2f} pp, TTFT p99 {p99:+.1%} "
                      f"(target within {HIT_TARGET_PP:g} pp and {TTFT_P99_TARGET:.0%}): {'met' if met else 'NOT met'}")
     return lines
-
-
-def cpu_model() -> str:
-    """The CPU's model name, for the wall times."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return "unknown"
 
 
 def main() -> int:

@@ -8,6 +8,8 @@ window with it, as quality checks of quantized weights need.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 from collections.abc import Sequence
 
@@ -30,7 +32,18 @@ def build_model(checkpoint: Checkpoint, max_len: int, dtype: torch.dtype = torch
     model.load_weights(checkpoint.weights())  # quantizes from the checkpoint's float32
     for param in model.parameters():  # RoPE tables and quantized weights are buffers: they keep their dtypes
         param.data = param.data.to(dtype)
+    _return_freed_memory()
     return model.eval()
+
+
+def _return_freed_memory() -> None:
+    """Hand the float weights that quantization freed back to the OS: glibc keeps freed small-block heap memory
+    in its arenas, which an int8 engine measured as 222 MiB of resident memory it no longer used."""
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim this way
+        pass
 
 
 @torch.inference_mode()
