@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import httpx
@@ -62,6 +63,8 @@ from radixserve.cluster.base.tokenizer import Tokenizer
 from radixserve.cluster.control.discovery import read_targets
 from radixserve.v1 import api_pb2, api_pb2_grpc
 from radixserve.worker.models.loading import open_checkpoint
+
+T = TypeVar("T")
 
 RESULTS = Path(__file__).parent / "results"
 PEERS_VENV = Path(__file__).parent / ".venv-peers"
@@ -534,6 +537,18 @@ def front_door(contender: Contender, cluster: Cluster, workers: Sequence[WorkerE
             yield url
 
 
+def run_shuffled(names: Sequence[str], repeats: int, seed: int, run_one: Callable[[str], T]) -> list[T]:
+    """``run_one(name)`` ``repeats`` times for each of ``names``, all in one order shuffled by ``seed``, so that a
+    noisy machine's drift spreads over every contender; a progress line on stderr per run."""
+    order = [name for name in names for _ in range(repeats)]
+    random.Random(seed).shuffle(order)
+    results = []
+    for i, name in enumerate(order, start=1):
+        print(f"run {i}/{len(order)}: {name} ...", file=sys.stderr, flush=True)
+        results.append(run_one(name))
+    return results
+
+
 def run_contender(contender: Contender, arrivals: list[Arrival], texts: Sequence[str], probe: Probe, w: Workload,
                   args: argparse.Namespace, oracle: float) -> ContenderResult:
     """One run on a fresh cluster: the replay, then the overhead pairs, through the contender's front door (a peer
@@ -690,12 +705,8 @@ def main() -> int:
     texts = prompt_texts(arrivals, tokenizer)
     probe = make_probe(vocabulary, tokenizer)
     oracle = oracle_hit_ratio(arrivals, MODEL)
-    order = [name for name in args.contenders for _ in range(args.repeats)]
-    random.Random(args.order_seed).shuffle(order)
-    results = []
-    for i, name in enumerate(order, start=1):
-        print(f"run {i}/{len(order)}: {name} ...", file=sys.stderr, flush=True)
-        results.append(run_contender(CONTENDERS[name], arrivals, texts, probe, workload, args, oracle))
+    results = run_shuffled(args.contenders, args.repeats, args.order_seed,
+                           lambda name: run_contender(CONTENDERS[name], arrivals, texts, probe, workload, args, oracle))
     summary = summarize(results)
     print_table(summary, oracle)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 from radixserve.cluster.base.config import DEFAULT_MODEL, QUANTIZATIONS, CacheConfig, EngineConfig, SchedulerConfig
 from radixserve.cluster.base.model_store import ModelStore
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     report = {
         "benchmark": "engine",
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "rows": [asdict(r) for r in rows],

@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import statistics
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import httpx
 
-from bench_cluster import (MODEL, RESULTS, Arrival, Cluster, Probe, Workload, add_workload_args, load_tokenizer, make_arrivals,
-                           make_probe, oracle_hit_ratio, replay, router_overhead, settled_finished,
-                           summarize_run, word_vocabulary, workload_from_args)
+from bench_cluster import (MODEL, RESULTS, Arrival, Cluster, Probe, Workload, add_workload_args, load_tokenizer,
+                           make_arrivals, make_probe, oracle_hit_ratio, replay, router_overhead, run_shuffled,
+                           settled_finished, summarize_run, word_vocabulary, workload_from_args)
 from machine import cpu_model
 from radixserve.cluster.control.discovery import read_targets
 
@@ -71,6 +69,12 @@ def parse_contender(name: str) -> tuple[int, bool]:
     return int(count), suffix == ""
 
 
+def contender_name(name: str) -> str:
+    """``name`` once ``parse_contender`` accepts it (an argparse ``type``)."""
+    parse_contender(name)
+    return name
+
+
 def run(contender: str, args: argparse.Namespace, arrivals: list[Arrival], probe: Probe, workload: Workload,
         oracle: float) -> dict[str, object]:
     """One run on a fresh cluster of ``contender``: the replay, the lag histograms, the overhead."""
@@ -99,7 +103,7 @@ FIGURES = ("hit_ratio", "ttft_p50_ms", "ttft_p99_ms", "requests_per_s", "router_
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_workload_args(parser)
-    parser.add_argument("--contenders", nargs="+", default=["1", "2", "4", "2-unshared"],
+    parser.add_argument("--contenders", nargs="+", default=["1", "2", "4", "2-unshared"], type=contender_name,
                         help="router counts; N-unshared: N replicas without shared routing decisions")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--order-seed", type=int, default=0)
@@ -113,14 +117,8 @@ def main() -> int:
     arrivals = make_arrivals(workload, vocabulary)
     probe = make_probe(vocabulary, tokenizer)
     oracle = oracle_hit_ratio(arrivals, MODEL)
-    for contender in args.contenders:
-        parse_contender(contender)
-    order = [c for c in args.contenders for _ in range(args.repeats)]
-    random.Random(args.order_seed).shuffle(order)
-    results = []
-    for i, contender in enumerate(order, start=1):
-        print(f"run {i}/{len(order)}: {contender} ...", file=sys.stderr, flush=True)
-        results.append(run(contender, args, arrivals, probe, workload, oracle))
+    results = run_shuffled(args.contenders, args.repeats, args.order_seed,
+                           lambda contender: run(contender, args, arrivals, probe, workload, oracle))
     summary = {c: {f: statistics.median(float(r[f]) for r in results if r["contender"] == c) for f in FIGURES}
                for c in args.contenders}
     print(f"\noracle hit ratio {oracle:.3f}; {cpu_model()}; medians of {args.repeats} run(s) each\n")

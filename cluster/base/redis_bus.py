@@ -373,12 +373,12 @@ class RedisBus(EventBus):
     def _follow(self, follower: _Follower) -> None:
         self._followers[follower.subscription] = follower
         self._followed.set()
-        self._start("streams", self._read_logs)
+        self._start("streams", self._read_followed)
 
     def _forget(self, subscription: Subscription) -> None:
         self._followers.pop(subscription, None)
 
-    async def _read_logs(self) -> None:
+    async def _read_followed(self) -> None:
         backoff_s = MIN_BACKOFF_S
         failing = False
         while not self._closed:

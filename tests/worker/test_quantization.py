@@ -19,7 +19,8 @@ from radixserve.worker.engine import Engine
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.layers import ColumnLinear, RowLinear, Shard, VocabEmbedding
 from radixserve.worker.models.loading import open_checkpoint
-from radixserve.worker.models.quantization import (Int4Method, Int8Method, dequantize_int4, int4_scales_and_zeros,
+from radixserve.worker.models.quantization import (Int4Method, Int8Method, dequantize_int4, dequantize_int8,
+                                                   int4_scales_and_zeros,
                                                    make_linear_method, quantize_int4, quantize_int8)
 from radixserve.worker.models.scoring import build_model, perplexity
 
@@ -70,7 +71,7 @@ def test_int8_linear_matches_the_float_product_of_its_dequantized_weight(rows: i
                                                                           bias: bool, seed: int) -> None:
     layer, _ = _layer(Int8Method(), rows, cols, seed, bias)
     x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(seed + 1))
-    weight = layer.qweight.float() * layer.scales.float().unsqueeze(1)
+    weight = dequantize_int8(layer.qweight, layer.scales)
     reference = x.to(torch.bfloat16).float() @ weight.T + (layer.bias if bias else 0)
     out = layer(x)
     assert out.shape == (tokens, rows) and out.dtype == torch.float32

@@ -89,13 +89,12 @@ class Int8Method(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.qweight.shape[1] % KERNEL_INPUT_MULTIPLE:
-            weight = layer.qweight.float() * layer.scales.float().unsqueeze(1)
-            return F.linear(x, weight.to(x.dtype), bias)
+            return F.linear(x, dequantize_int8(layer.qweight, layer.scales).to(x.dtype), bias)
         out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), layer.qweight, layer.scales).to(x.dtype)
         return out if bias is None else out + bias
 
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        return layer.qweight[ids].float() * layer.scales[ids].float().unsqueeze(-1)
+        return dequantize_int8(layer.qweight[ids], layer.scales[ids])
 
 
 class Int4Method(LinearMethod):
@@ -151,6 +150,11 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round(weight / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
     return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 rows of int8 ``q`` [N, K] under per-row ``scales`` [N]."""
+    return q.float() * scales.float().unsqueeze(-1)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
