@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int8", "int4")  # worker.models.quantization's linear methods
+QUANTIZATIONS = ("none", "int8", "int4", "gguf")  # worker.models.quantization's linear methods
 T = TypeVar("T")
 
 
@@ -72,7 +72,8 @@ class EngineConfig:
     ``seed`` seeds the draws of requests that bring no seed of their own, so one engine given the same requests
     in the same order samples the same tokens. ``quantization`` is how the linear layers hold their weights
     (``worker.models.quantization``): ``"none"`` (``dtype``), ``"int8"`` (weight-only, per output row) or
-    ``"int4"`` (weight-only, per group of inputs); quantized methods run on CPU.
+    ``"int4"`` (weight-only, per group of inputs) or ``"gguf"`` (a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks);
+    quantized methods run on CPU.
     """
 
     model: str = DEFAULT_MODEL

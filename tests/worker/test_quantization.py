@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 from radixserve.cluster.base.config import CacheConfig, EngineConfig
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.worker.engine import Engine
-from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.kernels import blocks
+from radixserve.worker.models.checkpoint import BlockWeight, Checkpoint
 from radixserve.worker.models.layers import ColumnLinear, RowLinear, Shard, VocabEmbedding
 from radixserve.worker.models.loading import open_checkpoint
-from radixserve.worker.models.quantization import (Int4Method, Int8Method, dequantize_int4, dequantize_int8,
-                                                   int4_scales_and_zeros,
+from radixserve.worker.models.quantization import (BLOCK_GEMM_MAX_TOKENS, GGUFMethod, Int4Method, Int8Method,
+                                                   dequantize_int4, dequantize_int8, int4_scales_and_zeros,
                                                    make_linear_method, quantize_int4, quantize_int8)
 from radixserve.worker.models.scoring import build_model, perplexity
 
@@ -143,7 +144,52 @@ def tiny_checkpoint(tiny_hf_dir: Path) -> Checkpoint:
     return open_checkpoint(tiny_hf_dir)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+Q4_1 = blocks.BLOCK_TYPES["Q4_1"]
+
+
+def _block_layer(layer: torch.nn.Module, parts: list[BlockWeight | torch.Tensor]) -> torch.nn.Module:
+    for shard_id, part in enumerate(parts):
+        layer.weight.weight_loader(layer.weight, part, shard_id)
+    layer.method.process_weights_after_loading(layer)
+    return layer
+
+
+def test_gguf_layers_keep_the_files_blocks_and_shard_them_along_either_dimension() -> None:
+    """A fused column layer holds its parts' blocks byte for byte, row shards hold their rows, and column
+    (row-parallel) shards their blocks, so shard outputs concatenate / sum to the whole layer's."""
+    generator = torch.Generator().manual_seed(11)
+    q, k = (BlockWeight(blocks.quantize(torch.randn(rows, 128, generator=generator), Q4_1), Q4_1, 128)
+            for rows in (64, 32))
+    whole = _block_layer(ColumnLinear(128, [64, 32], method=GGUFMethod()), [q, k])
+    assert whole.block_type == Q4_1 and torch.equal(whole.blocks, torch.cat([q.data, k.data]))
+    x = torch.randn(3, 128, generator=generator)
+    reference = x @ torch.cat([q.dequantize(), k.dequantize()]).T
+    assert torch.allclose(whole(x), reference, rtol=0.02, atol=0.02 * float(reference.abs().max()))
+    halves = [_block_layer(ColumnLinear(128, [64, 32], shard=Shard(r, 2), method=GGUFMethod()), [q, k])
+              for r in range(2)]
+    assert torch.equal(torch.cat([half.blocks for half in halves]),
+                       torch.cat([q.data[:32], k.data[:16], q.data[32:], k.data[16:]]))
+    rows = [_block_layer(RowLinear(128, 64, shard=Shard(r, 2), method=GGUFMethod()), [q]) for r in range(2)]
+    summed = sum(layer(x[:, 64 * r:64 * (r + 1)]) for r, layer in enumerate(rows))
+    assert torch.allclose(summed, x @ q.dequantize().T, rtol=0.02, atol=0.02 * float(reference.abs().max()))
+    with pytest.raises(ValueError, match="^blocks: columns"):
+        q.narrow(1, 16, 32)
+
+
+def test_gguf_quantizes_float_weights_and_mixed_parts_to_q8_0_and_chunks_run_in_float() -> None:
+    generator = torch.Generator().manual_seed(12)
+    weight = torch.randn(48, 64, generator=generator)
+    q4 = BlockWeight(blocks.quantize(weight[:16], Q4_1), Q4_1, 64)
+    layer = _block_layer(ColumnLinear(64, [16, 32], method=GGUFMethod()), [q4, weight[16:]])
+    assert layer.block_type == blocks.BLOCK_TYPES["Q8_0"]
+    dequantized = blocks.dequantize(layer.blocks, layer.block_type, 64)
+    assert torch.allclose(dequantized[16:], weight[16:], atol=float(weight.abs().max()) / 127)
+    chunk = torch.randn(BLOCK_GEMM_MAX_TOKENS + 1, 64, generator=generator)  # the float path
+    assert torch.allclose(layer(chunk), chunk @ dequantized.T, rtol=1e-4, atol=1e-4)
+    assert not any(p.dim() == 2 for p in layer.parameters())
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4", "gguf"])
 def test_an_engine_serves_with_quantized_weights(tiny_checkpoint: Checkpoint, quantization: str) -> None:
     engine = Engine(EngineConfig(model=tiny_checkpoint.name, quantization=quantization,
                                  cache=CacheConfig(page_size=4, num_pages=64)), tiny_checkpoint)
@@ -155,13 +201,24 @@ def test_an_engine_serves_with_quantized_weights(tiny_checkpoint: Checkpoint, qu
     assert not any(isinstance(p, torch.nn.Parameter) and p.dim() == 2 for p in engine.model.parameters())
 
 
-def test_on_the_default_model_int8_and_int4_keep_the_perplexity_within_the_bounds(
+def test_on_the_default_model_int8_int4_and_gguf_keep_the_perplexity_within_the_bounds(
         smollm2_checkpoint: Checkpoint) -> None:
     """The first 2,048 tokens of the shipped text (the benchmark scores all of it): int8 within 1% of the
-    float weights' perplexity, int4 within 5%."""
+    float weights' perplexity, int4 and the file's own blocks within 5%."""
     ids = smollm2_checkpoint.tokenizer.encode(TEXT.read_text())[:2048]
     scores = {q: perplexity(build_model(smollm2_checkpoint, 2048, method=make_linear_method(q)), ids)
-              for q in ("none", "int8", "int4")}
+              for q in ("none", "int8", "int4", "gguf")}
     print(f"perplexity of 2,048 tokens: {scores}")
     assert scores["int8"] / scores["none"] - 1 < 0.01
     assert scores["int4"] / scores["none"] - 1 < 0.05
+    assert scores["gguf"] / scores["none"] - 1 < 0.05
+
+
+def test_the_default_models_gguf_layers_hold_the_files_bytes(smollm2_checkpoint: Checkpoint) -> None:
+    model = build_model(smollm2_checkpoint, 64, method=GGUFMethod())
+    stored = dict(smollm2_checkpoint.weights(blocks=True))
+    down = stored["model.layers.3.mlp.down_proj.weight"]
+    assert isinstance(down, BlockWeight) and down.block_type == Q4_1
+    assert torch.equal(model.model.layers[3].mlp.down_proj.blocks, down.data)
+    assert torch.equal(model.model.embed_tokens.blocks, stored["model.embed_tokens.weight"].data)  # Q8_0
+    assert not any(p.dim() == 2 for p in model.parameters())

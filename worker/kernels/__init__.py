@@ -7,41 +7,21 @@ built here, it computes the same result with torch operations over a gathered co
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
-import platform
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from radixserve.worker.kernels.build import cpu_flags, load
+
 _SOURCE = Path(__file__).with_name("paged_attention.cpp")
-_log = logging.getLogger(__name__)
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
 
 
 @functools.cache
 def _native() -> ModuleType | None:
     """The compiled extension, or None when it cannot be built (logged once)."""
-    from torch.utils.cpp_extension import load
-
     # -march=native code must never run on another CPU: the build is keyed by the source and the CPU's flags.
-    digest = hashlib.sha256(_SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:12]
-    try:
-        return load(name=f"radixserve_paged_attention_{digest}", sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-march=native"], verbose=False)
-    except Exception as error:  # no compiler, no ninja, ...: serve slower rather than not at all
-        _log.warning("paged attention kernel unavailable, using the torch fallback: %s", error)
-        return None
+    return load("radixserve_paged_attention", _SOURCE, ["-march=native"], key=" ".join(sorted(cpu_flags())))
 
 
 def build(device: torch.device) -> bool:

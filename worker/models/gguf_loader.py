@@ -1,4 +1,5 @@
-"""Llama-architecture GGUF files (llama.cpp's format): metadata, byte-level BPE tokenizer, dequantized weights.
+"""Llama-architecture GGUF files (llama.cpp's format): metadata, byte-level BPE tokenizer, weights (dequantized, or
+the file's own Q8_0 / Q4_0 / Q4_1 blocks).
 
 Two GGUF conventions are undone here: a tensor's ``shape`` lists its dimensions fastest-varying first (the
 reverse of PyTorch's), and the rows of the Q and K projections are stored permuted for interleaved rotary pairs.
@@ -17,7 +18,8 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.kernels.blocks import BLOCK_TYPES
+from radixserve.worker.models.checkpoint import BlockWeight, Checkpoint
 from radixserve.worker.models.config import ModelConfig, RopeScaling
 from radixserve.cluster.base.tokenizer import Tokenizer
 
@@ -54,10 +56,10 @@ class GGUFCheckpoint(Checkpoint):
         tokenizer = _tokenizer(self._reader)
         super().__init__(self._path.stem, _model_config(self._reader, tokenizer), tokenizer)
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | BlockWeight]]:
         for tensor in self._reader.tensors:
             name = self._hf_names[tensor.name]
-            weight = _dequantize(tensor)
+            weight = _blocks(tensor) if blocks and tensor.tensor_type.name in BLOCK_TYPES else _dequantize(tensor)
             if ".q_proj." in name:
                 weight = _unpermute_rotary_rows(weight, self.config.num_attention_heads)
             elif ".k_proj." in name:
@@ -199,12 +201,21 @@ def _dequantize(tensor: gguf.ReaderTensor) -> torch.Tensor:
     return torch.from_numpy(np.require(values, np.float32, ["C", "W"]).reshape(_torch_shape(tensor)))
 
 
+def _blocks(tensor: gguf.ReaderTensor) -> BlockWeight:
+    rows, in_features = _torch_shape(tensor)
+    data = torch.from_numpy(np.array(tensor.data, dtype=np.uint8).reshape(rows, -1))  # a copy: the map is read-only
+    return BlockWeight(data, BLOCK_TYPES[tensor.tensor_type.name], in_features)
+
+
 def _torch_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the fastest-varying dimension first
 
 
-def _unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Invert llama.cpp's Q/K row order: per head, rows stored as (pair, half) go back to (half, pair)."""
+def _unpermute_rotary_rows(weight: torch.Tensor | BlockWeight, num_heads: int) -> torch.Tensor | BlockWeight:
+    """Invert llama.cpp's Q/K row order: per head, rows stored as (pair, half) go back to (half, pair); a block
+    weight's rows move whole."""
+    if isinstance(weight, BlockWeight):
+        return BlockWeight(_unpermute_rotary_rows(weight.data, num_heads), weight.block_type, weight.in_features)
     rows = weight.shape[0]
     pairs = rows // num_heads // 2
     return weight.reshape(num_heads, pairs, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape).contiguous()

@@ -37,7 +37,7 @@ class HFCheckpoint(Checkpoint):
         tokenizer = _tokenizer(self._directory, raw)
         super().__init__(self._directory.name, _model_config(raw, generation), tokenizer)
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, blocks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:  # no blocks in safetensors
         for file in self._files:
             with safe_open(file, framework="pt") as tensors:
                 for name in tensors.keys():

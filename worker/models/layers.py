@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixserve.worker.models.quantization import DenseMethod, LinearMethod
+from radixserve.worker.models.checkpoint import BlockWeight
+from radixserve.worker.models.quantization import DenseMethod, LinearMethod, copy_checked
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,11 @@ class Shard:
         return n // self.size
 
 
-def _narrow(loaded: torch.Tensor, dim: int, shard: Shard) -> torch.Tensor:
+def _narrow(loaded: torch.Tensor | BlockWeight, dim: int, shard: Shard) -> torch.Tensor | BlockWeight:
     size = loaded.shape[dim] // shard.size
     return loaded.narrow(dim, shard.rank * size, size)
 
 
-def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
-    dst.copy_(src)
 
 
 class ColumnLinear(nn.Module):
@@ -63,18 +60,22 @@ class ColumnLinear(nn.Module):
         self.method = method
         self.local_sizes = [shard.split(n, "output_size") for n in output_sizes]
         method.create_weights(self, sum(self.local_sizes), input_size)
-        self.weight.weight_loader = self._load
+        self.weight.weight_loader = self._load_weight
         self.weight.num_shards = len(output_sizes)  # checkpoint tensors that fill it
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(sum(self.local_sizes)), requires_grad=False)
-            self.bias.weight_loader = self._load
+            self.bias.weight_loader = self._load_bias
             self.bias.num_shards = len(output_sizes)
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+    def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
         offset = sum(self.local_sizes[:shard_id])
-        dst = param.data.narrow(0, offset, self.local_sizes[shard_id])
-        _copy_checked(dst, _narrow(loaded, 0, self.shard), "weight")
+        copy_checked(param.data.narrow(0, offset, self.local_sizes[shard_id]), _narrow(loaded, 0, self.shard),
+                     "bias")
+
+    def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor | BlockWeight, shard_id: int = 0) -> None:
+        offset = sum(self.local_sizes[:shard_id])
+        self.method.load_weight(self, _narrow(loaded, 0, self.shard), offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
@@ -95,11 +96,11 @@ class RowLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             self.bias.weight_loader = self._load_bias
 
-    def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
-        _copy_checked(param.data, _narrow(loaded, 1, self.shard), "weight")
+    def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor | BlockWeight, shard_id: int = 0) -> None:
+        self.method.load_weight(self, _narrow(loaded, 1, self.shard), 0)
 
     def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
-        _copy_checked(param.data, loaded, "bias")
+        copy_checked(param.data, loaded, "bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Only rank 0 adds the bias so that the all-reduced sum adds it once.
@@ -117,8 +118,8 @@ class VocabEmbedding(nn.Module):
         self.method.create_weights(self, vocab_size, hidden_size)
         self.weight.weight_loader = self._load
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
-        _copy_checked(param.data, loaded, "weight")
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor | BlockWeight, shard_id: int = 0) -> None:
+        self.method.load_weight(self, loaded, 0)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.method.embed(self, token_ids)
@@ -138,7 +139,7 @@ class RMSNorm(nn.Module):
         self.weight.weight_loader = self._load
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
-        _copy_checked(param.data, loaded, "weight")
+        copy_checked(param.data, loaded, "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)

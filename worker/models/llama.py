@@ -17,6 +17,7 @@ from torch import nn
 
 from radixserve.worker.kv.pool import KVPool
 from radixserve.worker.models.attention import AttentionBatch, paged_attention
+from radixserve.worker.models.checkpoint import BlockWeight
 from radixserve.worker.models.config import ModelConfig
 from radixserve.worker.models.layers import ColumnLinear, RMSNorm, RowLinear, Shard, VocabEmbedding
 from radixserve.worker.models.quantization import DenseMethod, LinearMethod
@@ -127,7 +128,7 @@ class LlamaForCausalLM(nn.Module):
             return self.model.embed_tokens.logits(hidden).float()
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | BlockWeight]]) -> None:
         """Copies Hugging Face-named tensors into the parameters (every parameter must be filled once), then
         lets each layer's ``LinearMethod`` put its weight in the method's form."""
         params = dict(self.named_parameters())
@@ -137,7 +138,7 @@ class LlamaForCausalLM(nn.Module):
             if name not in params:
                 raise ValueError(f"weights: unexpected checkpoint tensor {hf_name!r}")
             param = params[name]
-            param.weight_loader(param, tensor.to(param.dtype), shard_id)
+            param.weight_loader(param, tensor, shard_id)  # each loader casts to its parameter's dtype
             expected[name] += 1
         missing = [n for n, count in expected.items() if count != getattr(params[n], "num_shards", 1)]
         if missing:

@@ -1,10 +1,11 @@
-"""How a linear layer holds and applies its weight: dense float, int8 weight-only, int4 weight-only.
+"""How a linear layer holds and applies its weight: dense float, int8 and int4 weight-only, GGUF blocks.
 
 A ``LinearMethod`` is stateless about weights: the layer owns the tensors and the method works on them in three
 steps, called in this order:
 
-1. ``create_weights`` registers the float parameter ``weight`` [output, input] the checkpoint is loaded into
-   (through the layer's shard-aware ``weight_loader``, so each rank loads only its slice);
+1. ``create_weights`` registers the parameter ``weight`` [output, input] the checkpoint is loaded into: the
+   layer's shard-aware ``weight_loader`` narrows each checkpoint tensor to this rank's slice and hands it to
+   ``load_weight`` (a float copy for every method but ``gguf``, which keeps the file's blocks);
 2. ``process_weights_after_loading`` turns this rank's loaded slice into the method's form (quantized buffers
    and scales, the float parameter dropped), so per-channel and per-group scales are always those of the
    rank's own shard;
@@ -22,6 +23,11 @@ product from its dequantized weight instead: slower, never wrong.
 * ``int4``: asymmetric, one scale and minimum per ``group_size`` inputs of a row: ``w ~ q * scale + min``, ``q`` in
   [0, 15]. A table that rows are looked up in (the embedding, and so the tied LM head) is held in int8 instead,
   whose rows dequantize on their own.
+* ``gguf``: the GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks, as stored (``checkpoint.weights(blocks=True)``), run by
+  our kernels (``kernels.blocks``) with int8-rounded activations; a step of more than ``BLOCK_GEMM_MAX_TOKENS``
+  tokens (a prefill chunk) multiplies by the dequantized weight in float32 instead, where the BLAS GEMM is
+  faster. A weight the file holds in another type (F32, F16, K-quants), or whose fused parts differ in type, is
+  quantized to Q8_0.
 """
 
 from __future__ import annotations
@@ -34,19 +40,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixserve.cluster.base.config import QUANTIZATIONS
+from radixserve.worker.kernels import blocks as block_kernels
+from radixserve.worker.models.checkpoint import BlockWeight
+
 KERNEL_INPUT_MULTIPLE = 64  # torch's int8 kernel is right for multiples of 8 here; 64 leaves room for wider ISAs
 INT4_KERNEL_OUTPUT_MULTIPLE = 16
 INT4_GROUP_SIZES = (32, 64, 128)  # the smallest that divides a layer's input size is used (the best quality)
+BLOCK_GEMM_MAX_TOKENS = 64
 
 
 class LinearMethod(ABC):
     """See the module docstring. ``name`` is the ``engine.quantization`` value that picks it."""
 
     name: ClassVar[str]
+    takes_blocks: ClassVar[bool] = False  # whether checkpoints should hand over quantized blocks as stored
 
     def create_weights(self, layer: nn.Module, output_size: int, input_size: int) -> None:
         """Register ``layer.weight``, the float [output_size, input_size] parameter checkpoints load into."""
         layer.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+
+    def load_weight(self, layer: nn.Module, loaded: torch.Tensor | BlockWeight, row_offset: int) -> None:
+        """Copy this rank's slice of a checkpoint tensor into rows [row_offset, ...) of ``layer.weight``."""
+        if isinstance(loaded, BlockWeight):
+            loaded = loaded.dequantize()
+        copy_checked(layer.weight.data.narrow(0, row_offset, loaded.shape[0]), loaded, "weight")
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Turn the loaded ``layer.weight`` into this method's form (nothing to do for dense)."""
@@ -137,12 +154,66 @@ class Int4Method(LinearMethod):
         return Int8Method()
 
 
+class GGUFMethod(LinearMethod):
+    """The file's blocks as stored (buffer ``blocks`` uint8 [N, row_bytes], attributes ``block_type`` and
+    ``in_features``); see the module docstring. The float ``weight`` parameter is a meta-device placeholder: no
+    float copy of the weight is ever made, except for tensors the file does not hold in blocks."""
+
+    name = "gguf"
+    takes_blocks = True
+    fallback_type = block_kernels.BLOCK_TYPES["Q8_0"]
+
+    def create_weights(self, layer: nn.Module, output_size: int, input_size: int) -> None:
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size, device="meta"), requires_grad=False)
+        layer.block_parts = []
+
+    def load_weight(self, layer: nn.Module, loaded: torch.Tensor | BlockWeight, row_offset: int) -> None:
+        rows, columns = loaded.shape
+        if columns != layer.weight.shape[1] or row_offset + rows > layer.weight.shape[0]:
+            raise ValueError(f"weight: checkpoint shape {tuple(loaded.shape)} does not fit rows [{row_offset}, "
+                             f"{row_offset + rows}) of {tuple(layer.weight.shape)}")
+        layer.block_parts.append((row_offset, loaded))
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        parts = [part for _, part in sorted(layer.block_parts, key=lambda item: item[0])]
+        types = {part.block_type if isinstance(part, BlockWeight) else None for part in parts}
+        block_type = types.pop() if len(types) == 1 else None
+        if block_type is None:
+            block_type = self.fallback_type
+            parts = [BlockWeight(block_kernels.quantize(_float(part), block_type), block_type, layer.weight.shape[1])
+                     for part in parts]
+        layer.register_buffer("blocks", torch.cat([part.data for part in parts]).contiguous())
+        layer.block_type, layer.in_features = block_type, layer.weight.shape[1]
+        del layer.weight, layer.block_parts
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[0] > BLOCK_GEMM_MAX_TOKENS:
+            weight = block_kernels.dequantize(layer.blocks, layer.block_type, layer.in_features)
+            return F.linear(x.float(), weight, bias).to(x.dtype)
+        out = block_kernels.linear(x.float(), layer.blocks, layer.block_type).to(x.dtype)
+        return out if bias is None else out + bias
+
+    def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return block_kernels.dequantize(layer.blocks[ids], layer.block_type, layer.in_features)
+
+
 def make_linear_method(quantization: str) -> LinearMethod:
     """The method ``engine.quantization`` names; ValueError names the field otherwise."""
-    methods: dict[str, type[LinearMethod]] = {m.name: m for m in (DenseMethod, Int8Method, Int4Method)}
+    methods: dict[str, type[LinearMethod]] = {m.name: m for m in (DenseMethod, Int8Method, Int4Method, GGUFMethod)}
     if quantization not in methods:
         raise ValueError(f"quantization: must be one of {QUANTIZATIONS}, got {quantization!r}")
     return methods[quantization]()
+
+
+def copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    """``dst.copy_(src)``, or ValueError naming ``name`` when the shapes differ."""
+    if dst.shape != src.shape:
+        raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+def _float(weight: torch.Tensor | BlockWeight) -> torch.Tensor:
+    return weight.dequantize() if isinstance(weight, BlockWeight) else weight.float()
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

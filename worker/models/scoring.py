@@ -29,7 +29,7 @@ def build_model(checkpoint: Checkpoint, max_len: int, dtype: torch.dtype = torch
     """The checkpoint's model in eval mode, its linear layers held by ``method``."""
     with torch.device(device):
         model = LlamaForCausalLM(checkpoint.config, max_len, method=method)
-    model.load_weights(checkpoint.weights())  # quantizes from the checkpoint's float32
+    model.load_weights(checkpoint.weights(blocks=method.takes_blocks))
     for param in model.parameters():  # RoPE tables and quantized weights are buffers: they keep their dtypes
         param.data = param.data.to(dtype)
     _return_freed_memory()
