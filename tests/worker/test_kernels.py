@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from radixserve.worker import kernels
@@ -53,3 +55,39 @@ def test_a_sequence_gives_the_same_bits_whatever_else_is_in_the_batch() -> None:
         alone = kernels.paged_decode_attention(q[b:b + 1], k_cache, v_cache, page_table[b:b + 1], lens[b:b + 1],
                                                page_size, 0.2)
         assert torch.equal(alone[0], batched[b])
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 9), n=st.integers(1, 200), seed=st.integers(0, 2**16))
+def test_fused_rms_norm_with_and_without_the_residual_matches_torch(rows: int, n: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x, residual, weight = torch.randn(rows, n, generator=gen), torch.randn(rows, n, generator=gen), torch.rand(n)
+    expected = weight * torch.nn.functional.rms_norm(x, (n,), eps=1e-5)
+    assert torch.allclose(kernels.rms_norm(x, weight, 1e-5), expected, rtol=1e-5, atol=1e-6)
+    total = x + residual
+    fused = kernels.rms_norm(x, weight, 1e-5, residual)
+    assert torch.equal(residual, total)  # the residual stream now holds the sum
+    assert torch.allclose(fused, weight * torch.nn.functional.rms_norm(total, (n,), eps=1e-5), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tokens=st.integers(1, 7), heads=st.integers(1, 5), half=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_rotary_in_place_rotates_each_pair_of_halves_by_its_positions_angle(tokens: int, heads: int, half: int,
+                                                                          seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    angles = torch.rand(50, half, generator=gen) * 6
+    cos, sin = angles.cos().repeat(1, 2), torch.cat((-angles.sin(), angles.sin()), dim=-1)
+    fused = torch.randn(tokens, heads + 1, 2 * half, generator=gen)  # one extra head: x is a strided view
+    x, positions = fused[:, :heads], torch.randint(0, 50, (tokens,), generator=gen)
+    first, second = x[..., :half].clone(), x[..., half:].clone()
+    a = angles[positions].unsqueeze(1)
+    expected = torch.cat((first * a.cos() - second * a.sin(), second * a.cos() + first * a.sin()), dim=-1)
+    assert kernels.rotary_(x, positions, cos, sin) is x
+    assert torch.allclose(fused[:, :heads], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_silu_mul_is_silu_of_the_gate_half_times_the_up_half() -> None:
+    gate_up = torch.randn(5, 2 * 37, generator=torch.Generator().manual_seed(3))
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.allclose(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(kernels.silu_mul(gate_up.double()), (torch.nn.functional.silu(gate) * up).double())

@@ -1,7 +1,8 @@
-"""Native kernels, compiled on first use with torch's C++ extension loader (g++ and ninja).
+"""Native kernels of the decode step, compiled on first use with torch's C++ extension loader (g++ and ninja).
 
-``paged_decode_attention`` runs the C++ kernel for CPU tensors; on other devices, or if the kernel cannot be
-built here, it computes the same result with torch operations over a gathered copy of the context.
+Each function runs the C++ kernel (``step_ops.cpp``) for float32 CPU tensors; on other devices or dtypes, or if
+the kernels cannot be built here, it computes the same result with torch operations. The linear layers' block
+kernels are ``kernels.blocks``.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import torch
 
 from radixserve.worker.kernels.build import cpu_flags, load
 
-_SOURCE = Path(__file__).with_name("paged_attention.cpp")
+_SOURCE = Path(__file__).with_name("step_ops.cpp")
 
 
 @functools.cache
 def _native() -> ModuleType | None:
     """The compiled extension, or None when it cannot be built (logged once)."""
     # -march=native code must never run on another CPU: the build is keyed by the source and the CPU's flags.
-    return load("radixserve_paged_attention", _SOURCE, ["-march=native"], key=" ".join(sorted(cpu_flags())))
+    return load("radixserve_step_ops", _SOURCE, ["-march=native"], key=" ".join(sorted(cpu_flags())))
 
 
 def build(device: torch.device) -> bool:
@@ -45,6 +46,46 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return native.paged_decode_attention(q, k_cache, v_cache, page_table, context_lens, page_size,
                                              scale).to(q.dtype)
     return _torch_decode_attention(q, k_cache, v_cache, page_table, context_lens, page_size, scale)
+
+
+def _native_for(*tensors: torch.Tensor) -> ModuleType | None:
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return _native()
+    return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm of the rows of ``x`` [T, n] (computed in float32) times ``weight``; given a ``residual`` [T, n],
+    first ``residual += x`` in place and the norm is of that sum (the decoder's residual stream)."""
+    native = _native_for(x, weight) if residual is None else _native_for(x, weight, residual)
+    if native is not None:
+        return native.rms_norm(x, residual, weight, eps)
+    if residual is not None:
+        x = residual.add_(x)
+    return weight * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def rotary_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [T, H, D] in place by the rows ``positions`` [T] of the tables [max_len, D] (``sin`` carries
+    rotate-half's sign): ``x * cos + cat(x2, x1) * sin``. Returns ``x``."""
+    native = _native_for(x, cos, sin)
+    if native is not None and x.stride(-1) == 1:
+        native.rotary_(x, positions, cos, sin)
+        return x
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [T, 1, D]
+    x32, half = x.float(), x.shape[-1] // 2
+    swapped = torch.cat((x32[..., half:], x32[..., :half]), dim=-1)
+    return x.copy_(torch.addcmul(x32 * c, swapped, s))
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of ``gate_up`` [T, 2I] (gate the first I columns): [T, I]."""
+    native = _native_for(gate_up)
+    if native is not None and gate_up.stride(-1) == 1:
+        return native.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
 
 
 def _torch_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

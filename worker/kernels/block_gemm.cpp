@@ -4,16 +4,18 @@
 // build, -mavx2 -mfma -mf16c, or those plus AVX-512 VNNI) and Python loads only the builds its CPU can run, so no
 // build ever executes an instruction its machine lacks.
 //
-// A block holds 32 consecutive inputs of one output row (ggml's layouts):
+// A block holds 32 consecutive inputs of one output row (ggml's encodings):
 //   Q8_0: fp16 d, int8 q[32]                 w = d * q
 //   Q4_0: fp16 d, uint8 nibbles[16]          w = d * (q - 8)
 //   Q4_1: fp16 d, fp16 m, uint8 nibbles[16]  w = d * q + m
-// where byte j holds element j in its low nibble and element j + 16 in its high nibble.
+// where nibble byte j holds element j in its low half and element j + 16 in its high half. The kernels read rows
+// in the "split" layout (blocks.repack): the same bytes per row, regrouped as every block's quants, then every
+// block's d, then (Q4_1) every block's m, so eight blocks' scales load in one instruction.
 //
-// linear(x, blocks) quantizes each 32 inputs of every activation row to int8 with one float scale (as llama.cpp
-// does, so products are integer dot products), then each output is the sum over blocks of
-// d * dx * sum(q * qx) plus the block's constant term times sum(x). Work is split over output rows; each row's
-// blocks are decoded once for up to four tokens.
+// linear(x, blocks) rounds each 32 inputs of every activation row to int8 with one float scale dx (as llama.cpp
+// does), so products are integer dot products: output = sum over blocks of d * dx * sum(q * qx) + c * sx, where
+// c is the block's constant term (m, or -8 d) and sx = dx * sum(qx). Work is split over output rows; a row's
+// blocks are decoded eight at a time and serve four tokens at once.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -33,21 +35,19 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-constexpr int64_t kTokenTile = 4;
+constexpr int64_t kGroup = 8;        // blocks whose sums are reduced together
+constexpr int64_t kTokenTile = 4;   // tokens a row's decoded blocks serve at once
 enum BlockType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };  // ggml's type ids
 
-int64_t block_bytes(int64_t type) {
-  switch (type) {
-    case kQ8_0: return 34;
-    case kQ4_0: return 18;
-    case kQ4_1: return 20;
-  }
-  TORCH_CHECK(false, "block type: ", type, " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8)");
+constexpr int64_t quant_bytes(int64_t type) { return type == kQ8_0 ? 32 : 16; }
+constexpr int64_t block_bytes(int64_t type) { return type == kQ8_0 ? 34 : type == kQ4_0 ? 18 : 20; }
+
+void check_type(int64_t type) {
+  TORCH_CHECK(type == kQ8_0 || type == kQ4_0 || type == kQ4_1, "block type: ", type,
+              " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8)");
 }
 
-inline float fp16(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, sizeof bits);
+inline float fp16(uint16_t bits) {
 #if defined(RS_AVX2)
   return _cvtsh_ss(bits);
 #else
@@ -55,8 +55,25 @@ inline float fp16(const uint8_t* p) {
 #endif
 }
 
-// Activation rows quantized per block: q [T, K] int8, d [T, K/32] scales, s [T, K/32] = d * sum(q); the raw
-// pointers are taken once, outside the per-row loops.
+// One row in the split layout.
+template <int64_t Type>
+struct Row {
+  const uint8_t* q;
+  const uint16_t* d;
+  const uint16_t* m;  // Q4_1 only
+
+  Row(const uint8_t* row, int64_t blocks)
+      : q(row), d(reinterpret_cast<const uint16_t*>(row + blocks * quant_bytes(Type))), m(d + blocks) {}
+
+  // The block's constant term c (w = d * q + c).
+  float constant(int64_t b) const {
+    if constexpr (Type == kQ8_0) return 0.f;
+    if constexpr (Type == kQ4_0) return -8.f * fp16(d[b]);
+    return fp16(m[b]);
+  }
+};
+
+// Activation rows rounded per block: q [T, K] int8, d [T, K/32] scales, s [T, K/32] = d * sum(q).
 struct Activations {
   at::Tensor q_tensor, d_tensor, s_tensor;
   const int8_t* q;
@@ -84,34 +101,17 @@ void quantize_row(const float* x, int64_t blocks, int8_t* q, float* d, float* s)
 }
 
 Activations quantize_activations(const at::Tensor& x) {
-  const int64_t tokens = x.size(0), blocks = x.size(1) / kBlock;
-  at::Tensor q = at::empty({tokens, x.size(1)}, x.options().dtype(at::kChar));
+  const int64_t tokens = x.size(0), k = x.size(1), blocks = k / kBlock;
+  at::Tensor q = at::empty({tokens, k}, x.options().dtype(at::kChar));
   at::Tensor d = at::empty({tokens, blocks}, x.options()), s = at::empty({tokens, blocks}, x.options());
   const float* xp = x.data_ptr<float>();
   int8_t* qp = q.data_ptr<int8_t>();
   float* dp = d.data_ptr<float>();
   float* sp = s.data_ptr<float>();
   at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      quantize_row(xp + t * x.size(1), blocks, qp + t * x.size(1), dp + t * blocks, sp + t * blocks);
+    for (int64_t t = t0; t < t1; ++t) quantize_row(xp + t * k, blocks, qp + t * k, dp + t * blocks, sp + t * blocks);
   });
   return {q, d, s, qp, dp, sp, blocks};
-}
-
-// Block b's integer weights (0..15 for Q4, -127..127 for Q8_0), its scale and its constant term's factor:
-// w = d * q + c, so a block contributes d * dx * sum(q * qx) + c * s.
-struct Block {
-  const uint8_t* q;
-  float d, c;
-};
-
-template <int64_t Type>
-inline Block block_at(const uint8_t* row, int64_t b) {
-  const uint8_t* p = row + b * (Type == kQ8_0 ? 34 : Type == kQ4_0 ? 18 : 20);
-  const float d = fp16(p);
-  if constexpr (Type == kQ8_0) return {p + 2, d, 0.f};
-  if constexpr (Type == kQ4_0) return {p + 2, d, -8.f * d};
-  return {p + 4, d, fp16(p + 2)};
 }
 
 #if defined(RS_AVX2)
@@ -131,46 +131,86 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
-template <int64_t Type>
-inline __m256i load_weights(const uint8_t* q) {
-  if constexpr (Type == kQ8_0) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-  const __m128i low_mask = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low_mask), _mm_and_si128(packed, low_mask));
+// Lane j of the result: the total of the eight lanes of s[j].
+inline __m256i reduce8(const __m256i s[kGroup]) {
+  const __m256i s0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+  const __m256i s4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(s0123, s4567, 0x20),
+                          _mm256_permute2x128_si256(s0123, s4567, 0x31));
 }
 
-// out[r * NT + i] = row r's dot product with token i, for NR consecutive rows and NT consecutive tokens: each
-// weight block is decoded once for all NT tokens and each activation block loaded once for all NR rows.
-template <int64_t Type, int NR, int NT>
-void dot_tile(const uint8_t* rows, int64_t row_bytes, const Activations& a, const int8_t* qx, const float* dx,
-              const float* sx, int64_t k, float* out) {
-  __m256 acc[NR][NT];
-  float constant[NR][NT];
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < NT; ++i) {
-      acc[r][i] = _mm256_setzero_ps();
-      constant[r][i] = 0.f;
-    }
-  for (int64_t b = 0; b < a.blocks; ++b) {
-    Block blk[NR];
-    __m256i w[NR], sign[NR];
-    for (int r = 0; r < NR; ++r) {
-      blk[r] = block_at<Type>(rows + r * row_bytes, b);
-      w[r] = sign[r] = load_weights<Type>(blk[r].q);
-      if constexpr (Type == kQ8_0) w[r] = _mm256_sign_epi8(w[r], w[r]);  // |w|, its sign moved onto x below
-    }
-    for (int i = 0; i < NT; ++i) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + i * k + b * kBlock));
-      const float xd = dx[i * a.blocks + b];
-      for (int r = 0; r < NR; ++r) {
-        const __m256i xs = Type == kQ8_0 ? _mm256_sign_epi8(x, sign[r]) : x;
-        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(w[r], xs)), _mm256_set1_ps(blk[r].d * xd), acc[r][i]);
-        if constexpr (Type != kQ8_0) constant[r][i] += blk[r].c * sx[i * a.blocks + b];
-      }
+// Block quants as 32 unsigned bytes the products take (Q8_0: |q|; its sign goes onto x).
+template <int64_t Type>
+inline __m256i decode(const uint8_t* q) {
+  if constexpr (Type == kQ8_0) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    return _mm256_sign_epi8(v, v);
+  }
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+// Block b's products with token x (Q8_0's sign moved onto x): eight int32 partial sums.
+template <int64_t Type>
+inline __m256i block_sums(const Row<Type>& row, __m256i w, const int8_t* x, int64_t b) {
+  __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  if constexpr (Type == kQ8_0)
+    xv = _mm256_sign_epi8(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row.q + b * kBlock)));
+  return dot_u8s8(w, xv);
+}
+
+// Blocks [g, g + 8) of the row times NT tokens: the eight blocks' sums reduced together, their eight scales
+// loaded in one instruction.
+template <int64_t Type, int NT>
+inline void dot_group(const Row<Type>& row, const Activations& a, int64_t k, int64_t g, __m256 (&acc)[NT],
+                      __m256 (&constant)[NT]) {
+  __m256i w[kGroup];
+  for (int64_t j = 0; j < kGroup; ++j) w[j] = decode<Type>(row.q + (g + j) * quant_bytes(Type));
+  const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row.d + g)));
+  const __m256 cw = Type == kQ4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row.m + g)))
+                                  : dw;  // Q4_0: -8 d, applied at the end
+  for (int t = 0; t < NT; ++t) {
+    const int8_t* x = a.q + t * k + g * kBlock;
+    __m256i sums[kGroup];
+    for (int64_t j = 0; j < kGroup; ++j) sums[j] = block_sums<Type>(row, w[j], x + j * kBlock, g + j);
+    const __m256 dx = _mm256_loadu_ps(a.d + t * a.blocks + g);
+    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(sums)), _mm256_mul_ps(dw, dx), acc[t]);
+    if constexpr (Type != kQ8_0) constant[t] = _mm256_fmadd_ps(cw, _mm256_loadu_ps(a.s + t * a.blocks + g), constant[t]);
+  }
+}
+
+// The blocks after the last whole group, one at a time.
+template <int64_t Type, int NT>
+inline void dot_tail(const Row<Type>& row, const Activations& a, int64_t k, int64_t g, __m256 (&acc)[NT],
+                     float (&constant)[NT]) {
+  for (int64_t b = g; b < a.blocks; ++b) {
+    const __m256i w = decode<Type>(row.q + b * quant_bytes(Type));
+    const float d = fp16(row.d[b]), c = row.constant(b);
+    for (int t = 0; t < NT; ++t) {
+      const __m256 sums = _mm256_cvtepi32_ps(block_sums<Type>(row, w, a.q + t * k + b * kBlock, b));
+      acc[t] = _mm256_fmadd_ps(sums, _mm256_set1_ps(d * a.d[t * a.blocks + b]), acc[t]);
+      constant[t] += c * a.s[t * a.blocks + b];
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < NT; ++i) out[r * NT + i] = hsum(acc[r][i]) + constant[r][i];
+}
+
+// out[t] = row . x[t] for NT tokens (a fixed count, so the accumulators stay in registers).
+template <int64_t Type, int NT>
+void dot_row(const Row<Type>& row, const Activations& a, int64_t k, float* out) {
+  __m256 acc[NT], constant[NT];
+  float tail_constant[NT];
+  for (int t = 0; t < NT; ++t) {
+    acc[t] = constant[t] = _mm256_setzero_ps();
+    tail_constant[t] = 0.f;
+  }
+  int64_t g = 0;
+  for (; g + kGroup <= a.blocks; g += kGroup) dot_group<Type, NT>(row, a, k, g, acc, constant);
+  dot_tail<Type, NT>(row, a, k, g, acc, tail_constant);
+  for (int t = 0; t < NT; ++t) {
+    const float grouped = Type == kQ8_0 ? 0.f : (Type == kQ4_0 ? -8.f : 1.f) * hsum(constant[t]);
+    out[t] = hsum(acc[t]) + grouped + tail_constant[t];
+  }
 }
 #else
 template <int64_t Type>
@@ -179,62 +219,53 @@ inline int32_t weight(const uint8_t* q, int64_t j) {
   return j < 16 ? (q[j] & 0x0F) : (q[j - 16] >> 4);
 }
 
-template <int64_t Type, int NR, int NT>
-void dot_tile(const uint8_t* rows, int64_t row_bytes, const Activations& a, const int8_t* qx, const float* dx,
-              const float* sx, int64_t k, float* out) {
-  for (int r = 0; r < NR; ++r) {
-    float acc[NT] = {};
-    for (int64_t b = 0; b < a.blocks; ++b) {
-      const Block blk = block_at<Type>(rows + r * row_bytes, b);
-      int32_t w[kBlock];
-      for (int64_t j = 0; j < kBlock; ++j) w[j] = weight<Type>(blk.q, j);
-      for (int i = 0; i < NT; ++i) {
-        const int8_t* xb = qx + i * k + b * kBlock;
-        int32_t sum = 0;
-        for (int64_t j = 0; j < kBlock; ++j) sum += w[j] * xb[j];
-        acc[i] += blk.d * dx[i * a.blocks + b] * static_cast<float>(sum) + blk.c * sx[i * a.blocks + b];
-      }
+template <int64_t Type, int NT>
+void dot_row(const Row<Type>& row, const Activations& a, int64_t k, float* out) {
+  const int64_t tokens = NT;
+  std::fill(out, out + tokens, 0.f);
+  int32_t w[kBlock];
+  for (int64_t b = 0; b < a.blocks; ++b) {
+    const uint8_t* q = row.q + b * quant_bytes(Type);
+    for (int64_t j = 0; j < kBlock; ++j) w[j] = weight<Type>(q, j);
+    const float d = fp16(row.d[b]), c = row.constant(b);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int8_t* x = a.q + t * k + b * kBlock;
+      int32_t sum = 0;
+      for (int64_t j = 0; j < kBlock; ++j) sum += w[j] * x[j];
+      out[t] += d * a.d[t * a.blocks + b] * static_cast<float>(sum) + c * a.s[t * a.blocks + b];
     }
-    for (int i = 0; i < NT; ++i) out[r * NT + i] = acc[i];
   }
 }
 #endif
 
-template <int64_t Type, int NR, int NT>
-void tile(const uint8_t* blocks, int64_t row_bytes, const Activations& a, int64_t n, int64_t t0, int64_t k,
-          int64_t out_features, float* out) {
-  float result[NR * NT];
-  dot_tile<Type, NR, NT>(blocks + n * row_bytes, row_bytes, a, a.q + t0 * k, a.d + t0 * a.blocks,
-                         a.s + t0 * a.blocks, k, result);
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < NT; ++i) out[(t0 + i) * out_features + n + r] = result[r * NT + i];
+template <int64_t Type, int NT>
+void tile(const uint8_t* blocks, int64_t row_bytes, const Activations& a, int64_t t0, int64_t k, int64_t n0,
+          int64_t n1, int64_t out_features, float* out) {
+  const Activations part{a.q_tensor, a.d_tensor, a.s_tensor, a.q + t0 * k, a.d + t0 * a.blocks,
+                         a.s + t0 * a.blocks, a.blocks};
+  float result[NT];
+  for (int64_t n = n0; n < n1; ++n) {
+    dot_row<Type, NT>(Row<Type>(blocks + n * row_bytes, a.blocks), part, k, result);
+    for (int t = 0; t < NT; ++t) out[(t0 + t) * out_features + n] = result[t];
+  }
 }
 
-// Rows [n0, n1) for tokens [t0, t0 + NT), NR rows at a time.
-template <int64_t Type, int NR, int NT>
-void row_range(const uint8_t* blocks, int64_t row_bytes, const Activations& a, int64_t n0, int64_t n1, int64_t t0,
-               int64_t k, int64_t out_features, float* out) {
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) tile<Type, NR, NT>(blocks, row_bytes, a, n, t0, k, out_features, out);
-  for (; n < n1; ++n) tile<Type, 1, NT>(blocks, row_bytes, a, n, t0, k, out_features, out);
-}
-
-// One token: four rows a tile; more: two rows by four tokens (the remainder of tokens by fewer).
+// Rows [n0, n1) for every token, kTokenTile tokens at a time (each row's blocks decoded once a tile).
 template <int64_t Type>
 void linear_rows(const uint8_t* blocks, int64_t row_bytes, const Activations& a, int64_t tokens, int64_t k,
                  int64_t n0, int64_t n1, int64_t out_features, float* out) {
-  if (tokens == 1) return row_range<Type, 4, 1>(blocks, row_bytes, a, n0, n1, 0, k, out_features, out);
   int64_t t = 0;
   for (; t + kTokenTile <= tokens; t += kTokenTile)
-    row_range<Type, 2, kTokenTile>(blocks, row_bytes, a, n0, n1, t, k, out_features, out);
+    tile<Type, kTokenTile>(blocks, row_bytes, a, t, k, n0, n1, out_features, out);
   switch (tokens - t) {
-    case 3: row_range<Type, 2, 3>(blocks, row_bytes, a, n0, n1, t, k, out_features, out); break;
-    case 2: row_range<Type, 2, 2>(blocks, row_bytes, a, n0, n1, t, k, out_features, out); break;
-    case 1: row_range<Type, 4, 1>(blocks, row_bytes, a, n0, n1, t, k, out_features, out); break;
+    case 3: tile<Type, 3>(blocks, row_bytes, a, t, k, n0, n1, out_features, out); break;
+    case 2: tile<Type, 2>(blocks, row_bytes, a, t, k, n0, n1, out_features, out); break;
+    case 1: tile<Type, 1>(blocks, row_bytes, a, t, k, n0, n1, out_features, out); break;
   }
 }
 
 void check_blocks(const at::Tensor& blocks, int64_t type, int64_t in_features) {
+  check_type(type);
   TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.dim() == 2 &&
                   blocks.is_contiguous(), "blocks: must be a contiguous CPU uint8 [rows, row_bytes] tensor");
   TORCH_CHECK(in_features % kBlock == 0, "in_features: ", in_features, " is not a multiple of ", kBlock);
@@ -242,7 +273,7 @@ void check_blocks(const at::Tensor& blocks, int64_t type, int64_t in_features) {
               " bytes a row do not hold ", in_features, " inputs of type ", type);
 }
 
-// x [T, K] float32 times the [N, K] weight the blocks hold: [T, N] float32.
+// x [T, K] float32 times the [N, K] weight the split-layout blocks hold: [T, N] float32.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks, int64_t type) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "x: must be a contiguous CPU float32 [tokens, in_features] tensor");
@@ -265,23 +296,24 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks, int64_t type) {
 }
 
 template <int64_t Type>
-void dequantize_row(const uint8_t* row, int64_t blocks, float* out) {
+void dequantize_row(const uint8_t* bytes, int64_t blocks, float* out) {
+  const Row<Type> row(bytes, blocks);
   for (int64_t b = 0; b < blocks; ++b) {
-    const Block blk = block_at<Type>(row, b);
-    float* ob = out + b * kBlock;
-    for (int64_t j = 0; j < 16; ++j) {
-      if constexpr (Type == kQ8_0) {
-        ob[j] = blk.d * static_cast<int8_t>(blk.q[j]);
-        ob[j + 16] = blk.d * static_cast<int8_t>(blk.q[j + 16]);
-      } else {
-        ob[j] = blk.d * (blk.q[j] & 0x0F) + blk.c;
-        ob[j + 16] = blk.d * (blk.q[j] >> 4) + blk.c;
+    const uint8_t* q = row.q + b * quant_bytes(Type);
+    const float d = fp16(row.d[b]), c = row.constant(b);
+    float* o = out + b * kBlock;
+    if constexpr (Type == kQ8_0) {
+      for (int64_t j = 0; j < kBlock; ++j) o[j] = d * static_cast<float>(static_cast<int8_t>(q[j]));
+    } else {
+      for (int64_t j = 0; j < 16; ++j) {
+        o[j] = d * static_cast<float>(q[j] & 0x0F) + c;
+        o[j + 16] = d * static_cast<float>(q[j] >> 4) + c;
       }
     }
   }
 }
 
-// The float32 [rows, K] weight the blocks hold.
+// The float32 [rows, K] weight the split-layout blocks hold.
 at::Tensor dequantize(const at::Tensor& blocks, int64_t type, int64_t in_features) {
   check_blocks(blocks, type, in_features);
   const int64_t rows = blocks.size(0), nb = in_features / kBlock, row_bytes = blocks.size(1);
@@ -313,7 +345,7 @@ const char* isa() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "x [T, K] float32 times the weight held in GGUF blocks [N, row_bytes]: [T, N]");
-  m.def("dequantize", &dequantize, "GGUF blocks [R, row_bytes] -> float32 [R, K]");
+  m.def("linear", &linear, "x [T, K] float32 times the weight held in split-layout blocks [N, row_bytes]: [T, N]");
+  m.def("dequantize", &dequantize, "split-layout blocks [R, row_bytes] -> float32 [R, K]");
   m.def("isa", &isa, "the instruction set this build was compiled for");
 }

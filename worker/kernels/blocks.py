@@ -6,6 +6,11 @@ can run, widest last; a build is only ever loaded on a CPU that reports every fl
 the same cache of builds can serve a fleet of different machines. ``isa=None`` picks the widest; tests pass a
 narrower one to check every path. Where no build succeeds, ``linear`` and ``dequantize`` compute the same
 results with torch operations (slow).
+
+Two layouts of a row of blocks: ggml's, as files store it (each block's scales, then its quants), and the
+``split`` layout the kernels read (``repack``): the same bytes regrouped as every block's quants, then every
+block's d, then (Q4_1) every block's m. ``quantize`` returns ggml's layout; ``linear`` and ``dequantize`` take the
+split one.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ _SOURCE = Path(__file__).with_name("block_gemm.cpp")
 BLOCK_SIZE = 32
 BLOCK_TYPES: dict[str, int] = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3}  # ggml's type ids
 BLOCK_BYTES: dict[int, int] = {8: 34, 2: 18, 3: 20}
+_SCALE_BYTES: dict[int, int] = {8: 2, 2: 2, 3: 4}  # fp16 d (and m) at the head of each ggml block
 # instruction set -> (the CPU flags it needs, the compiler flags that build it)
 _ISAS: dict[str, tuple[frozenset[str], list[str]]] = {
     "portable": (frozenset(), []),
@@ -56,8 +62,27 @@ def row_bytes(block_type: int, in_features: int) -> int:
     return in_features // BLOCK_SIZE * BLOCK_BYTES[block_type]
 
 
+def repack(blocks: torch.Tensor, block_type: int) -> torch.Tensor:
+    """Rows of ggml-layout blocks (uint8 [N, row_bytes]) in the split layout (same shape, bytes regrouped)."""
+    rows = blocks.shape[0]
+    per_block = blocks.view(rows, -1, BLOCK_BYTES[block_type])
+    scales = _SCALE_BYTES[block_type]
+    parts = [per_block[:, :, scales:]] + [per_block[:, :, i:i + 2] for i in range(0, scales, 2)]
+    return torch.cat([part.reshape(rows, -1) for part in parts], dim=1)
+
+
+def unpack(blocks: torch.Tensor, block_type: int) -> torch.Tensor:
+    """The inverse of ``repack``: split-layout rows back in ggml's layout."""
+    rows, count = blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[block_type]
+    scales = _SCALE_BYTES[block_type]
+    quants = blocks[:, :count * (BLOCK_BYTES[block_type] - scales)].reshape(rows, count, -1)
+    heads = blocks[:, count * (BLOCK_BYTES[block_type] - scales):].reshape(rows, scales // 2, count, 2)
+    return torch.cat([heads.permute(0, 2, 1, 3).reshape(rows, count, scales), quants], dim=2).reshape(rows, -1)
+
+
 def linear(x: torch.Tensor, blocks: torch.Tensor, block_type: int, isa: str | None = None) -> torch.Tensor:
-    """``x`` [T, K] float32 times the [N, K] weight held in ``blocks`` (uint8 [N, row_bytes]): [T, N] float32.
+    """``x`` [T, K] float32 times the [N, K] weight held in split-layout ``blocks`` (uint8 [N, row_bytes]): [T, N]
+    float32.
 
     Activations are rounded to int8 per block of 32 inputs (one float scale each) before the integer products, as
     llama.cpp does: results differ from the float product by that rounding."""
@@ -69,16 +94,16 @@ def linear(x: torch.Tensor, blocks: torch.Tensor, block_type: int, isa: str | No
 
 
 def dequantize(blocks: torch.Tensor, block_type: int, in_features: int, isa: str | None = None) -> torch.Tensor:
-    """The float32 [rows, in_features] weight that ``blocks`` (uint8 [rows, row_bytes]) hold."""
+    """The float32 [rows, in_features] weight that split-layout ``blocks`` (uint8 [rows, row_bytes]) hold."""
     module = native(isa)
     if module is None:
-        values = quants.dequantize(blocks.numpy(), GGMLQuantizationType(block_type))
+        values = quants.dequantize(unpack(blocks, block_type).numpy(), GGMLQuantizationType(block_type))
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
     return module.dequantize(blocks.contiguous(), block_type, in_features)
 
 
 def quantize(weight: torch.Tensor, block_type: int) -> torch.Tensor:
-    """``weight`` [N, K] float32 in ``block_type`` blocks (uint8 [N, row_bytes]), rounded as llama.cpp's reference
-    quantizer rounds (gguf-py's implementation of it)."""
+    """``weight`` [N, K] float32 in ``block_type`` blocks (uint8 [N, row_bytes], ggml's layout), rounded as
+    llama.cpp's reference quantizer rounds (gguf-py's implementation of it)."""
     blocks = quants.quantize(weight.float().numpy(), GGMLQuantizationType(block_type))
     return torch.from_numpy(np.ascontiguousarray(blocks))

@@ -32,8 +32,9 @@ def load(name: str, source: Path, cflags: list[str], key: str = "") -> ModuleTyp
 
     digest = hashlib.sha256(source.read_bytes() + f"{cflags} {platform.machine()} {key}".encode()).hexdigest()[:12]
     try:
-        return load_extension(name=f"{name}_{digest}", sources=[str(source)], extra_cflags=["-O3", *cflags],
-                              verbose=False)
+        # -fopenmp: at::parallel_for is OpenMP inlined from ATen's headers; compiled without it, it runs serially.
+        return load_extension(name=f"{name}_{digest}", sources=[str(source)],
+                              extra_cflags=["-O3", "-fopenmp", *cflags], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, ...: serve slower rather than not at all
         _log.warning("native kernel %s unavailable, using the torch fallback: %s", name, error)
         return None

@@ -37,7 +37,8 @@ from radixserve.cluster.base.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class BlockWeight:
-    """A 2-D weight [rows, in_features] held in GGUF blocks: ``data`` uint8 [rows, row_bytes], ``block_type``
+    """A 2-D weight [rows, in_features] held in GGUF blocks: ``data`` uint8 [rows, row_bytes] in ggml's layout
+    (as the file stores it), ``block_type``
     ggml's type id (``kernels.blocks.BLOCK_TYPES``). Sliced like a tensor along either dimension, columns only at
     block boundaries, so tensor-parallel loaders shard it as they shard float weights."""
 
@@ -67,7 +68,8 @@ class BlockWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [rows, in_features] weight."""
-        return block_kernels.dequantize(self.data.contiguous(), self.block_type, self.in_features)
+        split = block_kernels.repack(self.data, self.block_type)
+        return block_kernels.dequantize(split, self.block_type, self.in_features)
 
 
 class Checkpoint(ABC):

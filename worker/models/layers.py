@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.worker import kernels
 from radixserve.worker.models.checkpoint import BlockWeight
 from radixserve.worker.models.quantization import DenseMethod, LinearMethod, copy_checked
 
@@ -130,7 +131,10 @@ class VocabEmbedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in fp32, weight applied in the input dtype (as Llama does)."""
+    """Root-mean-square norm computed in fp32, weight applied in the input dtype (as Llama does).
+
+    ``forward(x, residual)`` adds ``x`` into the residual stream in place first and returns ``(norm(sum), sum)``,
+    the fused form the decoder layers chain (``kernels.rms_norm``)."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -141,6 +145,8 @@ class RMSNorm(nn.Module):
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
         copy_checked(param.data, loaded, "weight")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.rms_norm(x, self.weight, self.eps, residual), residual

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from radixserve.worker import kernels
 from radixserve.worker.kv.pool import KVPool
 from radixserve.worker.models.attention import AttentionBatch, paged_attention
 from radixserve.worker.models.checkpoint import BlockWeight
@@ -66,8 +66,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowLinear(size, config.hidden_size, config.mlp_bias, shard, method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -78,10 +77,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, shard, method)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, batch, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                rotary: RotaryEmbedding, batch: AttentionBatch, kv: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is carried unsummed: this layer's input is ``x + residual`` (``residual`` None
+        on the first layer), its output ``(mlp_out, residual)``; the next norm adds them, in place."""
+        if residual is None:
+            residual, hidden = x, self.input_layernorm(x)
+        else:
+            hidden, residual = self.input_layernorm(x, residual)
+        hidden, residual = self.post_attention_layernorm(
+            self.self_attn(hidden, positions, rotary, batch, kv), residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -95,9 +101,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
         x = self.embed_tokens(token_ids).to(self.norm.weight.dtype)  # [T, hidden], in the model's dtype
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, batch, kv)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, batch, kv)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

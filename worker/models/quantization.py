@@ -155,8 +155,9 @@ class Int4Method(LinearMethod):
 
 
 class GGUFMethod(LinearMethod):
-    """The file's blocks as stored (buffer ``blocks`` uint8 [N, row_bytes], attributes ``block_type`` and
-    ``in_features``); see the module docstring. The float ``weight`` parameter is a meta-device placeholder: no
+    """The file's blocks (buffer ``blocks`` uint8 [N, row_bytes], the file's bytes regrouped per row in the
+    kernels' split layout, ``kernels.blocks.repack``; attributes ``block_type`` and ``in_features``); see the
+    module docstring. The float ``weight`` parameter is a meta-device placeholder: no
     float copy of the weight is ever made, except for tensors the file does not hold in blocks."""
 
     name = "gguf"
@@ -182,7 +183,7 @@ class GGUFMethod(LinearMethod):
             block_type = self.fallback_type
             parts = [BlockWeight(block_kernels.quantize(_float(part), block_type), block_type, layer.weight.shape[1])
                      for part in parts]
-        layer.register_buffer("blocks", torch.cat([part.data for part in parts]).contiguous())
+        layer.register_buffer("blocks", block_kernels.repack(torch.cat([part.data for part in parts]), block_type))
         layer.block_type, layer.in_features = block_type, layer.weight.shape[1]
         del layer.weight, layer.block_parts
 

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from radixserve.worker import kernels
 from radixserve.worker.models.config import RopeScaling
 
 
@@ -82,10 +83,5 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H, D] (query and key heads together), positions [T] -> rotated x (same shape and dtype)."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
-        x32 = x.float()
-        half = x.shape[-1] // 2
-        swapped = torch.cat((x32[..., half:], x32[..., :half]), dim=-1)
-        return torch.addcmul(x32 * cos, swapped, sin).to(x.dtype)
+        """x [T, H, D] (query and key heads together), positions [T]: x rotated in place, and returned."""
+        return kernels.rotary_(x, positions, self.cos, self.sin)

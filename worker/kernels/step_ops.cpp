@@ -1,6 +1,9 @@
-// Decode attention straight from the paged KV cache: one query token per sequence, keys and values read
-// in place through the page table (no gathered copy of the context). One task per (sequence, KV head)
-// serves that head's whole group of query heads while each key/value row is read once.
+// The decoder's per-step kernels on CPU (built with -march=native, keyed by the CPU's flags):
+// - decode attention straight from the paged KV cache: one query token per sequence, keys and values read in
+//   place through the page table (no gathered copy of the context); one task per sequence serves every query
+//   head while each key/value row is read once;
+// - RMSNorm with the residual add fused in, rotary embedding in place, and SwiGLU's silu(gate) * up: each one
+//   pass over its rows instead of the several torch operations (and temporaries) they take unfused.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -175,6 +178,94 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+namespace {
+
+void check_rows(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1,
+              name, ": must be a CPU float32 [rows, n] tensor with contiguous rows");
+}
+
+void rms_norm_row(const float* x, const float* weight, int64_t n, float eps, float* out) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+  const float inverse = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * inverse);
+}
+
+}  // namespace
+
+// rms_norm(x) * weight for each row of x [T, n]; with a residual [T, n], first residual += x (in place) and the
+// norm is of the sum.
+torch::Tensor rms_norm(torch::Tensor x, std::optional<torch::Tensor> residual, torch::Tensor weight, double eps) {
+  check_rows(x, "x");
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == torch::kFloat32 && weight.numel() == x.size(1),
+              "weight: must be a contiguous float32 [n] tensor");
+  const int64_t rows = x.size(0), n = x.size(1);
+  if (residual) {
+    check_rows(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes(), "residual: shape must equal x's");
+  }
+  auto out = torch::empty({rows, n}, x.options());
+  const float* w = weight.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = x.data_ptr<float>() + r * x.stride(0);
+      if (residual) {
+        float* sum = residual->data_ptr<float>() + r * residual->stride(0);
+        for (int64_t i = 0; i < n; ++i) sum[i] += row[i];
+        row = sum;
+      }
+      rms_norm_row(row, w, n, static_cast<float>(eps), out.data_ptr<float>() + r * n);
+    }
+  });
+  return out;
+}
+
+// Rotates x [T, H, D] in place (rows of heads, last dimension contiguous) by the tables' rows at positions [T]:
+// x * cos + rotate_half(x) * sin, where sin already carries rotate-half's sign (RotaryEmbedding's tables).
+void rotary_(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 3 && x.stride(2) == 1,
+              "x: must be a CPU float32 [T, H, D] tensor with contiguous heads");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() && cos.size(1) == x.size(2),
+              "cos, sin: must be contiguous [max_len, D] tables");
+  positions = positions.contiguous();
+  const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(0 <= pos[t] && pos[t] < cos.size(0), "positions: out of range");
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cos.data_ptr<float>() + pos[t] * dim;
+      const float* s = sin.data_ptr<float>() + pos[t] * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* v = x.data_ptr<float>() + t * x.stride(0) + h * x.stride(1);
+        for (int64_t i = 0; i < half; ++i) {
+          const float first = v[i], second = v[i + half];
+          v[i] = first * c[i] + second * s[i];
+          v[i + half] = second * c[i + half] + first * s[i + half];
+        }
+      }
+    }
+  });
+}
+
+// silu(gate) * up for gate_up [T, 2I] (gate the first I columns): [T, I].
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  check_rows(gate_up, "gate_up");
+  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
+  auto out = torch::empty({rows, n}, gate_up.options());
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* g = gate_up.data_ptr<float>() + r * gate_up.stride(0);
+      float* o = out.data_ptr<float>() + r * n;
+      for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * g[i + n];
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row, the residual added first (in place) when given");
+  m.def("rotary_", &rotary_, "rotary embedding of [T, H, D] in place");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of [T, 2I]");
 }
