@@ -1,8 +1,10 @@
 """Engine benchmark: decode and prefill throughput, and cached-prefix time to first token.
 
-Measured side by side in one process on the same weights against transformers' ``generate()`` (fp32, sdpa,
-warmed up) and, when ``llama_cpp`` is importable, llama.cpp on the same GGUF file. Prints a table and writes
-JSON. Every figure is the median of ``--repeats`` runs after one warm-up run, the contenders' runs interleaved.
+Measured side by side on the same weights against transformers' ``generate()`` (fp32, sdpa, warmed up, in this
+process) and, when bench/.venv-llama exists (bash bench/peers/setup_llama_cpp.sh builds it), llama.cpp on the same
+GGUF file, run by bench/peers/llama_cpp_runner.py in that venv's python as a subprocess kept for the whole run.
+Prints a table and writes JSON. Every figure is the median of ``--repeats`` runs after one warm-up run, the
+contenders' runs interleaved.
 
     python bench/bench_engine.py [--model smollm2-135m-instruct] [--repeats 3] [--out bench/results/engine.json]
 """
@@ -10,15 +12,18 @@ JSON. Every figure is the median of ``--repeats`` runs after one warm-up run, th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Self
 
 import torch
 from machine import cpu_model
@@ -31,6 +36,9 @@ from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.models.reference import transformers_model
 from radixserve.cluster.base.sampling_params import SamplingParams
 
+LLAMA_VENV = Path(__file__).resolve().parent / ".venv-llama"
+LLAMA_RUNNER = Path(__file__).resolve().parent / "peers" / "llama_cpp_runner.py"
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -42,7 +50,7 @@ class BenchConfig:
     suffix_len: int = 32
     repeats: int = 3
     kv_memory_gib: float = 2.0
-    quantization: str = "none"
+    quantization: str = "auto"
     out: Path = Path("bench/results/engine.json")
 
 
@@ -136,29 +144,45 @@ def ours_ttft(engine: Engine, prompt: list[int]) -> float:
     return time.perf_counter() - started
 
 
-def decode_rows(engine: Engine, hf: torch.nn.Module, llama: object | None, prompts: Prompts,
+LLAMA_CPP_DECODE_TARGETS = {1: 1.0, 32: 2.0}  # aggregate tok/s, x llama.cpp's on the same file
+LLAMA_CPP_PREFILL_TARGET = 1.5
+TRANSFORMERS_DECODE_TARGETS = {1: 1.0, 32: 1.3}  # where llama.cpp does not run (no GGUF file or no venv)
+
+
+def _target(ours: float, transformers: float, llama_cpp: float | None, vs_llama: float | None,
+            vs_transformers: float | None) -> tuple[str, bool | None]:
+    """The row's target and whether it is met: against llama.cpp where it ran, else against transformers."""
+    if llama_cpp is not None and vs_llama is not None:
+        return f">= {vs_llama}x llama.cpp", ours / llama_cpp >= vs_llama
+    if vs_transformers is not None:
+        return f">= {vs_transformers}x transformers", ours / transformers >= vs_transformers
+    return "", None
+
+
+def decode_rows(engine: Engine, hf: torch.nn.Module, llama: LlamaCpp | None, prompts: Prompts,
                 cfg: BenchConfig) -> list[Row]:
     rows = []
     for batch in cfg.batch_sizes:
         contenders = {"radixserve": lambda: ours_decode(engine, prompts, batch, cfg),
                       "transformers": lambda: hf_decode(hf, prompts, batch, cfg)}
-        if llama is not None and batch == 1:
-            contenders["llama_cpp"] = lambda: llama_decode(llama, prompts, cfg)
+        if llama is not None:
+            contenders["llama_cpp"] = lambda: llama.decode([prompts.make(cfg.prompt_len) for _ in range(batch)],
+                                                           cfg.decode_tokens)
         results = medians(contenders, cfg.repeats)
         engine.cache.flush()
         ours, theirs = results["radixserve"][0], results["transformers"][0]
-        target = {1: 1.0, 32: 1.3}.get(batch)
+        llama_cpp = results["llama_cpp"][0] if "llama_cpp" in results else None
+        target, met = _target(ours, theirs, llama_cpp, LLAMA_CPP_DECODE_TARGETS.get(batch),
+                              TRANSFORMERS_DECODE_TARGETS.get(batch))
         row = Row(f"decode batch {batch}, {cfg.prompt_len}-token prompts", "tok/s", ours, theirs,
-                  llama_cpp=results["llama_cpp"][0] if "llama_cpp" in results else None,
-                  target=f">= {target}x transformers" if target else "",
-                  met=ours / theirs >= target if target else None,
+                  llama_cpp=llama_cpp, target=target, met=met,
                   samples={name: values for name, (_, values) in results.items()})
         rows.append(row)
         _print_progress(row)
     return rows
 
 
-def prefill_rows(engine: Engine, hf: torch.nn.Module, llama: object | None, prompts: Prompts,
+def prefill_rows(engine: Engine, hf: torch.nn.Module, llama: LlamaCpp | None, prompts: Prompts,
                  cfg: BenchConfig) -> list[Row]:
     prompt = prompts.make(cfg.prefill_len)
 
@@ -169,13 +193,14 @@ def prefill_rows(engine: Engine, hf: torch.nn.Module, llama: object | None, prom
     ids = torch.tensor([prompt])
     contenders = {"radixserve": uncached, "transformers": lambda: hf_generate_seconds(hf, ids, 1)}
     if llama is not None:
-        contenders["llama_cpp"] = lambda: llama_prefill(llama, prompt)
+        contenders["llama_cpp"] = lambda: llama.prefill_seconds(prompt)
     results = medians(contenders, cfg.repeats)
     seconds = {name: median for name, (median, _) in results.items()}
-    row = Row(f"prefill {cfg.prefill_len} tokens", "tok/s", cfg.prefill_len / seconds["radixserve"],
-              cfg.prefill_len / seconds["transformers"],
-              llama_cpp=cfg.prefill_len / seconds["llama_cpp"] if "llama_cpp" in seconds else None,
-              samples={f"{name}_s": values for name, (_, values) in results.items()})
+    ours, theirs = cfg.prefill_len / seconds["radixserve"], cfg.prefill_len / seconds["transformers"]
+    llama_cpp = cfg.prefill_len / seconds["llama_cpp"] if "llama_cpp" in seconds else None
+    target, met = _target(ours, theirs, llama_cpp, LLAMA_CPP_PREFILL_TARGET, None)
+    row = Row(f"prefill {cfg.prefill_len} tokens", "tok/s", ours, theirs, llama_cpp=llama_cpp, target=target,
+              met=met, samples={f"{name}_s": values for name, (_, values) in results.items()})
     _print_progress(row)
     return [row]
 
@@ -208,29 +233,73 @@ def ttft_rows(engine: Engine, hf: torch.nn.Module, prompts: Prompts, cfg: BenchC
     return rows
 
 
-def load_llama_cpp(path: Path) -> object | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    return Llama(model_path=str(path), n_ctx=4096, n_threads=torch.get_num_threads(), verbose=False)
+class LlamaCpp:
+    """llama.cpp on a GGUF file in bench/.venv-llama's python: a bench/peers/llama_cpp_runner.py subprocess that
+    answers one JSON line per request (its docstring has the protocol). Use it as a context manager: leaving it
+    closes the runner's stdin, which ends the runner, and waits for it (killing it after ``exit_timeout_s``)."""
+
+    exit_timeout_s = 30.0
+
+    def __init__(self, model_path: Path, threads: int):
+        self.proc = subprocess.Popen([str(LLAMA_VENV / "bin" / "python"), str(LLAMA_RUNNER), str(model_path),
+                                      "--threads", str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            self.info: dict[str, Any] = self.request({"op": "info"})
+        except BaseException:
+            self.close()
+            raise
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The runner's reply to ``message``; raises RuntimeError if it replies with an error or has exited."""
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            raise RuntimeError(f"llama.cpp runner exited (status {self.proc.wait()}); its stderr is above")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"llama.cpp runner: {reply['error']}")
+        return reply
+
+    def decode(self, prompts: list[list[int]], decode_tokens: int) -> float:
+        """Aggregate decode tok/s of one sequence per prompt (one llama_decode call per step for all of them)."""
+        return self.request({"op": "decode", "prompts": prompts, "decode_tokens": decode_tokens})["tok_s"]
+
+    def prefill_seconds(self, tokens: list[int]) -> float:
+        """Seconds to evaluate ``tokens`` in an empty KV cache and take the first token."""
+        return self.request({"op": "prefill", "tokens": tokens})["seconds"]
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError):  # the runner has died: nothing left to tell it
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=self.exit_timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def llama_decode(llama: object, prompts: Prompts, cfg: BenchConfig) -> float:
-    prompt = prompts.make(cfg.prompt_len)
-    llama.reset()
-    llama.eval(prompt)
-    started = time.perf_counter()
-    for _ in range(cfg.decode_tokens):
-        llama.eval([llama.sample(temp=0.0)])
-    return cfg.decode_tokens / (time.perf_counter() - started)
-
-
-def llama_prefill(llama: object, prompt: list[int]) -> float:
-    llama.reset()
-    started = time.perf_counter()
-    llama.eval(prompt)
-    return time.perf_counter() - started
+def open_llama_cpp(path: Path) -> contextlib.AbstractContextManager[LlamaCpp | None]:
+    """llama.cpp on ``path`` with our thread count, or None (with a note on stderr) where it cannot run."""
+    if path.suffix != ".gguf":
+        print(f"note: no llama.cpp column ({path.name} is not a GGUF file)", file=sys.stderr)
+        return contextlib.nullcontext(None)
+    if not (LLAMA_VENV / "bin" / "python").exists():
+        print(f"note: no llama.cpp column ({LLAMA_VENV} does not exist; build it with "
+              "bash bench/peers/setup_llama_cpp.sh)", file=sys.stderr)
+        return contextlib.nullcontext(None)
+    return LlamaCpp(path, torch.get_num_threads())
 
 
 def _fmt(value: float | None) -> str:
@@ -242,14 +311,15 @@ def _print_progress(row: Row) -> None:
 
 
 def print_table(rows: list[Row]) -> None:
-    header = ("metric", "unit", "radixserve", "transformers", "ratio", "llama.cpp", "target", "met")
+    header = ("metric", "unit", "radixserve", "transformers", "ratio", "llama.cpp", "vs llama.cpp", "target", "met")
     lines = [header]
     for r in rows:
         ratio = "-" if r.transformers is None else f"{r.radixserve / r.transformers:.2f}x"
         if r.unit == "ms" and r.transformers is not None:
             ratio = f"{r.transformers / r.radixserve:.2f}x"  # lower is better: speed-up over the peer
         met = "-" if r.met is None else ("yes" if r.met else "NO")
-        lines.append((r.metric, r.unit, _fmt(r.radixserve), _fmt(r.transformers), ratio, _fmt(r.llama_cpp),
+        vs_llama = "-" if r.llama_cpp is None else f"{r.radixserve / r.llama_cpp:.2f}x"
+        lines.append((r.metric, r.unit, _fmt(r.radixserve), _fmt(r.transformers), ratio, _fmt(r.llama_cpp), vs_llama,
                       r.target, met))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for i, line in enumerate(lines):
@@ -258,25 +328,34 @@ def print_table(rows: list[Row]) -> None:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
-def build(cfg: BenchConfig) -> tuple[Engine, torch.nn.Module, object | None, Checkpoint]:
-    path = ModelStore().resolve(cfg.model)
+def build(cfg: BenchConfig, path: Path) -> tuple[Engine, torch.nn.Module, Checkpoint]:
     checkpoint = open_checkpoint(path)
     budget = max(SchedulerConfig().max_num_batched_tokens, max(cfg.batch_sizes) * cfg.prompt_len)
     engine = Engine(EngineConfig(model=cfg.model, quantization=cfg.quantization,
                                  cache=CacheConfig(memory_gib=cfg.kv_memory_gib),
                                  scheduler=SchedulerConfig(max_num_batched_tokens=budget)), checkpoint)
-    return engine, transformers_model(checkpoint), load_llama_cpp(path) if path.suffix == ".gguf" else None, checkpoint
+    return engine, transformers_model(checkpoint), checkpoint
 
 
-def run(cfg: BenchConfig) -> list[Row]:
-    engine, hf, llama, checkpoint = build(cfg)
+def run(cfg: BenchConfig) -> tuple[list[Row], dict[str, Any] | None]:
+    """The table's rows, and the llama.cpp runner's info (None when llama.cpp did not run)."""
+    path = ModelStore().resolve(cfg.model)
+    engine, hf, checkpoint = build(cfg, path)
     prompts = Prompts(checkpoint.config.vocab_size)
-    rows = decode_rows(engine, hf, llama, prompts, cfg)
-    # Prefill and TTFT with the default token budget: long prompts are chunked as in serving.
-    engine.scheduler.config = SchedulerConfig()
-    rows += prefill_rows(engine, hf, llama, prompts, cfg)
-    rows += ttft_rows(engine, hf, prompts, cfg)
-    return rows
+    with open_llama_cpp(path) as llama:
+        rows = decode_rows(engine, hf, llama, prompts, cfg)
+        # Prefill and TTFT with the default token budget: long prompts are chunked as in serving.
+        engine.scheduler.config = SchedulerConfig()
+        rows += prefill_rows(engine, hf, llama, prompts, cfg)
+        rows += ttft_rows(engine, hf, prompts, cfg)
+        return rows, None if llama is None else llama.info
+
+
+def describe_llama_cpp(info: dict[str, Any] | None) -> str:
+    if info is None:
+        return "llama.cpp: not run (see the note above)"
+    return (f"llama.cpp: llama-cpp-python {info['llama_cpp']}, n_threads {info['n_threads']}, "
+            f"build flags {info['build_flags'] or 'unknown'}; ggml: {info['system_info']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,20 +366,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(BenchConfig.batch_sizes))
     parser.add_argument("--prompt-len", type=int, default=BenchConfig.prompt_len,
                         help="prompt tokens of each decoding request")
+    parser.add_argument("--prefill-len", type=int, default=BenchConfig.prefill_len,
+                        help="prompt tokens of the prefill row and of the TTFT rows' cached prefix")
     parser.add_argument("--kv-memory-gib", type=float, default=BenchConfig.kv_memory_gib)
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=BenchConfig.quantization,
                         help="our engine's linear method (transformers and llama.cpp run as they do)")
     parser.add_argument("--out", type=Path, default=BenchConfig.out)
     args = parser.parse_args(argv)
     cfg = BenchConfig(model=args.model, repeats=args.repeats, decode_tokens=args.decode_tokens,
-                      batch_sizes=tuple(args.batch_sizes), prompt_len=args.prompt_len,
+                      batch_sizes=tuple(args.batch_sizes), prompt_len=args.prompt_len, prefill_len=args.prefill_len,
                       kv_memory_gib=args.kv_memory_gib, quantization=args.quantization, out=args.out)
-    rows = run(cfg)
+    rows, llama_info = run(cfg)
     print_table(rows)
+    print(describe_llama_cpp(llama_info))
     report = {
         "benchmark": "engine",
         "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+                    "torch": torch.__version__, "python": platform.python_version(), "llama_cpp": llama_info},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "rows": [asdict(r) for r in rows],
     }

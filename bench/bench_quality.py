@@ -77,7 +77,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(QUANTIZATIONS), choices=QUANTIZATIONS)
+    methods = [q for q in QUANTIZATIONS if q != "auto"]
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")

@@ -44,7 +44,7 @@ from radixserve.worker.kv.radix_cache import KVEvent, RadixCache
 from radixserve.worker.metrics import EngineMetrics
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.loading import open_checkpoint
-from radixserve.worker.models.quantization import make_linear_method
+from radixserve.worker.models.quantization import make_linear_method, resolve_quantization
 from radixserve.worker.models.scoring import build_model
 from radixserve.worker.outputs import RequestOutput
 from radixserve.worker.runner import ModelRunner
@@ -129,8 +129,9 @@ class Engine:
         context_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                           self.model_config.max_position_embeddings)
         self.max_model_len = min(context_len, num_pages * config.cache.page_size)
+        self.quantization = resolve_quantization(config.quantization, checkpoint.has_blocks, config.device)
         self.model = build_model(checkpoint, self.max_model_len, dtype, self.device,
-                                 make_linear_method(config.quantization))
+                                 make_linear_method(self.quantization))
         self.kv = KVPool(self.model_config.num_hidden_layers, num_pages, config.cache.page_size,
                          self.model_config.num_key_value_heads, self.model_config.head_dim, dtype, self.device)
         self.allocator = PageAllocator(num_pages)

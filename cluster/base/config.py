@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int8", "int4", "gguf")  # worker.models.quantization's linear methods
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")  # worker.models.quantization's linear methods
 T = TypeVar("T")
 
 
@@ -71,15 +71,17 @@ class EngineConfig:
     ``namespace`` prefixes every page hash (default: ``model``).
     ``seed`` seeds the draws of requests that bring no seed of their own, so one engine given the same requests
     in the same order samples the same tokens. ``quantization`` is how the linear layers hold their weights
-    (``worker.models.quantization``): ``"none"`` (``dtype``), ``"int8"`` (weight-only, per output row) or
+    (``worker.models.quantization``): ``"none"`` (``dtype``), ``"int8"`` (weight-only, per output row),
     ``"int4"`` (weight-only, per group of inputs) or ``"gguf"`` (a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks);
-    quantized methods run on CPU.
+    quantized methods run on CPU. ``"auto"`` (the default) is ``"gguf"`` for a GGUF file on CPU (the fastest
+    method within the quality bounds, measured by bench/bench_engine.py and bench/bench_quality.py) and
+    ``"none"`` otherwise.
     """
 
     model: str = DEFAULT_MODEL
     device: str = "cpu"
     dtype: str = "float32"
-    quantization: str = "none"
+    quantization: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
     namespace: str | None = None
@@ -91,7 +93,7 @@ class EngineConfig:
         require(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
         require(self.quantization in QUANTIZATIONS, "quantization",
                 f"must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        require(self.quantization == "none" or self.device == "cpu", "quantization",
+        require(self.quantization in ("auto", "none") or self.device == "cpu", "quantization",
                 f"{self.quantization!r} runs on CPU only for now, got device {self.device!r}")
         require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
         require(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")

@@ -1,4 +1,9 @@
-"""Greedy exactness of the engine on the real SmolLM2 file: cached, chunked and batched runs agree token for token."""
+"""Greedy exactness of the engine on the real SmolLM2 file: cached, chunked and batched runs agree token for token.
+
+With the float weights every run agrees. With the file's own blocks (``gguf``, the default for a GGUF file) a
+token's linear products depend only on its own row, so caching and batching still agree token for token; chunking
+a prefill differently changes the attention's float summation order, which the int8 rounding of activations can
+turn into a different token, so that one is not asserted there."""
 
 from __future__ import annotations
 
@@ -18,9 +23,9 @@ QUESTIONS = ["What is a radix tree?", "Why does batching help throughput?", "Wha
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def engine(smollm2_checkpoint: Checkpoint) -> Engine:
-    config = EngineConfig(model="smollm2", cache=CacheConfig(memory_gib=0.5),
+@pytest.fixture(scope="module", params=["none", "gguf"])
+def engine(smollm2_checkpoint: Checkpoint, request: pytest.FixtureRequest) -> Engine:
+    config = EngineConfig(model="smollm2", quantization=request.param, cache=CacheConfig(memory_gib=0.5),
                           scheduler=SchedulerConfig(max_num_batched_tokens=512))
     return Engine(config, smollm2_checkpoint)
 
@@ -52,10 +57,11 @@ def test_smollm2_greedy_output_does_not_depend_on_caching_chunking_or_batching(e
         tokens, num_cached = alone(engine, prompt)
         assert num_cached >= 48 and tokens == expected
 
-    engine.cache.flush()
-    engine.scheduler.config = SchedulerConfig(max_num_batched_tokens=13)  # prefill in 13-token chunks
-    assert alone(engine, prompts[1])[0] == uncached[1]
-    engine.scheduler.config = SchedulerConfig(max_num_batched_tokens=512)
+    if engine.quantization == "none":
+        engine.cache.flush()
+        engine.scheduler.config = SchedulerConfig(max_num_batched_tokens=13)  # prefill in 13-token chunks
+        assert alone(engine, prompts[1])[0] == uncached[1]
+        engine.scheduler.config = SchedulerConfig(max_num_batched_tokens=512)
 
     engine.cache.flush()
     others = [SamplingParams(max_tokens=8 + i % 17, temperature=0.9, top_p=0.95, seed=i) for i in range(26)]

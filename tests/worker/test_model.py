@@ -43,7 +43,7 @@ def hf_greedy(model: HFLlama, token_ids: list[int], num_tokens: int) -> list[int
 
 
 def engine_greedy(checkpoint: Checkpoint, token_ids: list[int], num_tokens: int) -> list[int]:
-    engine = Engine(EngineConfig(model=checkpoint.name, cache=CacheConfig(num_pages=256)), checkpoint)
+    engine = Engine(EngineConfig(model=checkpoint.name, quantization="none", cache=CacheConfig(num_pages=256)), checkpoint)
     request_id = engine.add_request(token_ids, SamplingParams(max_tokens=num_tokens, temperature=0, ignore_eos=True))
     return run_to_completion(engine)[request_id].tokens
 

@@ -20,7 +20,7 @@ from radixserve.worker.kernels import blocks
 from radixserve.worker.models.checkpoint import BlockWeight, Checkpoint
 from radixserve.worker.models.layers import ColumnLinear, RowLinear, Shard, VocabEmbedding
 from radixserve.worker.models.loading import open_checkpoint
-from radixserve.worker.models.quantization import (BLOCK_GEMM_MAX_TOKENS, GGUFMethod, Int4Method, Int8Method,
+from radixserve.worker.models.quantization import (GGUFMethod, Int4Method, Int8Method,
                                                    dequantize_int4, dequantize_int8, int4_scales_and_zeros,
                                                    make_linear_method, quantize_int4, quantize_int8)
 from radixserve.worker.models.scoring import build_model, perplexity
@@ -177,7 +177,7 @@ def test_gguf_layers_keep_the_files_blocks_and_shard_them_along_either_dimension
         q.narrow(1, 16, 32)
 
 
-def test_gguf_quantizes_float_weights_and_mixed_parts_to_q8_0_and_chunks_run_in_float() -> None:
+def test_gguf_quantizes_float_weights_and_mixed_parts_to_q8_0_and_each_rows_result_is_its_own() -> None:
     generator = torch.Generator().manual_seed(12)
     weight = torch.randn(48, 64, generator=generator)
     q4 = BlockWeight(blocks.quantize(weight[:16], Q4_1), Q4_1, 64)
@@ -185,8 +185,8 @@ def test_gguf_quantizes_float_weights_and_mixed_parts_to_q8_0_and_chunks_run_in_
     assert layer.block_type == blocks.BLOCK_TYPES["Q8_0"]
     dequantized = blocks.dequantize(layer.blocks, layer.block_type, 64)
     assert torch.allclose(dequantized[16:], weight[16:], atol=float(weight.abs().max()) / 127)
-    chunk = torch.randn(BLOCK_GEMM_MAX_TOKENS + 1, 64, generator=generator)  # the float path
-    assert torch.allclose(layer(chunk), chunk @ dequantized.T, rtol=1e-4, atol=1e-4)
+    chunk = torch.randn(300, 64, generator=generator)
+    assert torch.equal(layer(chunk)[5:8], layer(chunk[5:8]))  # a row's result does not depend on the others
     assert not any(p.dim() == 2 for p in layer.parameters())
 
 

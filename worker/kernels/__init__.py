@@ -49,9 +49,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def _native_for(*tensors: torch.Tensor) -> ModuleType | None:
-    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-        return _native()
-    return None
+    for t in tensors:  # a plain loop: this runs several times per layer per step
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return None
+    return _native()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

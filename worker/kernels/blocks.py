@@ -89,8 +89,17 @@ def linear(x: torch.Tensor, blocks: torch.Tensor, block_type: int, isa: str | No
     module = native(isa)
     x = x.contiguous()
     if module is None:
-        return x @ dequantize(blocks, block_type, x.shape[1]).T
+        return _round_activations(x) @ dequantize(blocks, block_type, x.shape[1]).T
     return module.linear(x, blocks, block_type)
+
+
+def _round_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [T, K] rounded as the kernel rounds it: int8 steps of max|x| / 127 per 32 inputs, back in float32."""
+    tokens, cols = x.shape
+    groups = x.reshape(tokens, cols // BLOCK_SIZE, BLOCK_SIZE)
+    scales = groups.abs().amax(dim=-1, keepdim=True) / 127
+    inverse = torch.where(scales > 0, 1 / scales, torch.zeros_like(scales))
+    return (torch.round(groups * inverse) * scales).reshape(tokens, cols)
 
 
 def dequantize(blocks: torch.Tensor, block_type: int, in_features: int, isa: str | None = None) -> torch.Tensor:

@@ -55,11 +55,14 @@ def paged_attention(
     """
     k_cache.index_copy_(0, batch.slot_mapping, k)
     v_cache.index_copy_(0, batch.slot_mapping, v)
+    if batch.num_decode:
+        decoded = paged_decode_attention(q[: batch.num_decode], k_cache, v_cache, batch.decode_page_table,
+                                         batch.decode_context_lens, batch.page_size, scale)
+        if not batch.prefills:  # a decode-only step: no buffer to assemble
+            return decoded
     out = torch.empty_like(q)
     if batch.num_decode:
-        out[: batch.num_decode] = paged_decode_attention(
-            q[: batch.num_decode], k_cache, v_cache, batch.decode_page_table, batch.decode_context_lens,
-            batch.page_size, scale)
+        out[: batch.num_decode] = decoded
     for span in batch.prefills:
         end = span.q_start + span.q_len
         out[span.q_start : end] = _prefill(q[span.q_start : end], k_cache, v_cache, span, scale)

@@ -80,6 +80,11 @@ class Checkpoint(ABC):
         self.config = config
         self.tokenizer = tokenizer
 
+    @property
+    def has_blocks(self) -> bool:
+        """Whether ``weights(blocks=True)`` yields any ``BlockWeight`` (only GGUF files can)."""
+        return False
+
     @abstractmethod
     def weights(self, blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | BlockWeight]]:
         """Yield every weight under the contract in this module's docstring."""

@@ -56,6 +56,10 @@ class GGUFCheckpoint(Checkpoint):
         tokenizer = _tokenizer(self._reader)
         super().__init__(self._path.stem, _model_config(self._reader, tokenizer), tokenizer)
 
+    @property
+    def has_blocks(self) -> bool:
+        return any(tensor.tensor_type.name in BLOCK_TYPES for tensor in self._reader.tensors)
+
     def weights(self, blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | BlockWeight]]:
         for tensor in self._reader.tensors:
             name = self._hf_names[tensor.name]

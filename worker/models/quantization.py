@@ -24,9 +24,10 @@ product from its dequantized weight instead: slower, never wrong.
   [0, 15]. A table that rows are looked up in (the embedding, and so the tied LM head) is held in int8 instead,
   whose rows dequantize on their own.
 * ``gguf``: the GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks, as stored (``checkpoint.weights(blocks=True)``), run by
-  our kernels (``kernels.blocks``) with int8-rounded activations; a step of more than ``BLOCK_GEMM_MAX_TOKENS``
-  tokens (a prefill chunk) multiplies by the dequantized weight in float32 instead, where the BLAS GEMM is
-  faster. A weight the file holds in another type (F32, F16, K-quants), or whose fused parts differ in type, is
+  our kernels (``kernels.blocks``) with int8-rounded activations, for every step (prefill chunks too): a token's
+  result depends only on its own row, bit for bit, so greedy output does not depend on caching, chunking or
+  batching. (Multiplying prefill chunks by the dequantized weight in float32 instead was measured barely faster
+  and breaks that: rounding activations turns the float path's last-bit differences into whole int8 steps.) A weight the file holds in another type (F32, F16, K-quants), or whose fused parts differ in type, is
   quantized to Q8_0.
 """
 
@@ -46,7 +47,6 @@ from radixserve.worker.models.checkpoint import BlockWeight
 KERNEL_INPUT_MULTIPLE = 64  # torch's int8 kernel is right for multiples of 8 here; 64 leaves room for wider ISAs
 INT4_KERNEL_OUTPUT_MULTIPLE = 16
 INT4_GROUP_SIZES = (32, 64, 128)  # the smallest that divides a layer's input size is used (the best quality)
-BLOCK_GEMM_MAX_TOKENS = 64
 
 
 class LinearMethod(ABC):
@@ -188,21 +188,29 @@ class GGUFMethod(LinearMethod):
         del layer.weight, layer.block_parts
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.shape[0] > BLOCK_GEMM_MAX_TOKENS:
-            weight = block_kernels.dequantize(layer.blocks, layer.block_type, layer.in_features)
-            return F.linear(x.float(), weight, bias).to(x.dtype)
-        out = block_kernels.linear(x.float(), layer.blocks, layer.block_type).to(x.dtype)
+        if x.dtype != torch.float32:
+            return self.apply(layer, x.float(), None if bias is None else bias.float()).to(x.dtype)
+        out = block_kernels.linear(x, layer.blocks, layer.block_type)
         return out if bias is None else out + bias
 
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return block_kernels.dequantize(layer.blocks[ids], layer.block_type, layer.in_features)
 
 
+def resolve_quantization(quantization: str, checkpoint_has_blocks: bool, device: str) -> str:
+    """``engine.quantization`` with ``"auto"`` made concrete: ``"gguf"`` for a checkpoint holding GGUF blocks on
+    CPU, ``"none"`` otherwise; any other value as given."""
+    if quantization != "auto":
+        return quantization
+    return "gguf" if checkpoint_has_blocks and device == "cpu" else "none"
+
+
 def make_linear_method(quantization: str) -> LinearMethod:
-    """The method ``engine.quantization`` names; ValueError names the field otherwise."""
+    """The method ``engine.quantization`` names (``"auto"`` resolved first: ``resolve_quantization``);
+    ValueError names the field otherwise."""
     methods: dict[str, type[LinearMethod]] = {m.name: m for m in (DenseMethod, Int8Method, Int4Method, GGUFMethod)}
     if quantization not in methods:
-        raise ValueError(f"quantization: must be one of {QUANTIZATIONS}, got {quantization!r}")
+        raise ValueError(f"quantization: must be one of {QUANTIZATIONS} (auto resolved), got {quantization!r}")
     return methods[quantization]()
 
 
