@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from radixserve.worker.kv.pool import KVPool
+from radixserve.worker.models import forward_context
 from radixserve.worker.models.attention import AttentionBatch, PrefillSpan
 from radixserve.worker.models.llama import LlamaForCausalLM
 from radixserve.worker.scheduler import ScheduledBatch
@@ -34,6 +35,7 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         token_ids: list[int] = []
         positions: list[int] = []
+        generated: list[bool] = []  # at or past the prompt (models.forward_context)
         slot_mapping: list[int] = []
         decode_seqs: list[Sequence] = []
         prefills: list[PrefillSpan] = []
@@ -44,6 +46,7 @@ class ModelRunner:
             q_start = len(token_ids)
             token_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
+            generated.extend(position >= seq.prompt_len for position in range(start, end))
             if num_tokens == 1:
                 decode_seqs.append(seq)
                 slot_mapping.append(seq.pages[start // self.page_size] * self.page_size + start % self.page_size)
@@ -63,14 +66,17 @@ class ModelRunner:
             page_size=self.page_size,
             prefills=tuple(prefills),
         )
-        hidden = self.model(
-            torch.tensor(token_ids, dtype=torch.int64, device=self.device),
-            torch.tensor(positions, dtype=torch.int64, device=self.device),
-            attn,
-            self.kv,
-        )
+        token_generated = torch.tensor(generated, dtype=torch.bool)
+        with forward_context.generated_rows(token_generated):
+            hidden = self.model(
+                torch.tensor(token_ids, dtype=torch.int64, device=self.device),
+                torch.tensor(positions, dtype=torch.int64, device=self.device),
+                attn,
+                self.kv,
+            )
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows)), sampled
+        with forward_context.generated_rows(token_generated[rows.cpu()]):
+            return self.model.compute_logits(hidden.index_select(0, rows)), sampled
 
 
 def _chunk_mask(start: int, end: int) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ from radixserve.cluster.base.config import CacheConfig, EngineConfig
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.worker.engine import Engine
 from radixserve.worker.kernels import blocks
+from radixserve.worker.models import forward_context
 from radixserve.worker.models.checkpoint import BlockWeight, Checkpoint
 from radixserve.worker.models.layers import ColumnLinear, RowLinear, Shard, VocabEmbedding
 from radixserve.worker.models.loading import open_checkpoint
@@ -65,6 +66,13 @@ def test_int4_groups_dequantize_within_half_a_step_in_torchs_layout(rows: int, g
     assert torch.allclose(dequantized, exact, atol=float(steps.max()) * 0.5 + 0.02 * float(weight.abs().max()))
 
 
+def _bfloat16_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """How far a product may stray from the reference when activations (or the fallback's absence of that rounding)
+    and the kernel's bfloat16 arithmetic each round by up to 2^-8 of a term: measured against the terms' magnitude,
+    so that outputs near zero after cancellation are held to the same standard."""
+    return 2**-6 * (x.abs() @ weight.abs().T) + 1e-4
+
+
 @settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 70), cols=st.sampled_from([1, 7, 33, 36, 64, 128, 192]), tokens=st.integers(1, 9),
        bias=st.booleans(), seed=st.integers(0, 2**16))
@@ -76,7 +84,7 @@ def test_int8_linear_matches_the_float_product_of_its_dequantized_weight(rows: i
     reference = x.to(torch.bfloat16).float() @ weight.T + (layer.bias if bias else 0)
     out = layer(x)
     assert out.shape == (tokens, rows) and out.dtype == torch.float32
-    assert torch.allclose(out, reference, rtol=2e-2, atol=2e-2 * float(reference.abs().max()) + 1e-3)
+    assert bool(((out - reference).abs() <= _bfloat16_bound(x, weight)).all())
 
 
 @settings(max_examples=30, deadline=None)
@@ -88,10 +96,9 @@ def test_int4_linear_matches_the_float_product_of_its_dequantized_weight(rows: i
     assert layer.int4_packed == (rows % 16 == 0)
     x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(seed + 1))
     q, scales, minimums = quantize_int4(weight, layer.group_size)
-    reference = x.to(torch.bfloat16).float() @ dequantize_int4(q, int4_scales_and_zeros(scales, minimums),
-                                                               layer.group_size).T
-    out = layer(x)
-    assert torch.allclose(out, reference, rtol=2e-2, atol=2e-2 * float(reference.abs().max()) + 1e-3)
+    dequantized = dequantize_int4(q, int4_scales_and_zeros(scales, minimums), layer.group_size)
+    reference = x.to(torch.bfloat16).float() @ dequantized.T
+    assert bool(((layer(x) - reference).abs() <= _bfloat16_bound(x, dequantized)).all())
 
 
 @pytest.mark.parametrize("method", [Int8Method(), Int4Method()], ids=["int8", "int4"])
@@ -177,7 +184,7 @@ def test_gguf_layers_keep_the_files_blocks_and_shard_them_along_either_dimension
         q.narrow(1, 16, 32)
 
 
-def test_gguf_quantizes_float_weights_and_mixed_parts_to_q8_0_and_each_rows_result_is_its_own() -> None:
+def test_gguf_quantizes_mixed_parts_to_q8_0_and_takes_each_rows_path_by_its_role() -> None:
     generator = torch.Generator().manual_seed(12)
     weight = torch.randn(48, 64, generator=generator)
     q4 = BlockWeight(blocks.quantize(weight[:16], Q4_1), Q4_1, 64)
@@ -186,7 +193,14 @@ def test_gguf_quantizes_float_weights_and_mixed_parts_to_q8_0_and_each_rows_resu
     dequantized = blocks.dequantize(layer.blocks, layer.block_type, 64)
     assert torch.allclose(dequantized[16:], weight[16:], atol=float(weight.abs().max()) / 127)
     chunk = torch.randn(300, 64, generator=generator)
-    assert torch.equal(layer(chunk)[5:8], layer(chunk[5:8]))  # a row's result does not depend on the others
+    assert torch.allclose(layer(chunk), chunk @ dequantized.T, rtol=1e-4, atol=1e-4)  # prompt rows: float GEMM
+    with forward_context.generated_rows(True):  # generated rows: the block kernel, each row on its own
+        assert torch.equal(layer(chunk)[5:8], layer(chunk[5:8]))
+        kernel = layer(chunk[:3])
+    mask = torch.tensor([True, False, True])
+    with forward_context.generated_rows(mask):
+        mixed = layer(chunk[:3])
+    assert torch.equal(mixed[mask], kernel[mask]) and torch.equal(mixed[1], layer(chunk[1:2])[0])
     assert not any(p.dim() == 2 for p in layer.parameters())
 
 

@@ -24,10 +24,10 @@ product from its dequantized weight instead: slower, never wrong.
   [0, 15]. A table that rows are looked up in (the embedding, and so the tied LM head) is held in int8 instead,
   whose rows dequantize on their own.
 * ``gguf``: the GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks, as stored (``checkpoint.weights(blocks=True)``), run by
-  our kernels (``kernels.blocks``) with int8-rounded activations, for every step (prefill chunks too): a token's
-  result depends only on its own row, bit for bit, so greedy output does not depend on caching, chunking or
-  batching. (Multiplying prefill chunks by the dequantized weight in float32 instead was measured barely faster
-  and breaks that: rounding activations turns the float path's last-bit differences into whole int8 steps.) A weight the file holds in another type (F32, F16, K-quants), or whose fused parts differ in type, is
+  our kernels (``kernels.blocks``, int8-rounded activations) for generated tokens, and the float GEMM on the
+  dequantized weight for prompt tokens (``models.forward_context``: the path is the token's role, so greedy output
+  does not depend on caching, chunking or batching; choosing by the step's size instead did, measured: rounding
+  activations turns the paths' last-bit differences into whole int8 steps). A weight the file holds in another type (F32, F16, K-quants), or whose fused parts differ in type, is
   quantized to Q8_0.
 """
 
@@ -42,6 +42,7 @@ from torch import nn
 
 from radixserve.cluster.base.config import QUANTIZATIONS
 from radixserve.worker.kernels import blocks as block_kernels
+from radixserve.worker.models import forward_context
 from radixserve.worker.models.checkpoint import BlockWeight
 
 KERNEL_INPUT_MULTIPLE = 64  # torch's int8 kernel is right for multiples of 8 here; 64 leaves room for wider ISAs
@@ -190,8 +191,27 @@ class GGUFMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != torch.float32:
             return self.apply(layer, x.float(), None if bias is None else bias.float()).to(x.dtype)
+        generated = forward_context.current_generated_rows()
+        if generated is None or generated.none:
+            return self._float(layer, x, bias)
+        if generated.every:
+            return self._blocks(layer, x, bias)
+        mask = generated.mask
+        if mask.shape[0] != x.shape[0]:
+            raise ValueError(f"generated rows: a mask of {mask.shape[0]} rows for an input of {x.shape[0]}")
+        out = torch.empty(x.shape[0], layer.blocks.shape[0], dtype=x.dtype)
+        out[mask] = self._blocks(layer, x[mask], bias)
+        out[~mask] = self._float(layer, x[~mask], bias)
+        return out
+
+    @staticmethod
+    def _blocks(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = block_kernels.linear(x, layer.blocks, layer.block_type)
         return out if bias is None else out + bias
+
+    @staticmethod
+    def _float(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, block_kernels.dequantize(layer.blocks, layer.block_type, layer.in_features), bias)
 
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return block_kernels.dequantize(layer.blocks[ids], layer.block_type, layer.in_features)
