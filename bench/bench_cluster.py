@@ -109,13 +109,15 @@ class Contender:
     """One line of the table: a router program under one policy, driven at its OpenAI HTTP port.
 
     ``router`` is ``"radixserve"`` (our router, ``policy`` one of ``POLICIES``), ``"smg"`` or ``"vllm-router"``;
-    ``text_prompts`` says the router takes a prompt's text only (the text encodes to exactly its token ids).
+    ``text_prompts`` says the router takes a prompt's text only (the text encodes to exactly its token ids);
+    ``settings`` are ``--set key=value`` overrides of the cluster's config (the workers' weights, say).
     """
 
     name: str
     router: str
     policy: str
     text_prompts: bool = False
+    settings: tuple[str, ...] = ()
 
 
 CONTENDERS = {c.name: c for c in [
@@ -123,6 +125,8 @@ CONTENDERS = {c.name: c for c in [
     Contender("smg_cache_aware", "smg", "cache_aware", text_prompts=True),
     Contender("smg_round_robin", "smg", "round_robin", text_prompts=True),
     Contender("vllm_router_cache_aware", "vllm-router", "cache_aware"),
+    # the file's own blocks against the default float weights, same router
+    Contender("prefix_gguf", "radixserve", "prefix", settings=("engine.quantization=gguf",)),
 ]}
 DEFAULT_CONTENDERS = ("prefix", "sglang_cache_aware", "round_robin", "smg_cache_aware", "smg_round_robin",
                       "vllm_router_cache_aware")
@@ -554,7 +558,7 @@ def run_contender(contender: Contender, arrivals: list[Arrival], texts: Sequence
     """One run on a fresh cluster: the replay, then the overhead pairs, through the contender's front door (a peer
     routes to the workers itself; our router then runs round_robin, unused)."""
     cluster_policy = contender.policy if contender.router == "radixserve" else "round_robin"
-    with Cluster(cluster_policy, args.kv_memory_gib) as cluster:
+    with Cluster(cluster_policy, args.kv_memory_gib, settings=contender.settings) as cluster:
         workers = cluster.workers()
         with front_door(contender, cluster, workers) as url:
             before = settled_finished(workers, 0)
@@ -713,7 +717,7 @@ def main() -> int:
     args.out.write_text(json.dumps({"workload": asdict(workload), "kv_memory_gib": args.kv_memory_gib,
                                     "oracle_hit_ratio": oracle, "cpu": cpu_model(), "peers": peer_versions(),
                                     "contenders": {n: asdict(CONTENDERS[n]) for n in args.contenders},
-                                    "order": order, "summary": summary,
+                                    "order": [r.policy for r in results], "summary": summary,
                                     "results": [asdict(r) for r in results]}, indent=1))
     print(f"\nwrote {args.out}")
     return 0

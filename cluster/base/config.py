@@ -73,15 +73,15 @@ class EngineConfig:
     in the same order samples the same tokens. ``quantization`` is how the linear layers hold their weights
     (``worker.models.quantization``): ``"none"`` (``dtype``), ``"int8"`` (weight-only, per output row),
     ``"int4"`` (weight-only, per group of inputs) or ``"gguf"`` (a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks);
-    quantized methods run on CPU. ``"auto"`` (the default) is ``"gguf"`` for a GGUF file on CPU (the fastest
-    method within the quality bounds, measured by bench/bench_engine.py and bench/bench_quality.py) and
-    ``"none"`` otherwise.
+    quantized methods run on CPU. ``"auto"`` is ``"gguf"`` for a GGUF file on CPU and ``"none"`` otherwise. The
+    default stays ``"none"``: ``gguf`` decodes several times faster (bench/bench_engine.py) but its prompt path
+    dequantizes every layer each step, which cost the shared-prefix cluster benchmark 10% of its requests/s.
     """
 
     model: str = DEFAULT_MODEL
     device: str = "cpu"
     dtype: str = "float32"
-    quantization: str = "auto"
+    quantization: str = "none"
     max_model_len: int | None = None
     seed: int = 0
     namespace: str | None = None

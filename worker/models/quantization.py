@@ -24,11 +24,11 @@ product from its dequantized weight instead: slower, never wrong.
   [0, 15]. A table that rows are looked up in (the embedding, and so the tied LM head) is held in int8 instead,
   whose rows dequantize on their own.
 * ``gguf``: the GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks, as stored (``checkpoint.weights(blocks=True)``), run by
-  our kernels (``kernels.blocks``, int8-rounded activations) for generated tokens, and the float GEMM on the
-  dequantized weight for prompt tokens (``models.forward_context``: the path is the token's role, so greedy output
-  does not depend on caching, chunking or batching; choosing by the step's size instead did, measured: rounding
-  activations turns the paths' last-bit differences into whole int8 steps). A weight the file holds in another type (F32, F16, K-quants), or whose fused parts differ in type, is
-  quantized to Q8_0.
+  our kernels (``kernels.blocks``, int8-rounded activations) for generated tokens, and by the float GEMM on the
+  dequantized weight for prompt tokens. The path is the token's role (``models.forward_context``), so greedy
+  output does not depend on caching or batching; choosing it by the step's size did, measured, since rounding
+  activations turns the two paths' last-bit differences into whole int8 steps. A weight the file holds in
+  another type (F32, F16, K-quants), or whose fused parts differ in type, is quantized to Q8_0.
 """
 
 from __future__ import annotations
@@ -158,8 +158,9 @@ class Int4Method(LinearMethod):
 class GGUFMethod(LinearMethod):
     """The file's blocks (buffer ``blocks`` uint8 [N, row_bytes], the file's bytes regrouped per row in the
     kernels' split layout, ``kernels.blocks.repack``; attributes ``block_type`` and ``in_features``); see the
-    module docstring. The float ``weight`` parameter is a meta-device placeholder: no
-    float copy of the weight is ever made, except for tensors the file does not hold in blocks."""
+    module docstring. The float ``weight`` parameter is a meta-device placeholder: no float copy of the weight is
+    held, except for tensors the file does not hold in blocks (while they are quantized) and a layer's
+    dequantized weight during a prompt-row product."""
 
     name = "gguf"
     takes_blocks = True
