@@ -40,9 +40,8 @@ _ISAS: dict[str, tuple[frozenset[str], list[str]]] = {
 
 
 def isas() -> list[str]:
-    """The instruction sets this CPU can run a build of, narrowest first."""
-    if torch.backends.cpu.get_cpu_capability() == "DEFAULT" and not cpu_flags():
-        return ["portable"]
+    """The instruction sets this CPU can run a build of, narrowest first (``portable`` needs no flag, so it is
+    always there, also where ``/proc/cpuinfo`` cannot be read)."""
     return [name for name, (needs, _) in _ISAS.items() if needs <= cpu_flags()]
 
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.worker.kernels import blocks as block_kernels
-
 from radixserve.worker.models.config import ModelConfig
 from radixserve.cluster.base.tokenizer import Tokenizer
 
@@ -38,9 +37,9 @@ from radixserve.cluster.base.tokenizer import Tokenizer
 @dataclass(frozen=True)
 class BlockWeight:
     """A 2-D weight [rows, in_features] held in GGUF blocks: ``data`` uint8 [rows, row_bytes] in ggml's layout
-    (as the file stores it), ``block_type``
-    ggml's type id (``kernels.blocks.BLOCK_TYPES``). Sliced like a tensor along either dimension, columns only at
-    block boundaries, so tensor-parallel loaders shard it as they shard float weights."""
+    (as the file stores it), ``block_type`` ggml's type id (``kernels.blocks.BLOCK_TYPES``). Sliced like a tensor
+    along either dimension, columns only at block boundaries, so tensor-parallel loaders shard it as they shard
+    float weights."""
 
     data: torch.Tensor
     block_type: int

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from radixserve.worker import kernels
@@ -42,8 +41,6 @@ class Shard:
 def _narrow(loaded: torch.Tensor | BlockWeight, dim: int, shard: Shard) -> torch.Tensor | BlockWeight:
     size = loaded.shape[dim] // shard.size
     return loaded.narrow(dim, shard.rank * size, size)
-
-
 
 
 class ColumnLinear(nn.Module):
