@@ -1,28 +1,17 @@
-"""Native kernels of the decode step, compiled on first use with torch's C++ extension loader (g++ and ninja).
+"""Native kernels of the decode step (``step_ops.cpp``, in the extension ``kernels.build`` compiles on first use).
 
-Each function runs the C++ kernel (``step_ops.cpp``) for float32 CPU tensors; on other devices or dtypes, or if
-the kernels cannot be built here, it computes the same result with torch operations. The linear layers' block
-kernels are ``kernels.blocks``.
+Each function runs the C++ kernel of the widest build this CPU runs for float32 CPU tensors; on other devices or
+dtypes, or if the kernels cannot be built here, it computes the same result with torch operations. The linear
+layers' block kernels are ``kernels.blocks``; a whole decode step's layers in one call, ``models.decode_stack``.
 """
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from radixserve.worker.kernels.build import cpu_flags, load
-
-_SOURCE = Path(__file__).with_name("step_ops.cpp")
-
-
-@functools.cache
-def _native() -> ModuleType | None:
-    """The compiled extension, or None when it cannot be built (logged once)."""
-    # -march=native code must never run on another CPU: the build is keyed by the source and the CPU's flags.
-    return load("radixserve_step_ops", _SOURCE, ["-march=native"], key=" ".join(sorted(cpu_flags())))
+from radixserve.worker.kernels.build import native as _native
 
 
 def build(device: torch.device) -> bool:

@@ -67,8 +67,8 @@ class BlockWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [rows, in_features] weight."""
-        split = block_kernels.repack(self.data, self.block_type)
-        return block_kernels.dequantize(split, self.block_type, self.in_features)
+        packed = block_kernels.repack(self.data, self.block_type)
+        return block_kernels.dequantize(packed, self.block_type, self.in_features)[: self.data.shape[0]]
 
 
 class Checkpoint(ABC):

@@ -9,6 +9,7 @@ embedding and the LM head hold their weights in its form once ``load_weights`` h
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -19,6 +20,7 @@ from radixserve.worker.kv.pool import KVPool
 from radixserve.worker.models.attention import AttentionBatch, paged_attention
 from radixserve.worker.models.checkpoint import BlockWeight
 from radixserve.worker.models.config import ModelConfig
+from radixserve.worker.models.decode_stack import DecodeStack
 from radixserve.worker.models.layers import ColumnLinear, RMSNorm, RowLinear, Shard, VocabEmbedding
 from radixserve.worker.models.quantization import DenseMethod, LinearMethod
 from radixserve.worker.models.rope import RotaryEmbedding
@@ -101,10 +103,19 @@ class LlamaModel(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
         x = self.embed_tokens(token_ids).to(self.norm.weight.dtype)  # [T, hidden], in the model's dtype
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.rotary, batch, kv)
+        if self.decode_stack is not None and self.decode_stack.applies(x, batch, kv):
+            x, residual = self.decode_stack.forward(x, positions, batch, kv)  # the loop below in one native call
+        else:
+            residual = None
+            for layer in self.layers:
+                x, residual = layer(x, residual, positions, self.rotary, batch, kv)
         return self.norm(x, residual)[0]
+
+    @functools.cached_property
+    def decode_stack(self) -> DecodeStack | None:
+        """The layers as one native call for decode steps (``models.decode_stack``), built on first use, once the
+        weights are loaded and cast; None where it cannot serve this model."""
+        return DecodeStack.of(self)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -156,8 +156,8 @@ class Int4Method(LinearMethod):
 
 
 class GGUFMethod(LinearMethod):
-    """The file's blocks (buffer ``blocks`` uint8 [N, row_bytes], the file's bytes regrouped per row in the
-    kernels' split layout, ``kernels.blocks.repack``; attributes ``block_type`` and ``in_features``); see the
+    """The file's blocks (buffer ``blocks``, the file's bytes regrouped in the kernels' x8 layout,
+    ``kernels.blocks.repack``; attributes ``block_type``, ``in_features`` and ``out_features``); see the
     module docstring. The float ``weight`` parameter is a meta-device placeholder: no float copy of the weight is
     held, except for tensors the file does not hold in blocks (while they are quantized) and a layer's
     dequantized weight during a prompt-row product."""
@@ -186,7 +186,7 @@ class GGUFMethod(LinearMethod):
             parts = [BlockWeight(block_kernels.quantize(_float(part), block_type), block_type, layer.weight.shape[1])
                      for part in parts]
         layer.register_buffer("blocks", block_kernels.repack(torch.cat([part.data for part in parts]), block_type))
-        layer.block_type, layer.in_features = block_type, layer.weight.shape[1]
+        layer.block_type, (layer.out_features, layer.in_features) = block_type, layer.weight.shape
         del layer.weight, layer.block_parts
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -200,22 +200,23 @@ class GGUFMethod(LinearMethod):
         mask = generated.mask
         if mask.shape[0] != x.shape[0]:
             raise ValueError(f"generated rows: a mask of {mask.shape[0]} rows for an input of {x.shape[0]}")
-        out = torch.empty(x.shape[0], layer.blocks.shape[0], dtype=x.dtype)
+        out = torch.empty(x.shape[0], layer.out_features, dtype=x.dtype)
         out[mask] = self._blocks(layer, x[mask], bias)
         out[~mask] = self._float(layer, x[~mask], bias)
         return out
 
     @staticmethod
     def _blocks(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = block_kernels.linear(x, layer.blocks, layer.block_type)
+        out = block_kernels.linear(x, layer.blocks, layer.block_type, layer.out_features)
         return out if bias is None else out + bias
 
     @staticmethod
     def _float(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, block_kernels.dequantize(layer.blocks, layer.block_type, layer.in_features), bias)
+        weight = block_kernels.dequantize(layer.blocks, layer.block_type, layer.in_features)
+        return F.linear(x, weight[: layer.out_features], bias)
 
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        return block_kernels.dequantize(layer.blocks[ids], layer.block_type, layer.in_features)
+        return block_kernels.dequantize_rows(layer.blocks, layer.block_type, layer.in_features, ids)
 
 
 def resolve_quantization(quantization: str, checkpoint_has_blocks: bool, device: str) -> str:

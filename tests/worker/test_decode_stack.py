@@ -1,0 +1,58 @@
+"""The decode step's layers in one native call (``models.decode_stack``) give the layer-by-layer path's bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_runs import run_to_completion
+
+from radixserve.cluster.base.config import CacheConfig, EngineConfig, SchedulerConfig
+from radixserve.cluster.base.sampling_params import SamplingParams
+from radixserve.worker.engine import Engine
+from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.models.decode_stack import DecodeStack
+
+PROMPTS = [[17, 402, 9, 3311, 88, 1204, 5], [640, 23, 23, 871, 4000, 12, 99, 5012, 7, 310, 6, 222, 1450],
+           [77, 5, 4001, 16, 900]]
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
+
+
+def _engine(checkpoint: Checkpoint, quantization: str) -> Engine:
+    return Engine(EngineConfig(model="smollm2", quantization=quantization, cache=CacheConfig(memory_gib=0.1),
+                               scheduler=SchedulerConfig(max_num_batched_tokens=256)), checkpoint)
+
+
+def _run(engine: Engine) -> list[tuple[list[int], list[float]]]:
+    engine.cache.flush()
+    ids = [engine.add_request(prompt, GREEDY) for prompt in PROMPTS]
+    done = run_to_completion(engine)
+    return [(done[i].tokens, [entry.logprob for entry in done[i].samples[0].logprobs]) for i in ids]
+
+
+def test_the_stack_gives_the_layer_loops_tokens_and_log_probabilities_bit_for_bit(
+        smollm2_checkpoint: Checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _engine(smollm2_checkpoint, "gguf")
+    model = engine.model.model
+    stack = model.decode_stack
+    assert stack is not None
+    calls = []
+    original = stack.forward
+    monkeypatch.setattr(stack, "forward", lambda *args: calls.append(args[0].shape[0]) or original(*args))
+    fused = _run(engine)
+    assert calls and max(calls) == len(PROMPTS)  # decode steps of the three requests went through it
+    model.__dict__["decode_stack"] = None  # the layer loop only
+    assert _run(engine) == fused
+
+
+def test_the_stack_serves_only_models_held_in_blocks(smollm2_checkpoint: Checkpoint) -> None:
+    assert _engine(smollm2_checkpoint, "none").model.model.decode_stack is None
+    assert DecodeStack.of(_engine(smollm2_checkpoint, "gguf").model.model) is not None
+
+
+def test_the_stack_refuses_caches_that_do_not_match_its_layers(smollm2_checkpoint: Checkpoint) -> None:
+    engine = _engine(smollm2_checkpoint, "gguf")
+    stack = engine.model.model.decode_stack._stack
+    x, empty = torch.zeros(1, 576), torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="caches: "):
+        stack.forward(x, empty, engine.kv.k[:2], engine.kv.v[:2], empty, torch.zeros(1, 1, dtype=torch.int64),
+                      torch.ones(1, dtype=torch.int64), engine.kv.page_size)
