@@ -1,4 +1,5 @@
-"""The native paged decode attention against a dense per-sequence reference."""
+"""The native paged decode attention (float and int8 caches) against a dense per-sequence reference, and the other
+step kernels against torch."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 import torch
 
 from radixserve.worker import kernels
+from radixserve.worker.kv import int8
 
 
 def dense_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
@@ -91,3 +93,49 @@ def test_silu_mul_is_silu_of_the_gate_half_times_the_up_half() -> None:
     gate, up = gate_up.chunk(2, dim=-1)
     assert torch.allclose(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-6)
     assert torch.allclose(kernels.silu_mul(gate_up.double()), (torch.nn.functional.silu(gate) * up).double())
+
+
+def int8_case(seed: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int, page_size: int,
+              max_len: int):
+    """A float cache, its int8 form (``kv.int8``) and a batch of queries over random pages; context lengths are
+    drawn from [1, max_len], so most are not a multiple of the page size."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, max_len + 1, (num_seqs,), generator=gen)
+    max_pages = int(-(-lens.max() // page_size))
+    num_pages = max_pages + 3
+    page_table = torch.stack([torch.randperm(num_pages, generator=gen)[:max_pages] for _ in range(num_seqs)])
+    k_cache = torch.randn(num_pages * page_size, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_pages * page_size, num_kv_heads, head_dim, generator=gen)
+    q = torch.randn(num_seqs, num_kv_heads * group, head_dim, generator=gen)
+    return q, (k_cache, v_cache), (*int8.quantize(k_cache), *int8.quantize(v_cache)), page_table, lens
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), num_seqs=st.integers(1, 4), num_kv_heads=st.integers(1, 5),
+       group=st.integers(1, 4), head_dim=st.integers(1, 80), page_size=st.integers(1, 8), max_len=st.integers(1, 50))
+def test_int8_decode_attention_is_attention_over_the_dequantized_cache(seed: int, num_seqs: int, num_kv_heads: int,
+                                                                      group: int, head_dim: int, page_size: int,
+                                                                      max_len: int) -> None:
+    assert kernels.build(torch.device("cpu")), "the C++ kernel must build here (g++ and ninja are installed)"
+    q, (k_float, v_float), (k8, ks, v8, vs), page_table, lens = int8_case(seed, num_seqs, num_kv_heads, group,
+                                                                          head_dim, page_size, max_len)
+    scale = head_dim**-0.5
+    native = kernels.paged_decode_attention_int8(q, k8, v8, ks, vs, page_table, lens, page_size, scale)
+    fallback = kernels._torch_decode_attention_int8(q, k8, v8, ks, vs, page_table, lens, page_size, scale)
+    dequantized = dense_reference(q, int8.dequantize(k8, ks, torch.float32), int8.dequantize(v8, vs, torch.float32),
+                                  page_table, lens, page_size, scale)
+    torch.testing.assert_close(native, dequantized, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fallback, native, atol=1e-5, rtol=1e-5)
+    # Against the float cache it came from: each element is off by at most half its row's scale (about 1.5% of
+    # the row's largest magnitude here), which moves the outputs, means of unit-variance values, far less.
+    torch.testing.assert_close(native, dense_reference(q, k_float, v_float, page_table, lens, page_size, scale),
+                               atol=0.05, rtol=0.05)
+
+
+def test_int8_decode_attention_gives_a_sequence_the_same_bits_whatever_else_is_in_the_batch() -> None:
+    q, _, (k8, ks, v8, vs), page_table, lens = int8_case(2, 6, 3, 3, 64, 16, 100)
+    batched = kernels.paged_decode_attention_int8(q, k8, v8, ks, vs, page_table, lens, 16, 0.125)
+    for b in range(q.shape[0]):
+        alone = kernels.paged_decode_attention_int8(q[b:b + 1], k8, v8, ks, vs, page_table[b:b + 1], lens[b:b + 1],
+                                                    16, 0.125)
+        assert torch.equal(alone[0], batched[b])

@@ -1,8 +1,8 @@
 """Native kernels of the decode step, compiled on first use with torch's C++ extension loader (g++ and ninja).
 
-Each function runs the C++ kernel (``step_ops.cpp``) for float32 CPU tensors; on other devices or dtypes, or if
-the kernels cannot be built here, it computes the same result with torch operations. The linear layers' block
-kernels are ``kernels.blocks``.
+Each function runs the C++ kernel (``step_ops.cpp``) for float32 CPU tensors (and int8 caches, for the int8 decode
+attention); on other devices or dtypes, or if the kernels cannot be built here, it computes the same result with
+torch operations. The linear layers' block kernels are ``kernels.blocks``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from types import ModuleType
 import torch
 
 from radixserve.worker.kernels.build import cpu_flags, load
+from radixserve.worker.kv import int8
 
 _SOURCE = Path(__file__).with_name("step_ops.cpp")
 
@@ -46,6 +47,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return native.paged_decode_attention(q, k_cache, v_cache, page_table, context_lens, page_size,
                                              scale).to(q.dtype)
     return _torch_decode_attention(q, k_cache, v_cache, page_table, context_lens, page_size, scale)
+
+
+def paged_decode_attention_int8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                k_scale: torch.Tensor, v_scale: torch.Tensor, page_table: torch.Tensor,
+                                context_lens: torch.Tensor, page_size: int, scale: float) -> torch.Tensor:
+    """``paged_decode_attention`` over an int8 cache (``kv.int8``): caches [num_slots, Hkv, D] int8 read in place,
+    with their float32 scales [num_slots, Hkv]. Returns [B, Hq, D] in q's dtype."""
+    native = _native() if q.device.type == "cpu" else None
+    if native is not None:
+        return native.paged_decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, page_table, context_lens,
+                                                  page_size, scale).to(q.dtype)
+    return _torch_decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, page_table, context_lens, page_size,
+                                        scale)
 
 
 def _native_for(*tensors: torch.Tensor) -> ModuleType | None:
@@ -105,3 +119,15 @@ def _torch_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     grouped = q.view(num_seqs, num_kv_heads, -1, head_dim)  # [B, Hkv, G, D]
     scores = torch.matmul(grouped, keys).mul_(scale).add_(bias)  # [B, Hkv, G, max_len]
     return torch.matmul(scores.softmax(dim=-1), values).view(num_seqs, -1, head_dim)
+
+
+def _torch_decode_attention_int8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 k_scale: torch.Tensor, v_scale: torch.Tensor, page_table: torch.Tensor,
+                                 context_lens: torch.Tensor, page_size: int, scale: float) -> torch.Tensor:
+    """Dequantizes the pages ``page_table`` names (only those: the pool may be far larger) into a compact cache,
+    then ``_torch_decode_attention`` over it."""
+    pages, compact_table = torch.unique(page_table, return_inverse=True)  # [U], [B, max_pages] into pages
+    slots = (pages.unsqueeze(-1) * page_size + torch.arange(page_size, device=q.device)).flatten()
+    keys = int8.dequantize(k_cache[slots], k_scale[slots], q.dtype)
+    values = int8.dequantize(v_cache[slots], v_scale[slots], q.dtype)
+    return _torch_decode_attention(q, keys, values, compact_table, context_lens, page_size, scale)

@@ -263,9 +263,96 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
+namespace {
+
+// One token's int8 row of every KV head, widened: out[h * head_dim + d] = values[h * head_dim + d] * scales[h].
+inline const float* dequantize_row(const int8_t* values, const float* scales, int64_t num_kv_heads,
+                                   int64_t head_dim, std::vector<float>& buffer) {
+  buffer.resize(num_kv_heads * head_dim);
+  for (int64_t h = 0; h < num_kv_heads; ++h) {
+    const float s = scales[h];
+    for (int64_t d = 0; d < head_dim; ++d) buffer[h * head_dim + d] = static_cast<float>(values[h * head_dim + d]) * s;
+  }
+  return buffer.data();
+}
+
+// decode_sequence over the int8 cache (worker/kv/int8.py): each key/value row is dequantized once, then serves
+// every query head of its KV head.
+void decode_sequence_int8(const float* q, const int8_t* k_cache, const int8_t* v_cache, const float* k_scale,
+                          const float* v_scale, const int64_t* pages, int64_t context_len, int64_t page_size,
+                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, float* out,
+                          std::vector<float>& scores, std::vector<float>& row) {
+  const int64_t group = num_heads / num_kv_heads, row_stride = num_kv_heads * head_dim;
+  scores.resize(num_heads * context_len);
+  for (int64_t t = 0; t < context_len; ++t) {
+    const int64_t slot = pages[t / page_size] * page_size + t % page_size;
+    const float* key = dequantize_row(k_cache + slot * row_stride, k_scale + slot * num_kv_heads, num_kv_heads,
+                                      head_dim, row);
+    for (int64_t h = 0; h < num_heads; ++h)
+      scores[h * context_len + t] = dot(q + h * head_dim, key + (h / group) * head_dim, head_dim) * scale;
+  }
+  for (int64_t h = 0; h < num_heads; ++h) {
+    float* s = scores.data() + h * context_len;
+    const float inv_total = 1.f / exp_shifted(s, context_len, *std::max_element(s, s + context_len));
+    for (int64_t t = 0; t < context_len; ++t) s[t] *= inv_total;
+  }
+  std::fill(out, out + num_heads * head_dim, 0.f);
+  for (int64_t t = 0; t < context_len; ++t) {
+    const int64_t slot = pages[t / page_size] * page_size + t % page_size;
+    const float* value = dequantize_row(v_cache + slot * row_stride, v_scale + slot * num_kv_heads, num_kv_heads,
+                                        head_dim, row);
+    for (int64_t h = 0; h < num_heads; ++h)
+      axpy(scores[h * context_len + t], value + (h / group) * head_dim, out + h * head_dim, head_dim);
+  }
+}
+
+}  // namespace
+
+// paged_decode_attention over an int8 cache: q [B, Hq, D] float32; caches [num_slots, Hkv, D] int8 with their
+// float32 scales [num_slots, Hkv]; page_table [B, max_pages] int64; context_lens [B] int64. Returns [B, Hq, D]
+// float32.
+torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                          torch::Tensor k_scale, torch::Tensor v_scale, torch::Tensor page_table,
+                                          torch::Tensor context_lens, int64_t page_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(), "bad shapes");
+  TORCH_CHECK(k_cache.scalar_type() == torch::kInt8 && v_cache.scalar_type() == torch::kInt8, "caches must be int8");
+  TORCH_CHECK(k_scale.scalar_type() == torch::kFloat32 && v_scale.scalar_type() == torch::kFloat32 &&
+              k_scale.sizes() == k_cache.sizes().slice(0, 2) && v_scale.sizes() == k_scale.sizes(),
+              "scales must be float32 [num_slots, Hkv]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_scale.is_contiguous() &&
+              v_scale.is_contiguous(), "caches and scales must be contiguous");
+  q = q.to(torch::kFloat32).contiguous();
+  page_table = page_table.contiguous();
+  context_lens = context_lens.contiguous();
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_kv_heads = k_cache.size(1);
+  const int64_t max_pages = page_table.size(1);
+  auto out = torch::empty_like(q);
+  const float* q_ptr = q.data_ptr<float>();
+  float* out_ptr = out.data_ptr<float>();
+  const int64_t* table = page_table.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int8_t* k_ptr = k_cache.data_ptr<int8_t>();
+  const int8_t* v_ptr = v_cache.data_ptr<int8_t>();
+  const float* k_scale_ptr = k_scale.data_ptr<float>();
+  const float* v_scale_ptr = v_scale.data_ptr<float>();
+  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, row;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t offset = b * num_heads * head_dim;
+      decode_sequence_int8(q_ptr + offset, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table + b * max_pages, lens[b],
+                           page_size, num_heads, num_kv_heads, head_dim, static_cast<float>(scale),
+                           out_ptr + offset, scores, row);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, the residual added first (in place) when given");
   m.def("rotary_", &rotary_, "rotary embedding of [T, H, D] in place");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [T, 2I]");
+  m.def("paged_decode_attention_int8", &paged_decode_attention_int8,
+        "decode attention over a paged int8 KV cache with per-(slot, head) scales");
 }

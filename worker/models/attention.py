@@ -4,7 +4,9 @@ A step's new tokens are flattened into one [T] axis: first one token for each de
 the chunks of the sequences being prefilled. Keys and values are written to their cache slots
 (``slot = page * page_size + offset``), then each query attends to its sequence's cached context, so a
 cached prefix is never recomputed: decode queries read the cache in place through the page table (the
-native kernel), prefill chunks gather their context once and use SDPA with a causal mask.
+native kernel, int8 caches too), prefill chunks gather their context once (``KVPool.gather``, dequantized from
+int8) and use SDPA with a causal mask. With an int8 pool every query, a prefill chunk's too, attends to the
+stored (quantized) keys and values, so a token's attention does not depend on whether its context was cached.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from radixserve.worker.kernels import paged_decode_attention
+from radixserve.worker.kernels import paged_decode_attention, paged_decode_attention_int8
+from radixserve.worker.kv.pool import KVPool
 
 
 @dataclass(frozen=True)
@@ -44,20 +47,19 @@ def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv: KVPool,
+    layer: int,
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D]; caches [num_slots, Hkv, D]. Returns [T, Hq, D].
+    """q [T, Hq, D], k/v [T, Hkv, D] of the step; ``kv``'s caches of ``layer`` [num_slots, Hkv, D]. Returns
+    [T, Hq, D].
 
     Writes k/v into the caches at ``batch.slot_mapping`` first.
     """
-    k_cache.index_copy_(0, batch.slot_mapping, k)
-    v_cache.index_copy_(0, batch.slot_mapping, v)
+    kv.write(layer, batch.slot_mapping, k, v)
     if batch.num_decode:
-        decoded = paged_decode_attention(q[: batch.num_decode], k_cache, v_cache, batch.decode_page_table,
-                                         batch.decode_context_lens, batch.page_size, scale)
+        decoded = _decode(q[: batch.num_decode], kv, layer, batch, scale)
         if not batch.prefills:  # a decode-only step: no buffer to assemble
             return decoded
     out = torch.empty_like(q)
@@ -65,15 +67,23 @@ def paged_attention(
         out[: batch.num_decode] = decoded
     for span in batch.prefills:
         end = span.q_start + span.q_len
-        out[span.q_start : end] = _prefill(q[span.q_start : end], k_cache, v_cache, span, scale)
+        out[span.q_start : end] = _prefill(q[span.q_start : end], kv, layer, span, scale)
     return out
 
 
-def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: PrefillSpan, scale: float) -> torch.Tensor:
-    keys = k_cache.index_select(0, span.slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-    values = v_cache.index_select(0, span.slots).transpose(0, 1).unsqueeze(0)
+def _decode(q: torch.Tensor, kv: KVPool, layer: int, batch: AttentionBatch, scale: float) -> torch.Tensor:
+    if kv.quantized:
+        return paged_decode_attention_int8(q, kv.k[layer], kv.v[layer], kv.k_scale[layer], kv.v_scale[layer],
+                                           batch.decode_page_table, batch.decode_context_lens, batch.page_size,
+                                           scale)
+    return paged_decode_attention(q, kv.k[layer], kv.v[layer], batch.decode_page_table, batch.decode_context_lens,
+                                  batch.page_size, scale)
+
+
+def _prefill(q: torch.Tensor, kv: KVPool, layer: int, span: PrefillSpan, scale: float) -> torch.Tensor:
+    keys, values = kv.gather(layer, span.slots)  # [ctx, Hkv, D]
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), keys, values,
+        q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
         attn_mask=span.mask, is_causal=span.mask is None, scale=scale, enable_gqa=True,
     )  # [1, Hq, q_len, D]
     return out.squeeze(0).transpose(0, 1)

@@ -54,7 +54,7 @@ class LlamaAttention(nn.Module):
         qk = rotary(positions, qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim))
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, Hq, D], [T, Hkv, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv.k[self.layer_id], kv.v[self.layer_id], batch, self.scale)
+        out = paged_attention(q, k, v, kv, self.layer_id, batch, self.scale)
         return self.o_proj(out.view(num_tokens, -1))
 
 
