@@ -12,11 +12,13 @@ Contenders: our router under each of its policies (``prefix``, and the in-house 
 vllm-router (``vllm_router_cache_aware``), installed by ``bench/peers/setup.sh`` in ``bench/.venv-peers``. Every
 run starts a fresh 2-worker cluster (``radixserve up --detach``: cold caches, client and servers in separate
 processes); a peer is started pointed at the same workers' OpenAI endpoints (their addresses from
-``ListWorkers``) and stopped after the run. Each contender gets the same arrival schedule as streamed
-``/v1/completions`` requests (``stream_options.include_usage``); TTFT is taken at the first SSE chunk that carries
-a choice. Each contender runs ``--repeats`` times (default 2), all runs in one shuffled order (``--order-seed``),
-because this machine's noise moves a run's throughput by 10-30%: the table gives medians and the spread
-(lowest-highest) of each contender's runs.
+``ListWorkers``) and stopped after the run. ``prefix_gguf``, ``prefix_small_pool`` and ``prefix_small_pool_int8``
+run our ``prefix`` router over other workers: the file's own weight blocks, and a KV pool too small for the
+workload (``SMALL_POOL_GIB``) in float32 and in int8 (``engine.kv_cache_dtype``). Each contender gets the same
+arrival schedule as streamed ``/v1/completions`` requests (``stream_options.include_usage``); TTFT is taken at the
+first SSE chunk that carries a choice. Each contender runs ``--repeats`` times (default 2), all runs in one
+shuffled order (``--order-seed``), because this machine's noise moves a run's throughput by 10-30%: the table gives
+medians and the spread (lowest-highest) of each contender's runs.
 
 Reported per contender: prefix hit ratio (cached / prompt tokens, from ``usage.prompt_tokens_details``) and its
 share of the oracle's (one unbounded cache that sees every request in arrival order), TTFT and end-to-end
@@ -24,7 +26,8 @@ p50/p99, throughput over the makespan, each worker's share of the requests (from
 ``radixserve_worker_requests_finished`` counters, so it needs nothing of the router), and the HTTP router
 overhead: the TTFT of a short cached request through the contender minus the same request sent straight to the
 worker that served it (each pair also asks the other worker, so the serving one, known from the counters
-afterwards, always has its direct twin), in pairs whose order alternates.
+afterwards, always has its direct twin), in pairs whose order alternates; and the KV pages per GiB of pool the
+workers report.
 
     bash bench/peers/setup.sh                      # once: the peers and aiperf in bench/.venv-peers
     python bench/bench_cluster.py                  # table on stdout, JSON in bench/results/cluster.json
@@ -110,7 +113,8 @@ class Contender:
 
     ``router`` is ``"radixserve"`` (our router, ``policy`` one of ``POLICIES``), ``"smg"`` or ``"vllm-router"``;
     ``text_prompts`` says the router takes a prompt's text only (the text encodes to exactly its token ids);
-    ``settings`` are ``--set key=value`` overrides of the cluster's config (the workers' weights, say).
+    ``settings`` are ``--set key=value`` overrides of the cluster's config (the workers' weights, say);
+    ``kv_memory_gib`` is each worker's KV pool for this contender (None: ``--kv-memory-gib``).
     """
 
     name: str
@@ -118,6 +122,16 @@ class Contender:
     policy: str
     text_prompts: bool = False
     settings: tuple[str, ...] = ()
+    kv_memory_gib: float | None = None
+
+
+# A pool that evicts on the default workload. The prefix policy gives each worker about 4 of the 8 groups, and
+# what a later request can reuse is its group's 1,024-token system prompt, 64 pages (questions and outputs are
+# never shared): 256 pages a worker, plus the pages of the requests running. A float32 page of SmolLM2 takes
+# 737,280 bytes (30 layers x 16 tokens x 3 KV heads x 64 x 4 bytes, keys and values), an int8 one 195,840 (64 + a
+# 4-byte scale per head): 0.12 GiB holds 174 float32 pages (two system prompts and a few requests' own pages, so
+# the other groups' prompts are evicted and computed again) and 657 int8 pages (all four with 400 to spare).
+SMALL_POOL_GIB = 0.12
 
 
 CONTENDERS = {c.name: c for c in [
@@ -127,6 +141,10 @@ CONTENDERS = {c.name: c for c in [
     Contender("vllm_router_cache_aware", "vllm-router", "cache_aware"),
     # the file's own blocks against the default float weights, same router
     Contender("prefix_gguf", "radixserve", "prefix", settings=("engine.quantization=gguf",)),
+    # the KV pool's form where the pool is too small for the workload: float32 against int8 in the same memory
+    Contender("prefix_small_pool", "radixserve", "prefix", kv_memory_gib=SMALL_POOL_GIB),
+    Contender("prefix_small_pool_int8", "radixserve", "prefix", settings=("engine.kv_cache_dtype=int8",),
+              kv_memory_gib=SMALL_POOL_GIB),
 ]}
 DEFAULT_CONTENDERS = ("prefix", "sglang_cache_aware", "round_robin", "smg_cache_aware", "smg_round_robin",
                       "vllm_router_cache_aware")
@@ -148,6 +166,7 @@ class ContenderResult:
     worker_share: dict[str, float]
     router_overhead_p50_ms: float
     router_overhead_p99_ms: float
+    kv_pages_per_gib: float  # each worker's KV pool pages (their mean, as the workers report them) per GiB
     errors: int
     outcomes: list[dict] = field(default_factory=list)
 
@@ -275,6 +294,7 @@ class Cluster:
 
     def __init__(self, policy: str, kv_memory_gib: float, routers: int = 1, settings: Sequence[str] = ()) -> None:
         self._home = tempfile.TemporaryDirectory(prefix="radixserve-bench-")
+        self.kv_memory_gib = kv_memory_gib
         models = Path(self._home.name) / "models"
         models.mkdir()
         model_dir = ModelStore().resolve(MODEL).parent
@@ -310,6 +330,16 @@ class Cluster:
         metrics = {_worker_label(address): address for address in self._metrics_addresses()}
         return [WorkerEndpoints(w.worker_id, f"http://{w.http_address}", metrics[w.worker_id])
                 for w in sorted(listed.workers, key=lambda w: w.worker_id)]
+
+    def kv_pages_per_gib(self, timeout_s: float = 30.0) -> float:
+        """The workers' KV pool pages (their mean, from their load reports, waited for until every worker has
+        one) per GiB of ``kv_memory_gib``: measured, so it says what the pool's form fits."""
+        def pages() -> list[int]:
+            with grpc.insecure_channel(self.target) as channel:
+                listed = api_pb2_grpc.GenerationStub(channel).ListWorkers(api_pb2.ListWorkersRequest(), timeout=10)
+            return [w.load.num_pages_used + w.load.num_pages_free for w in listed.workers]
+        wait_until(lambda: all(pages()), timeout_s, "the workers' load reports")
+        return statistics.mean(pages()) / self.kv_memory_gib
 
     def _metrics_addresses(self) -> list[str]:
         try:
@@ -558,8 +588,10 @@ def run_contender(contender: Contender, arrivals: list[Arrival], texts: Sequence
     """One run on a fresh cluster: the replay, then the overhead pairs, through the contender's front door (a peer
     routes to the workers itself; our router then runs round_robin, unused)."""
     cluster_policy = contender.policy if contender.router == "radixserve" else "round_robin"
-    with Cluster(cluster_policy, args.kv_memory_gib, settings=contender.settings) as cluster:
+    kv_memory_gib = contender.kv_memory_gib or args.kv_memory_gib
+    with Cluster(cluster_policy, kv_memory_gib, settings=contender.settings) as cluster:
         workers = cluster.workers()
+        kv_pages_per_gib = cluster.kv_pages_per_gib()
         with front_door(contender, cluster, workers) as url:
             before = settled_finished(workers, 0)
             outcomes, makespan = asyncio.run(replay(url, arrivals, w.output_len,
@@ -567,11 +599,11 @@ def run_contender(contender: Contender, arrivals: list[Arrival], texts: Sequence
             after = settled_finished(workers, sum(before.values()) + len(arrivals))
             overhead = asyncio.run(router_overhead(url, workers, args.overhead_pairs, probe, contender.text_prompts))
     served = {wid: after[wid] - before.get(wid, 0.0) for wid in after}
-    return summarize_run(contender.name, outcomes, makespan, served, overhead, oracle)
+    return summarize_run(contender.name, outcomes, makespan, served, overhead, oracle, kv_pages_per_gib)
 
 
 def summarize_run(name: str, outcomes: list[Outcome], makespan: float, served: dict[str, float],
-                  overhead: list[float], oracle: float) -> ContenderResult:
+                  overhead: list[float], oracle: float, kv_pages_per_gib: float) -> ContenderResult:
     """One run's figures; ``served`` is the requests each worker finished during the replay."""
     done = [o for o in outcomes if not o.error]
     hit_ratio = sum(o.cached_tokens for o in done) / max(1, sum(o.prompt_tokens for o in done))
@@ -583,7 +615,7 @@ def summarize_run(name: str, outcomes: list[Outcome], makespan: float, served: d
         requests_per_s=len(done) / makespan, output_tokens_per_s=sum(o.completion_tokens for o in done) / makespan,
         makespan_s=makespan, worker_share={wid: n / total_served for wid, n in sorted(served.items())},
         router_overhead_p50_ms=_ms(_quantile(overhead, 0.5)), router_overhead_p99_ms=_ms(_quantile(overhead, 0.99)),
-        errors=len(outcomes) - len(done), outcomes=[asdict(o) for o in outcomes])
+        kv_pages_per_gib=kv_pages_per_gib, errors=len(outcomes) - len(done), outcomes=[asdict(o) for o in outcomes])
 
 
 def peer_versions() -> dict[str, str]:
@@ -611,7 +643,8 @@ def _ms(seconds: float) -> float:
 # ---- the report -----------------------------------------------------------------------------------------------
 
 SUMMARY_FIELDS = ("hit_ratio", "oracle_share", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
-                  "requests_per_s", "output_tokens_per_s", "router_overhead_p50_ms", "router_overhead_p99_ms")
+                  "requests_per_s", "output_tokens_per_s", "router_overhead_p50_ms", "router_overhead_p99_ms",
+                  "kv_pages_per_gib")
 
 
 def summarize(results: list[ContenderResult]) -> dict[str, dict[str, object]]:
@@ -635,8 +668,8 @@ def summarize(results: list[ContenderResult]) -> dict[str, dict[str, object]]:
 def print_table(summary: dict[str, dict], oracle: float) -> None:
     print(f"\noracle hit ratio: {oracle:.3f}; medians over each contender's runs, (lowest-highest) beside\n")
     print("| contender | runs | hit ratio | of oracle | TTFT p50 | TTFT p99 | e2e p50 | e2e p99 | req/s "
-          "| busier worker's share | HTTP router overhead p50 / p99 | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| busier worker's share | HTTP router overhead p50 / p99 | KV pages / GiB | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in summary.items():
         def spread(figure: str, fmt: str, scale: float = 1.0) -> str:
             low, high = r[figure + "_range"]
@@ -645,7 +678,8 @@ def print_table(summary: dict[str, dict], oracle: float) -> None:
         print(f"| {name} | {r['runs']} | {spread('hit_ratio', '.3f')} | {r['oracle_share']:.0%} | "
               f"{spread('ttft_p50_ms', ',.1f', 1e-3)} s | {spread('ttft_p99_ms', ',.1f', 1e-3)} s | "
               f"{r['e2e_p50_ms'] / 1000:,.1f} s | {r['e2e_p99_ms'] / 1000:,.1f} s | {spread('requests_per_s', '.3f')} | "
-              f"{shares} | {r['router_overhead_p50_ms']:.2f} / {r['router_overhead_p99_ms']:.2f} ms | {r['errors']} |")
+              f"{shares} | {r['router_overhead_p50_ms']:.2f} / {r['router_overhead_p99_ms']:.2f} ms | "
+              f"{r['kv_pages_per_gib']:,.0f} | {r['errors']} |")
     print("\ntargets (medians): " + "; ".join(target_lines(summary)))
 
 

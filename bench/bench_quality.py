@@ -28,7 +28,6 @@ from radixserve.cluster.base.config import DEFAULT_MODEL, QUANTIZATIONS, CacheCo
 from radixserve.cluster.base.model_store import ModelStore
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.worker.engine import Engine
-from radixserve.worker.models import forward_context
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.models.quantization import make_linear_method
@@ -98,16 +97,11 @@ def main() -> int:
         started = time.perf_counter()
         model = build_model(checkpoint, args.window, method=make_linear_method(quantization))
         score = perplexity(model, ids, args.window)
-        decode_path = None
-        if quantization == "gguf":  # the block kernel that generated tokens take, on every token
-            with forward_context.generated_rows(True):
-                decode_path = perplexity(model, ids, args.window)
         del model
-        rows[quantization] = {"perplexity": score, "perplexity_decode_path": decode_path,
-                              "seconds": time.perf_counter() - started,
+        rows[quantization] = {"perplexity": score, "seconds": time.perf_counter() - started,
                               "continuations": greedy_continuations(checkpoint, quantization, prompts),
                               "resident_mib": resident_mib(quantization)}
-        print(f"{quantization}: perplexity {score:.3f} (decode path {decode_path})", file=sys.stderr, flush=True)
+        print(f"{quantization}: perplexity {score:.3f}", file=sys.stderr, flush=True)
     base = rows.get("none")
     print(f"\n{len(ids):,} tokens of {TEXT.name}, windows of {args.window}; {NUM_PROMPTS} prompts of {PROMPT_LEN} "
           f"tokens continued for {CONTINUATION}; {args.threads} threads; {cpu_model()}\n")
@@ -123,10 +117,6 @@ def main() -> int:
             row["resident_vs_float"] = row["resident_mib"] / base["resident_mib"]
         target = TARGETS.get(quantization)
         row["target_met"] = None if target is None or base is None else row["perplexity_vs_float"] < target
-        if row["perplexity_decode_path"] is not None:
-            row["decode_path_vs_float"] = row["perplexity_decode_path"] / base["perplexity"] - 1 if base else None
-            print(f"| {quantization} (decode path) | {row['perplexity_decode_path']:.3f} | "
-                  f"{row['decode_path_vs_float'] or 0:+.2%} | | | | | |")
         print(f"| {quantization} | {row['perplexity']:.3f} | {row.get('perplexity_vs_float', 0):+.2%} | "
               f"{'' if target is None else f'< +{target:.0%}'} | {row.get('greedy_equal', '-')} | "
               f"{row.get('mean_common_prefix', float('nan')):.1f} | {row['resident_mib']:.0f} | "

@@ -82,6 +82,7 @@ def run(contender: str, args: argparse.Namespace, arrivals: list[Arrival], probe
     settings = () if share_routes else ("bus.share_routes=false",)
     with Cluster("prefix", args.kv_memory_gib, routers=num_routers, settings=settings) as cluster:
         workers = cluster.workers()
+        kv_pages_per_gib = cluster.kv_pages_per_gib()
         routers = read_targets(cluster.targets_path).get("router", [])
         before = settled_finished(workers, 0)
         outcomes, makespan = asyncio.run(replay(cluster.http_urls, arrivals, workload.output_len))
@@ -89,7 +90,7 @@ def run(contender: str, args: argparse.Namespace, arrivals: list[Arrival], probe
         buckets = lag_buckets(routers)
         overhead = asyncio.run(router_overhead(cluster.http_url, workers, args.overhead_pairs, probe, False))
     served = {wid: after[wid] - before.get(wid, 0.0) for wid in after}
-    result = asdict(summarize_run(contender, outcomes, makespan, served, overhead, oracle))
+    result = asdict(summarize_run(contender, outcomes, makespan, served, overhead, oracle, kv_pages_per_gib))
     result.pop("outcomes")
     result.update(contender=contender, routers=num_routers, share_routes=share_routes, kv_event_lag_p50_ms=bucket_quantile(buckets, 0.5) * 1000,
                   kv_event_lag_p99_ms=bucket_quantile(buckets, 0.99) * 1000, num_router_metrics=len(routers))

@@ -133,7 +133,8 @@ class Engine:
         self.model = build_model(checkpoint, self.max_model_len, dtype, self.device,
                                  make_linear_method(self.quantization))
         self.kv = KVPool(self.model_config.num_hidden_layers, num_pages, config.cache.page_size,
-                         self.model_config.num_key_value_heads, self.model_config.head_dim, dtype, self.device)
+                         self.model_config.num_key_value_heads, self.model_config.head_dim, dtype, self.device,
+                         config.kv_cache_dtype)
         self.allocator = PageAllocator(num_pages)
         self.cache = RadixCache(self.allocator, config.cache.page_size, config.hash_namespace)
         self.scheduler = Scheduler(config.scheduler, self.cache, self.allocator, config.cache.page_size)
@@ -167,7 +168,8 @@ class Engine:
         if cache.num_pages is not None:
             return cache.num_pages
         m = self.model_config
-        page_bytes = KVPool.page_bytes(m.num_hidden_layers, cache.page_size, m.num_key_value_heads, m.head_dim, dtype)
+        page_bytes = KVPool.page_bytes(m.num_hidden_layers, cache.page_size, m.num_key_value_heads, m.head_dim, dtype,
+                                       self.config.kv_cache_dtype)
         return max(2, int(cache.memory_gib * 2**30) // page_bytes)
 
     # ---- requests -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")  # worker.models.quantization's linear methods
+KV_CACHE_DTYPES = ("auto", "int8")  # worker.kv.pool's forms: the engine's dtype, or int8 with per-head scales
 T = TypeVar("T")
 
 
@@ -76,12 +77,16 @@ class EngineConfig:
     quantized methods run on CPU. ``"auto"`` is ``"gguf"`` for a GGUF file on CPU and ``"none"`` otherwise. The
     default stays ``"none"``: ``gguf`` decodes several times faster (bench/bench_engine.py) but its prompt path
     dequantizes every layer each step, which cost the shared-prefix cluster benchmark 10% of its requests/s.
+    ``kv_cache_dtype`` is how the KV pool holds keys and values (``worker.kv.pool``): ``"auto"`` in ``dtype``,
+    ``"int8"`` as int8 with one float32 scale per token and KV head (symmetric, max |x| / 127), which fits
+    about 3.8x the pages of float32 into ``cache.memory_gib`` at a head dim of 64.
     """
 
     model: str = DEFAULT_MODEL
     device: str = "cpu"
     dtype: str = "float32"
     quantization: str = "none"
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
     namespace: str | None = None
@@ -95,6 +100,8 @@ class EngineConfig:
                 f"must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         require(self.quantization in ("auto", "none") or self.device == "cpu", "quantization",
                 f"{self.quantization!r} runs on CPU only for now, got device {self.device!r}")
+        require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+                f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
         require(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
 

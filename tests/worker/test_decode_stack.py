@@ -1,4 +1,4 @@
-"""The decode step's layers in one native call (``models.decode_stack``) give the layer-by-layer path's bits."""
+"""A step's layers in one native call (``models.decode_stack``) give the layer-by-layer path's bits."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def test_the_stack_gives_the_layer_loops_tokens_and_log_probabilities_bit_for_bi
     original = stack.forward
     monkeypatch.setattr(stack, "forward", lambda *args: calls.append(args[0].shape[0]) or original(*args))
     fused = _run(engine)
-    assert calls and max(calls) == len(PROMPTS)  # decode steps of the three requests went through it
+    # the prefill of the three prompts in one step, then their decode steps, all went through it
+    assert calls == [sum(map(len, PROMPTS))] + [len(PROMPTS)] * (GREEDY.max_tokens - 1)
     model.__dict__["decode_stack"] = None  # the layer loop only
     assert _run(engine) == fused
 
@@ -54,5 +55,5 @@ def test_the_stack_refuses_caches_that_do_not_match_its_layers(smollm2_checkpoin
     stack = engine.model.model.decode_stack._stack
     x, empty = torch.zeros(1, 576), torch.zeros(1, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="caches: "):
-        stack.forward(x, empty, engine.kv.k[:2], engine.kv.v[:2], empty, torch.zeros(1, 1, dtype=torch.int64),
+        stack.forward(x, empty, engine.kv.k[:2], engine.kv.v[:2], empty, torch.zeros(1, 1, dtype=torch.int64), empty,
                       torch.ones(1, dtype=torch.int64), engine.kv.page_size)

@@ -1,8 +1,9 @@
 """Native kernels of the decode step (``step_ops.cpp``, in the extension ``kernels.build`` compiles on first use).
 
-Each function runs the C++ kernel of the widest build this CPU runs for float32 CPU tensors; on other devices or
-dtypes, or if the kernels cannot be built here, it computes the same result with torch operations. The linear
-layers' block kernels are ``kernels.blocks``; a whole decode step's layers in one call, ``models.decode_stack``.
+Each function runs the C++ kernel of the widest build this CPU runs for float32 CPU tensors (and int8 caches, for
+the int8 decode attention); on other devices or dtypes, or if the kernels cannot be built here, it computes the same
+result with torch operations. The linear layers' block kernels are ``kernels.blocks``; a whole decode step's layers
+in one call, ``models.decode_stack``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from radixserve.worker.kernels.build import native as _native
+from radixserve.worker.kv import int8
 
 
 def build(device: torch.device) -> bool:
@@ -22,19 +25,23 @@ def build(device: torch.device) -> bool:
     return device.type == "cpu" and _native() is not None
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           page_table: torch.Tensor, context_lens: torch.Tensor, page_size: int,
-                           scale: float) -> torch.Tensor:
-    """Attention of one query token per sequence over its paged context.
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                    v_scale: torch.Tensor | None, page_table: torch.Tensor, query_seqs: torch.Tensor,
+                    context_lens: torch.Tensor, page_size: int, scale: float) -> torch.Tensor:
+    """Each query's attention to its sequence's context, read from the paged cache.
 
-    q [B, Hq, D]; caches [num_slots, Hkv, D] (slot = page * page_size + offset); page_table [B, max_pages] int64
-    (rows padded with any valid page); context_lens [B] int64. Returns [B, Hq, D] in q's dtype.
+    q [T, Hq, D]: query t attends to the first ``context_lens[t]`` tokens of sequence ``query_seqs[t]``, whose pages
+    are row ``query_seqs[t]`` of ``page_table`` [S, max_pages] int64 (rows padded with any valid page; slot = page *
+    page_size + offset). Caches [num_slots, Hkv, D] in a float dtype, or int8 (``kv.int8``) with float32 scales
+    [num_slots, Hkv] (None for a float cache). Returns [T, Hq, D] in q's dtype. The native kernel computes each
+    (query, head) in one fixed order, so a query's result does not depend on what else the step holds.
     """
     native = _native() if q.device.type == "cpu" else None
     if native is not None:
-        return native.paged_decode_attention(q, k_cache, v_cache, page_table, context_lens, page_size,
-                                             scale).to(q.dtype)
-    return _torch_decode_attention(q, k_cache, v_cache, page_table, context_lens, page_size, scale)
+        return native.paged_attention(q, k_cache, v_cache, k_scale, v_scale, page_table, query_seqs, context_lens,
+                                      page_size, scale).to(q.dtype)
+    return _torch_paged_attention(q, k_cache, v_cache, k_scale, v_scale, page_table, query_seqs, context_lens,
+                                  page_size, scale)
 
 
 def _native_for(*tensors: torch.Tensor) -> ModuleType | None:
@@ -78,19 +85,24 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def _torch_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            page_table: torch.Tensor, context_lens: torch.Tensor, page_size: int,
-                            scale: float) -> torch.Tensor:
-    num_seqs, max_pages = page_table.shape
-    num_kv_heads, head_dim = k_cache.shape[1:]
-    max_len = max_pages * page_size
+def _torch_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, page_table: torch.Tensor,
+                           query_seqs: torch.Tensor, context_lens: torch.Tensor, page_size: int,
+                           scale: float) -> torch.Tensor:
+    """Per sequence: its queries' context gathered once (dequantized when int8), SDPA under the context lengths."""
+    out = torch.empty_like(q)
     offsets = torch.arange(page_size, device=q.device)
-    slots = (page_table.unsqueeze(-1) * page_size + offsets).view(num_seqs, max_len)
-    positions = torch.arange(max_len, device=q.device)
-    bias = torch.zeros(num_seqs, 1, 1, max_len, dtype=q.dtype, device=q.device)
-    bias.masked_fill_((positions >= context_lens.unsqueeze(-1)).view(num_seqs, 1, 1, max_len), float("-inf"))
-    keys = k_cache[slots].view(num_seqs, max_len, num_kv_heads, head_dim).permute(0, 2, 3, 1)
-    values = v_cache[slots].view(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
-    grouped = q.view(num_seqs, num_kv_heads, -1, head_dim)  # [B, Hkv, G, D]
-    scores = torch.matmul(grouped, keys).mul_(scale).add_(bias)  # [B, Hkv, G, max_len]
-    return torch.matmul(scores.softmax(dim=-1), values).view(num_seqs, -1, head_dim)
+    for seq in torch.unique(query_seqs).tolist():
+        rows = (query_seqs == seq).nonzero().squeeze(1)
+        lens = context_lens[rows]
+        longest = int(lens.max())
+        slots = (page_table[seq].unsqueeze(-1) * page_size + offsets).flatten()[:longest]
+        keys, values = k_cache[slots], v_cache[slots]  # [ctx, Hkv, D]
+        if k_scale is not None:
+            keys, values = int8.dequantize(keys, k_scale[slots], q.dtype), int8.dequantize(values, v_scale[slots], q.dtype)
+        mask = torch.arange(longest, device=q.device) < lens.unsqueeze(1)  # [n, ctx]
+        attended = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1).unsqueeze(0), keys.to(q.dtype).transpose(0, 1).unsqueeze(0),
+            values.to(q.dtype).transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=True)
+        out[rows] = attended.squeeze(0).transpose(0, 1)
+    return out

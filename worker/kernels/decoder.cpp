@@ -1,6 +1,6 @@
-// A Llama decoder's layers for a step of decode tokens in one call: the kernels the Python layers call one at a
-// time (models/llama.py), called here in the same order on the same tensors, so the outputs are the same bits.
-// What the call removes is the Python and dispatch between them.
+// A Llama decoder's layers for a step's tokens in one call: the kernels the Python layers call one at a time
+// (models/llama.py), called here in the same order on the same tensors, so the outputs are the same bits. What the
+// call removes is the Python and dispatch between them.
 #include "kernels.h"
 
 #include <cstring>
@@ -45,14 +45,15 @@ void DecoderStack::add_layer(const at::Tensor& input_norm, const at::Tensor& pos
   layers_.push_back({input_norm, post_attention_norm, qkv, o, gate_up, down});
 }
 
-// x [T, hidden] float32 (the embeddings; it becomes the residual stream, updated in place), one decode token per
-// sequence; the caches of every layer; slot_mapping [T] int64 where each token's key and value go; page_table and
-// context_lens as paged_decode_attention takes them. Returns the last layer's (output, residual), unsummed.
+// x [T, hidden] float32 (the embeddings; it becomes the residual stream, updated in place); the float32 caches of
+// every layer; slot_mapping [T] int64 where each token's key and value go; page_table, query_seqs and context_lens
+// as paged_attention takes them. Returns the last layer's (output, residual), unsummed.
 std::tuple<at::Tensor, at::Tensor> DecoderStack::forward(const at::Tensor& x, const at::Tensor& positions,
                                                          const std::vector<at::Tensor>& k_caches,
                                                          const std::vector<at::Tensor>& v_caches,
                                                          const at::Tensor& slot_mapping, const at::Tensor& page_table,
-                                                         const at::Tensor& context_lens, int64_t page_size) const {
+                                                         const at::Tensor& query_seqs, const at::Tensor& context_lens,
+                                                         int64_t page_size) const {
   TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "caches: ", k_caches.size(),
               " and ", v_caches.size(), " for ", layers_.size(), " layers");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x: must be contiguous float32 "
@@ -78,9 +79,9 @@ std::tuple<at::Tensor, at::Tensor> DecoderStack::forward(const at::Tensor& x, co
             cos_, sin_);
     write_cache(k_caches[i], qkv.narrow(1, q_size, kv_size), slots);
     write_cache(v_caches[i], qkv.narrow(1, q_size + kv_size, kv_size), slots);
-    const at::Tensor attention = paged_decode_attention(qkv.narrow(1, 0, q_size).view({tokens, num_heads_, head_dim_}),
-                                                        k_caches[i], v_caches[i], page_table, context_lens, page_size,
-                                                        scale_);
+    const at::Tensor attention =
+        paged_attention(qkv.narrow(1, 0, q_size).view({tokens, num_heads_, head_dim_}), k_caches[i], v_caches[i],
+                        std::nullopt, std::nullopt, page_table, query_seqs, context_lens, page_size, scale_);
     normed = rms_norm(layer.o(attention.view({tokens, q_size})), residual, layer.post_attention_norm, eps_);
     hidden = layer.down(silu_mul(layer.gate_up(normed)));
   }

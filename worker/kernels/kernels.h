@@ -16,14 +16,16 @@ at::Tensor block_dequantize(const at::Tensor& blocks, int64_t type, int64_t in_f
 const char* isa();
 
 // step_ops.cpp: the decode step's other kernels.
-at::Tensor paged_decode_attention(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  at::Tensor page_table, at::Tensor context_lens, int64_t page_size, double scale);
+at::Tensor paged_attention(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+                           at::Tensor page_table, at::Tensor query_seqs, at::Tensor context_lens, int64_t page_size,
+                           double scale);
 at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
                     double eps);
 void rotary_(const at::Tensor& x, at::Tensor positions, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 
-// decoder.cpp: a Llama decoder's layers for a step of decode tokens, in one call.
+// decoder.cpp: a Llama decoder's layers for a step's tokens, in one call.
 struct BlockLinear {
   at::Tensor blocks;
   int64_t type;
@@ -46,8 +48,8 @@ class DecoderStack {
   std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& positions,
                                              const std::vector<at::Tensor>& k_caches,
                                              const std::vector<at::Tensor>& v_caches, const at::Tensor& slot_mapping,
-                                             const at::Tensor& page_table, const at::Tensor& context_lens,
-                                             int64_t page_size) const;
+                                             const at::Tensor& page_table, const at::Tensor& query_seqs,
+                                             const at::Tensor& context_lens, int64_t page_size) const;
 
  private:
   int64_t num_heads_, num_kv_heads_, head_dim_;

@@ -1,7 +1,10 @@
 // The decoder's per-step kernels on CPU:
-// - decode attention straight from the paged KV cache: one query token per sequence, keys and values read in
-//   place through the page table (no gathered copy of the context); one task per (sequence, KV head) serves the
-//   query heads that share it, each key/value row read once;
+// - attention straight from the paged KV cache, float or int8 (kv/int8.py): every query, decode token or
+//   prompt token, attends to the first context_len tokens of its sequence, read in place through the page table
+//   (no gathered copy of the context). Each (query, head) is one fixed sequence of operations over its keys in
+//   order, so its result does not depend on the step: cached or not, chunked or not, batched or not, the bits are
+//   the same. A task is a tile of up to kQueryTile consecutive queries of a sequence with one KV head, which
+//   serves the query heads that share it: each key/value row is read once a tile;
 // - RMSNorm with the residual add fused in, rotary embedding in place, and SwiGLU's silu(gate) * up: each one
 //   pass over its rows instead of the several torch operations (and temporaries) they take unfused.
 #include "kernels.h"
@@ -11,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -118,44 +122,116 @@ inline void silu_mul_row(const float* g, const float* u, float* out, int64_t n) 
 }
 #endif
 
-// Reduced-precision caches are widened one row at a time.
+// A cache's rows (one token's key or value for one KV head) as float32: a float32 cache's in place, others widened
+// into the caller's buffer (head_dim floats).
 template <typename scalar_t>
-inline const float* as_float(const scalar_t* row, int64_t n, std::vector<float>& buffer) {
-  buffer.resize(n);
-  for (int64_t d = 0; d < n; ++d) buffer[d] = static_cast<float>(row[d]);
-  return buffer.data();
+struct CacheRows {
+  const scalar_t* data;
+  int64_t num_kv_heads, head_dim;
+
+  const float* row(int64_t slot, int64_t head, float* buffer) const {
+    const scalar_t* r = data + (slot * num_kv_heads + head) * head_dim;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return r;
+    } else {
+      for (int64_t d = 0; d < head_dim; ++d) buffer[d] = static_cast<float>(r[d]);
+      return buffer;
+    }
+  }
+};
+
+// An int8 cache with one float32 scale per (slot, KV head): value * scale, as kv/int8.py dequantizes.
+struct Int8Rows {
+  const int8_t* data;
+  const float* scales;
+  int64_t num_kv_heads, head_dim;
+
+  const float* row(int64_t slot, int64_t head, float* buffer) const {
+    const int8_t* r = data + (slot * num_kv_heads + head) * head_dim;
+    const float s = scales[slot * num_kv_heads + head];
+    for (int64_t d = 0; d < head_dim; ++d) buffer[d] = static_cast<float>(r[d]) * s;
+    return buffer;
+  }
+};
+
+constexpr int64_t kQueryTile = 8;
+
+// Consecutive queries [first, first + count) of one sequence (its page table row `pages`).
+struct QueryTile {
+  int64_t first, count;
+  const int64_t* pages;
+};
+
+struct AttentionShape {
+  int64_t num_heads, num_kv_heads, head_dim, page_size;
+  float scale;
+};
+
+// A tile's queries, heads [kv_head * group, (kv_head + 1) * group), against their contexts: each key and value row
+// is read once for the tile. q and out are [T, Hq, D].
+template <typename Rows>
+void attend_tile(const float* q, const QueryTile& tile, const int64_t* context_lens, const Rows& keys,
+                 const Rows& values, int64_t kv_head, const AttentionShape& shape, float* out,
+                 std::vector<float>& scores, std::vector<float>& buffer) {
+  const int64_t group = shape.num_heads / shape.num_kv_heads, head_dim = shape.head_dim, first_head = kv_head * group;
+  const int64_t* lens = context_lens + tile.first;
+  const int64_t longest = *std::max_element(lens, lens + tile.count);
+  scores.resize(tile.count * group * longest);
+  buffer.resize(head_dim);
+  auto head_row = [&](auto* base, int64_t i, int64_t g) {  // query i's head first_head + g in q or out
+    return base + ((tile.first + i) * shape.num_heads + first_head + g) * head_dim;
+  };
+  for (int64_t t = 0; t < longest; ++t) {
+    const int64_t slot = tile.pages[t / shape.page_size] * shape.page_size + t % shape.page_size;
+    const float* key = keys.row(slot, kv_head, buffer.data());
+    for (int64_t i = 0; i < tile.count; ++i) {
+      if (t >= lens[i]) continue;
+      for (int64_t g = 0; g < group; ++g)
+        scores[(i * group + g) * longest + t] = dot(head_row(q, i, g), key, head_dim) * shape.scale;
+    }
+  }
+  for (int64_t i = 0; i < tile.count; ++i) {
+    for (int64_t g = 0; g < group; ++g) {
+      float* s = scores.data() + (i * group + g) * longest;
+      const float inv_total = 1.f / exp_shifted(s, lens[i], *std::max_element(s, s + lens[i]));
+      for (int64_t t = 0; t < lens[i]; ++t) s[t] *= inv_total;
+      std::fill(head_row(out, i, g), head_row(out, i, g) + head_dim, 0.f);
+    }
+  }
+  for (int64_t t = 0; t < longest; ++t) {
+    const int64_t slot = tile.pages[t / shape.page_size] * shape.page_size + t % shape.page_size;
+    const float* value = values.row(slot, kv_head, buffer.data());
+    for (int64_t i = 0; i < tile.count; ++i) {
+      if (t >= lens[i]) continue;
+      for (int64_t g = 0; g < group; ++g)
+        axpy(scores[(i * group + g) * longest + t], value, head_row(out, i, g), head_dim);
+    }
+  }
 }
 
-template <>
-inline const float* as_float<float>(const float* row, int64_t, std::vector<float>&) {
-  return row;
+// The step's queries cut into tiles: runs of one sequence, at most kQueryTile long.
+std::vector<QueryTile> query_tiles(const int64_t* query_seqs, int64_t tokens, const int64_t* table, int64_t max_pages) {
+  std::vector<QueryTile> tiles;
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (tiles.empty() || query_seqs[t] != query_seqs[t - 1] || tiles.back().count == kQueryTile)
+      tiles.push_back({t, 0, table + query_seqs[t] * max_pages});
+    ++tiles.back().count;
+  }
+  return tiles;
 }
 
-// The query heads [kv_head * group, (kv_head + 1) * group) of one sequence, which share KV head kv_head: each of
-// its key/value rows is read once. q and out are the sequence's [Hq, D] rows.
-template <typename scalar_t>
-void decode_kv_head(const float* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* pages,
-                    int64_t context_len, int64_t page_size, int64_t kv_head, int64_t group, int64_t num_kv_heads,
-                    int64_t head_dim, float scale, float* out, std::vector<float>& scores, std::vector<float>& row) {
-  const int64_t row_stride = num_kv_heads * head_dim, first = kv_head * group;
-  scores.resize(group * context_len);
-  for (int64_t t = 0; t < context_len; ++t) {
-    const int64_t slot = pages[t / page_size] * page_size + t % page_size;
-    const float* key = as_float(k_cache + slot * row_stride + kv_head * head_dim, head_dim, row);
-    for (int64_t g = 0; g < group; ++g)
-      scores[g * context_len + t] = dot(q + (first + g) * head_dim, key, head_dim) * scale;
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = scores.data() + g * context_len;
-    const float inv_total = 1.f / exp_shifted(s, context_len, *std::max_element(s, s + context_len));
-    for (int64_t t = 0; t < context_len; ++t) s[t] *= inv_total;
-  }
-  std::fill(out + first * head_dim, out + (first + group) * head_dim, 0.f);
-  for (int64_t t = 0; t < context_len; ++t) {
-    const int64_t slot = pages[t / page_size] * page_size + t % page_size;
-    const float* value = as_float(v_cache + slot * row_stride + kv_head * head_dim, head_dim, row);
-    for (int64_t g = 0; g < group; ++g)
-      axpy(scores[g * context_len + t], value, out + (first + g) * head_dim, head_dim);
+// Every (tile, KV head) task, dynamically scheduled: a prefill's later tiles attend to longer contexts.
+template <typename Rows>
+void attend(const float* q, const std::vector<QueryTile>& tiles, const int64_t* context_lens, const Rows& keys,
+            const Rows& values, const AttentionShape& shape, float* out) {
+  const int64_t tasks = static_cast<int64_t>(tiles.size()) * shape.num_kv_heads;
+#pragma omp parallel num_threads(tasks > 1 ? at::get_num_threads() : 1)
+  {
+    std::vector<float> scores, buffer;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task)
+      attend_tile(q, tiles[task / shape.num_kv_heads], context_lens, keys, values, task % shape.num_kv_heads, shape,
+                  out, scores, buffer);
   }
 }
 
@@ -175,35 +251,55 @@ void rms_norm_row(const float* x, const float* weight, int64_t n, float eps, flo
 
 namespace radixserve {
 
-// q [B, Hq, D] float32; caches [num_slots, Hkv, D]; page_table [B, max_pages] int64; context_lens [B] int64.
-// Returns [B, Hq, D] float32.
-at::Tensor paged_decode_attention(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  at::Tensor page_table, at::Tensor context_lens, int64_t page_size, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(), "bad shapes");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+// q [T, Hq, D] float32: query t attends to the first context_lens[t] tokens of sequence query_seqs[t], whose pages
+// are row query_seqs[t] of page_table [S, max_pages] int64 (rows padded with any valid page). Caches [num_slots,
+// Hkv, D] in float32, bfloat16 or float16, or int8 with float32 scales [num_slots, Hkv]. Returns [T, Hq, D] float32.
+at::Tensor paged_attention(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+                           at::Tensor page_table, at::Tensor query_seqs, at::Tensor context_lens, int64_t page_size,
+                           double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes() &&
+                  q.size(2) == k_cache.size(2) && q.size(1) % k_cache.size(1) == 0,
+              "q, caches: must be [T, Hq, D] and [num_slots, Hkv, D] with Hq a multiple of Hkv");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: must be contiguous");
+  TORCH_CHECK(page_size > 0, "page_size: must be positive");
   q = q.to(at::kFloat).contiguous();
-  page_table = page_table.contiguous();
-  context_lens = context_lens.contiguous();
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t num_kv_heads = k_cache.size(1), group = num_heads / num_kv_heads;
-  const int64_t max_pages = page_table.size(1);
+  page_table = page_table.to(at::kLong).contiguous();
+  query_seqs = query_seqs.to(at::kLong).contiguous();
+  context_lens = context_lens.to(at::kLong).contiguous();
+  const int64_t tokens = q.size(0), max_pages = page_table.size(1), num_slots = k_cache.size(0);
+  TORCH_CHECK(query_seqs.numel() == tokens && context_lens.numel() == tokens,
+              "query_seqs, context_lens: must hold one entry per query");
+  const int64_t* seqs = query_seqs.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* table = page_table.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(0 <= seqs[t] && seqs[t] < page_table.size(0), "query_seqs: ", seqs[t], " is not a page table row");
+    TORCH_CHECK(0 < lens[t] && lens[t] <= max_pages * page_size, "context_lens: ", lens[t],
+                " is not in [1, the page table's ", max_pages * page_size, " slots]");
+  }
+  for (int64_t i = 0; i < page_table.numel(); ++i)
+    TORCH_CHECK(0 <= table[i] && (table[i] + 1) * page_size <= num_slots, "page_table: page ", table[i],
+                " is outside the cache");
+  const AttentionShape shape{q.size(1), k_cache.size(1), q.size(2), page_size, static_cast<float>(scale)};
+  const std::vector<QueryTile> tiles = query_tiles(seqs, tokens, table, max_pages);
   at::Tensor out = at::empty_like(q);
   const float* q_ptr = q.data_ptr<float>();
   float* out_ptr = out.data_ptr<float>();
-  const int64_t* table = page_table.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "paged_decode_attention", [&] {
-    const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
-    const scalar_t* v_ptr = v_cache.data_ptr<scalar_t>();
-    at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores, row;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / num_kv_heads, offset = b * num_heads * head_dim;
-        decode_kv_head<scalar_t>(q_ptr + offset, k_ptr, v_ptr, table + b * max_pages, lens[b], page_size,
-                                 task % num_kv_heads, group, num_kv_heads, head_dim, static_cast<float>(scale),
-                                 out_ptr + offset, scores, row);
-      }
-    });
+  if (k_cache.scalar_type() == at::kChar) {
+    TORCH_CHECK(k_scale && v_scale && k_scale->scalar_type() == at::kFloat && v_scale->scalar_type() == at::kFloat &&
+                    k_scale->is_contiguous() && v_scale->is_contiguous() &&
+                    k_scale->sizes() == k_cache.sizes().slice(0, 2) && v_scale->sizes() == k_scale->sizes(),
+                "k_scale, v_scale: an int8 cache needs contiguous float32 [num_slots, Hkv] scales");
+    const Int8Rows keys{k_cache.data_ptr<int8_t>(), k_scale->data_ptr<float>(), shape.num_kv_heads, shape.head_dim};
+    const Int8Rows values{v_cache.data_ptr<int8_t>(), v_scale->data_ptr<float>(), shape.num_kv_heads, shape.head_dim};
+    attend(q_ptr, tiles, lens, keys, values, shape, out_ptr);
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "paged_attention", [&] {
+    const CacheRows<scalar_t> keys{k_cache.data_ptr<scalar_t>(), shape.num_kv_heads, shape.head_dim};
+    const CacheRows<scalar_t> values{v_cache.data_ptr<scalar_t>(), shape.num_kv_heads, shape.head_dim};
+    attend(q_ptr, tiles, lens, keys, values, shape, out_ptr);
   });
   return out;
 }

@@ -1,11 +1,11 @@
-"""A decode step's decoder layers in one native call (the extension's ``DecoderStack``, ``kernels/decoder.cpp``).
+"""A step's decoder layers in one native call (the extension's ``DecoderStack``, ``kernels/decoder.cpp``).
 
-A step whose every token is a generated token of a decoding sequence (no prefill chunk, no prompt row) runs all of
-a Llama model's layers in one call into the extension: the kernels the layers call one at a time (block products,
-RMSNorm, rotary, cache writes, paged attention, SwiGLU), in the same order on the same tensors, so the outputs are
-the same bits as the layer-by-layer path; what it removes is the Python and dispatch between them. It serves models
-whose linear layers all hold GGUF blocks (``GGUFMethod``), in float32 on CPU, without biases or tensor
-parallelism, over a float32 KV cache; ``DecodeStack.of`` returns None for any other model.
+A step runs all of a Llama model's layers in one call into the extension: the kernels the layers call one at a time
+(block products, RMSNorm, rotary, cache writes, paged attention, SwiGLU), in the same order on the same tensors, so
+the outputs are the same bits as the layer-by-layer path; what it removes is the Python and dispatch between them
+(half of a batch-1 decode step, measured). It serves models whose linear layers all hold GGUF blocks
+(``GGUFMethod``), in float32 on CPU, without biases or tensor parallelism, over a float32 KV cache:
+``DecodeStack.of`` returns None for any other model, and ``applies`` is False for other caches.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch
 
 from radixserve.worker.kernels.build import native
 from radixserve.worker.kv.pool import KVPool
-from radixserve.worker.models import forward_context
 from radixserve.worker.models.attention import AttentionBatch
 from radixserve.worker.models.quantization import GGUFMethod
 
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
 
 
 class DecodeStack:
-    """The native stack of a model's layers; ``forward`` is the layers' loop for steps ``applies`` accepts."""
+    """The native stack of a model's layers; ``forward`` is the layers' loop where ``applies``."""
 
     def __init__(self, stack: Any) -> None:
         self._stack = stack
@@ -49,18 +48,16 @@ class DecodeStack:
         return cls(stack)
 
     @staticmethod
-    def applies(x: torch.Tensor, batch: AttentionBatch, kv: KVPool) -> bool:
-        """Whether the step is one the stack computes: only decode tokens, all generated, float32 throughout."""
-        generated = forward_context.current_generated_rows()
-        return (not batch.prefills and generated is not None and generated.every and x.dtype == torch.float32
-                and x.device.type == "cpu" and kv.k[0].dtype == torch.float32)
+    def applies(x: torch.Tensor, kv: KVPool) -> bool:
+        """Whether the stack computes this step: float32 embeddings on CPU over a float32 cache."""
+        return x.dtype == torch.float32 and x.device.type == "cpu" and kv.k[0].dtype == torch.float32
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
         """The last layer's ``(output, residual)`` for embeddings ``x`` [T, hidden] (updated in place: it becomes
         the residual stream), as the layers' loop returns them."""
-        return self._stack.forward(x, positions, kv.k, kv.v, batch.slot_mapping, batch.decode_page_table,
-                                   batch.decode_context_lens, batch.page_size)
+        return self._stack.forward(x, positions, kv.k, kv.v, batch.slot_mapping, batch.page_table, batch.query_seqs,
+                                   batch.context_lens, batch.page_size)
 
 
 def _servable(layer: torch.nn.Module) -> bool:

@@ -56,7 +56,7 @@ class LlamaAttention(nn.Module):
         qk = rotary(positions, qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim))
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, Hq, D], [T, Hkv, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv.k[self.layer_id], kv.v[self.layer_id], batch, self.scale)
+        out = paged_attention(q, k, v, kv, self.layer_id, batch, self.scale)
         return self.o_proj(out.view(num_tokens, -1))
 
 
@@ -103,7 +103,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
         x = self.embed_tokens(token_ids).to(self.norm.weight.dtype)  # [T, hidden], in the model's dtype
-        if self.decode_stack is not None and self.decode_stack.applies(x, batch, kv):
+        if self.decode_stack is not None and self.decode_stack.applies(x, kv):
             x, residual = self.decode_stack.forward(x, positions, batch, kv)  # the loop below in one native call
         else:
             residual = None
@@ -113,8 +113,8 @@ class LlamaModel(nn.Module):
 
     @functools.cached_property
     def decode_stack(self) -> DecodeStack | None:
-        """The layers as one native call for decode steps (``models.decode_stack``), built on first use, once the
-        weights are loaded and cast; None where it cannot serve this model."""
+        """The layers as one native call (``models.decode_stack``), built on first use, once the weights are loaded
+        and cast; None where it cannot serve this model."""
         return DecodeStack.of(self)
 
 

@@ -24,11 +24,12 @@ product from its dequantized weight instead: slower, never wrong.
   [0, 15]. A table that rows are looked up in (the embedding, and so the tied LM head) is held in int8 instead,
   whose rows dequantize on their own.
 * ``gguf``: the GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks, as stored (``checkpoint.weights(blocks=True)``), run by
-  our kernels (``kernels.blocks``, int8-rounded activations) for generated tokens, and by the float GEMM on the
-  dequantized weight for prompt tokens. The path is the token's role (``models.forward_context``), so greedy
-  output does not depend on caching or batching; choosing it by the step's size did, measured, since rounding
-  activations turns the two paths' last-bit differences into whole int8 steps. A weight the file holds in
-  another type (F32, F16, K-quants), or whose fused parts differ in type, is quantized to Q8_0.
+  our kernels (``kernels.blocks``, int8-rounded activations, as llama.cpp does) for every token. Each output of the
+  kernel is one fixed sequence of roundings whatever the batch, so with the attention kernel's same property a
+  token's result does not depend on caching, chunking or batching; the float GEMM's does (its blocking follows
+  the batch), and int8 rounding of activations turns such last-bit differences into whole steps, measured. A
+  weight the file holds in another type (F32, F16, K-quants), or whose fused parts differ in type, is quantized
+  to Q8_0.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from torch import nn
 
 from radixserve.cluster.base.config import QUANTIZATIONS
 from radixserve.worker.kernels import blocks as block_kernels
-from radixserve.worker.models import forward_context
 from radixserve.worker.models.checkpoint import BlockWeight
 
 KERNEL_INPUT_MULTIPLE = 64  # torch's int8 kernel is right for multiples of 8 here; 64 leaves room for wider ISAs
@@ -159,8 +159,7 @@ class GGUFMethod(LinearMethod):
     """The file's blocks (buffer ``blocks``, the file's bytes regrouped in the kernels' x8 layout,
     ``kernels.blocks.repack``; attributes ``block_type``, ``in_features`` and ``out_features``); see the
     module docstring. The float ``weight`` parameter is a meta-device placeholder: no float copy of the weight is
-    held, except for tensors the file does not hold in blocks (while they are quantized) and a layer's
-    dequantized weight during a prompt-row product."""
+    held, except for tensors the file does not hold in blocks, while they are quantized."""
 
     name = "gguf"
     takes_blocks = True
@@ -190,30 +189,8 @@ class GGUFMethod(LinearMethod):
         del layer.weight, layer.block_parts
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dtype != torch.float32:
-            return self.apply(layer, x.float(), None if bias is None else bias.float()).to(x.dtype)
-        generated = forward_context.current_generated_rows()
-        if generated is None or generated.none:
-            return self._float(layer, x, bias)
-        if generated.every:
-            return self._blocks(layer, x, bias)
-        mask = generated.mask
-        if mask.shape[0] != x.shape[0]:
-            raise ValueError(f"generated rows: a mask of {mask.shape[0]} rows for an input of {x.shape[0]}")
-        out = torch.empty(x.shape[0], layer.out_features, dtype=x.dtype)
-        out[mask] = self._blocks(layer, x[mask], bias)
-        out[~mask] = self._float(layer, x[~mask], bias)
-        return out
-
-    @staticmethod
-    def _blocks(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = block_kernels.linear(x, layer.blocks, layer.block_type, layer.out_features)
-        return out if bias is None else out + bias
-
-    @staticmethod
-    def _float(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        weight = block_kernels.dequantize(layer.blocks, layer.block_type, layer.in_features)
-        return F.linear(x, weight[: layer.out_features], bias)
+        out = block_kernels.linear(x.float(), layer.blocks, layer.block_type, layer.out_features)
+        return (out if bias is None else out + bias.float()).to(x.dtype)
 
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return block_kernels.dequantize_rows(layer.blocks, layer.block_type, layer.in_features, ids)

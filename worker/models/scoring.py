@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from radixserve.worker.kv.pool import KVPool
-from radixserve.worker.models.attention import AttentionBatch, PrefillSpan
+from radixserve.worker.models.attention import AttentionBatch
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.llama import LlamaForCausalLM
 from radixserve.worker.models.quantization import DenseMethod, LinearMethod
@@ -55,7 +55,8 @@ def prompt_logits(model: LlamaForCausalLM, token_ids: Sequence[int]) -> torch.Te
     num_pages = -(-len(token_ids) // _PAGE_SIZE)
     kv = KVPool(c.num_hidden_layers, num_pages, _PAGE_SIZE, c.num_key_value_heads, c.head_dim, dtype, device)
     slots = torch.arange(len(token_ids), device=device)
-    batch = AttentionBatch(slots, 0, None, None, _PAGE_SIZE, (PrefillSpan(0, len(token_ids), slots, None),))
+    batch = AttentionBatch(slots, torch.arange(num_pages, device=device).unsqueeze(0),
+                           torch.zeros_like(slots), slots + 1, _PAGE_SIZE)
     hidden = model(torch.tensor(list(token_ids), device=device), slots, batch, kv)
     return model.compute_logits(hidden)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from radixserve.cluster.base.config import ClusterConfig, load_cluster_config, with_overrides
+from radixserve.cluster.base.config import ClusterConfig, EngineConfig, load_cluster_config, with_overrides
 
 
 def test_defaults_are_two_workers_prefix_routing_and_the_default_model():
@@ -30,6 +30,7 @@ def test_toml_then_overrides(tmp_path: Path):
     ("[pool]\nnum_workerz = 3\n", "pool.num_workerz"),
     ("[engine.cache]\npage_size = \"16\"\n", "engine.cache.page_size"),
     ("[router]\npolicy = \"fastest\"\n", "router.policy"),
+    ("[engine]\nkv_cache_dtype = \"fp8\"\n", "engine.kv_cache_dtype"),
     ("[pool]\nnum_workers = 0\n", "pool.num_workers"),
     ("router = 3\n", "router"),
     ("[pool\n", "config"),
@@ -61,3 +62,10 @@ def test_a_nested_value_error_carries_the_dotted_path(tmp_path: Path):
     path.write_text("[engine.cache]\npage_size = 0\n")
     with pytest.raises(ValueError, match=r"^engine\.cache\.page_size: must be >= 1"):
         load_cluster_config(path)
+
+
+def test_kv_cache_dtype_defaults_to_auto_and_int8_is_set_like_any_setting():
+    assert ClusterConfig().engine.kv_cache_dtype == "auto"
+    assert with_overrides(ClusterConfig(), {"engine.kv_cache_dtype": "int8"}).engine.kv_cache_dtype == "int8"
+    with pytest.raises(ValueError, match=r"^kv_cache_dtype: must be one of \('auto', 'int8'\), got 'int4'"):
+        EngineConfig(kv_cache_dtype="int4")

@@ -36,3 +36,9 @@ def test_replica_ports_that_do_not_match_the_routers_are_refused_naming_the_fiel
         config_from_args(parse("--routers", "2", "--set", "router.replica_ports=[5001]"))
     with pytest.raises(ValueError, match=r"^bus\.backend: must be \"redis\""):
         config_from_args(parse("--routers", "2", "--set", "bus.backend=\"inprocess\""))
+
+
+def test_a_bare_word_set_pair_reaches_the_engine_config() -> None:
+    assert config_from_args(parse("--set", "engine.kv_cache_dtype=int8")).engine.kv_cache_dtype == "int8"
+    with pytest.raises(ValueError, match=r"^engine\.kv_cache_dtype: must be one of"):
+        config_from_args(parse("--set", "engine.kv_cache_dtype=fp8"))
