@@ -17,8 +17,9 @@ PROMPTS = [[17, 402, 9, 3311, 88, 1204, 5], [640, 23, 23, 871, 4000, 12, 99, 501
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
 
 
-def _engine(checkpoint: Checkpoint, quantization: str) -> Engine:
-    return Engine(EngineConfig(model="smollm2", quantization=quantization, cache=CacheConfig(memory_gib=0.1),
+def _engine(checkpoint: Checkpoint, quantization: str, kv_cache_dtype: str = "auto") -> Engine:
+    return Engine(EngineConfig(model="smollm2", quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                               cache=CacheConfig(memory_gib=0.1),
                                scheduler=SchedulerConfig(max_num_batched_tokens=256)), checkpoint)
 
 
@@ -29,9 +30,10 @@ def _run(engine: Engine) -> list[tuple[list[int], list[float]]]:
     return [(done[i].tokens, [entry.logprob for entry in done[i].samples[0].logprobs]) for i in ids]
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 def test_the_stack_gives_the_layer_loops_tokens_and_log_probabilities_bit_for_bit(
-        smollm2_checkpoint: Checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = _engine(smollm2_checkpoint, "gguf")
+        smollm2_checkpoint: Checkpoint, monkeypatch: pytest.MonkeyPatch, kv_cache_dtype: str) -> None:
+    engine = _engine(smollm2_checkpoint, "gguf", kv_cache_dtype)
     model = engine.model.model
     stack = model.decode_stack
     assert stack is not None
@@ -55,5 +57,5 @@ def test_the_stack_refuses_caches_that_do_not_match_its_layers(smollm2_checkpoin
     stack = engine.model.model.decode_stack._stack
     x, empty = torch.zeros(1, 576), torch.zeros(1, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="caches: "):
-        stack.forward(x, empty, engine.kv.k[:2], engine.kv.v[:2], empty, torch.zeros(1, 1, dtype=torch.int64), empty,
-                      torch.ones(1, dtype=torch.int64), engine.kv.page_size)
+        stack.forward(x, empty, engine.kv.k[:2], engine.kv.v[:2], [], [], empty, torch.zeros(1, 1, dtype=torch.int64),
+                      empty, torch.ones(1, dtype=torch.int64), engine.kv.page_size)

@@ -47,7 +47,9 @@ class DecoderStack {
                  const BlockLinear& o, const BlockLinear& gate_up, const BlockLinear& down);
   std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& positions,
                                              const std::vector<at::Tensor>& k_caches,
-                                             const std::vector<at::Tensor>& v_caches, const at::Tensor& slot_mapping,
+                                             const std::vector<at::Tensor>& v_caches,
+                                             const std::vector<at::Tensor>& k_scales,
+                                             const std::vector<at::Tensor>& v_scales, const at::Tensor& slot_mapping,
                                              const at::Tensor& page_table, const at::Tensor& query_seqs,
                                              const at::Tensor& context_lens, int64_t page_size) const;
 

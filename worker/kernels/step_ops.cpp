@@ -19,25 +19,57 @@
 
 namespace {
 
-// dot(a, b), out += p * b and the softmax's exponentials, in a fixed summation order whatever the batch.
+// Scores of eight keys, weighted sums of values and the softmax's exponentials, each in one fixed summation order
+// whatever the batch.
 // AVX2/FMA in the builds that have them (kernels/build.py), plain loops otherwise.
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t d = 0;
-  for (; d + 16 <= n; d += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+// Lane j: the total of v[j]'s eight lanes, each summed ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)).
+inline __m256 reduce8(const __m256 (&v)[8]) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// out[j] = q . keys[j] for eight keys (head_dim n): q is read once for all eight.
+inline void dot8(const float* q, const float* const* keys, int64_t n, float* out) {
+  if (n % 8) {
+    for (int j = 0; j < 8; ++j) {
+      float total = 0.f;
+      for (int64_t d = 0; d < n; ++d) total += q[d] * keys[j][d];
+      out[j] = total;
+    }
+    return;
   }
-  const __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-  sum = _mm_add_ss(sum, _mm_shuffle_ps(sum, sum, 1));
-  float total = _mm_cvtss_f32(sum);
-  for (; d < n; ++d) total += a[d] * b[d];
-  return total;
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < n; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys[j] + d), acc[j]);
+  }
+  _mm256_storeu_ps(out, reduce8(acc));
+}
+
+// out += sum over t < count of p[t] * values[t] (head_dim n), in order of t, the output held in registers: the
+// same roundings as one pass over all of a context's values, whichever blocks of keys the calls take.
+inline void accumulate(const float* p, const float* const* values, int64_t count, int64_t n, float* out) {
+  if (n % 8) {
+    for (int64_t t = 0; t < count; ++t)
+      for (int64_t d = 0; d < n; ++d) out[d] += p[t] * values[t][d];
+    return;
+  }
+  constexpr int64_t kChunk = 64;  // dimensions a pass keeps in eight registers
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t regs = std::min<int64_t>(kChunk, n - c) / 8;
+    __m256 acc[8];
+    for (int64_t r = 0; r < regs; ++r) acc[r] = _mm256_loadu_ps(out + c + 8 * r);
+    for (int64_t t = 0; t < count; ++t) {
+      const __m256 weight = _mm256_set1_ps(p[t]);
+      for (int64_t r = 0; r < regs; ++r) acc[r] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(values[t] + c + 8 * r), acc[r]);
+    }
+    for (int64_t r = 0; r < regs; ++r) _mm256_storeu_ps(out + c + 8 * r, acc[r]);
+  }
 }
 
 // exp(x) for x <= 0 (Cephes' polynomial, about 1e-7 relative error); underflows to 0 below -87.
@@ -78,13 +110,6 @@ inline float exp_shifted(float* s, int64_t n, float shift) {
   return total;
 }
 
-inline void axpy(float p, const float* b, float* out, int64_t n) {
-  const __m256 scale = _mm256_set1_ps(p);
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8)
-    _mm256_storeu_ps(out + d, _mm256_fmadd_ps(scale, _mm256_loadu_ps(b + d), _mm256_loadu_ps(out + d)));
-  for (; d < n; ++d) out[d] += p * b[d];
-}
 // out = silu(g) * u = g * sigmoid(g) * u, sigmoid from e = exp(-|g|): 1 / (1 + e) for g >= 0, e / (1 + e) below.
 inline void silu_mul_row(const float* g, const float* u, float* out, int64_t n) {
   const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
@@ -99,14 +124,17 @@ inline void silu_mul_row(const float* g, const float* u, float* out, int64_t n) 
   for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 #else
-inline float dot(const float* a, const float* b, int64_t n) {
-  float total = 0.f;
-  for (int64_t d = 0; d < n; ++d) total += a[d] * b[d];
-  return total;
+inline void dot8(const float* q, const float* const* keys, int64_t n, float* out) {
+  for (int j = 0; j < 8; ++j) {
+    float total = 0.f;
+    for (int64_t d = 0; d < n; ++d) total += q[d] * keys[j][d];
+    out[j] = total;
+  }
 }
 
-inline void axpy(float p, const float* b, float* out, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) out[d] += p * b[d];
+inline void accumulate(const float* p, const float* const* values, int64_t count, int64_t n, float* out) {
+  for (int64_t t = 0; t < count; ++t)
+    for (int64_t d = 0; d < n; ++d) out[d] += p[t] * values[t][d];
 }
 
 inline float exp_shifted(float* s, int64_t n, float shift) {
@@ -154,7 +182,25 @@ struct Int8Rows {
   }
 };
 
-constexpr int64_t kQueryTile = 8;
+// Per-task buffers: the context's key and value rows (pointers, and storage for rows widened from the cache) and
+// the scores.
+struct TaskBuffers {
+  std::vector<const float*> keys, values;
+  std::vector<float> key_storage, value_storage, scores;
+};
+
+// The first `count` rows of a sequence's context for one KV head, through its page table.
+template <typename Rows>
+void context_rows(const Rows& rows, const int64_t* pages, int64_t page_size, int64_t head, int64_t count,
+                  std::vector<const float*>& out, std::vector<float>& storage) {
+  const int64_t dim = rows.head_dim;
+  out.resize(count);
+  storage.resize(count * dim);
+  for (int64_t t = 0; t < count; ++t)
+    out[t] = rows.row(pages[t / page_size] * page_size + t % page_size, head, storage.data() + t * dim);
+}
+
+constexpr int64_t kQueryTile = 16;
 
 // Consecutive queries [first, first + count) of one sequence (its page table row `pages`).
 struct QueryTile {
@@ -167,46 +213,44 @@ struct AttentionShape {
   float scale;
 };
 
-// A tile's queries, heads [kv_head * group, (kv_head + 1) * group), against their contexts: each key and value row
-// is read once for the tile. q and out are [T, Hq, D].
+// A tile's queries, heads [kv_head * group, (kv_head + 1) * group), against their contexts: the context's rows are
+// gathered (widened) once for the tile, and taken kKeyBlock keys at a time by every query and head of the tile
+// while they are in L1; scores come eight keys at a time. q and out are [T, Hq, D].
 template <typename Rows>
 void attend_tile(const float* q, const QueryTile& tile, const int64_t* context_lens, const Rows& keys,
-                 const Rows& values, int64_t kv_head, const AttentionShape& shape, float* out,
-                 std::vector<float>& scores, std::vector<float>& buffer) {
+                 const Rows& values, int64_t kv_head, const AttentionShape& shape, float* out, TaskBuffers& buffers) {
+  constexpr int64_t kKeyBlock = 64;
   const int64_t group = shape.num_heads / shape.num_kv_heads, head_dim = shape.head_dim, first_head = kv_head * group;
   const int64_t* lens = context_lens + tile.first;
-  const int64_t longest = *std::max_element(lens, lens + tile.count);
-  scores.resize(tile.count * group * longest);
-  buffer.resize(head_dim);
+  const int64_t longest = *std::max_element(lens, lens + tile.count), padded = (longest + 7) / 8 * 8;
+  context_rows(keys, tile.pages, shape.page_size, kv_head, longest, buffers.keys, buffers.key_storage);
+  context_rows(values, tile.pages, shape.page_size, kv_head, longest, buffers.values, buffers.value_storage);
+  buffers.keys.resize(padded, buffers.keys[longest - 1]);  // scores of the padding keys are never read
+  buffers.scores.resize(tile.count * group * padded);
   auto head_row = [&](auto* base, int64_t i, int64_t g) {  // query i's head first_head + g in q or out
     return base + ((tile.first + i) * shape.num_heads + first_head + g) * head_dim;
   };
-  for (int64_t t = 0; t < longest; ++t) {
-    const int64_t slot = tile.pages[t / shape.page_size] * shape.page_size + t % shape.page_size;
-    const float* key = keys.row(slot, kv_head, buffer.data());
-    for (int64_t i = 0; i < tile.count; ++i) {
-      if (t >= lens[i]) continue;
+  auto scores = [&](int64_t i, int64_t g) { return buffers.scores.data() + (i * group + g) * padded; };
+  for (int64_t block = 0; block < longest; block += kKeyBlock)
+    for (int64_t i = 0; i < tile.count; ++i)
       for (int64_t g = 0; g < group; ++g)
-        scores[(i * group + g) * longest + t] = dot(head_row(q, i, g), key, head_dim) * shape.scale;
-    }
-  }
+        for (int64_t t = block; t < std::min(block + kKeyBlock, lens[i]); t += 8)
+          dot8(head_row(q, i, g), buffers.keys.data() + t, head_dim, scores(i, g) + t);
   for (int64_t i = 0; i < tile.count; ++i) {
     for (int64_t g = 0; g < group; ++g) {
-      float* s = scores.data() + (i * group + g) * longest;
+      float* s = scores(i, g);
+      for (int64_t t = 0; t < lens[i]; ++t) s[t] *= shape.scale;
       const float inv_total = 1.f / exp_shifted(s, lens[i], *std::max_element(s, s + lens[i]));
       for (int64_t t = 0; t < lens[i]; ++t) s[t] *= inv_total;
       std::fill(head_row(out, i, g), head_row(out, i, g) + head_dim, 0.f);
     }
   }
-  for (int64_t t = 0; t < longest; ++t) {
-    const int64_t slot = tile.pages[t / shape.page_size] * shape.page_size + t % shape.page_size;
-    const float* value = values.row(slot, kv_head, buffer.data());
-    for (int64_t i = 0; i < tile.count; ++i) {
-      if (t >= lens[i]) continue;
+  for (int64_t block = 0; block < longest; block += kKeyBlock)
+    for (int64_t i = 0; i < tile.count; ++i)
       for (int64_t g = 0; g < group; ++g)
-        axpy(scores[(i * group + g) * longest + t], value, head_row(out, i, g), head_dim);
-    }
-  }
+        if (block < lens[i])
+          accumulate(scores(i, g) + block, buffers.values.data() + block, std::min(kKeyBlock, lens[i] - block),
+                     head_dim, head_row(out, i, g));
 }
 
 // The step's queries cut into tiles: runs of one sequence, at most kQueryTile long.
@@ -227,11 +271,11 @@ void attend(const float* q, const std::vector<QueryTile>& tiles, const int64_t* 
   const int64_t tasks = static_cast<int64_t>(tiles.size()) * shape.num_kv_heads;
 #pragma omp parallel num_threads(tasks > 1 ? at::get_num_threads() : 1)
   {
-    std::vector<float> scores, buffer;
+    TaskBuffers buffers;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task)
       attend_tile(q, tiles[task / shape.num_kv_heads], context_lens, keys, values, task % shape.num_kv_heads, shape,
-                  out, scores, buffer);
+                  out, buffers);
   }
 }
 

@@ -4,8 +4,8 @@ A step runs all of a Llama model's layers in one call into the extension: the ke
 (block products, RMSNorm, rotary, cache writes, paged attention, SwiGLU), in the same order on the same tensors, so
 the outputs are the same bits as the layer-by-layer path; what it removes is the Python and dispatch between them
 (half of a batch-1 decode step, measured). It serves models whose linear layers all hold GGUF blocks
-(``GGUFMethod``), in float32 on CPU, without biases or tensor parallelism, over a float32 KV cache:
-``DecodeStack.of`` returns None for any other model, and ``applies`` is False for other caches.
+(``GGUFMethod``), in float32 on CPU, without biases or tensor parallelism, over a float32 or int8 KV cache:
+``DecodeStack.of`` returns None for any other model.
 """
 
 from __future__ import annotations
@@ -49,15 +49,16 @@ class DecodeStack:
 
     @staticmethod
     def applies(x: torch.Tensor, kv: KVPool) -> bool:
-        """Whether the stack computes this step: float32 embeddings on CPU over a float32 cache."""
-        return x.dtype == torch.float32 and x.device.type == "cpu" and kv.k[0].dtype == torch.float32
+        """Whether the stack computes this step: float32 embeddings on CPU over a float32 or int8 cache."""
+        return x.dtype == torch.float32 and x.device.type == "cpu" and kv.k[0].dtype in (torch.float32, torch.int8)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
         """The last layer's ``(output, residual)`` for embeddings ``x`` [T, hidden] (updated in place: it becomes
         the residual stream), as the layers' loop returns them."""
-        return self._stack.forward(x, positions, kv.k, kv.v, batch.slot_mapping, batch.page_table, batch.query_seqs,
-                                   batch.context_lens, batch.page_size)
+        scales = (kv.k_scale, kv.v_scale) if kv.quantized else ([], [])
+        return self._stack.forward(x, positions, kv.k, kv.v, *scales, batch.slot_mapping, batch.page_table,
+                                   batch.query_seqs, batch.context_lens, batch.page_size)
 
 
 def _servable(layer: torch.nn.Module) -> bool:
