@@ -3,8 +3,8 @@
 A row ``x`` (one token's key or value for one KV head) is stored as ``round(x / scale)`` in [-127, 127] with
 ``scale = max|x| / 127``, so ``dequantize`` gives back every element within ``scale / 2`` (up to float32
 rounding; rows far into the subnormal range lose more). An all-zero row has scale 0 and comes back as zeros.
-The native decode kernel (``kernels.paged_decode_attention_int8``) reads this form in place; everything else
-goes through these two functions.
+The native kernels read this form in place (``kernels.paged_attention``) and write it as ``quantize`` does, bit
+for bit (the decoder stack, ``kernels/decoder.cpp``); everything else goes through these two functions.
 """
 
 from __future__ import annotations

@@ -3,8 +3,7 @@
 Slot ``page * page_size + offset`` holds the key/value of one token; pages are handed out by the
 ``PageAllocator`` and owned by the radix cache or a running request. The pool holds them in the engine's dtype
 (``kv_cache_dtype = "auto"``) or in int8 with a float32 scale per slot and KV head (``"int8"``, ``kv.int8``);
-``write`` and ``gather`` hide the difference from attention, which reads int8 in place only for decoding
-(``kernels.paged_decode_attention_int8``).
+``write`` quantizes a step's rows, and attention reads either form in place (``kernels.paged_attention``).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ _SCALE_DTYPE = torch.float32
 class KVPool:
     """``k[layer]`` and ``v[layer]``: [num_pages * page_size, num_kv_heads, head_dim] tensors, in ``dtype``, or in
     int8 when ``kv_cache_dtype`` is ``"int8"``; then ``k_scale[layer]`` and ``v_scale[layer]`` are their float32
-    scales [num_pages * page_size, num_kv_heads] (None otherwise). ``dtype`` is what ``gather`` returns."""
+    scales [num_pages * page_size, num_kv_heads] (None otherwise)."""
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, kv_cache_dtype: str = "auto") -> None:
@@ -28,7 +27,6 @@ class KVPool:
             raise ValueError(f"kv_cache_dtype: must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
         self.num_pages = num_pages
         self.page_size = page_size
-        self.dtype = dtype
         self.quantized = kv_cache_dtype == "int8"
         shape = (num_pages * page_size, num_kv_heads, head_dim)
         storage = torch.int8 if self.quantized else dtype
@@ -58,15 +56,6 @@ class KVPool:
             values, row_scales = int8.quantize(x)
             cache.index_copy_(0, slot_mapping, values)
             scales.index_copy_(0, slot_mapping, row_scales)
-
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values at ``slots`` [n] of ``layer``: two [n, Hkv, D] tensors in ``dtype`` (dequantized
-        when int8)."""
-        keys, values = self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
-        if not self.quantized:
-            return keys, values
-        return (int8.dequantize(keys, self.k_scale[layer].index_select(0, slots), self.dtype),
-                int8.dequantize(values, self.v_scale[layer].index_select(0, slots), self.dtype))
 
     def copy_page(self, src: int, dst: int, num_tokens: int) -> None:
         """Copies the first ``num_tokens`` slots of page ``src`` into page ``dst`` in every layer (with their
