@@ -12,8 +12,8 @@ Contenders: our router under each of its policies (``prefix``, and the in-house 
 vllm-router (``vllm_router_cache_aware``), installed by ``bench/peers/setup.sh`` in ``bench/.venv-peers``. Every
 run starts a fresh 2-worker cluster (``radixserve up --detach``: cold caches, client and servers in separate
 processes); a peer is started pointed at the same workers' OpenAI endpoints (their addresses from
-``ListWorkers``) and stopped after the run. ``prefix_gguf``, ``prefix_small_pool`` and ``prefix_small_pool_int8``
-run our ``prefix`` router over other workers: the file's own weight blocks, and a KV pool too small for the
+``ListWorkers``) and stopped after the run. ``prefix_float_weights``, ``prefix_small_pool`` and
+``prefix_small_pool_int8`` run our ``prefix`` router over other workers: float weights, and a KV pool too small for the
 workload (``SMALL_POOL_GIB``) in float32 and in int8 (``engine.kv_cache_dtype``). Each contender gets the same
 arrival schedule as streamed ``/v1/completions`` requests (``stream_options.include_usage``); TTFT is taken at the
 first SSE chunk that carries a choice. Each contender runs ``--repeats`` times (default 2), all runs in one
@@ -139,8 +139,8 @@ CONTENDERS = {c.name: c for c in [
     Contender("smg_cache_aware", "smg", "cache_aware", text_prompts=True),
     Contender("smg_round_robin", "smg", "round_robin", text_prompts=True),
     Contender("vllm_router_cache_aware", "vllm-router", "cache_aware"),
-    # the file's own blocks against the default float weights, same router
-    Contender("prefix_gguf", "radixserve", "prefix", settings=("engine.quantization=gguf",)),
+    # the float weights against the default (the file's own blocks, engine.quantization=auto), same router
+    Contender("prefix_float_weights", "radixserve", "prefix", settings=("engine.quantization=none",)),
     # the KV pool's form where the pool is too small for the workload: float32 against int8 in the same memory
     Contender("prefix_small_pool", "radixserve", "prefix", kv_memory_gib=SMALL_POOL_GIB),
     Contender("prefix_small_pool_int8", "radixserve", "prefix", settings=("engine.kv_cache_dtype=int8",),

@@ -74,9 +74,10 @@ class EngineConfig:
     in the same order samples the same tokens. ``quantization`` is how the linear layers hold their weights
     (``worker.models.quantization``): ``"none"`` (``dtype``), ``"int8"`` (weight-only, per output row),
     ``"int4"`` (weight-only, per group of inputs) or ``"gguf"`` (a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks);
-    quantized methods run on CPU. ``"auto"`` is ``"gguf"`` for a GGUF file on CPU and ``"none"`` otherwise. The
-    default stays ``"none"``: ``gguf`` decodes several times faster (bench/bench_engine.py) but its prompt path
-    dequantizes every layer each step, which cost the shared-prefix cluster benchmark 10% of its requests/s.
+    quantized methods run on CPU. ``"auto"``, the default, is ``"gguf"`` for a GGUF file on CPU and ``"none"``
+    otherwise: on the default model ``gguf`` decodes and prefills faster than the float weights
+    (bench/bench_engine.py) and serves the shared-prefix cluster benchmark's requests 28% faster
+    (bench/bench_cluster.py), within the perplexity bounds (bench/bench_quality.py).
     ``kv_cache_dtype`` is how the KV pool holds keys and values (``worker.kv.pool``): ``"auto"`` in ``dtype``,
     ``"int8"`` as int8 with one float32 scale per token and KV head (symmetric, max |x| / 127), which fits
     about 3.8x the pages of float32 into ``cache.memory_gib`` at a head dim of 64.
@@ -85,7 +86,7 @@ class EngineConfig:
     model: str = DEFAULT_MODEL
     device: str = "cpu"
     dtype: str = "float32"
-    quantization: str = "none"
+    quantization: str = "auto"
     kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
     seed: int = 0

@@ -1,9 +1,9 @@
-"""Native kernels of the decode step (``step_ops.cpp``, in the extension ``kernels.build`` compiles on first use).
+"""Native kernels of a step (``step_ops.cpp``, in the extension ``kernels.build`` compiles on first use).
 
 Each function runs the C++ kernel of the widest build this CPU runs for float32 CPU tensors (and int8 caches, for
-the int8 decode attention); on other devices or dtypes, or if the kernels cannot be built here, it computes the same
-result with torch operations. The linear layers' block kernels are ``kernels.blocks``; a whole decode step's layers
-in one call, ``models.decode_stack``.
+attention); on other devices or dtypes, or if the kernels cannot be built here, it computes the same result with
+torch operations. The linear layers' block kernels are ``kernels.blocks``; a whole step's layers in one call,
+``models.decoder_stack``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t t
 at::Tensor block_dequantize(const at::Tensor& blocks, int64_t type, int64_t in_features);
 const char* isa();
 
-// step_ops.cpp: the decode step's other kernels.
+// step_ops.cpp: a step's other kernels.
 at::Tensor paged_attention(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
                            at::Tensor page_table, at::Tensor query_seqs, at::Tensor context_lens, int64_t page_size,

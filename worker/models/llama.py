@@ -20,7 +20,7 @@ from radixserve.worker.kv.pool import KVPool
 from radixserve.worker.models.attention import AttentionBatch, paged_attention
 from radixserve.worker.models.checkpoint import BlockWeight
 from radixserve.worker.models.config import ModelConfig
-from radixserve.worker.models.decode_stack import DecodeStack
+from radixserve.worker.models.decoder_stack import DecoderStack
 from radixserve.worker.models.layers import ColumnLinear, RMSNorm, RowLinear, Shard, VocabEmbedding
 from radixserve.worker.models.quantization import DenseMethod, LinearMethod
 from radixserve.worker.models.rope import RotaryEmbedding
@@ -103,8 +103,8 @@ class LlamaModel(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
         x = self.embed_tokens(token_ids).to(self.norm.weight.dtype)  # [T, hidden], in the model's dtype
-        if self.decode_stack is not None and self.decode_stack.applies(x, kv):
-            x, residual = self.decode_stack.forward(x, positions, batch, kv)  # the loop below in one native call
+        if self.decoder_stack is not None and self.decoder_stack.applies(x, kv):
+            x, residual = self.decoder_stack.forward(x, positions, batch, kv)  # the loop below in one native call
         else:
             residual = None
             for layer in self.layers:
@@ -112,10 +112,10 @@ class LlamaModel(nn.Module):
         return self.norm(x, residual)[0]
 
     @functools.cached_property
-    def decode_stack(self) -> DecodeStack | None:
-        """The layers as one native call (``models.decode_stack``), built on first use, once the weights are loaded
+    def decoder_stack(self) -> DecoderStack | None:
+        """The layers as one native call (``models.decoder_stack``), built on first use, once the weights are loaded
         and cast; None where it cannot serve this model."""
-        return DecodeStack.of(self)
+        return DecoderStack.of(self)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -5,7 +5,7 @@ A step runs all of a Llama model's layers in one call into the extension: the ke
 the outputs are the same bits as the layer-by-layer path; what it removes is the Python and dispatch between them
 (half of a batch-1 decode step, measured). It serves models whose linear layers all hold GGUF blocks
 (``GGUFMethod``), in float32 on CPU, without biases or tensor parallelism, over a float32 or int8 KV cache:
-``DecodeStack.of`` returns None for any other model.
+``DecoderStack.of`` returns None for any other model.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ if TYPE_CHECKING:
     from radixserve.worker.models.llama import LlamaModel
 
 
-class DecodeStack:
+class DecoderStack:
     """The native stack of a model's layers; ``forward`` is the layers' loop where ``applies``."""
 
     def __init__(self, stack: Any) -> None:
         self._stack = stack
 
     @classmethod
-    def of(cls, model: LlamaModel) -> DecodeStack | None:
+    def of(cls, model: LlamaModel) -> DecoderStack | None:
         """The stack over ``model``'s layers as they hold their weights now, or None where it cannot serve them."""
         module = native()
         layers = list(model.layers)

@@ -1,4 +1,4 @@
-"""A step's layers in one native call (``models.decode_stack``) give the layer-by-layer path's bits."""
+"""A step's layers in one native call (``models.decoder_stack``) give the layer-by-layer path's bits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from radixserve.cluster.base.config import CacheConfig, EngineConfig, SchedulerC
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.worker.engine import Engine
 from radixserve.worker.models.checkpoint import Checkpoint
-from radixserve.worker.models.decode_stack import DecodeStack
+from radixserve.worker.models.decoder_stack import DecoderStack
 
 PROMPTS = [[17, 402, 9, 3311, 88, 1204, 5], [640, 23, 23, 871, 4000, 12, 99, 5012, 7, 310, 6, 222, 1450],
            [77, 5, 4001, 16, 900]]
@@ -35,7 +35,7 @@ def test_the_stack_gives_the_layer_loops_tokens_and_log_probabilities_bit_for_bi
         smollm2_checkpoint: Checkpoint, monkeypatch: pytest.MonkeyPatch, kv_cache_dtype: str) -> None:
     engine = _engine(smollm2_checkpoint, "gguf", kv_cache_dtype)
     model = engine.model.model
-    stack = model.decode_stack
+    stack = model.decoder_stack
     assert stack is not None
     calls = []
     original = stack.forward
@@ -43,18 +43,18 @@ def test_the_stack_gives_the_layer_loops_tokens_and_log_probabilities_bit_for_bi
     fused = _run(engine)
     # the prefill of the three prompts in one step, then their decode steps, all went through it
     assert calls == [sum(map(len, PROMPTS))] + [len(PROMPTS)] * (GREEDY.max_tokens - 1)
-    model.__dict__["decode_stack"] = None  # the layer loop only
+    model.__dict__["decoder_stack"] = None  # the layer loop only
     assert _run(engine) == fused
 
 
 def test_the_stack_serves_only_models_held_in_blocks(smollm2_checkpoint: Checkpoint) -> None:
-    assert _engine(smollm2_checkpoint, "none").model.model.decode_stack is None
-    assert DecodeStack.of(_engine(smollm2_checkpoint, "gguf").model.model) is not None
+    assert _engine(smollm2_checkpoint, "none").model.model.decoder_stack is None
+    assert DecoderStack.of(_engine(smollm2_checkpoint, "gguf").model.model) is not None
 
 
 def test_the_stack_refuses_caches_that_do_not_match_its_layers(smollm2_checkpoint: Checkpoint) -> None:
     engine = _engine(smollm2_checkpoint, "gguf")
-    stack = engine.model.model.decode_stack._stack
+    stack = engine.model.model.decoder_stack._stack
     x, empty = torch.zeros(1, 576), torch.zeros(1, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="caches: "):
         stack.forward(x, empty, engine.kv.k[:2], engine.kv.v[:2], [], [], empty, torch.zeros(1, 1, dtype=torch.int64),
