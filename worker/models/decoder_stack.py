@@ -10,17 +10,15 @@ the outputs are the same bits as the layer-by-layer path; what it removes is the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
 from radixserve.worker.kernels.build import native
 from radixserve.worker.kv.pool import KVPool
 from radixserve.worker.models.attention import AttentionBatch
 from radixserve.worker.models.quantization import GGUFMethod
-
-if TYPE_CHECKING:
-    from radixserve.worker.models.llama import LlamaModel
 
 
 class DecoderStack:
@@ -30,8 +28,9 @@ class DecoderStack:
         self._stack = stack
 
     @classmethod
-    def of(cls, model: LlamaModel) -> DecoderStack | None:
-        """The stack over ``model``'s layers as they hold their weights now, or None where it cannot serve them."""
+    def of(cls, model: nn.Module) -> DecoderStack | None:
+        """The stack over a ``LlamaModel``'s layers as they hold their weights now, or None where it cannot serve
+        them (this module does not import ``models.llama``, which imports it)."""
         module = native()
         layers = list(model.layers)
         if module is None or not layers or not all(_servable(layer) for layer in layers):
@@ -61,7 +60,7 @@ class DecoderStack:
                                    batch.query_seqs, batch.context_lens, batch.page_size)
 
 
-def _servable(layer: torch.nn.Module) -> bool:
+def _servable(layer: nn.Module) -> bool:
     linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     return (all(isinstance(linear.method, GGUFMethod) and linear.bias is None and linear.shard.size == 1
@@ -69,5 +68,5 @@ def _servable(layer: torch.nn.Module) -> bool:
             and all(norm.dtype == torch.float32 and norm.device.type == "cpu" for norm in norms))
 
 
-def _blocks(module: Any, linear: torch.nn.Module) -> Any:
+def _blocks(module: Any, linear: nn.Module) -> Any:
     return module.BlockLinear(linear.blocks, linear.block_type, linear.out_features)
