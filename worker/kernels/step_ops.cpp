@@ -20,8 +20,25 @@
 namespace {
 
 // Scores of eight keys, weighted sums of values and the softmax's exponentials, each in one fixed summation order
-// whatever the batch.
-// AVX2/FMA in the builds that have them (kernels/build.py), plain loops otherwise.
+// whatever the batch: AVX2/FMA in the builds that have them (kernels/build.py), plain loops otherwise. The plain
+// loops also serve the head sizes the vector paths do not take.
+inline void dot8_plain(const float* q, const float* const* keys, int64_t n, float* out) {
+  for (int j = 0; j < 8; ++j) {
+    float total = 0.f;
+    for (int64_t d = 0; d < n; ++d) total += q[d] * keys[j][d];
+    out[j] = total;
+  }
+}
+
+inline void accumulate_plain(const float* p, const float* const* values, int64_t count, int64_t n, float* out) {
+  for (int64_t t = 0; t < count; ++t)
+    for (int64_t d = 0; d < n; ++d) out[d] += p[t] * values[t][d];
+}
+
+inline void silu_mul_plain(const float* g, const float* u, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -35,11 +52,7 @@ inline __m256 reduce8(const __m256 (&v)[8]) {
 // out[j] = q . keys[j] for eight keys (head_dim n): q is read once for all eight.
 inline void dot8(const float* q, const float* const* keys, int64_t n, float* out) {
   if (n % 8) {
-    for (int j = 0; j < 8; ++j) {
-      float total = 0.f;
-      for (int64_t d = 0; d < n; ++d) total += q[d] * keys[j][d];
-      out[j] = total;
-    }
+    dot8_plain(q, keys, n, out);
     return;
   }
   __m256 acc[8];
@@ -55,8 +68,7 @@ inline void dot8(const float* q, const float* const* keys, int64_t n, float* out
 // same roundings as one pass over all of a context's values, whichever blocks of keys the calls take.
 inline void accumulate(const float* p, const float* const* values, int64_t count, int64_t n, float* out) {
   if (n % 8) {
-    for (int64_t t = 0; t < count; ++t)
-      for (int64_t d = 0; d < n; ++d) out[d] += p[t] * values[t][d];
+    accumulate_plain(p, values, count, n, out);
     return;
   }
   constexpr int64_t kChunk = 64;  // dimensions a pass keeps in eight registers
@@ -121,20 +133,13 @@ inline void silu_mul_row(const float* g, const float* u, float* out, int64_t n) 
     const __m256 sigmoid = _mm256_blendv_ps(inverse, _mm256_mul_ps(e, inverse), x);  // x's sign bit picks e / (1 + e)
     _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(x, sigmoid), _mm256_loadu_ps(u + i)));
   }
-  for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  silu_mul_plain(g + i, u + i, out + i, n - i);
 }
 #else
-inline void dot8(const float* q, const float* const* keys, int64_t n, float* out) {
-  for (int j = 0; j < 8; ++j) {
-    float total = 0.f;
-    for (int64_t d = 0; d < n; ++d) total += q[d] * keys[j][d];
-    out[j] = total;
-  }
-}
+inline void dot8(const float* q, const float* const* keys, int64_t n, float* out) { dot8_plain(q, keys, n, out); }
 
 inline void accumulate(const float* p, const float* const* values, int64_t count, int64_t n, float* out) {
-  for (int64_t t = 0; t < count; ++t)
-    for (int64_t d = 0; d < n; ++d) out[d] += p[t] * values[t][d];
+  accumulate_plain(p, values, count, n, out);
 }
 
 inline float exp_shifted(float* s, int64_t n, float shift) {
@@ -145,9 +150,7 @@ inline float exp_shifted(float* s, int64_t n, float shift) {
   }
   return total;
 }
-inline void silu_mul_row(const float* g, const float* u, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-}
+inline void silu_mul_row(const float* g, const float* u, float* out, int64_t n) { silu_mul_plain(g, u, out, n); }
 #endif
 
 // A cache's rows (one token's key or value for one KV head) as float32: a float32 cache's in place, others widened
