@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 task="${1:-demo}"
 python="${PYTHON:-python3.11}"
 
-# System packages: venv support, a C++ compiler plus Python headers for the JIT-built attention kernel, Prometheus,
+# System packages: venv support, a C++ compiler plus Python headers for the native kernels (compiled on first use), Prometheus,
 # Redis.
 missing=()
 "$python" -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3.11-venv)

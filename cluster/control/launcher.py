@@ -122,7 +122,7 @@ class ClusterRunner:
             self.ray_address = context.address_info.get("gcs_address", "")
         self._thread.start()
         timer.step(f"starting {pool.num_workers} workers ({self.config.engine.model}; the first start of a "
-                   f"machine also builds the attention kernel, about 30 s)")
+                   f"machine also builds the native kernels, about 30 s)")
         self._run(self._start_pool(timer))
         replicas = self.config.router.replicas
         timer.step(f"starting {replicas} routers on Redis at {self.bus_config.url}" if self._bus_shared
