@@ -1,11 +1,13 @@
 """Shared-prefix serving over OpenAI HTTP: our router's policies and the real peer routers, in one run.
 
-The workload has the shape of SGLang's generated-shared-prefix benchmark, scaled to a 2-core CPU: ``groups``
-system prompts of ``system_len`` tokens, each followed by ``prompts_per_group`` questions of ``question_len``
-tokens, ``output_len`` generated tokens each (eos ignored), in a shuffled order with Poisson arrivals at
-``rate`` requests/s. Prompts are random "word" tokens of the model's vocabulary (a space and lowercase letters,
-each its own pre-token), so a prompt's text encodes back to exactly its token ids: a contender that refuses
-token-id prompts (SMG's ``/v1/completions`` takes a string or strings only) gets that text, the others the ids.
+``--workload`` picks the requests (``workloads``): ``groups`` (the default, the shape of SGLang's
+generated-shared-prefix benchmark scaled to a 2-core CPU: ``groups`` system prompts of ``system_len`` tokens, each
+followed by ``prompts_per_group`` questions of ``question_len`` tokens, shuffled, Poisson arrivals at ``rate``
+requests/s), ``hot_prefix``, ``eviction`` or ``multi_turn``; an option per workload field (``--system-len``, ...)
+overrides it. Every request generates ``output_len`` tokens (eos ignored). Prompts are random "word" tokens of
+the model's vocabulary (a space and lowercase letters, each its own pre-token), so a prompt's text encodes back
+to exactly its token ids: a contender that refuses token-id prompts (SMG's ``/v1/completions`` takes a string or
+strings only) gets that text, the others the ids.
 
 Contenders: our router under each of its policies (``prefix``, and the in-house baselines such as
 ``round_robin`` and ``sglang_cache_aware``), and the peers, SMG (``smg_cache_aware``, ``smg_round_robin``) and
@@ -26,11 +28,15 @@ p50/p99, throughput over the makespan, each worker's share of the requests (from
 ``radixserve_worker_requests_finished`` counters, so it needs nothing of the router), and the HTTP router
 overhead: the TTFT of a short cached request through the contender minus the same request sent straight to the
 worker that served it (each pair also asks the other worker, so the serving one, known from the counters
-afterwards, always has its direct twin), in pairs whose order alternates; and the KV pages per GiB of pool the
+afterwards, always has its direct twin), in pairs whose order alternates; the router process's CPU time per
+request over the replay (user and system from /proc, of the process listening on the contender's HTTP port: for
+ours the ``radixserve up`` process hosting the router, for a peer its own); and the KV pages per GiB of pool the
 workers report.
 
     bash bench/peers/setup.sh                      # once: the peers and aiperf in bench/.venv-peers
     python bench/bench_cluster.py                  # table on stdout, JSON in bench/results/cluster.json
+    python bench/bench_cluster.py --workload hot_prefix --contenders prefix vllm_router_cache_aware smg_cache_aware
+                                                   # JSON in bench/results/cluster_hot_prefix.json
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -57,6 +64,8 @@ from typing import TypeVar
 import grpc
 import httpx
 from machine import cpu_model
+from proc_cpu import cpu_seconds, listening_pid
+from workloads import TOKEN_RANGE, WORKLOADS, Arrival, Workload, WorkloadSpec, make_arrivals  # noqa: F401 (re-exported)
 
 from radixserve.cluster.base.config import POLICIES
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
@@ -73,28 +82,9 @@ RESULTS = Path(__file__).parent / "results"
 PEERS_VENV = Path(__file__).parent / ".venv-peers"
 MODEL = "smollm2-135m-instruct"
 PAGE_SIZE = 16
-TOKEN_RANGE = (1000, 40000)  # ordinary vocabulary ids of SmolLM2, far from the special tokens
 _LOCALHOST = "127.0.0.1"
 _REQUEST_TIMEOUT_S = 1800.0
 _FINISHED = "radixserve_worker_requests_finished_total"
-
-
-@dataclass(frozen=True)
-class Workload:
-    groups: int = 8
-    prompts_per_group: int = 8
-    system_len: int = 1024
-    question_len: int = 64
-    output_len: int = 32
-    rate: float = 4.0
-    seed: int = 0
-
-
-@dataclass
-class Arrival:
-    at_s: float
-    group: int
-    token_ids: list[int]
 
 
 @dataclass
@@ -168,33 +158,11 @@ class ContenderResult:
     router_overhead_p99_ms: float
     kv_pages_per_gib: float  # each worker's KV pool pages (their mean, as the workers report them) per GiB
     errors: int
+    router_cpu_ms_per_request: float = float("nan")  # the router process's CPU time over the replay / requests
     outcomes: list[dict] = field(default_factory=list)
 
 
 # ---- the workload ---------------------------------------------------------------------------------------------
-
-def make_arrivals(w: Workload, vocabulary: Sequence[int] = range(*TOKEN_RANGE)) -> list[Arrival]:
-    """The workload's requests in arrival order, their tokens taken from ``vocabulary``.
-
-    Each token is drawn from ``TOKEN_RANGE`` and mapped onto ``vocabulary`` (its offset modulo the vocabulary's
-    length), so the random draws, and with them the groups, the order and the arrival times, are the same for
-    every vocabulary; the default one gives the token ids of the runs before word vocabularies.
-    """
-    rng = random.Random(w.seed)
-
-    def token() -> int:
-        return vocabulary[(rng.randrange(*TOKEN_RANGE) - TOKEN_RANGE[0]) % len(vocabulary)]
-
-    systems = [[token() for _ in range(w.system_len)] for _ in range(w.groups)]
-    prompts = [(g, systems[g] + [token() for _ in range(w.question_len)])
-               for g in range(w.groups) for _ in range(w.prompts_per_group)]
-    rng.shuffle(prompts)
-    at, arrivals = 0.0, []
-    for group, ids in prompts:
-        arrivals.append(Arrival(at, group, ids))
-        at += rng.expovariate(w.rate)
-    return arrivals
-
 
 def oracle_hit_ratio(arrivals: list[Arrival], namespace: str) -> float:
     """Cached / prompt tokens for one unbounded page-granular cache seeing the requests in arrival order."""
@@ -485,17 +453,26 @@ async def _read_events(response: httpx.Response, outcome: Outcome, sent: float) 
 
 async def replay(url: str | Sequence[str], arrivals: list[Arrival], output_len: int,
                  texts: Sequence[str] | None = None) -> tuple[list[Outcome], float]:
-    """Send every arrival at its time (its text when ``texts`` is given, else its token ids) to the OpenAI server
+    """Send every arrival at its time (``Arrival``: from the start, or after the answer it follows; its text when
+    ``texts`` is given, else its token ids) to the OpenAI server
     at ``url`` (several: arrival i to the (i mod n)-th, a client taking turns between routers); returns the
     outcomes and the makespan (first send to last finish)."""
     prompts: Sequence[list[int] | str] = texts if texts is not None else [a.token_ids for a in arrivals]
     urls = [url] if isinstance(url, str) else list(url)
+    answered = [asyncio.Event() for _ in arrivals]
     async with _async_client(len(arrivals)) as client:
         start = time.perf_counter()
 
         async def send(i: int, arrival: Arrival, prompt: list[int] | str) -> Outcome:
-            await asyncio.sleep(max(0.0, start + arrival.at_s - time.perf_counter()))
-            return await stream_completion(client, urls[i % len(urls)], completion_body(prompt, output_len))
+            if arrival.after is None:
+                await asyncio.sleep(max(0.0, start + arrival.at_s - time.perf_counter()))
+            else:
+                await answered[arrival.after].wait()
+                await asyncio.sleep(arrival.at_s)
+            try:
+                return await stream_completion(client, urls[i % len(urls)], completion_body(prompt, output_len))
+            finally:
+                answered[i].set()
 
         outcomes = await asyncio.gather(*(send(i, a, p) for i, (a, p) in enumerate(zip(arrivals, prompts,
                                                                                          strict=True))))
@@ -583,10 +560,17 @@ def run_shuffled(names: Sequence[str], repeats: int, seed: int, run_one: Callabl
     return results
 
 
-def run_contender(contender: Contender, arrivals: list[Arrival], texts: Sequence[str], probe: Probe, w: Workload,
-                  args: argparse.Namespace, oracle: float) -> ContenderResult:
+def router_pid(url: str) -> int:
+    """The pid of the router process serving ``url`` (``http://host:port``): the one listening on its port (for
+    ours, the ``radixserve up`` process that hosts the router)."""
+    return listening_pid(int(url.rpartition(":")[2]))
+
+
+def run_contender(contender: Contender, arrivals: list[Arrival], texts: Sequence[str], probe: Probe,
+                  w: WorkloadSpec, args: argparse.Namespace, oracle: float) -> ContenderResult:
     """One run on a fresh cluster: the replay, then the overhead pairs, through the contender's front door (a peer
-    routes to the workers itself; our router then runs round_robin, unused)."""
+    routes to the workers itself; our router then runs round_robin, unused). The router process's CPU time (user
+    and system, from /proc) is read before and after the replay."""
     cluster_policy = contender.policy if contender.router == "radixserve" else "round_robin"
     kv_memory_gib = contender.kv_memory_gib or args.kv_memory_gib
     with Cluster(cluster_policy, kv_memory_gib, settings=contender.settings) as cluster:
@@ -594,12 +578,17 @@ def run_contender(contender: Contender, arrivals: list[Arrival], texts: Sequence
         kv_pages_per_gib = cluster.kv_pages_per_gib()
         with front_door(contender, cluster, workers) as url:
             before = settled_finished(workers, 0)
+            pid = router_pid(url)
+            cpu_before = cpu_seconds(pid)
             outcomes, makespan = asyncio.run(replay(url, arrivals, w.output_len,
                                                     texts if contender.text_prompts else None))
+            router_cpu_s = cpu_seconds(pid) - cpu_before
             after = settled_finished(workers, sum(before.values()) + len(arrivals))
             overhead = asyncio.run(router_overhead(url, workers, args.overhead_pairs, probe, contender.text_prompts))
     served = {wid: after[wid] - before.get(wid, 0.0) for wid in after}
-    return summarize_run(contender.name, outcomes, makespan, served, overhead, oracle, kv_pages_per_gib)
+    result = summarize_run(contender.name, outcomes, makespan, served, overhead, oracle, kv_pages_per_gib)
+    result.router_cpu_ms_per_request = _ms(router_cpu_s / len(arrivals))
+    return result
 
 
 def summarize_run(name: str, outcomes: list[Outcome], makespan: float, served: dict[str, float],
@@ -644,7 +633,7 @@ def _ms(seconds: float) -> float:
 
 SUMMARY_FIELDS = ("hit_ratio", "oracle_share", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
                   "requests_per_s", "output_tokens_per_s", "router_overhead_p50_ms", "router_overhead_p99_ms",
-                  "kv_pages_per_gib")
+                  "kv_pages_per_gib", "router_cpu_ms_per_request")
 
 
 def summarize(results: list[ContenderResult]) -> dict[str, dict[str, object]]:
@@ -668,8 +657,8 @@ def summarize(results: list[ContenderResult]) -> dict[str, dict[str, object]]:
 def print_table(summary: dict[str, dict], oracle: float) -> None:
     print(f"\noracle hit ratio: {oracle:.3f}; medians over each contender's runs, (lowest-highest) beside\n")
     print("| contender | runs | hit ratio | of oracle | TTFT p50 | TTFT p99 | e2e p50 | e2e p99 | req/s "
-          "| busier worker's share | HTTP router overhead p50 / p99 | KV pages / GiB | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| busier worker's share | HTTP router overhead p50 / p99 | router CPU / request | KV pages / GiB | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in summary.items():
         def spread(figure: str, fmt: str, scale: float = 1.0) -> str:
             low, high = r[figure + "_range"]
@@ -679,7 +668,7 @@ def print_table(summary: dict[str, dict], oracle: float) -> None:
               f"{spread('ttft_p50_ms', ',.1f', 1e-3)} s | {spread('ttft_p99_ms', ',.1f', 1e-3)} s | "
               f"{r['e2e_p50_ms'] / 1000:,.1f} s | {r['e2e_p99_ms'] / 1000:,.1f} s | {spread('requests_per_s', '.3f')} | "
               f"{shares} | {r['router_overhead_p50_ms']:.2f} / {r['router_overhead_p99_ms']:.2f} ms | "
-              f"{r['kv_pages_per_gib']:,.0f} | {r['errors']} |")
+              f"{spread('router_cpu_ms_per_request', '.2f')} ms | {r['kv_pages_per_gib']:,.0f} | {r['errors']} |")
     print("\ntargets (medians): " + "; ".join(target_lines(summary)))
 
 
@@ -724,9 +713,42 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     return Workload(**{name: getattr(args, name) for name in asdict(Workload())})
 
 
+def _workload_fields() -> dict[str, type]:
+    """Every field of any workload in ``WORKLOADS``, with its type."""
+    return {name: type(default) for spec in WORKLOADS.values() for name, default in asdict(spec).items()}
+
+
+def add_workload_options(parser: argparse.ArgumentParser) -> None:
+    """``--workload`` (a name in ``WORKLOADS``) and one option per field of any workload (``--system-len``, ...),
+    each overriding that field of the chosen workload when given."""
+    parser.add_argument("--workload", choices=list(WORKLOADS), default=Workload.name)
+    for name, kind in _workload_fields().items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
+                            help="(workloads: " + ", ".join(w for w, spec in WORKLOADS.items() if name in asdict(spec))
+                            + ")")
+
+
+def workload_from_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> WorkloadSpec:
+    """The chosen workload with the given field options; a parser error names an option it does not have."""
+    spec = WORKLOADS[args.workload]
+    given = {name: getattr(args, name) for name in _workload_fields() if getattr(args, name) is not None}
+    for name in given.keys() - asdict(spec).keys():
+        parser.error(f"--{name.replace('_', '-')}: the {spec.name} workload has no such field")
+    try:
+        return dataclasses.replace(spec, **given)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def default_out(workload: WorkloadSpec) -> Path:
+    """``results/cluster.json`` for ``groups`` (the file the simulator's fidelity check reads), else
+    ``results/cluster_<workload>.json``."""
+    return RESULTS / ("cluster.json" if workload.name == Workload.name else f"cluster_{workload.name}.json")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_workload_args(parser)
+    add_workload_options(parser)
     parser.add_argument("--contenders", "--policies", nargs="+", default=list(DEFAULT_CONTENDERS),
                         choices=list(CONTENDERS))
     parser.add_argument("--repeats", type=int, default=2, help="runs of each contender, all in one shuffled order")
@@ -734,12 +756,14 @@ def main() -> int:
     parser.add_argument("--kv-memory-gib", type=float, default=0.3,
                         help="KV cache per worker (0.3 GiB, 6.5k tokens, holds about 6 of the 8 groups' prompts)")
     parser.add_argument("--overhead-pairs", type=int, default=60)
-    parser.add_argument("--out", type=Path, default=RESULTS / "cluster.json")
+    parser.add_argument("--out", type=Path, help="the JSON result (default: results/cluster_<workload>.json; "
+                        "results/cluster.json for groups)")
     args = parser.parse_args()
-    workload = workload_from_args(args)
+    workload = workload_from_options(parser, args)
+    out = args.out or default_out(workload)
     tokenizer = load_tokenizer()
     vocabulary = word_vocabulary(tokenizer)
-    arrivals = make_arrivals(workload, vocabulary)
+    arrivals = workload.arrivals(vocabulary)
     texts = prompt_texts(arrivals, tokenizer)
     probe = make_probe(vocabulary, tokenizer)
     oracle = oracle_hit_ratio(arrivals, MODEL)
@@ -747,13 +771,14 @@ def main() -> int:
                            lambda name: run_contender(CONTENDERS[name], arrivals, texts, probe, workload, args, oracle))
     summary = summarize(results)
     print_table(summary, oracle)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"workload": asdict(workload), "kv_memory_gib": args.kv_memory_gib,
-                                    "oracle_hit_ratio": oracle, "cpu": cpu_model(), "peers": peer_versions(),
-                                    "contenders": {n: asdict(CONTENDERS[n]) for n in args.contenders},
-                                    "order": [r.policy for r in results], "summary": summary,
-                                    "results": [asdict(r) for r in results]}, indent=1))
-    print(f"\nwrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"workload_name": workload.name, "workload": asdict(workload),
+                               "kv_memory_gib": args.kv_memory_gib,
+                               "oracle_hit_ratio": oracle, "cpu": cpu_model(), "peers": peer_versions(),
+                               "contenders": {n: asdict(CONTENDERS[n]) for n in args.contenders},
+                               "order": [r.policy for r in results], "summary": summary,
+                               "results": [asdict(r) for r in results]}, indent=1))
+    print(f"\nwrote {out}")
     return 0
 
 

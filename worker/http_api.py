@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter
+from starlette.types import ASGIApp
 
 from radixserve.cluster.base.openai.app import HttpOptions, create_app
 from radixserve.cluster.base.version import radixserve_version
@@ -23,7 +24,7 @@ from radixserve.worker.backend import EngineBackend
 from radixserve.worker.engine import Engine
 
 
-def worker_app(engine: Engine, backend: EngineBackend, options: HttpOptions) -> FastAPI:
+def worker_app(engine: Engine, backend: EngineBackend, options: HttpOptions) -> ASGIApp:
     """The OpenAI API over ``backend`` (serving ``engine``) and the info endpoints, behind ``options``."""
     return create_app(backend, options, routes=_info_routes(engine))
 

@@ -14,6 +14,10 @@ before ``[DONE]``. Every error answer is OpenAI's error object (``errors``); unk
 A client that goes away (closes the stream, or disconnects while waiting for a whole answer) closes the
 backend's stream, which ends the request wherever it runs and frees its pages. ``on_refused(method, status)``
 hears of requests refused before the backend saw them (to count them).
+
+The generation endpoints are the hot path: a POST to either is served by plain ASGI code (``_Api``), with one
+task per request beside the one serving it (the disconnect watch), rather than through FastAPI's routing,
+dependencies and middleware; everything else (other paths, other methods, and the error shapes) is FastAPI's.
 """
 
 from __future__ import annotations
@@ -23,17 +27,17 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from radixserve.cluster.base.generation import (GenerationBackend, GenerationDelta, GenerationError,
                                                 GenerationRequest, ServedModel, Status, fold)
@@ -44,10 +48,10 @@ from radixserve.cluster.base.security import ApiKeys
 from radixserve.cluster.base.version import radixserve_version
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 COUNTED_METHODS = (ChatFormat.method, CompletionFormat.method)  # the methods generation requests are counted as
-_DONE = "data: [DONE]\n\n"
-_CLIENT_GONE = 499  # nginx's "client closed request": nobody reads it
+_FORMATS: dict[str, type[ApiFormat[Any]]] = {"/v1/chat/completions": ChatFormat, "/v1/completions": CompletionFormat}
+_DONE = b"data: [DONE]\n\n"
+_EVENT_STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"content-type", b"text/event-stream; charset=utf-8")]
 
 
 @dataclass(frozen=True)
@@ -64,13 +68,11 @@ class _ClientGone(Exception):
 
 
 def create_app(backend: GenerationBackend, options: HttpOptions = HttpOptions(),
-               on_refused: Callable[[str, Status], None] | None = None, routes: APIRouter | None = None) -> FastAPI:
+               on_refused: Callable[[str, Status], None] | None = None, routes: APIRouter | None = None) -> ASGIApp:
     """The API over ``backend``; ``routes`` are served too, behind the same API key check."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     front = _FrontEnd(backend, options, on_refused)
     guarded = [Depends(front.authorize)]
-    app.add_api_route("/v1/chat/completions", front.chat, methods=["POST"], dependencies=guarded)
-    app.add_api_route("/v1/completions", front.completions, methods=["POST"], dependencies=guarded)
     app.add_api_route("/v1/models", front.models, methods=["GET"], dependencies=guarded)
     app.add_api_route("/version", front.version, methods=["GET"], dependencies=guarded)
     app.add_api_route("/health", front.health, methods=["GET"])
@@ -79,7 +81,44 @@ def create_app(backend: GenerationBackend, options: HttpOptions = HttpOptions(),
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _routing_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)
-    return app
+    return _Api(app, front)
+
+
+class _Api:
+    """A request to a generation endpoint served by ``front`` (other methods than POST: 405), any other by the
+    FastAPI ``app``."""
+
+    def __init__(self, app: FastAPI, front: _FrontEnd) -> None:
+        self.app = app
+        self._front = front
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = _FORMATS.get(scope["path"]) if scope["type"] == "http" else None
+        if kind is None:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            refusal = HTTPException(405, headers={"Allow": "POST"})
+            await (await _routing_error(Request(scope), refusal))(scope, receive, send)
+            return
+        started = False
+
+        async def send_once_started(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self._front.serve(Request(scope, receive), kind, send_once_started)
+        except _ClientGone:
+            pass
+        except ApiError as error:  # raised before the answer started
+            await JSONResponse(error.body(), status_code=error.http_code)(scope, receive, send)
+        except Exception:
+            if started:  # the client can hear no more; uvicorn logs it and closes the connection
+                raise
+            log.exception("a %s request failed", kind.method)
+            await _INTERNAL_ERROR(scope, receive, send)
 
 
 class _FrontEnd:
@@ -95,12 +134,6 @@ class _FrontEnd:
             raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", status=Status.UNAUTHENTICATED)
 
-    async def chat(self, request: Request) -> Response:
-        return await self._serve(request, ChatFormat)
-
-    async def completions(self, request: Request) -> Response:
-        return await self._serve(request, CompletionFormat)
-
     async def models(self) -> ModelList:
         served = self._backend.served_model()
         cards = [] if served is None else [ModelCard(id=served.name, created=self._created,
@@ -115,20 +148,28 @@ class _FrontEnd:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
-    async def _serve(self, request: Request, kind: type[ApiFormat[Any]]) -> Response:
-        try:
-            api, generation = await self._accept(request, kind)
+    async def serve(self, request: Request, kind: type[ApiFormat[Any]], send: Send) -> None:
+        """Answer one generation request on ``send``. Raises ``ApiError`` before anything was sent, and
+        ``_ClientGone`` when the client went away (the backend's stream then closed)."""
+        await self.authorize(request)
+        api, generation = await self._accept(request, kind)
+        with _DisconnectWatch(request.receive):
             deltas = self._backend.generate(generation, kind.method)
             try:
                 if not api.streaming:
-                    whole = await _unless_gone(request, fold(deltas))
-                    return JSONResponse(api.whole(whole).model_dump())
-                first = await _unless_gone(request, anext(deltas, None))
+                    whole = JSONResponse(api.whole(await fold(deltas)).model_dump())
+                else:
+                    first = await anext(deltas, None)
             except GenerationError as error:
                 raise from_generation_error(error, api.field_name) from None
-            return _EventStream(_events(api, first, deltas))
-        except _ClientGone:
-            return Response(status_code=_CLIENT_GONE)
+            if not api.streaming:
+                await whole(request.scope, request.receive, send)
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": _EVENT_STREAM_HEADERS})
+            async with contextlib.aclosing(_events(api, first, deltas)) as events:
+                async for event in events:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _accept(self, request: Request,
                       kind: type[ApiFormat[Any]]) -> tuple[ApiFormat[Any], GenerationRequest]:
@@ -172,30 +213,34 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
-    """``work``'s result; ``_ClientGone`` when the client disconnects first, after cancelling ``work``."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        raise _ClientGone()
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+class _DisconnectWatch:
+    """Within it, the client's disconnecting cancels the task that entered it, which leaves it with
+    ``_ClientGone``; enter it after the body was read (the watch reads what ``receive`` gives next)."""
 
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._gone = False
 
-async def _disconnected(request: Request) -> None:
-    """Returns once the client has gone (call after the body was read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    def __enter__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._watch = asyncio.get_running_loop().create_task(self._cancel_when_gone(task))
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        self._watch.cancel()
+        if self._gone and kind is not None and issubclass(kind, asyncio.CancelledError):
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            raise _ClientGone() from None
+
+    async def _cancel_when_gone(self, task: asyncio.Task[Any]) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self._gone = True
+        task.cancel()
 
 
 async def _events(api: ApiFormat[Any], first: GenerationDelta | None,
-                  deltas: AsyncIterator[GenerationDelta]) -> AsyncIterator[str]:
+                  deltas: AsyncIterator[GenerationDelta]) -> AsyncIterator[bytes]:
     """The stream's server-sent events, starting from its first delta; closes ``deltas`` however it ends."""
     async with _closing(deltas):
         delta = first
@@ -210,19 +255,19 @@ async def _events(api: ApiFormat[Any], first: GenerationDelta | None,
                     yield _event(api.usage_chunk(delta.request_id, delta.usage))
                 delta = await anext(deltas, None)
         except GenerationError as error:
-            yield f"data: {_json(from_generation_error(error, api.field_name).body())}\n\n"
+            yield _json_event(from_generation_error(error, api.field_name).body())
         except Exception:  # the headers are sent: the client can only hear of it in the stream
             log.exception("a streamed request failed")
-            yield f"data: {_json(ApiError(500, 'internal error', code='internal').body())}\n\n"
+            yield _json_event(ApiError(500, "internal error", code="internal").body())
     yield _DONE
 
 
-def _event(chunk: BaseModel) -> str:
-    return f"data: {chunk.model_dump_json()}\n\n"
+def _event(chunk: BaseModel) -> bytes:
+    return b"data: " + chunk.model_dump_json().encode() + b"\n\n"
 
 
-def _json(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"))
+def _json_event(value: object) -> bytes:
+    return f"data: {json.dumps(value, separators=(',', ':'))}\n\n".encode()
 
 
 @contextlib.asynccontextmanager
@@ -233,20 +278,6 @@ async def _closing(stream: AsyncIterator[GenerationDelta]) -> AsyncIterator[None
     finally:
         with anyio.CancelScope(shield=True):
             await stream.aclose()  # type: ignore[attr-defined]
-
-
-class _EventStream(StreamingResponse):
-    """Server-sent events whose generator is closed however the response ends (a send to a client that went
-    away raises where the generator is suspended, which would otherwise leave it to the garbage collector)."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, events: AsyncIterator[str]) -> None:
-        super().__init__(events, headers={"cache-control": "no-cache"})
-
-    async def stream_response(self, send: Send) -> None:
-        async with contextlib.aclosing(self.body_iterator):  # type: ignore[type-var]
-            await super().stream_response(send)
 
 
 async def _api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -261,6 +292,9 @@ async def _routing_error(request: Request, error: HTTPException) -> JSONResponse
                         headers=error.headers)
 
 
+_INTERNAL_ERROR = JSONResponse(ApiError(500, "internal error", code="internal").body(), status_code=500)
+
+
 async def _internal_error(request: Request, error: Exception) -> JSONResponse:
     """A bug's answer (Starlette then re-raises the error, which uvicorn logs)."""
-    return JSONResponse(ApiError(500, "internal error", code="internal").body(), status_code=500)
+    return _INTERNAL_ERROR
