@@ -77,7 +77,8 @@ class RequestIdInUse(ValueError):
 
 
 class RequestFailed(RuntimeError):
-    """A request's own work (sampling, stop checking, detokenizing) failed; the message names the request.
+    """A request's own work (sampling, stop checking, detokenizing) or the engine step running it failed; the
+    message names the request and the cause.
 
     Raised by ``generate`` for that request alone; the engine goes on serving the others.
     """
@@ -267,20 +268,35 @@ class Engine:
             _resolve(flushed)
 
     def _step(self) -> list[RequestOutput]:
+        """The outputs of every request the step moved: each request it ended (also by an abort it applied, or
+        by its own failure) reports its end exactly once, here, and leaves the engine."""
         started = time.monotonic()
         touched: dict[str, _Request] = {}
-        self._drain_inbox(touched)
-        batch = self.scheduler.schedule()
-        if batch.items:
-            self._mark_started(batch, started)
-            logits, sampled = self.runner.run(batch)
-            self.stats.num_steps += 1
-            self.stats.num_computed_tokens += batch.num_tokens
-            self.scheduler.complete(batch)
-            if sampled:
-                self._accept(logits, sampled, touched)
-            self.metrics.on_step(len(batch.items), batch.num_tokens, time.monotonic() - started)
+        batch: ScheduledBatch[Sequence] | None = None
+        try:
+            self._drain_inbox(touched)
+            batch = self.scheduler.schedule()
+            if batch.items:
+                self._run(batch, started, touched)
+        except Exception as exc:  # ends the requests the step worked on; the engine goes on
+            self._fail_step(exc, self._requests_of(batch), touched)
         return [self._output(request) for request in touched.values()]
+
+    def _run(self, batch: ScheduledBatch[Sequence], started: float, touched: dict[str, _Request]) -> None:
+        self._mark_started(batch, started)
+        logits, sampled = self.runner.run(batch)
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += batch.num_tokens
+        self.scheduler.complete(batch)
+        if sampled:
+            self._accept(logits, sampled, touched)
+        self.metrics.on_step(len(batch.items), batch.num_tokens, time.monotonic() - started)
+
+    def _requests_of(self, batch: ScheduledBatch[Sequence] | None) -> list[_Request]:
+        """The requests of ``batch``; every request in flight when the step failed before its batch was built."""
+        if batch is None:
+            return list(self._requests.values())
+        return list({item.seq.request_id: self._requests[item.seq.request_id] for item in batch.items}.values())
 
     def _mark_started(self, batch: ScheduledBatch, now: float) -> None:
         for item in batch.items:
@@ -349,9 +365,22 @@ class Engine:
             self._release_pending(request)
 
     def _fail_request(self, request: _Request, exc: Exception) -> None:
-        """Ends every sample of ``request`` with finish reason ``error``, freeing what it holds; the others go on."""
+        """Ends ``request`` with an error, its own work having failed; the others go on."""
         log.exception("request %s failed", request.request_id, exc_info=exc)
-        request.error = f"request {request.request_id!r} failed: {type(exc).__name__}: {exc}"
+        self._end_with_error(request, f"{type(exc).__name__}: {exc}")
+
+    def _fail_step(self, exc: Exception, requests: list[_Request], touched: dict[str, _Request]) -> None:
+        """Ends with an error each of ``requests`` not finished yet (those a failed step worked on) and marks it
+        touched, so that it reports its end."""
+        log.exception("engine step failed; ending its %d requests", len(requests), exc_info=exc)
+        for request in requests:
+            if not request.finished:
+                self._end_with_error(request, f"engine step failed: {type(exc).__name__}: {exc}")
+                touched[request.request_id] = request
+
+    def _end_with_error(self, request: _Request, cause: str) -> None:
+        """Ends every sample of ``request`` with finish reason ``error``, freeing what it holds."""
+        request.error = f"request {request.request_id!r} failed: {cause}"
         for seq in request.seqs:
             if seq.status is not SeqStatus.FINISHED:
                 self._finish(seq, "error", in_scheduler=seq not in request.pending)
@@ -475,8 +504,8 @@ class Engine:
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; closing the iterator early aborts the request.
 
-        Validation errors raise before anything is yielded; ``RequestFailed`` when the request's own work fails
-        (after the outputs before the failure), RuntimeError when a whole step fails. Steps run in a worker thread
+        Validation errors raise before anything is yielded; ``RequestFailed`` when the request's own work or a step
+        running it fails (after the outputs before the failure). Steps run in a worker thread
         so the event loop stays responsive; one driver task serves every concurrent ``generate`` of this engine,
         and ends when nothing is left to do.
         """
@@ -510,20 +539,18 @@ class Engine:
         while self._requests or self._aborts:
             try:
                 outputs = await asyncio.to_thread(self.step)
-            except Exception as exc:  # a failed step fails every request it could have touched
-                self._fail_all(exc)
-                continue
+            except Exception as exc:  # a bug: ``step`` ends what its own failures touch
+                outputs = self._fail_all(exc)
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
                     stream.put_nowait(output)
 
-    def _fail_all(self, exc: Exception) -> None:
-        for request_id in list(self._requests):
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                stream.put_nowait(RuntimeError(f"engine step failed: {exc!r}"))
-            self.abort(request_id)
+    def _fail_all(self, exc: Exception) -> list[RequestOutput]:
+        """Ends every request in flight after ``step`` raised, so that none waits for good; their final outputs."""
+        touched: dict[str, _Request] = {}
+        self._fail_step(exc, list(self._requests.values()), touched)
+        return [self._output(request) for request in touched.values()]
 
 
 def _rows(out: SamplerOutput) -> list[_Sampled]:
