@@ -9,7 +9,8 @@ thread, also while ``step`` runs in another:
 
 - ``add_request`` and ``abort`` only validate and enqueue (``add_request`` also estimates, for ``load``, how much
   of the prompt the cache or the requests ahead will hold, reading the cache without locking); ``step`` applies
-  them at its start.
+  them at its start. ``add_request`` checks the id and the queue and enqueues under the engine's lock, so
+  concurrent calls take one request per id and never more than the queue holds.
 - ``flush_cache`` runs at once between steps, or at the end of the step in progress; its future tells how
   many pages it freed.
 - ``take_events`` returns the radix cache's events in order: ``step`` moves them into a lock-protected
@@ -148,9 +149,10 @@ class Engine:
         self.metrics.bind(self.load)
         self._requests: dict[str, _Request] = {}
         self._inbox: deque[_Request] = deque()
-        self._aborts: deque[str] = deque()
+        self._aborts: deque[_Request] = deque()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        # Guards the four fields below, which let other threads flush the cache, take its events and add requests.
+        # Guards the four fields below, which let other threads flush the cache, take its events and add requests,
+        # and makes add_request's check of the id and the queue one step with its insert into _requests.
         self._lock = threading.Lock()
         self._stepping = False
         self._events: list[KVEvent] = []
@@ -180,32 +182,40 @@ class Engine:
         """Validates and enqueues a request; returns its id.
 
         ``prompt`` is text (tokenized as is: apply a chat template first for chat) or token ids.
-        Raises ValueError naming the field for bad input, EngineOverloaded when the queue is full.
+        Raises ValueError naming the field for bad input, RequestIdInUse when ``request_id`` is in flight,
+        EngineOverloaded when ``max_waiting_requests`` requests wait already; the id and the queue are checked and
+        the request taken in at once, under the engine's lock.
         """
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else uuid.uuid4().hex
-        if request_id in self._requests:
-            raise RequestIdInUse(f"request_id: {request_id!r} is already in flight")
-        if len(self._requests) >= self.config.scheduler.max_waiting_requests:
-            raise EngineOverloaded(f"queue full: {len(self._requests)} requests in flight")
         prompt_ids = self._prompt_ids(prompt)
         self._check_token_ids(params.stop_token_ids, "stop_token_ids")
         request = self._make_request(request_id, prompt_ids, params)
-        self._estimate_cached(request, prompt_ids)
-        self._requests[request_id] = request
-        self._inbox.append(request)
+        request.page_hashes = page_hashes(prompt_ids[:-1], self.config.cache.page_size, self._hash_seed)
+        num_cached = self.cache.cached_prefix_len(prompt_ids[:-1])  # read without the stepping thread: an estimate
+        with self._lock:
+            if request_id in self._requests:
+                raise RequestIdInUse(f"request_id: {request_id!r} is already in flight")
+            num_waiting = self._num_waiting()
+            if num_waiting >= self.config.scheduler.max_waiting_requests:
+                raise EngineOverloaded(f"queue full: {num_waiting} requests waiting")
+            self._estimate_cached(request, num_cached)
+            self._requests[request_id] = request
+            self._inbox.append(request)
         return request_id
 
-    def _estimate_cached(self, request: _Request, prompt_ids: list[int]) -> None:
-        """How much of the prompt will not need computing: the longer of its prefix the cache holds (read without
-        the stepping thread, so the cache may change meanwhile) and its prefix that requests ahead of it bring."""
-        page_size = self.config.cache.page_size
-        request.page_hashes = page_hashes(prompt_ids[:-1], page_size, self._hash_seed)
-        with self._lock:
-            ahead = next((i for i, h in enumerate(request.page_hashes) if h not in self._prompt_pages),
-                         len(request.page_hashes))
-            self._prompt_pages.update(request.page_hashes)
-        request.num_cached_at_arrival = max(self.cache.cached_prefix_len(prompt_ids[:-1]), ahead * page_size)
+    def _estimate_cached(self, request: _Request, num_cached: int) -> None:
+        """How much of the prompt will not need computing: the longer of its prefix the cache held (``num_cached``)
+        and its prefix that requests ahead of it bring. Call with ``_lock`` held."""
+        ahead = next((i for i, h in enumerate(request.page_hashes) if h not in self._prompt_pages),
+                     len(request.page_hashes))
+        self._prompt_pages.update(request.page_hashes)
+        request.num_cached_at_arrival = max(num_cached, ahead * self.config.cache.page_size)
+
+    def _num_waiting(self) -> int:
+        """Requests in flight with no sample running: queued, or preempted back to the queue (lock-free, so
+        possibly a step out of date while one runs)."""
+        return max(0, len(self._requests) - self.scheduler.num_running_requests)
 
     def _forget_prompt(self, request: _Request) -> None:
         with self._lock:
@@ -246,8 +256,12 @@ class Engine:
         return _Request(request_id, seqs, checkers, pending=seqs[1:])
 
     def abort(self, request_id: str) -> None:
-        """Asks for the request to end; the next ``step`` frees everything it holds and reports ``abort``."""
-        self._aborts.append(request_id)
+        """Asks for the request in flight under ``request_id`` to end; the next ``step`` frees everything it holds
+        and reports ``abort``. The abort is bound to that request: one ending meanwhile is not aborted, nor is a
+        later request given the same id."""
+        request = self._requests.get(request_id)
+        if request is not None:
+            self._aborts.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -310,8 +324,8 @@ class Engine:
             request = self._inbox.popleft()
             self.scheduler.add(request.seqs[0])
         while self._aborts:
-            request = self._requests.get(self._aborts.popleft())
-            if request is None or request.aborted:
+            request = self._aborts.popleft()
+            if request.aborted or request.finished:
                 continue
             request.aborted = True
             for seq in request.seqs:
@@ -486,10 +500,9 @@ class Engine:
 
     def load(self) -> EngineLoad:
         """The current load; any thread (lock-free, so possibly a step out of date while one runs)."""
-        running = self.scheduler.num_running_requests
         num_free = self.allocator.num_free
         owed = [request.owed_tokens(self.max_model_len) for request in list(self._requests.values())]
-        return EngineLoad(num_running=running, num_waiting=max(0, len(self._requests) - running),
+        return EngineLoad(num_running=self.scheduler.num_running_requests, num_waiting=self._num_waiting(),
                           num_pending_prefill_tokens=sum(p for p, _ in owed),
                           num_pending_output_tokens=sum(o for _, o in owed),
                           num_pages_used=self.allocator.num_pages - num_free, num_pages_free=num_free,
