@@ -150,7 +150,7 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._inbox: deque[_Request] = deque()
         self._aborts: deque[_Request] = deque()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         # Guards the four fields below, which let other threads flush the cache, take its events and add requests,
         # and makes add_request's check of the id and the queue one step with its insert into _requests.
         self._lock = threading.Lock()
@@ -518,20 +518,18 @@ class Engine:
         """Streams the request's outputs; closing the iterator early aborts the request.
 
         Validation errors raise before anything is yielded; ``RequestFailed`` when the request's own work or a step
-        running it fails (after the outputs before the failure). Steps run in a worker thread
-        so the event loop stays responsive; one driver task serves every concurrent ``generate`` of this engine,
+        running it fails (after the outputs before the failure). Steps run in a worker thread so the event loop stays
+        responsive; one driver task serves every concurrent ``generate`` of this engine,
         and ends when nothing is left to do.
         """
         request_id = self.add_request(prompt, params, request_id)
-        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = stream
         self._ensure_driver()
         finished = False
         try:
             while not finished:
                 item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
                 finished = item.finished
                 if item.error is not None:
                     raise RequestFailed(item.error)
