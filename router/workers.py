@@ -149,10 +149,10 @@ class WorkerClient:
 
     @property
     def full(self) -> bool:
-        """Its queue, as last reported, holds ``max_waiting_requests`` requests (False until informed)."""
+        """Its queue, as last reported, holds ``max_waiting_requests`` waiting requests (False until informed)."""
         if self.info is None:
             return False
-        return self.load.num_running + self.load.num_waiting >= self.info.max_waiting_requests
+        return self.load.num_waiting >= self.info.max_waiting_requests
 
     async def generate(self, request_id: str, token_ids: tuple[int, ...], params: SamplingParams,
                        timeout_s: float | None) -> AsyncIterator[WorkerPart]:

@@ -9,7 +9,8 @@ thread, also while ``step`` runs in another:
 
 - ``add_request`` and ``abort`` only validate and enqueue (``add_request`` also estimates, for ``load``, how much
   of the prompt the cache or the requests ahead will hold, reading the cache without locking); ``step`` applies
-  them at its start.
+  them at its start. ``add_request`` checks the id and the queue and enqueues under the engine's lock, so
+  concurrent calls take one request per id and never more than the queue holds.
 - ``flush_cache`` runs at once between steps, or at the end of the step in progress; its future tells how
   many pages it freed.
 - ``take_events`` returns the radix cache's events in order: ``step`` moves them into a lock-protected
@@ -77,7 +78,8 @@ class RequestIdInUse(ValueError):
 
 
 class RequestFailed(RuntimeError):
-    """A request's own work (sampling, stop checking, detokenizing) failed; the message names the request.
+    """A request's own work (sampling, stop checking, detokenizing) or the engine step running it failed; the
+    message names the request and the cause.
 
     Raised by ``generate`` for that request alone; the engine goes on serving the others.
     """
@@ -147,9 +149,10 @@ class Engine:
         self.metrics.bind(self.load)
         self._requests: dict[str, _Request] = {}
         self._inbox: deque[_Request] = deque()
-        self._aborts: deque[str] = deque()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        # Guards the four fields below, which let other threads flush the cache, take its events and add requests.
+        self._aborts: deque[_Request] = deque()
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        # Guards the four fields below, which let other threads flush the cache, take its events and add requests,
+        # and makes add_request's check of the id and the queue one step with its insert into _requests.
         self._lock = threading.Lock()
         self._stepping = False
         self._events: list[KVEvent] = []
@@ -179,32 +182,40 @@ class Engine:
         """Validates and enqueues a request; returns its id.
 
         ``prompt`` is text (tokenized as is: apply a chat template first for chat) or token ids.
-        Raises ValueError naming the field for bad input, EngineOverloaded when the queue is full.
+        Raises ValueError naming the field for bad input, RequestIdInUse when ``request_id`` is in flight,
+        EngineOverloaded when ``max_waiting_requests`` requests wait already; the id and the queue are checked and
+        the request taken in at once, under the engine's lock.
         """
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else uuid.uuid4().hex
-        if request_id in self._requests:
-            raise RequestIdInUse(f"request_id: {request_id!r} is already in flight")
-        if len(self._requests) >= self.config.scheduler.max_waiting_requests:
-            raise EngineOverloaded(f"queue full: {len(self._requests)} requests in flight")
         prompt_ids = self._prompt_ids(prompt)
         self._check_token_ids(params.stop_token_ids, "stop_token_ids")
         request = self._make_request(request_id, prompt_ids, params)
-        self._estimate_cached(request, prompt_ids)
-        self._requests[request_id] = request
-        self._inbox.append(request)
+        request.page_hashes = page_hashes(prompt_ids[:-1], self.config.cache.page_size, self._hash_seed)
+        num_cached = self.cache.cached_prefix_len(prompt_ids[:-1])  # read without the stepping thread: an estimate
+        with self._lock:
+            if request_id in self._requests:
+                raise RequestIdInUse(f"request_id: {request_id!r} is already in flight")
+            num_waiting = self._num_waiting()
+            if num_waiting >= self.config.scheduler.max_waiting_requests:
+                raise EngineOverloaded(f"queue full: {num_waiting} requests waiting")
+            self._estimate_cached(request, num_cached)
+            self._requests[request_id] = request
+            self._inbox.append(request)
         return request_id
 
-    def _estimate_cached(self, request: _Request, prompt_ids: list[int]) -> None:
-        """How much of the prompt will not need computing: the longer of its prefix the cache holds (read without
-        the stepping thread, so the cache may change meanwhile) and its prefix that requests ahead of it bring."""
-        page_size = self.config.cache.page_size
-        request.page_hashes = page_hashes(prompt_ids[:-1], page_size, self._hash_seed)
-        with self._lock:
-            ahead = next((i for i, h in enumerate(request.page_hashes) if h not in self._prompt_pages),
-                         len(request.page_hashes))
-            self._prompt_pages.update(request.page_hashes)
-        request.num_cached_at_arrival = max(self.cache.cached_prefix_len(prompt_ids[:-1]), ahead * page_size)
+    def _estimate_cached(self, request: _Request, num_cached: int) -> None:
+        """How much of the prompt will not need computing: the longer of its prefix the cache held (``num_cached``)
+        and its prefix that requests ahead of it bring. Call with ``_lock`` held."""
+        ahead = next((i for i, h in enumerate(request.page_hashes) if h not in self._prompt_pages),
+                     len(request.page_hashes))
+        self._prompt_pages.update(request.page_hashes)
+        request.num_cached_at_arrival = max(num_cached, ahead * self.config.cache.page_size)
+
+    def _num_waiting(self) -> int:
+        """Requests in flight with no sample running: queued, or preempted back to the queue (lock-free, so
+        possibly a step out of date while one runs)."""
+        return max(0, len(self._requests) - self.scheduler.num_running_requests)
 
     def _forget_prompt(self, request: _Request) -> None:
         with self._lock:
@@ -245,8 +256,12 @@ class Engine:
         return _Request(request_id, seqs, checkers, pending=seqs[1:])
 
     def abort(self, request_id: str) -> None:
-        """Asks for the request to end; the next ``step`` frees everything it holds and reports ``abort``."""
-        self._aborts.append(request_id)
+        """Asks for the request in flight under ``request_id`` to end; the next ``step`` frees everything it holds
+        and reports ``abort``. The abort is bound to that request: one ending meanwhile is not aborted, nor is a
+        later request given the same id."""
+        request = self._requests.get(request_id)
+        if request is not None:
+            self._aborts.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -267,20 +282,35 @@ class Engine:
             _resolve(flushed)
 
     def _step(self) -> list[RequestOutput]:
+        """The outputs of every request the step moved: each request it ended (also by an abort it applied, or
+        by its own failure) reports its end exactly once, here, and leaves the engine."""
         started = time.monotonic()
         touched: dict[str, _Request] = {}
-        self._drain_inbox(touched)
-        batch = self.scheduler.schedule()
-        if batch.items:
-            self._mark_started(batch, started)
-            logits, sampled = self.runner.run(batch)
-            self.stats.num_steps += 1
-            self.stats.num_computed_tokens += batch.num_tokens
-            self.scheduler.complete(batch)
-            if sampled:
-                self._accept(logits, sampled, touched)
-            self.metrics.on_step(len(batch.items), batch.num_tokens, time.monotonic() - started)
+        batch: ScheduledBatch[Sequence] | None = None
+        try:
+            self._drain_inbox(touched)
+            batch = self.scheduler.schedule()
+            if batch.items:
+                self._run(batch, started, touched)
+        except Exception as exc:  # ends the requests the step worked on; the engine goes on
+            self._fail_step(exc, self._requests_of(batch), touched)
         return [self._output(request) for request in touched.values()]
+
+    def _run(self, batch: ScheduledBatch[Sequence], started: float, touched: dict[str, _Request]) -> None:
+        self._mark_started(batch, started)
+        logits, sampled = self.runner.run(batch)
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += batch.num_tokens
+        self.scheduler.complete(batch)
+        if sampled:
+            self._accept(logits, sampled, touched)
+        self.metrics.on_step(len(batch.items), batch.num_tokens, time.monotonic() - started)
+
+    def _requests_of(self, batch: ScheduledBatch[Sequence] | None) -> list[_Request]:
+        """The requests of ``batch``; every request in flight when the step failed before its batch was built."""
+        if batch is None:
+            return list(self._requests.values())
+        return list({item.seq.request_id: self._requests[item.seq.request_id] for item in batch.items}.values())
 
     def _mark_started(self, batch: ScheduledBatch, now: float) -> None:
         for item in batch.items:
@@ -294,8 +324,8 @@ class Engine:
             request = self._inbox.popleft()
             self.scheduler.add(request.seqs[0])
         while self._aborts:
-            request = self._requests.get(self._aborts.popleft())
-            if request is None or request.aborted:
+            request = self._aborts.popleft()
+            if request.aborted or request.finished:
                 continue
             request.aborted = True
             for seq in request.seqs:
@@ -349,9 +379,22 @@ class Engine:
             self._release_pending(request)
 
     def _fail_request(self, request: _Request, exc: Exception) -> None:
-        """Ends every sample of ``request`` with finish reason ``error``, freeing what it holds; the others go on."""
+        """Ends ``request`` with an error, its own work having failed; the others go on."""
         log.exception("request %s failed", request.request_id, exc_info=exc)
-        request.error = f"request {request.request_id!r} failed: {type(exc).__name__}: {exc}"
+        self._end_with_error(request, f"{type(exc).__name__}: {exc}")
+
+    def _fail_step(self, exc: Exception, requests: list[_Request], touched: dict[str, _Request]) -> None:
+        """Ends with an error each of ``requests`` not finished yet (those a failed step worked on) and marks it
+        touched, so that it reports its end."""
+        log.exception("engine step failed; ending its %d requests", len(requests), exc_info=exc)
+        for request in requests:
+            if not request.finished:
+                self._end_with_error(request, f"engine step failed: {type(exc).__name__}: {exc}")
+                touched[request.request_id] = request
+
+    def _end_with_error(self, request: _Request, cause: str) -> None:
+        """Ends every sample of ``request`` with finish reason ``error``, freeing what it holds."""
+        request.error = f"request {request.request_id!r} failed: {cause}"
         for seq in request.seqs:
             if seq.status is not SeqStatus.FINISHED:
                 self._finish(seq, "error", in_scheduler=seq not in request.pending)
@@ -457,10 +500,9 @@ class Engine:
 
     def load(self) -> EngineLoad:
         """The current load; any thread (lock-free, so possibly a step out of date while one runs)."""
-        running = self.scheduler.num_running_requests
         num_free = self.allocator.num_free
         owed = [request.owed_tokens(self.max_model_len) for request in list(self._requests.values())]
-        return EngineLoad(num_running=running, num_waiting=max(0, len(self._requests) - running),
+        return EngineLoad(num_running=self.scheduler.num_running_requests, num_waiting=self._num_waiting(),
                           num_pending_prefill_tokens=sum(p for p, _ in owed),
                           num_pending_output_tokens=sum(o for _, o in owed),
                           num_pages_used=self.allocator.num_pages - num_free, num_pages_free=num_free,
@@ -475,21 +517,19 @@ class Engine:
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; closing the iterator early aborts the request.
 
-        Validation errors raise before anything is yielded; ``RequestFailed`` when the request's own work fails
-        (after the outputs before the failure), RuntimeError when a whole step fails. Steps run in a worker thread
-        so the event loop stays responsive; one driver task serves every concurrent ``generate`` of this engine,
+        Validation errors raise before anything is yielded; ``RequestFailed`` when the request's own work or a step
+        running it fails (after the outputs before the failure). Steps run in a worker thread so the event loop stays
+        responsive; one driver task serves every concurrent ``generate`` of this engine,
         and ends when nothing is left to do.
         """
         request_id = self.add_request(prompt, params, request_id)
-        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = stream
         self._ensure_driver()
         finished = False
         try:
             while not finished:
                 item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
                 finished = item.finished
                 if item.error is not None:
                     raise RequestFailed(item.error)
@@ -510,20 +550,18 @@ class Engine:
         while self._requests or self._aborts:
             try:
                 outputs = await asyncio.to_thread(self.step)
-            except Exception as exc:  # a failed step fails every request it could have touched
-                self._fail_all(exc)
-                continue
+            except Exception as exc:  # a bug: ``step`` ends what its own failures touch
+                outputs = self._fail_all(exc)
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
                     stream.put_nowait(output)
 
-    def _fail_all(self, exc: Exception) -> None:
-        for request_id in list(self._requests):
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                stream.put_nowait(RuntimeError(f"engine step failed: {exc!r}"))
-            self.abort(request_id)
+    def _fail_all(self, exc: Exception) -> list[RequestOutput]:
+        """Ends every request in flight after ``step`` raised, so that none waits for good; their final outputs."""
+        touched: dict[str, _Request] = {}
+        self._fail_step(exc, list(self._requests.values()), touched)
+        return [self._output(request) for request in touched.values()]
 
 
 def _rows(out: SamplerOutput) -> list[_Sampled]:

@@ -109,10 +109,12 @@ class Scheduler(Generic[S]):
 
     def complete(self, batch: ScheduledBatch[S]) -> None:
         """Records that ``batch`` was computed: each sequence's ``num_computed`` advances by its tokens, and the
-        full pages a prefill chunk completed enter the radix cache (later prompts match them from the next step)."""
+        full pages a prefill chunk (of any length, one token too) completed enter the radix cache (later prompts
+        match them from the next step). A decode step's pages enter it when the sequence ends or is preempted."""
         for seq, num_tokens in batch.items:
+            decode = num_tokens == 1 and seq.num_computed >= seq.prompt_len
             seq.num_computed += num_tokens
-            if num_tokens > 1 and seq.status is SeqStatus.RUNNING:
+            if not decode and seq.status is SeqStatus.RUNNING:
                 self.cache_computed(seq)
 
     def _admit(self, budget: int, prefills: list[ScheduledSeq[S]], decodes: list[ScheduledSeq[S]]) -> None:

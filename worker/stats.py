@@ -28,7 +28,8 @@ class EngineStats:
 class EngineLoad:
     """A snapshot of the engine's load (``Engine.load``): the ``EngineStats`` counters plus queue and pool state.
 
-    ``num_running``: requests with a sample in the running batch; ``num_waiting``: the other requests in flight.
+    ``num_running``: requests with a sample in the running batch; ``num_waiting``: the other requests in flight,
+    queued (or preempted back to the queue), which ``max_waiting_requests`` bounds.
     ``num_pages_used`` = pages not free (held by requests or the radix cache); ``num_pages_evictable``: cached
     pages no request holds, which ``flush_cache`` would free. ``num_evicted_pages`` and ``num_preemptions`` count
     the scheduler's evictions for room and preemptions since the engine started. ``num_pending_prefill_tokens``:

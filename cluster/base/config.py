@@ -50,7 +50,8 @@ class SchedulerConfig:
 
     ``max_num_batched_tokens`` bounds the tokens one step feeds the model (decode tokens plus prefill chunks);
     a prompt longer than the budget left in a step is prefilled in chunks. ``max_running_requests`` bounds the
-    batch; ``max_waiting_requests`` bounds the requests in flight, queued or running (further ones are refused).
+    batch; ``max_waiting_requests`` bounds the requests waiting, queued with no sample running (further ones are
+    refused), so a worker holds at most ``max_running_requests + max_waiting_requests`` requests.
     """
 
     max_num_batched_tokens: int = 512

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -11,6 +12,8 @@ from radixserve.cluster.base.hashing import page_hashes
 from radixserve.router.policies import LeastLoadPolicy, PrefixPolicy, RouteRequest
 from radixserve.router.prefix_index import PrefixIndex
 from radixserve.router.routing import ReportedLoad, WorkerLoad, decide
+from radixserve.router.workers import WorkerClient
+from radixserve.v1 import types_pb2, worker_pb2
 
 PAGE = 16
 
@@ -145,3 +148,16 @@ def test_decide_takes_the_larger_of_own_and_reported_figures() -> None:
     decide(Spy(random.Random(0)), index, RouteRequest(PAGE, 1, PAGE), [], ["w"], [own], [ReportedLoad(3, 50, 40)])
     c = seen["candidate"]
     assert (c.num_in_flight, c.num_queued, c.pending_prefill_tokens, c.pending_output_tokens) == (1, 3, 100, 40)
+
+
+def test_a_worker_is_full_when_its_waiting_requests_reach_max_waiting_requests() -> None:
+    # Regression: the router counted running requests against max_waiting_requests, which bounds waiting ones.
+    info = worker_pb2.WorkerInfo(max_running_requests=64, max_waiting_requests=2)
+
+    def full(num_running: int, num_waiting: int) -> bool:
+        reported = SimpleNamespace(info=info, load=types_pb2.LoadReport(num_running=num_running,
+                                                                        num_waiting=num_waiting))
+        return WorkerClient.full.fget(reported)  # type: ignore[attr-defined]  # the property on a report alone
+
+    assert not full(64, 1)
+    assert full(0, 2) and full(64, 2)

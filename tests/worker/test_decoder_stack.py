@@ -9,6 +9,7 @@ from engine_runs import run_to_completion
 from radixserve.cluster.base.config import CacheConfig, EngineConfig, SchedulerConfig
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.worker.engine import Engine
+from radixserve.worker.models.attention import AttentionBatch
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.decoder_stack import DecoderStack
 
@@ -59,3 +60,17 @@ def test_the_stack_refuses_caches_that_do_not_match_its_layers(smollm2_checkpoin
     with pytest.raises(RuntimeError, match="caches: "):
         stack.forward(x, empty, engine.kv.k[:2], engine.kv.v[:2], [], [], empty, torch.zeros(1, 1, dtype=torch.int64),
                       empty, torch.ones(1, dtype=torch.int64), engine.kv.page_size)
+
+
+@pytest.mark.parametrize("num_positions", [1, 3])
+def test_the_stack_refuses_positions_that_do_not_match_the_tokens(smollm2_checkpoint: Checkpoint,
+                                                                  num_positions: int) -> None:
+    # Regression: the native stack read a position for each token however many there were.
+    engine = _engine(smollm2_checkpoint, "gguf")
+    stack = engine.model.model.decoder_stack
+    tokens = 2
+    batch = AttentionBatch(slot_mapping=torch.arange(tokens), page_table=torch.zeros(1, 1, dtype=torch.int64),
+                           query_seqs=torch.zeros(tokens, dtype=torch.int64),
+                           context_lens=torch.arange(1, tokens + 1), page_size=engine.kv.page_size)
+    with pytest.raises(ValueError, match=f"^positions: {num_positions} for {tokens} tokens"):
+        stack.forward(torch.zeros(tokens, 576), torch.arange(num_positions), batch, engine.kv)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from engine_runs import assert_all_pages_free, collect, prompts, run_to_completi
 
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.base.config import CacheConfig, EngineConfig, SchedulerConfig
-from radixserve.worker.engine import Engine, EngineOverloaded
+from radixserve.worker.engine import Engine, EngineOverloaded, RequestIdInUse
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.loading import open_checkpoint
 from radixserve.cluster.base.sampling_params import SamplingParams
@@ -198,6 +200,63 @@ def test_duplicate_request_ids_and_a_full_queue_are_refused(checkpoint: Checkpoi
     with pytest.raises(EngineOverloaded):
         engine.add_request([5, 6], GREEDY, "c")
     assert set(run_to_completion(engine)) == {"a", "b"}
+
+
+def test_concurrent_adds_accept_one_request_per_id_and_never_more_than_the_queue_holds(
+        checkpoint: Checkpoint) -> None:
+    # Regression: the id and the queue size were checked outside the lock, long before the insert.
+    engine = make_engine(checkpoint, waiting=3)
+    num_threads = 12
+    barrier = threading.Barrier(num_threads)
+
+    def add(request_id: str) -> bool:
+        barrier.wait(30)
+        try:
+            engine.add_request([5, 6, 7], GREEDY, request_id)
+        except (RequestIdInUse, EngineOverloaded):
+            return False
+        return True
+
+    with ThreadPoolExecutor(num_threads) as pool:
+        for round_ in range(4):
+            assert sum(pool.map(add, [f"same-{round_}"] * num_threads)) == 1
+            run_to_completion(engine)
+            accepted = sum(pool.map(add, [f"{round_}-{i}" for i in range(num_threads)]))
+            assert accepted == 3 and engine.load().num_waiting == 3
+            run_to_completion(engine)
+
+
+def test_max_waiting_requests_bounds_the_requests_not_running(checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint, running=1, waiting=1)
+    long = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    engine.add_request([5, 6, 7], long, "running")
+    engine.step()
+    engine.add_request([5, 6, 8], long, "waiting")  # the queue holds one waiting request besides the running one
+    with pytest.raises(EngineOverloaded):
+        engine.add_request([5, 6, 9], long, "refused")
+    engine.step()
+    load = engine.load()
+    assert (load.num_running, load.num_waiting) == (1, 1)
+    assert set(run_to_completion(engine)) == {"running", "waiting"}
+
+
+def test_an_abort_meant_for_a_request_does_not_end_a_later_one_reusing_its_id(checkpoint: Checkpoint) -> None:
+    # Regression: aborts were queued by id, so one that reached an ending request during its last step ended the
+    # next request given the same id.
+    engine = make_engine(checkpoint)
+    run = engine.runner.run
+
+    def run_and_abort(batch):  # type: ignore[no-untyped-def]  # another thread aborts while the step runs
+        engine.abort("x")
+        return run(batch)
+
+    engine.runner.run = run_and_abort  # type: ignore[method-assign]
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=1, temperature=0), "x")
+    assert run_to_completion(engine)["x"].samples[0].finish_reason == "length"  # it ended in that step anyway
+    engine.runner.run = run  # type: ignore[method-assign]
+    engine.add_request([5, 6, 7], GREEDY, "x")
+    again = run_to_completion(engine)["x"].samples[0]
+    assert again.finish_reason == "length" and len(again.token_ids) == GREEDY.max_tokens
 
 
 def test_stop_strings_stop_tokens_and_lengths(checkpoint: Checkpoint) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,9 +28,39 @@ def checkpoint(tiny_hf_dir: Path) -> Checkpoint:
     return open_checkpoint(tiny_hf_dir)
 
 
-def make_engine(checkpoint: Checkpoint, seed: int = 0) -> Engine:
+def make_engine(checkpoint: Checkpoint, seed: int = 0, running: int = 64) -> Engine:
     return Engine(EngineConfig(model="tiny", seed=seed, cache=CacheConfig(page_size=4, num_pages=256),
-                               scheduler=SchedulerConfig(max_num_batched_tokens=256)), checkpoint)
+                               scheduler=SchedulerConfig(max_num_batched_tokens=256, max_running_requests=running)),
+                  checkpoint)
+
+
+class FailingModelStep:
+    """Wraps the engine's runner: ``arm()`` makes its next model step raise; ``hold_at(n)`` makes step ``n`` wait
+    for ``release`` (bounded) after setting ``entered``, so a test can act between two steps of a driver."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._run = engine.runner.run
+        self._armed = False
+        self._hold_at: int | None = None
+        self.num_calls = 0
+        self.entered, self.release = threading.Event(), threading.Event()
+        engine.runner.run = self  # type: ignore[method-assign]  # fault injection needs the engine's internals
+
+    def arm(self) -> None:
+        self._armed = True
+
+    def hold_at(self, call: int) -> None:
+        self._hold_at = call
+
+    def __call__(self, batch):  # type: ignore[no-untyped-def]
+        self.num_calls += 1
+        if self.num_calls == self._hold_at:
+            self.entered.set()
+            assert self.release.wait(30), "the test never released the held step"
+        elif self._armed:
+            self._armed = False
+            raise RuntimeError("model exploded")
+        return self._run(batch)
 
 
 def poison_stop_checks(engine: Engine, request_id: str, after: int) -> None:
@@ -43,6 +74,13 @@ def poison_stop_checks(engine: Engine, request_id: str, after: int) -> None:
         return append(token_id)
 
     checker.append = failing  # type: ignore[method-assign]
+
+
+def assert_idle(engine: Engine) -> None:
+    load = engine.load()
+    assert not engine.has_unfinished() and engine._requests == {}
+    assert (load.num_running, load.num_waiting, load.num_pending_prefill_tokens) == (0, 0, 0)
+    assert_all_pages_free(engine)
 
 
 def solo(checkpoint: Checkpoint, prompt: list[int]) -> list[int]:
@@ -118,6 +156,61 @@ def test_generate_raises_request_failed_for_that_stream_only_and_leaves_no_task(
     assert good == solo(checkpoint, work[0])
     assert isinstance(bad, RequestFailed) and "request 'bad' failed" in str(bad)
     assert_all_pages_free(engine)
+
+
+def test_a_failing_model_step_ends_its_batch_and_still_reports_an_abort_of_that_step(checkpoint: Checkpoint) -> None:
+    # Regression: a model step that raised lost the outputs of the aborts it had applied, so the aborted request
+    # never reported its end and stayed in flight for good.
+    engine = make_engine(checkpoint, running=1)
+    work = prompts(3, 20, seed=7)
+    for i, prompt in enumerate(work):
+        engine.add_request(prompt, GREEDY, f"r{i}")
+    runner = FailingModelStep(engine)
+    engine.step()  # r0 runs; r1 and r2 wait (one request runs at a time)
+    engine.abort("r0")
+    runner.arm()
+    outputs = {output.request_id: output for output in engine.step()}  # r0 aborted, then r1 admitted, then boom
+    assert set(outputs) == {"r0", "r1"}
+    assert outputs["r0"].finished and outputs["r0"].error is None
+    assert [o.finish_reason for o in outputs["r0"].outputs] == ["abort"]
+    assert outputs["r1"].finished and not outputs["r1"].outputs
+    assert outputs["r1"].error == "request 'r1' failed: engine step failed: RuntimeError: model exploded"
+    assert run_to_completion(engine)["r2"].tokens == solo(checkpoint, work[2])  # not in that step: unharmed
+    assert_idle(engine)
+
+
+def test_the_driver_ends_every_stream_when_a_model_step_fails_with_an_abort(checkpoint: Checkpoint) -> None:
+    # Regression: the driver re-queued aborts for every request after a failed step, the drain skipped the one
+    # already aborted, and it stayed in flight while the driver stepped with nothing to do.
+    engine = make_engine(checkpoint)
+    work = prompts(2, 20, seed=8)
+    runner = FailingModelStep(engine)
+    runner.hold_at(3)
+
+    async def stream(prompt: list[int], request_id: str) -> list[str | None]:
+        reasons: list[str | None] = []
+        async for output in engine.generate(prompt, GREEDY, request_id):
+            reasons += [o.finish_reason for o in output.outputs]
+        return reasons
+
+    async def main() -> tuple[list[str | None] | BaseException, ...]:
+        streams = asyncio.gather(stream(work[0], "aborted"), stream(work[1], "failed"), return_exceptions=True)
+        assert await asyncio.to_thread(runner.entered.wait, 30)
+        engine.abort("aborted")  # applied by the next step, whose model step fails
+        runner.arm()
+        runner.release.set()
+        results = await asyncio.wait_for(streams, 30)
+        for _ in range(1000):
+            if engine._driver is None or engine._driver.done():
+                break
+            await asyncio.sleep(0.01)
+        assert engine._driver is not None and engine._driver.done(), "the driver is still stepping"
+        return tuple(results)
+
+    aborted, failed = asyncio.run(main())
+    assert isinstance(aborted, list) and aborted[-1] == "abort"
+    assert isinstance(failed, RequestFailed) and "engine step failed: RuntimeError: model exploded" in str(failed)
+    assert_idle(engine)
 
 
 @pytest.fixture

@@ -76,6 +76,20 @@ def test_complete_caches_the_pages_a_chunk_finished() -> None:
     assert scheduler.cache.match_prefix(list(range(1, 14))).pages == scheduler.running[0].pages[:1]
 
 
+def test_a_one_token_chunk_caches_the_page_it_completes() -> None:
+    # Regression: only chunks of more than one token entered the radix cache, so a follower sharing the whole
+    # prompt matched one page less when the prompt's last chunk was a single token.
+    scheduler = make(budget=7)
+    prompt = list(range(1, 9))  # 8 tokens: 2 full pages
+    scheduler.add(seq("a", prompt))
+    assert step(scheduler, max_tokens=20) == [("a", 7)]
+    assert step(scheduler, max_tokens=20) == [("a", 1)]  # the last prompt token completes page 2
+    assert scheduler.cache.match_prefix(prompt).pages == scheduler.running[0].pages[:2]
+    scheduler.add(seq("b", prompt + [30]))
+    assert step(scheduler, max_tokens=20) == [("a", 1), ("b", 1)]
+    assert scheduler.running[1].num_cached_prompt_tokens == 8
+
+
 def test_a_prompt_waits_for_the_page_another_is_prefilling() -> None:
     scheduler = make(budget=8)
     shared = list(range(1, 13))

@@ -381,15 +381,22 @@ at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residu
 
 // Rotates x [T, H, D] in place (rows of heads, last dimension contiguous) by the tables' rows at positions [T]:
 // x * cos + rotate_half(x) * sin, where sin already carries rotate-half's sign (RotaryEmbedding's tables).
+// Positions that are not one int64 per token, or outside the tables, raise ValueError naming them (every caller,
+// the decoder stack's too, comes through here before anything is written).
 void rotary_(const at::Tensor& x, at::Tensor positions, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.stride(2) == 1,
               "x: must be a CPU float32 [T, H, D] tensor with contiguous heads");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() && cos.size(1) == x.size(2),
               "cos, sin: must be contiguous [max_len, D] tables");
-  positions = positions.contiguous();
   const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
+  TORCH_CHECK_VALUE(positions.device().is_cpu() && positions.scalar_type() == at::kLong && positions.dim() == 1 &&
+                        positions.numel() == tokens,
+                    "positions: ", positions.numel(), " for ", tokens, " tokens (must be CPU int64 [tokens])");
+  positions = positions.contiguous();
   const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(0 <= pos[t] && pos[t] < cos.size(0), "positions: out of range");
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK_VALUE(0 <= pos[t] && pos[t] < cos.size(0), "positions: ", pos[t], " is outside [0, ", cos.size(0), ")");
+  }
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cos.data_ptr<float>() + pos[t] * dim;

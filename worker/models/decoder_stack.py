@@ -54,7 +54,8 @@ class DecoderStack:
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
         """The last layer's ``(output, residual)`` for embeddings ``x`` [T, hidden] (updated in place: it becomes
-        the residual stream), as the layers' loop returns them."""
+        the residual stream) at ``positions`` [T] int64, as the layers' loop returns them. Positions that are not
+        one per token raise ValueError naming ``positions`` (the native rotary checks them before any write)."""
         scales = (kv.k_scale, kv.v_scale) if kv.quantized else ([], [])
         return self._stack.forward(x, positions, kv.k, kv.v, *scales, batch.slot_mapping, batch.page_table,
                                    batch.query_seqs, batch.context_lens, batch.page_size)
