@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster_calls import free_port, listening_pid, wait_for
+from cluster_calls import listening_pid, wait_for
 
 from radixserve.cluster.control.client import ClusterClient
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
@@ -33,7 +33,7 @@ def replicas(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     home = tmp_path_factory.mktemp("replicas-home")
     env = {**os.environ, "RADIXSERVE_HOME": str(home)}
     cli = [sys.executable, "-m", "radixserve.cluster.control.cli"]
-    up = [*cli, "up", "--detach", "--routers", "2", "--model", str(tiny_hf_dir), "--port", str(free_port()),
+    up = [*cli, "up", "--detach", "--routers", "2", "--model", str(tiny_hf_dir), "--port", "0",
           "--http-port", "0", "--set", "engine.cache.num_pages=512", "--set", "engine.cache.page_size=4",
           "--set", "pool.max_restarts=0", "--set", "router.health_interval_s=0.2",
           "--set", "router.drain_timeout_s=3.0"]
