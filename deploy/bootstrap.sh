@@ -46,7 +46,7 @@ case "$task" in
         echo "==> the cluster keeps running: try .venv/bin/radixserve generate \"...\"; stop it with .venv/bin/radixserve down"
         ;;
     test)
-        .venv/bin/python -m pytest -q -p no:cacheprovider
+        .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25
         ;;
     *)
         echo "usage: $0 demo|test" >&2

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster_calls import free_port
 
 from radixserve.cluster.base.config import load_cluster_config
 from radixserve.cluster.control.launcher import ClusterRunner
@@ -31,7 +30,7 @@ E2E_SETTINGS = {
 @pytest.fixture(scope="session")
 def cluster(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterRunner]:
     targets = tmp_path_factory.mktemp("metrics") / "prometheus_targets.json"
-    config = load_cluster_config(None, {**E2E_SETTINGS, "router.port": free_port(), "metrics.sd_file": str(targets)})
+    config = load_cluster_config(None, {**E2E_SETTINGS, "router.port": 0, "metrics.sd_file": str(targets)})
     runner = ClusterRunner(config)
     try:
         runner.start(print)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import httpx
-from cluster_calls import free_port
 
 
 def _radixserve(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -22,16 +21,15 @@ def test_up_generate_status_down(tmp_path: Path, smollm2_path: Path):
     (home / "models").mkdir(parents=True)
     # The model store layout is <home>/models/<name>/<file>: share the already pulled file.
     (home / "models" / smollm2_path.parent.name).symlink_to(smollm2_path.parent)
-    port = free_port()
-    env = {**os.environ, "RADIXSERVE_HOME": str(home), "RADIXSERVE_TARGET": f"127.0.0.1:{port}"}
-    up = _radixserve(env, "up", "--detach", "--port", str(port), "--http-port", "0", "--kv-memory-gib", "0.25")
+    env = {**os.environ, "RADIXSERVE_HOME": str(home)}  # the commands find the cluster through its state file
+    up = _radixserve(env, "up", "--detach", "--port", "0", "--http-port", "0", "--kv-memory-gib", "0.25")
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        assert f"127.0.0.1:{port}" in up.stdout
-        http_address = json.loads((home / "run" / "cluster.json").read_text())["http_address"]
-        assert f"OpenAI-compatible HTTP at {http_address}" in up.stdout
+        state = json.loads((home / "run" / "cluster.json").read_text())
+        router_address, http_address = state["router_address"], state["http_address"]
+        assert f"cluster up: router at {router_address}, OpenAI-compatible HTTP at {http_address}" in up.stdout
         assert httpx.get(f"http://{http_address}/health").status_code == 200
-        again = _radixserve(env, "up", "--detach", "--port", str(port), timeout=60)
+        again = _radixserve(env, "up", "--detach", "--port", "0", timeout=60)
         assert again.returncode == 1 and "already running" in again.stderr
 
         reply = _radixserve(env, "generate", "What is the capital of France?", "--max-tokens", "16", timeout=300)
@@ -55,5 +53,5 @@ def test_up_generate_status_down(tmp_path: Path, smollm2_path: Path):
     assert not (home / "run" / "cluster.json").exists()
     assert json.loads((home / "run" / "prometheus_targets.json").read_text()) == []  # nothing left to scrape
     assert "draining the workers" in (home / "run" / "cluster.log").read_text()  # drained, not killed by Ray's handler
-    after = _radixserve(env, "status", timeout=60)
+    after = _radixserve({**env, "RADIXSERVE_TARGET": router_address}, "status", timeout=60)
     assert after.returncode == 1 and "UNAVAILABLE" in after.stderr

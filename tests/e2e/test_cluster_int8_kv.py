@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from cluster_calls import free_port, workers_by_id
+from cluster_calls import workers_by_id
 # Collected here too, run against this module's ``stub``: prefix routing and cache reuse, streaming == complete.
 from test_cluster import (test_generate_streams_the_same_tokens_as_complete,  # noqa: F401
                           test_requests_sharing_a_prefix_land_on_one_worker_and_reuse_its_cache)
@@ -41,7 +41,7 @@ def router_address(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory)
     (home / "models" / smollm2_path.parent.name).symlink_to(smollm2_path.parent)  # the pulled file, shared
     env = {**os.environ, "RADIXSERVE_HOME": str(home)}
     settings = [arg for setting in SETTINGS for arg in ("--set", setting)]
-    up = _radixserve(env, "up", "--detach", "--port", str(free_port()), "--http-port", "0", *settings)
+    up = _radixserve(env, "up", "--detach", "--port", "0", "--http-port", "0", *settings)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         yield json.loads((home / "run" / "cluster.json").read_text())["router_address"]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster_calls import free_port, listening_pid, wait_for
+import tiny_checkpoints
+from cluster_calls import listening_pid, wait_for
 
 from radixserve.cluster.control.client import ClusterClient
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
@@ -28,13 +29,24 @@ class Replicas:
     home: Path
 
 
+# Streams far longer than the test takes to kill their router (a tiny model's context is 256 tokens, too short:
+# its streams could end first); every worker has pages for four whole ones (16,384 pages of 4 tokens, 32 MiB).
+LONG_MAX_TOKENS = 16_000
+
+
 @pytest.fixture(scope="module")
-def replicas(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
+def long_context_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoints.write_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny-long"),
+                                                     max_position_embeddings=2 * LONG_MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def replicas(long_context_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     home = tmp_path_factory.mktemp("replicas-home")
     env = {**os.environ, "RADIXSERVE_HOME": str(home)}
     cli = [sys.executable, "-m", "radixserve.cluster.control.cli"]
-    up = [*cli, "up", "--detach", "--routers", "2", "--model", str(tiny_hf_dir), "--port", str(free_port()),
-          "--http-port", "0", "--set", "engine.cache.num_pages=512", "--set", "engine.cache.page_size=4",
+    up = [*cli, "up", "--detach", "--routers", "2", "--model", str(long_context_hf_dir), "--port", "0",
+          "--http-port", "0", "--set", "engine.cache.num_pages=16384", "--set", "engine.cache.page_size=4",
           "--set", "pool.max_restarts=0", "--set", "router.health_interval_s=0.2",
           "--set", "router.drain_timeout_s=3.0"]
     try:
@@ -67,9 +79,9 @@ def test_a_router_killed_with_sigkill_leaves_the_other_serving_and_no_page_leake
     pid = listening_pid(int(doomed.rsplit(":", 1)[1]))  # the router actor's process
     with grpc.insecure_channel(doomed) as channel:
         stub = api_pb2_grpc.GenerationStub(channel)
-        streams = [stub.Generate(request(100 + i, max_tokens=2000), timeout=60) for i in range(4)]
+        streams = [stub.Generate(request(100 + i, max_tokens=LONG_MAX_TOKENS), timeout=60) for i in range(4)]
         for stream in streams:
-            next(stream)  # each mid-flight on a worker
+            next(stream)  # each mid-flight on a worker, with thousands of tokens to go
         os.kill(pid, signal.SIGKILL)
         for stream in streams:  # each ends with an error status, none silently
             with pytest.raises(grpc.RpcError) as failure:

@@ -124,7 +124,7 @@ def settle(c: Cluster) -> None:
     """Wait until the router holds no request (a stream's requests may end just after its last response)."""
     deadline = time.monotonic() + TIMEOUT_S
     while c.router.core.num_in_flight and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.01)  # the poll interval
     assert c.router.core.num_in_flight == 0
 
 
@@ -377,14 +377,14 @@ def test_cancelling_a_stream_ends_its_requests_on_the_worker(background_cluster:
                                      timeout=TIMEOUT_S)
         deadline = time.monotonic() + TIMEOUT_S
         while c.router.core.num_in_flight == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.01)  # the poll interval
         call.cancel()
         settle(c)
     finally:
         engine.gate.set()
     deadline = time.monotonic() + TIMEOUT_S
     while engine.load().num_running + engine.load().num_waiting and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.01)  # the poll interval
     assert engine.load().num_running + engine.load().num_waiting == 0
     assert counted(c, method="ModelStreamInfer", code="CANCELLED") == cancelled + 1
 

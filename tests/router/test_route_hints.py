@@ -9,15 +9,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
+from conditions import until
 from prometheus_client import CollectorRegistry
 
 from radixserve.cluster.base.bus import InProcessBus
 from radixserve.router.metrics import RouterMetrics
 from radixserve.router.prefix_index import PrefixIndex
 from radixserve.router.route_hints import MAX_QUEUED_HINTS, RouteHints
+from radixserve.v1 import router_pb2
 
 PROMPT = [11, 12, 13, 14]
 WORKERS = ("w0", "w1")
+PROBE_HASH = 1000  # probes credit w0 with pages from here on, which no test prompt has
 
 
 class Replica:
@@ -25,34 +28,45 @@ class Replica:
         self.index = PrefixIndex(pending_ttl_s=30.0, approx_ttl_s=30.0)
         self.metrics = RouterMetrics(CollectorRegistry(), "prefix")
         self.hints = RouteHints(bus, name, self.index, {"w0", "w1"}, self.metrics.route_hints)
+        self.num_probes_applied = 0.0
 
     def matched(self) -> dict[str, int]:
         return self.index.match(PROMPT, WORKERS)
 
     def count(self, outcome: str) -> float:
+        """Hints counted with ``outcome``, the probes of ``following`` left out."""
         value = self.metrics.registry.get_sample_value("radixserve_router_route_hints_total", {"outcome": outcome})
-        return 0.0 if value is None else value
+        probes = self.num_probes_applied if outcome == "applied" else 0.0
+        return (0.0 if value is None else value) - probes
+
+
+async def following(bus: InProcessBus, running: list[Replica]) -> None:
+    """Return once every replica follows the route log (which delivers only what is appended after that): each
+    has applied a probe entry. In order, so once the last probe is applied, every earlier one is too."""
+    for attempt in range(100):
+        probe = [PROBE_HASH + attempt]
+        hint = router_pb2.RouteHint(worker_id="w0", page_hashes=probe)
+        await bus.append_routes(router_pb2.RouteHints(router_id="probe", hints=[hint]).SerializeToString())
+        with contextlib.suppress(AssertionError):
+            await until(lambda: all(r.index.match(probe, ["w0"]) == {"w0": 1} for r in running), "the probe",
+                        timeout_s=0.05)
+            for replica in running:
+                replica.num_probes_applied = replica.count("applied")
+            return
+    raise AssertionError("the replicas never followed the route log")
 
 
 @contextlib.asynccontextmanager
 async def replicas(bus: InProcessBus, *names: str) -> AsyncIterator[list[Replica]]:
     running = [Replica(bus, name) for name in names]
     tasks = [asyncio.create_task(r.hints.run()) for r in running]
-    await asyncio.sleep(0.01)  # each follows the route log
     try:
+        await following(bus, running)
         yield running
     finally:
         for replica in running:
             replica.hints.stop()
         await asyncio.wait_for(asyncio.gather(*tasks), 5)
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("not within 5 s")
 
 
 def run(main: Callable[[], object]) -> None:
@@ -65,11 +79,13 @@ def test_what_one_replica_routes_the_others_credit_and_what_it_withdraws_they_dr
         async with replicas(bus, "a", "b", "c") as (a, b, c):
             a.hints.routed("w1", PROMPT[:3])
             a.hints.routed("w0", PROMPT)
-            await until(lambda: b.matched() == {"w0": 4, "w1": 3} and c.matched() == b.matched())
+            await until(lambda: b.matched() == {"w0": 4, "w1": 3} and c.matched() == b.matched(),
+                        "b and c to credit a's routes")
             assert a.matched() == {"w0": 0, "w1": 0}  # its own index is credited where it routes, not from the log
             assert a.count("published") == 2 and b.count("applied") == 2
             a.hints.withdrawn("w0", PROMPT)
-            await until(lambda: b.matched() == {"w0": 0, "w1": 3} and c.matched() == b.matched())
+            await until(lambda: b.matched() == {"w0": 0, "w1": 3} and c.matched() == b.matched(),
+                        "b and c to drop the withdrawn route")
         await bus.close()
     run(main)
 
@@ -83,7 +99,7 @@ def test_a_burst_of_decisions_goes_out_as_few_entries_in_order() -> None:
                 a.hints.routed("w0", PROMPT)
                 a.hints.withdrawn("w0", PROMPT)
             a.hints.routed("w1", PROMPT)
-            await until(lambda: b.count("applied") == 101)
+            await until(lambda: b.count("applied") == 101, "b to apply every hint")
             assert b.matched() == {"w0": 0, "w1": 4}  # the last word on w0 was a withdrawal
             entries = 0
             with contextlib.suppress(TimeoutError):
@@ -104,7 +120,7 @@ def test_unknown_workers_and_malformed_entries_are_skipped_and_the_feed_goes_on(
             await bus.append_routes(b"")  # parses, but names no router
             a.hints.routed("w9", PROMPT)
             a.hints.routed("w0", PROMPT)
-            await until(lambda: b.matched()["w0"] == 4)
+            await until(lambda: b.matched()["w0"] == 4, "b to credit w0")
             assert b.index.match(PROMPT, ["w9"]) == {"w9": 0}
             assert b.count("malformed") == 2 and a.count("malformed") == 2
             assert b.count("applied") == 1

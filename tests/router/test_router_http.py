@@ -108,10 +108,10 @@ def test_stopping_the_router_drains_http_requests(tiny_hf_dir: Path) -> None:
             c.engines[0].gate.clear()
             held = asyncio.create_task(http.post("/v1/chat/completions", json=CHAT))
             while c.router.core.num_in_flight == 0:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the poll interval (main's deadline bounds it)
             stopping = asyncio.create_task(c.router.stop())
             while not c.router.core.draining:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the poll interval (main's deadline bounds it)
             assert (await http.get("/health")).status_code == 503
             refused = await http.post("/v1/chat/completions", json=CHAT)
             assert refused.status_code == 503

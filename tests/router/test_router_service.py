@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from conditions import until
 from gated_engine import GatedEngine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -51,21 +51,13 @@ def prompt_hashes(req: api_pb2.GenerateRequest) -> list[int]:
     return page_hashes(list(req.token_ids.ids), 4, namespace_seed("tiny"))
 
 
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(400):
-        if condition():
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_when_every_queue_is_full_the_router_answers_resource_exhausted(checkpoint: Checkpoint):
     async def main() -> None:
         async with cluster(checkpoint, max_waiting=1) as c:
             for engine in c.engines:
                 engine.gate.clear()
             held = [asyncio.ensure_future(c.stub.Complete(request(), timeout=TIMEOUT_S)) for _ in c.engines]
-            await eventually(lambda: all(e.load().num_waiting + e.load().num_running == 1 for e in c.engines),
+            await until(lambda: all(e.load().num_waiting + e.load().num_running == 1 for e in c.engines),
                              "both workers to hold one request")
             retried = total(scrape(c.router.metrics_address), "radixserve_router_retries_total")
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -91,7 +83,7 @@ def test_a_worker_that_refuses_a_request_is_not_credited_with_its_pages(checkpoi
                 engine.gate.clear()
             held = [asyncio.ensure_future(c.stub.Complete(request(first_token=t), timeout=TIMEOUT_S))
                     for t in (5, 105)]
-            await eventually(lambda: all(e.load().num_waiting + e.load().num_running == 1 for e in c.engines),
+            await until(lambda: all(e.load().num_waiting + e.load().num_running == 1 for e in c.engines),
                              "both workers to hold one request")
             refused = request(first_token=205)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -121,7 +113,7 @@ def test_late_duplicates_and_old_snapshots_on_the_bus_resurrect_no_page_and_a_ga
             async with grpc.aio.insecure_channel(c.servers[0].address) as channel:
                 worker = worker_pb2_grpc.WorkerStub(channel)
                 await c.stub.Complete(cached, timeout=TIMEOUT_S)
-                await eventually(lambda: index.match(prompt_hashes(cached), ["w0"])["w0"] == 5
+                await until(lambda: index.match(prompt_hashes(cached), ["w0"])["w0"] == 5
                                  and index.num_pages("w0") == 5, "the prompt's stored events")
                 snapshots = worker.StreamKvEvents(worker_pb2.StreamKvEventsRequest(), timeout=TIMEOUT_S)
                 old_snapshot = await snapshots.read()  # holds the prompt's pages
@@ -129,11 +121,11 @@ def test_late_duplicates_and_old_snapshots_on_the_bus_resurrect_no_page_and_a_ga
                 stored = worker_pb2.KvEventBatch(worker_id="w0", incarnation=c.servers[0].incarnation,
                                                  sequence=old_snapshot.sequence, events=old_snapshot.events)
                 await worker.FlushCache(worker_pb2.FlushCacheRequest(), timeout=TIMEOUT_S)
-                await eventually(lambda: index.num_pages("w0") == 0, "the removed events")
+                await until(lambda: index.num_pages("w0") == 0, "the removed events")
                 for late in (old_snapshot, stored):  # appended to the worker's log as the relay would
                     await c.bus.append_kv("w0", late.SerializeToString())
                 await c.stub.Complete(marker, timeout=TIMEOUT_S)  # its events follow the late ones on the bus
-                await eventually(lambda: index.match(prompt_hashes(marker), ["w0"])["w0"] == 5,
+                await until(lambda: index.match(prompt_hashes(marker), ["w0"])["w0"] == 5,
                                  "the marker's stored events")
                 assert index.match(prompt_hashes(cached), ["w0"]) == {"w0": 0}
                 feed = c.bus.follow_kv("w0")
@@ -143,45 +135,48 @@ def test_late_duplicates_and_old_snapshots_on_the_bus_resurrect_no_page_and_a_ga
                     events=[worker_pb2.KvEvent(kind=worker_pb2.KvEvent.STORED, page_hashes=prompt_hashes(gap))])
                 await c.bus.append_kv("w0", ahead.SerializeToString())
                 await asyncio.wait_for(next_reset(feed), TIMEOUT_S)  # the router asked the worker for a snapshot
-                await eventually(lambda: c.router.workers.clients["w0"].events_live, "the fresh snapshot")
+                await until(lambda: c.router.workers.clients["w0"].events_live, "the fresh snapshot")
                 assert index.match(prompt_hashes(gap), ["w0"]) == {"w0": 0}
                 assert index.match(prompt_hashes(marker), ["w0"]) == {"w0": 5}
     run(main)
 
 
-async def within(seconds: float, condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {seconds} s: {what}")
-        await asyncio.sleep(0.01)
-
-
-def test_cancelled_streams_end_their_worker_requests_at_once_and_free_every_page(checkpoint: Checkpoint):
-    """With the cyclic garbage collector off, only explicit closing can end the worker calls."""
+def test_cancelled_streams_end_their_worker_requests_and_free_every_page(checkpoint: Checkpoint):
+    """With the cyclic garbage collector off, only explicit closing can end the worker calls. The engine is held
+    before any request could finish: only the router's aborts can end them."""
+    num_calls, n, max_tokens = 12, 4, 200  # every sample in one running batch: they advance in step
     async def main() -> None:
         async with cluster(checkpoint, num_workers=1, num_pages=4096) as c:
             engine = c.engines[0]
             long = [api_pb2.GenerateRequest(  # big responses, so that the router's writes wait on flow control
                 token_ids=api_pb2.TokenIds(ids=[(7 * i + j) % 300 + 5 for j in range(20)]),
-                sampling=types_pb2.SamplingOptions(max_tokens=200, temperature=1.0, ignore_eos=True, n=4,
-                                                   logprobs=20)) for i in range(50)]
+                sampling=types_pb2.SamplingOptions(max_tokens=max_tokens, temperature=1.0, ignore_eos=True, n=n,
+                                                   logprobs=20)) for i in range(num_calls)]
             gc.disable()
             try:
                 calls = [c.stub.Generate(r, timeout=TIMEOUT_S) for r in long]
                 for call in calls:
                     assert (await call.read()).choices  # mid-flight: streaming
-                await asyncio.sleep(1.0)  # the clients stop reading; the router's writes back up
+                # The clients read no more: half of every answer is far more than the flow-control windows
+                # hold, so the router's writes wait.
+                await until(lambda: engine.load().num_generated_tokens >= num_calls * n * max_tokens // 2,
+                            "half of every answer")
+                engine.gate.clear()
+                assert engine.load().num_requests_finished == 0 and engine.load().num_running == num_calls
                 for call in calls:
                     call.cancel()
-                await within(1.0, lambda: not engine.has_unfinished(), "the worker's requests to end")
+                await until(lambda: len(set(engine.abort_requests)) == num_calls, "the worker calls to be ended")
+                engine.gate.set()
+                await until(lambda: not engine.has_unfinished(), "the worker to apply the aborts")
+                assert engine.load().num_generated_tokens < num_calls * n * max_tokens
             finally:
+                engine.gate.set()
                 gc.enable()
             async with grpc.aio.insecure_channel(c.servers[0].address) as channel:
                 await worker_pb2_grpc.WorkerStub(channel).FlushCache(worker_pb2.FlushCacheRequest(),
                                                                      timeout=TIMEOUT_S)
             assert engine.allocator.num_free == engine.allocator.num_pages
-            await eventually(lambda: c.router.core.num_in_flight == 0, "the router to count them ended")
+            await until(lambda: c.router.core.num_in_flight == 0, "the router to count them ended")
     run(main)
 
 
@@ -282,7 +277,7 @@ def test_the_router_follows_the_pool_to_another_model_once_no_worker_serves_its_
                 assert (await c.stub.Complete(prompt_of(20, variant), timeout=TIMEOUT_S)).worker_id == "w0"
             await c.servers[0].stop(grace_s=1)
             await c.bus.withdraw("w0")
-            await eventually(lambda: "w0" not in c.router.workers.clients, "the router to drop w0")
+            await until(lambda: "w0" not in c.router.workers.clients, "the router to drop w0")
             assert (await c.stub.Complete(prompt_of(20), timeout=TIMEOUT_S)).worker_id == "w1"
     run(main)
 
@@ -295,7 +290,7 @@ def test_max_tokens_beyond_the_context_is_capped_to_it(checkpoint: Checkpoint):
                                                 sampling=types_pb2.SamplingOptions(
                                                     max_tokens=2**63 - 1, n=2, temperature=0, ignore_eos=True))
             reply = asyncio.ensure_future(c.stub.Complete(unbounded, timeout=TIMEOUT_S))
-            await eventually(lambda: c.router.core.num_in_flight == 1, "the request to reach the worker")
+            await until(lambda: c.router.core.num_in_flight == 1, "the request to reach the worker")
             outstanding = c.router.workers.clients["w0"].outstanding
             assert 0 < outstanding.pending_tokens <= 20 + 2 * (256 - 20)  # its prompt, and two samples' room
             c.engines[0].gate.set()
@@ -310,9 +305,9 @@ def test_drain_finishes_requests_in_flight_and_refuses_new_ones(checkpoint: Chec
         async with cluster(checkpoint, num_workers=1) as c:
             c.engines[0].gate.clear()
             in_flight = asyncio.ensure_future(c.stub.Complete(request(max_tokens=6), timeout=TIMEOUT_S))
-            await eventually(lambda: c.router.core.num_in_flight == 1, "the request to reach the router")
+            await until(lambda: c.router.core.num_in_flight == 1, "the request to reach the router")
             stopping = asyncio.ensure_future(c.router.stop())
-            await eventually(lambda: c.router.core.draining, "the drain to begin")
+            await until(lambda: c.router.core.draining, "the drain to begin")
             health = health_pb2_grpc.HealthStub(c.channel)
             status = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S)
             assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -355,11 +350,11 @@ def test_the_router_metrics_count_requests_by_code_decisions_tokens_and_kv_event
             for engine in c.engines:
                 engine.gate.clear()
             call = c.stub.Generate(request(), timeout=TIMEOUT_S)
-            await eventually(lambda: c.router.core.num_in_flight == 1, "the request to reach the router")
+            await until(lambda: c.router.core.num_in_flight == 1, "the request to reach the router")
             call.cancel()
             for engine in c.engines:
                 engine.gate.set()
-            await eventually(lambda: c.router.core.num_in_flight == 0, "the cancelled request to end")
+            await until(lambda: c.router.core.num_in_flight == 0, "the cancelled request to end")
             m = scrape(c.router.metrics_address)
             assert {(s.labels["method"], s.labels["code"]): s.value for s in m
                     if s.name == "radixserve_router_requests_total"} == {

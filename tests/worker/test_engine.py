@@ -344,7 +344,7 @@ def test_async_generate_streams_concurrently_and_cancellation_aborts(checkpoint:
         for _ in range(100):  # let the driver apply the abort
             if not engine.has_unfinished():
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the poll interval
         return results
 
     a, b, c = asyncio.run(main())

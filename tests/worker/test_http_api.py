@@ -4,14 +4,14 @@ endpoints) over 127.0.0.1 with the tiny model, driven by the openai SDK and http
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from cluster_calls import wait_for
 from gated_engine import GatedEngine
 from loop_thread import LoopThread
 
@@ -49,14 +49,6 @@ def worker(tiny_hf_dir: Path) -> Iterator[Worker]:
         engine.gate.set()
         loop.run(server.stop(grace_s=5))
         loop.close()
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def loads(worker: Worker) -> dict:
@@ -149,7 +141,7 @@ def test_a_full_queue_answers_429_and_the_worker_serves_again_after(worker: Work
     try:
         for thread in held:
             thread.start()
-        wait_until(lambda: loads(worker)["num_total_reqs"] == MAX_WAITING, "the queue to fill")
+        wait_for(lambda: loads(worker)["num_total_reqs"] == MAX_WAITING, 10, "the queue to fill")
         with pytest.raises(openai.RateLimitError) as refused:
             worker.sdk.completions.create(model="tiny", prompt="one too many", max_tokens=2)
         assert refused.value.body["code"] == "overloaded"
@@ -167,21 +159,23 @@ def test_closing_a_stream_aborts_the_request_and_frees_its_pages(worker: Worker)
     for _, chunk in zip(range(3), stream):
         assert chunk.choices
     stream.close()
-    wait_until(lambda: idle(worker), "the worker to release the closed stream's request")
+    wait_for(lambda: idle(worker), 10, "the worker to release the closed stream's request")
     assert worker.engine.load().num_generated_tokens - before < 1000
 
 
 def test_a_client_giving_up_on_a_whole_answer_aborts_its_request(worker: Worker) -> None:
     before = worker.engine.load()
+    num_aborts = len(worker.engine.abort_requests)
     worker.engine.gate.clear()
     try:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{worker.url}/v1/completions", timeout=httpx.Timeout(30, read=0.5),
                        json={"model": "tiny", "prompt": "never answered", "max_tokens": 50})
-        time.sleep(1.0)  # for the server to notice the closed connection (on loopback, at once)
+        wait_for(lambda: len(worker.engine.abort_requests) > num_aborts, 10,
+                 "the server to abort the request of the closed connection")
     finally:
         worker.engine.gate.set()
-    wait_until(lambda: worker.engine.load().num_requests_finished == before.num_requests_finished + 1,
-               "the abandoned request to end")
+    wait_for(lambda: worker.engine.load().num_requests_finished == before.num_requests_finished + 1, 10,
+             "the abandoned request to end")
     assert worker.engine.load().num_generated_tokens == before.num_generated_tokens  # aborted before any step
     assert idle(worker)

@@ -148,7 +148,7 @@ def test_generate_raises_request_failed_for_that_stream_only_and_leaves_no_task(
         for _ in range(100):
             if asyncio.all_tasks() == {asyncio.current_task()}:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the poll interval
         assert asyncio.all_tasks() == {asyncio.current_task()}, "the engine's driver task is still pending"
         return tuple(results)
 

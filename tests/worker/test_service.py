@@ -94,7 +94,7 @@ async def eventually(condition: Callable[[], bool | Awaitable[bool]], timeout_s:
 
     async def poll() -> None:
         while not await holds():
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # the poll interval
     await asyncio.wait_for(poll(), timeout_s)
 
 
@@ -601,7 +601,7 @@ def test_flush_and_events_from_another_thread_while_the_engine_steps(checkpoint:
         while not all(task.done() for task in work):
             freed += await asyncio.to_thread(lambda: engine.flush_cache().result(RPC_TIMEOUT_S))
             await asyncio.to_thread(take)
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # the pace of the flushes while the requests run
         await asyncio.gather(*work)
 
     run(main)

@@ -1,17 +1,16 @@
 """What only the Redis bus does: faults of a real redis-server (SIGKILL, restart on the same port), entries of a
-foreign writer, several buses (as several processes) on one server, event lag; and ``LocalRedisServer``."""
+foreign writer, several buses (as several processes) on one server; and ``LocalRedisServer``."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import statistics
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import redis
+from conditions import until
 from redis_server import bus_config, fresh_redis, local_redis  # noqa: F401  (fixtures)
 
 from radixserve.cluster.base.bus import (BusUnavailable, ChangeKind, Lost, RegistryChange, Subscription,
@@ -72,22 +71,29 @@ def test_a_worker_that_announces_itself_again_across_a_restart_does_not_leave(
     async def test() -> None:
         bus = RedisBus(bus_config(fresh_redis, worker_ttl_s=1.0))
         watcher = bus.watch_registry()
+        outcomes: list[str] = []  # each heartbeat's: "ok" or "unavailable"
 
         async def heartbeat() -> None:
             while True:
                 try:
                     await bus.announce(RECORD, ttl_s=1.0)
+                    outcomes.append("ok")
                 except BusUnavailable:
-                    pass
-                await asyncio.sleep(0.25)
+                    outcomes.append("unavailable")
+                await asyncio.sleep(0.25)  # the worker's heartbeat period (a quarter of its TTL)
 
         beating = asyncio.create_task(heartbeat())
         try:
             assert await take(watcher, 1) == [RegistryChange(ChangeKind.JOINED, RECORD).to_bytes()]
             fresh_redis.kill()
-            await asyncio.sleep(0.5)
+            await until(lambda: "unavailable" in outcomes, "a heartbeat to find the server down")
             fresh_redis.start()  # empty: the record is back at the next heartbeat
-            assert await nothing_within(watcher, 2.0)
+            missed = outcomes.index("unavailable")
+            await until(lambda: "ok" in outcomes[missed:], "a heartbeat to reach the restarted server")
+            assert await bus.members() == {"worker-0": RECORD}
+            # Must wait out the grace (worker_ttl_s, 1 s) and a registry read: a watcher that counted the record
+            # missing would report it left by then.
+            assert await nothing_within(watcher, 1.5)
             assert await bus.members() == {"worker-0": RECORD}
         finally:
             beating.cancel()
@@ -180,24 +186,18 @@ def test_two_buses_on_one_server_share_the_registry_the_logs_and_the_loads(
     run(test)
 
 
-def test_event_lag_from_append_to_follower(local_redis: LocalRedisServer) -> None:  # noqa: F811
+def test_a_follower_on_another_connection_gets_each_append_before_the_next_is_made(
+        local_redis: LocalRedisServer) -> None:  # noqa: F811
+    """The follower's blocking read wakes up for every entry (the event lag is measured by bench/bench_routers.py)."""
     config = bus_config(local_redis)
 
     async def test() -> None:
         writer, reader = RedisBus(config), RedisBus(config)
         try:
             follower = reader.follow_kv("worker-0")
-            await writer.append_kv("worker-0", b"warm-up")
-            await take(follower, 1)
-            lags = []
-            for i in range(200):
-                start = time.perf_counter()
+            for i in range(50):
                 await writer.append_kv("worker-0", str(i).encode())
                 assert await take(follower, 1) == [str(i).encode()]
-                lags.append(time.perf_counter() - start)
-            median = statistics.median(lags)
-            print(f"append -> follower lag: median {median * 1e3:.2f} ms, max {max(lags) * 1e3:.2f} ms")
-            assert median < 0.25
         finally:
             await writer.close()
             await reader.close()

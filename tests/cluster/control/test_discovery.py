@@ -36,7 +36,7 @@ def test_the_file_follows_workers_joining_and_leaving(tmp_path: Path) -> None:
         for _ in range(200):
             if path.exists() and read_targets(path) == expected:
                 return
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the poll interval
         raise AssertionError(f"targets never became {expected}: {read_targets(path)}")
 
     async def main() -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_calls import free_port
+from cluster_calls import closed_port
 from prometheus_client import CollectorRegistry
 
 from radixserve.cluster.control.cli import main as cli_main
@@ -60,10 +60,11 @@ def endpoints(tmp_path: Path) -> Iterator[Endpoints]:
     worker.bind(lambda: load[0])
     served = [MetricsEndpoint(router.registry), MetricsEndpoint(worker.registry)]
     targets = tmp_path / "targets.json"
-    workers = {"w0": WorkerRecord("w0", "127.0.0.1:1", "m", "i", 8, served[1].address),
-               "w1": WorkerRecord("w1", "127.0.0.1:1", "m", "i", 8, f"127.0.0.1:{free_port()}")}  # silent
-    write_targets(targets, target_groups([served[0].address], workers))
-    yield Endpoints(router, worker, load, targets)
+    with closed_port() as silent:
+        workers = {"w0": WorkerRecord("w0", "127.0.0.1:1", "m", "i", 8, served[1].address),
+                   "w1": WorkerRecord("w1", "127.0.0.1:1", "m", "i", 8, f"127.0.0.1:{silent}")}
+        write_targets(targets, target_groups([served[0].address], workers))
+        yield Endpoints(router, worker, load, targets)
     for endpoint in served:
         endpoint.stop()
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixserve.cluster.control.sim.workload import (
+    MOONCAKE_TRACE_ENV,
+    MOONCAKE_TRACE_URL,
     SimRequest,
     TokenPrompt,
     Workload,
@@ -15,6 +18,7 @@ from radixserve.cluster.control.sim.workload import (
     from_token_prompts,
     load_mooncake,
     mooncake_trace_path,
+    oracle_cached_tokens,
     oracle_hit_ratio,
     shared_prefix,
     tile,
@@ -149,12 +153,37 @@ def test_load_mooncake_names_the_line_and_field_of_a_bad_line(tmp_path: Path, li
         load_mooncake(write_trace(tmp_path, [GOOD_LINES[0], line]))
 
 
-def test_the_mooncake_trace_matches_its_readme() -> None:
-    workload = load_mooncake(mooncake_trace_path())
-    assert workload.num_requests == 3993
-    assert sum(len(r.block_ids) for r in workload.requests) == 121_877
-    assert oracle_hit_ratio(workload) == pytest.approx(0.651, abs=0.01)
+# The published trace's shape (Mooncake FAST'25 ``synthetic_trace.jsonl``, which the project does not carry): a
+# conversation whose turns extend one chained prefix, an unrelated request, a repeat of the first prompt.
+PUBLISHED_FORMAT_LINES = [
+    '{"timestamp": 0, "input_length": 1024, "output_length": 30, "hash_ids": [0, 1]}',
+    '{"timestamp": 500, "input_length": 1800, "output_length": 20, "hash_ids": [0, 1, 2, 3]}',
+    '{"timestamp": 800, "input_length": 300, "output_length": 0, "hash_ids": [4]}',
+    '{"timestamp": 1200, "input_length": 2048, "output_length": 12, "hash_ids": [0, 1, 2, 5]}',
+    '{"timestamp": 1250, "input_length": 1024, "output_length": 7, "hash_ids": [0, 1]}',
+]
+
+
+def test_a_trace_in_the_published_format_loads_chained_with_its_hand_counted_hit_ratio(tmp_path: Path) -> None:
+    workload = load_mooncake(write_trace(tmp_path, PUBLISHED_FORMAT_LINES))
+    assert workload.num_requests == 5
+    assert [r.arrival_s for r in workload.requests] == [0.0, 0.5, 0.8, 1.2, 1.25]
+    assert sum(len(r.block_ids) for r in workload.requests) == 13
+    # Cached: 0, 2 blocks, 0, 3 blocks, 2 blocks less the last prompt token (always computed).
+    assert oracle_cached_tokens(workload) == [0, 1024, 0, 1536, 1023]
+    assert oracle_hit_ratio(workload) == 3583 / 6196
     assert_chained(workload)
+
+
+def test_the_trace_path_is_the_one_the_environment_names_and_a_missing_one_says_where_to_get_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trace = write_trace(tmp_path, PUBLISHED_FORMAT_LINES)
+    monkeypatch.setenv(MOONCAKE_TRACE_ENV, str(trace))
+    assert mooncake_trace_path() == trace
+    monkeypatch.setenv(MOONCAKE_TRACE_ENV, str(tmp_path / "absent.jsonl"))
+    with pytest.raises(FileNotFoundError, match=rf"absent\.jsonl: download synthetic_trace\.jsonl from "
+                                                rf"{re.escape(MOONCAKE_TRACE_URL)}"):
+        mooncake_trace_path()
 
 
 def test_from_token_prompts_interns_blocks_by_previous_block_and_tokens() -> None:
