@@ -203,7 +203,7 @@ def test_the_driver_ends_every_stream_when_a_model_step_fails_with_an_abort(chec
         for _ in range(1000):
             if engine._driver is None or engine._driver.done():
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the poll interval
         assert engine._driver is not None and engine._driver.done(), "the driver is still stepping"
         return tuple(results)
 
