@@ -3,9 +3,9 @@
 Every front end (radixserve.v1 gRPC, OpenAI HTTP, KServe v2 gRPC) hands ``RouterCore.generate`` a
 ``GenerationRequest`` and relays the ``GenerationDelta`` stream it yields (``cluster.base.generation`` states the
 contract). For each request the core validates, applies the chat template and tokenizes once
-(``cluster.base.requests``; a long prompt on a thread, off the event loop), hashes the prompt into pages, asks the
-prefix index how many leading pages each serving worker holds, lets the policy pick one (``router.routing.decide``)
-and streams the worker's tokens back.
+(``cluster.base.requests``; a long prompt on a thread, off the event loop), hashes the pages of the prompt a
+worker can match (all but its last token), asks the prefix index how many of them each serving worker holds, lets
+the policy pick one (``router.routing.decide``) and streams the worker's tokens back.
 Guarantees:
 
 - every accepted request ends with its last delta (carrying ``usage``) or a ``GenerationError``: when a worker
@@ -178,7 +178,7 @@ class RouterCore:
         model, limits = served
         prepared = await self._preparer.prepare(request, model.tokenizer, limits)
         model = model.for_prompt(len(prepared.token_ids))
-        hashes = page_hashes(prepared.token_ids, model.page_size, namespace_seed(model.hash_namespace))
+        hashes = _matchable_pages(prepared.token_ids, model)
         deadline = None if prepared.timeout_s is None else time.monotonic() + prepared.timeout_s
         failures: list[_Retry] = []
         tried: set[str] = set()
@@ -291,6 +291,12 @@ class RouterCore:
         if status == Status.INVALID_ARGUMENT:  # the worker named a field; keep it named
             return GenerationError.invalid(ValueError(details))
         return GenerationError(status, details)
+
+
+def _matchable_pages(token_ids: tuple[int, ...], model: ModelView) -> list[int]:
+    """The hashes of the prompt's pages a worker can match: those of all but its last token, which a worker
+    always computes (its logits give the first output token), so it never matches a page ending there."""
+    return page_hashes(token_ids[:-1], model.page_size, namespace_seed(model.hash_namespace))
 
 
 def _exhausted(failures: list[_Retry]) -> GenerationError:
