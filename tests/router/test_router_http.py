@@ -18,7 +18,9 @@ from router_cluster import Cluster
 
 from radixserve.cluster.base.bus import InProcessBus
 from radixserve.cluster.base.config import RouterConfig, SecurityConfig
+from radixserve.cluster.base.generation import ROLES
 from radixserve.cluster.base.metrics import scrape, total
+from radixserve.cluster.base.sampling_params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from radixserve.router.server import Router
 from radixserve.worker.models.loading import open_checkpoint
 
@@ -122,3 +124,32 @@ def test_stopping_the_router_drains_http_requests(tiny_hf_dir: Path) -> None:
                 await http.get("/health")
     asyncio.run(asyncio.wait_for(main(), 120))
 
+
+
+def test_the_openapi_document_and_docs_show_the_generation_endpoints_and_their_limits(keyed: Cluster) -> None:
+    document = httpx.get(keyed.url + "/openapi.json")
+    assert document.status_code == 200
+    schema = document.json()
+    bodies = {path: schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+              for path in ("/v1/chat/completions", "/v1/completions")}
+    assert bodies == {"/v1/chat/completions": "#/components/schemas/ChatCompletionRequest",
+                      "/v1/completions": "#/components/schemas/CompletionRequest"}
+    models = schema["components"]["schemas"]
+    stop_list = next(s for s in models["CompletionRequest"]["properties"]["stop"]["anyOf"] if s["type"] == "array")
+    assert stop_list["maxItems"] == MAX_STOP_SEQUENCES and stop_list["items"]["maxLength"] == MAX_STOP_CHARS
+    assert set(models["ChatMessage"]["properties"]["role"]["enum"]) == set(ROLES)
+    docs = httpx.get(keyed.url + "/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+@pytest.mark.parametrize(("param", "body"), [
+    ("stop", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}),
+    ("stop", {**CHAT, "stop": "x" * (MAX_STOP_CHARS + 1)}),
+    ("messages[1].role", {**CHAT, "messages": [{"role": "system", "content": "Be terse."},
+                                                {"role": "wizard", "content": "Hi"}]}),
+])
+def test_too_many_or_too_long_stops_and_unknown_roles_are_400_naming_them(keyed: Cluster, param: str,
+                                                                         body: dict[str, object]) -> None:
+    reply = httpx.post(keyed.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
