@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,11 +22,13 @@ from radixserve.cluster.base.config import RouterConfig, SecurityConfig
 from radixserve.cluster.base.generation import ROLES
 from radixserve.cluster.base.metrics import scrape, total
 from radixserve.cluster.base.sampling_params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from radixserve.cluster.base.tokenizer import LONG_TEXT_CHARS, Tokenizer
 from radixserve.router.server import Router
 from radixserve.worker.models.loading import open_checkpoint
 
 KEY = "sk-test-0123456789"
 KEY_ENV = "RADIXSERVE_TEST_API_KEYS"
+TIMEOUT_S = 30.0
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 
 
@@ -153,3 +156,32 @@ def test_too_many_or_too_long_stops_and_unknown_roles_are_400_naming_them(keyed:
     reply = httpx.post(keyed.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"})
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop_while_a_short_request_is_served(
+        tiny_hf_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The long prompt's tokenization is held until the short request has its answer: were it on the event loop,
+    the short request could not be served meanwhile."""
+    tokenizing, released = threading.Event(), threading.Event()
+    threads: list[int] = []
+    encode = Tokenizer.encode
+
+    def held(self: Tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+        if len(text) > LONG_TEXT_CHARS:
+            threads.append(threading.get_ident())
+            tokenizing.set()
+            assert released.wait(TIMEOUT_S)
+        return encode(self, text, add_special_tokens)
+    monkeypatch.setattr(Tokenizer, "encode", held)
+
+    async def main() -> None:
+        async with cluster(tiny_hf_dir, 1) as c, httpx.AsyncClient(base_url=c.url, timeout=TIMEOUT_S) as http:
+            long = {"model": "tiny", "prompt": "a" * (LONG_TEXT_CHARS + 100), "max_tokens": 2}
+            big = asyncio.ensure_future(http.post("/v1/completions", json=long))
+            assert await asyncio.to_thread(tokenizing.wait, TIMEOUT_S)
+            small = await http.post("/v1/chat/completions", json=CHAT)
+            released.set()
+            assert small.status_code == 200, small.text
+            assert (await big).status_code in (200, 400)
+            assert threads and threading.get_ident() not in threads
+    asyncio.run(asyncio.wait_for(main(), 4 * TIMEOUT_S))
