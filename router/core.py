@@ -3,8 +3,9 @@
 Every front end (radixserve.v1 gRPC, OpenAI HTTP, KServe v2 gRPC) hands ``RouterCore.generate`` a
 ``GenerationRequest`` and relays the ``GenerationDelta`` stream it yields (``cluster.base.generation`` states the
 contract). For each request the core validates, applies the chat template and tokenizes once
-(``cluster.base.requests``), hashes the prompt into pages, asks the prefix index how many leading pages each
-serving worker holds, lets the policy pick one (``router.routing.decide``) and streams the worker's tokens back.
+(``cluster.base.requests``; a long prompt on a thread, off the event loop), hashes the pages of the prompt a
+worker can match (all but its last token), asks the prefix index how many of them each serving worker holds, lets
+the policy pick one (``router.routing.decide``) and streams the worker's tokens back.
 Guarantees:
 
 - every accepted request ends with its last delta (carrying ``usage``) or a ``GenerationError``: when a worker
@@ -35,7 +36,7 @@ from radixserve.cluster.base.config import RouterConfig
 from radixserve.cluster.base.generation import (GenerationDelta, GenerationError, GenerationRequest, ServedModel,
                                                 Status, Usage)
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
-from radixserve.cluster.base.requests import ModelLimits, PreparedRequest, prepare
+from radixserve.cluster.base.requests import ModelLimits, PreparedRequest, Preparer
 from radixserve.cluster.base.tokenizer import Tokenizer
 from radixserve.router.metrics import RouterMetrics
 from radixserve.router.policies import RouteRequest, make_policy
@@ -110,6 +111,7 @@ class RouterCore:
         self._metrics = metrics
         self._policy = make_policy(config.policy, config.load_weight, random.Random(config.seed))
         self._view: ModelView | None = None
+        self._preparer = Preparer()
         self.draining = False
         self.warm = False
         self.num_in_flight = 0
@@ -120,6 +122,10 @@ class RouterCore:
             return None
         view, limits = served
         return ServedModel(view.model, limits.max_model_len, view.tokenizer)
+
+    def close(self) -> None:
+        """Release the threads requests are prepared on (after the last request)."""
+        self._preparer.close()
 
     def ready(self) -> bool:
         """Serving: not draining, its index warm (``WorkerSet.warm`` once, at start) and a worker serving."""
@@ -170,9 +176,9 @@ class RouterCore:
         if served is None:
             raise GenerationError(Status.UNAVAILABLE, "no worker is up; retry shortly")
         model, limits = served
-        prepared = prepare(request, model.tokenizer, limits)
+        prepared = await self._preparer.prepare(request, model.tokenizer, limits)
         model = model.for_prompt(len(prepared.token_ids))
-        hashes = page_hashes(prepared.token_ids, model.page_size, namespace_seed(model.hash_namespace))
+        hashes = _matchable_pages(prepared.token_ids, model)
         deadline = None if prepared.timeout_s is None else time.monotonic() + prepared.timeout_s
         failures: list[_Retry] = []
         tried: set[str] = set()
@@ -224,7 +230,7 @@ class RouterCore:
                           [c.outstanding for c in clients], [c.reported_load for c in clients],
                           [c.peer_load for c in clients])
         chosen = clients[decision.worker]
-        matched = min(decision.matched_pages * model.page_size / route.num_prompt_tokens, 1.0)
+        matched = min(decision.matched_pages * model.page_size / max(route.num_prompt_tokens, 1), 1.0)
         self._metrics.on_decision(chosen.worker_id, time.perf_counter() - started, matched)
         return chosen, decision
 
@@ -285,6 +291,12 @@ class RouterCore:
         if status == Status.INVALID_ARGUMENT:  # the worker named a field; keep it named
             return GenerationError.invalid(ValueError(details))
         return GenerationError(status, details)
+
+
+def _matchable_pages(token_ids: tuple[int, ...], model: ModelView) -> list[int]:
+    """The hashes of the prompt's pages a worker can match: those of all but its last token, which a worker
+    always computes (its logits give the first output token), so it never matches a page ending there."""
+    return page_hashes(token_ids[:-1], model.page_size, namespace_seed(model.hash_namespace))
 
 
 def _exhausted(failures: list[_Retry]) -> GenerationError:

@@ -11,8 +11,10 @@ version is NOT_FOUND.
   the parameter ``triton_final_response`` true, the others false, and each carries the request's ``id``. A
   request that fails (bad input, bytes that do not parse, a failure part way) is answered by a response whose
   ``error_message`` is ``"<STATUS>: <details>"`` and whose ``infer_response`` holds only the request's ``id``, as
-  Triton answers; the stream goes on with the next request. Cancelling the call ends every request of the stream
-  on its worker.
+  Triton answers; the stream goes on with the next request. Any failure of one request (INTERNAL for one that is
+  not the request's own fault) ends that request alone. A stream serves at most ``MAX_STREAM_REQUESTS`` requests
+  at once (the next is read once one ends) and holds at most ``MAX_STREAM_RESPONSES`` responses not yet sent
+  (requests wait for room). Cancelling the call ends every request of the stream on its worker.
 - A ``GenerationError`` ends a unary call with the status of the same name, details naming the tensor (and the
   sampling parameter) at fault. The gRPC deadline bounds each request.
 
@@ -24,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -39,12 +42,36 @@ from radixserve.router.kserve_tensors import (INPUTS, OUTPUTS, SAMPLING, SAMPLIN
                                               StreamOutputs, add_outputs, answer_outputs, decode_inputs,
                                               tensor_metadata)
 
+log = logging.getLogger(__name__)
 KSERVE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 COUNTED_METHODS = ("ModelInfer", "ModelStreamInfer")  # what radixserve_router_requests_total counts
 MODEL_VERSION = "1"
 FINAL_RESPONSE = "triton_final_response"
+MAX_STREAM_REQUESTS = 64  # requests of one stream served at once
+MAX_STREAM_RESPONSES = 64  # responses of one stream made and not yet sent
 
-Put = Callable[[pb.ModelStreamInferResponse | None], None]
+Put = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
+
+
+class _Responses:
+    """A stream's responses in the order they are made: ``put`` waits while ``MAX_STREAM_RESPONSES`` are unsent;
+    iterating ends after ``close``, once those put before are taken."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        self._room = asyncio.Semaphore(MAX_STREAM_RESPONSES)
+
+    async def put(self, response: pb.ModelStreamInferResponse) -> None:
+        await self._room.acquire()
+        self._queue.put_nowait(response)
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        while (response := await self._queue.get()) is not None:
+            self._room.release()
+            yield response
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -91,12 +118,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest | Undecodable],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request served in a task of its own; their responses leave in the order they are made."""
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        serving = asyncio.create_task(self._serve_stream(requests, context, responses.put_nowait))
+        responses = _Responses()
+        serving = asyncio.create_task(self._serve_stream(requests, context, responses))
         try:
-            while (response := await responses.get()) is not None:
+            async for response in responses:
                 yield response
-            await serving  # raises what failed the stream's own work, if anything did
+            await serving  # raises what failed the stream's own work (reading it), if anything did
         finally:
             if not serving.done():
                 serving.cancel()
@@ -149,21 +176,30 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise error.renamed(_tensor_name) from None
 
     async def _serve_stream(self, requests: AsyncIterator[pb.ModelInferRequest | Undecodable],
-                            context: grpc.aio.ServicerContext, put: Put) -> None:
-        """Serve each request of the stream as it comes; ``put(None)`` once all are answered."""
+                            context: grpc.aio.ServicerContext, responses: _Responses) -> None:
+        """Serve each request of the stream as it comes, at most ``MAX_STREAM_REQUESTS`` at once; close
+        ``responses`` once all are answered."""
+        slots = asyncio.Semaphore(MAX_STREAM_REQUESTS)
+
+        async def serve(request: pb.ModelInferRequest | Undecodable, time_remaining: float | None) -> None:
+            try:
+                await self._stream_one(request, time_remaining, responses.put)
+            finally:
+                slots.release()
         try:
             async with asyncio.TaskGroup() as group:
                 async for request in requests:
-                    group.create_task(self._stream_one(request, context.time_remaining(), put))
+                    await slots.acquire()
+                    group.create_task(serve(request, context.time_remaining()))
         finally:
-            put(None)
+            responses.close()
 
     async def _stream_one(self, request: pb.ModelInferRequest | Undecodable, time_remaining: float | None,
                           put: Put) -> None:
-        """Answer one request of a stream: its responses, or a response holding its error."""
+        """Answer one request of a stream: its responses, or a response holding its error, whatever failed."""
         if isinstance(request, Undecodable):
             self._core.count_refused("ModelStreamInfer", Status.INVALID_ARGUMENT)
-            put(_error_response("", GenerationError(Status.INVALID_ARGUMENT, request.details)))
+            await put(_error_response("", GenerationError(Status.INVALID_ARGUMENT, request.details)))
             return
         try:
             inputs, generation = self._prepare("ModelStreamInfer", request, time_remaining, unary=False)
@@ -172,9 +208,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 answer = await fold(self._generate("ModelStreamInfer", generation))
                 prefix = inputs.text if inputs.prepend_input else ""
-                put(_stream_response(request, inputs, answer_outputs(answer, prefix), True))
+                await put(_stream_response(request, inputs, answer_outputs(answer, prefix), True))
         except GenerationError as error:
-            put(_error_response(request.id, error))
+            await put(_error_response(request.id, error))
+        except Exception:
+            log.exception("request %r of a ModelStreamInfer stream failed", request.id)
+            await put(_error_response(request.id, GenerationError(Status.INTERNAL, "internal error")))
 
     async def _stream_deltas(self, request: pb.ModelInferRequest, inputs: InferInputs, generation: GenerationRequest,
                              put: Put) -> None:
@@ -184,11 +223,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         async with contextlib.aclosing(self._generate("ModelStreamInfer", generation)) as deltas:
             async for delta in deltas:
                 if delta.usage is None:
-                    put(_stream_response(request, inputs, outputs.of(delta), False))
+                    await put(_stream_response(request, inputs, outputs.of(delta), False))
                 else:
                     final = outputs.of(delta)
         assert final is not None, "the last delta of every answer carries its usage"
-        put(_stream_response(request, inputs, final, True))
+        await put(_stream_response(request, inputs, final, True))
 
 
 def _tensor_name(field: str) -> str:

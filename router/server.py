@@ -137,6 +137,7 @@ class Router:
         if self._http is not None:
             await self._http.stop(grace_s=1.0)
         await self._server.stop(grace=1.0)
+        self.core.close()
         await self.workers.close()
         if self._endpoint is not None:
             self._endpoint.stop()

@@ -1,8 +1,8 @@
 """``EngineBackend``: one engine as a ``GenerationBackend``, so the shared front ends serve a worker directly.
 
-Requests are prepared as the router prepares them (``cluster.base.requests.prepare``, with the engine's tokenizer
-and limits), then run on the engine. Errors, as ``GenerationError``: bad input INVALID_ARGUMENT naming the field;
-a request id already in flight ALREADY_EXISTS; a full queue (``EngineOverloaded``) RESOURCE_EXHAUSTED; a draining
+Requests are prepared as the router prepares them (``cluster.base.requests.Preparer``, with the engine's
+tokenizer and limits), then run on the engine. Errors, as ``GenerationError``: bad input INVALID_ARGUMENT naming
+the field; a request id already in flight ALREADY_EXISTS; a full queue (``EngineOverloaded``) RESOURCE_EXHAUSTED; a draining
 worker UNAVAILABLE; the request's own work failing (``RequestFailed``) or a failed engine step INTERNAL;
 ``timeout_s`` passing DEADLINE_EXCEEDED. Closing the stream aborts the request and frees its pages.
 """
@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 from radixserve.cluster.base.generation import (GenerationDelta, GenerationError, GenerationRequest, ServedModel,
                                                 Status, Usage)
-from radixserve.cluster.base.requests import ModelLimits, prepare
+from radixserve.cluster.base.requests import ModelLimits, Preparer
 from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed, RequestIdInUse
 from radixserve.worker.outputs import RequestOutput
 
@@ -36,6 +36,7 @@ class EngineBackend:
         self._worker_id = worker_id
         self._served = ServedModel(engine.config.model, engine.max_model_len, engine.tokenizer)
         self._limits = ModelLimits(engine.model_config.vocab_size, engine.max_model_len)
+        self._preparer = Preparer()
         self.draining = False
         self.num_in_flight = 0
 
@@ -45,10 +46,14 @@ class EngineBackend:
     def ready(self) -> bool:
         return not self.draining
 
+    def close(self) -> None:
+        """Release the threads requests are prepared on (after the last request)."""
+        self._preparer.close()
+
     async def generate(self, request: GenerationRequest, method: str) -> AsyncIterator[GenerationDelta]:
         if self.draining:
             raise GenerationError(Status.UNAVAILABLE, "the worker is draining; send to another worker")
-        prepared = prepare(request, self._engine.tokenizer, self._limits)
+        prepared = await self._preparer.prepare(request, self._engine.tokenizer, self._limits)
         deadline = None if prepared.timeout_s is None else time.monotonic() + prepared.timeout_s
         self.num_in_flight += 1
         num_tokens = 0

@@ -305,6 +305,7 @@ class WorkerServer:
             await self._publisher.stop()
         await service.close()
         await server.stop(_CANCEL_GRACE_S)
+        self._backend.close()
         if self._metrics is not None:
             self._metrics.stop()
 

@@ -80,8 +80,14 @@ class GenerationError(Exception):
         return GenerationError(self.status, self.message, rename(self.field))
 
 
+# The roles a chat message may have (OpenAI's).
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 @dataclass(frozen=True)
 class ChatMessage:
+    """One message of a conversation; ``role`` is one of ``ROLES``."""
+
     role: str
     content: str
 

@@ -2,23 +2,30 @@
 
 The router core and a worker's own front ends both prepare requests here. Every problem raises a
 ``GenerationError`` (INVALID_ARGUMENT) naming the request field (``prompt``, ``messages[0].role``,
-``token_ids``, ``stop_token_ids``, ``timeout_s``, ``request_id``). A ``max_tokens`` beyond what the context
-leaves after the prompt is capped to it: the engine stops there anyway (finish reason ``length``), and the
-router's load estimates stay bounded.
+``token_ids``, ``stop_token_ids``, ``timeout_s``, ``request_id``): among them a prompt that yields no token (a
+tokenizer may drop characters its vocabulary lacks), one UTF-8 cannot encode, and one that leaves no room in the
+context, which a long text is refused for by its length before it is tokenized (``Tokenizer.min_num_tokens``).
+A ``max_tokens`` beyond what the context leaves after the prompt is capped to it: the engine stops there anyway
+(finish reason ``length``), and the router's load estimates stay bounded.
+
+``Preparer`` runs ``prepare`` for an event loop, templating and tokenizing long prompts on threads of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from radixserve.cluster.base.generation import GenerationError, GenerationRequest, Prompt, Status
+from radixserve.cluster.base.generation import ROLES, GenerationError, GenerationRequest, Prompt, Status
 from radixserve.cluster.base.sampling_params import SamplingParams
-from radixserve.cluster.base.tokenizer import Tokenizer
+from radixserve.cluster.base.tokenizer import LONG_TEXT_CHARS, Tokenizer
 
 MAX_REQUEST_ID_LEN = 128
+PREPARE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -78,18 +85,36 @@ def _prompt_ids(prompt: Prompt, tokenizer: Tokenizer, limits: ModelLimits) -> li
     if prompt.text is not None:
         if not prompt.text:
             raise _invalid("prompt", "must not be empty")
-        ids, name = tokenizer.encode(prompt.text), "prompt"
-    elif prompt.messages is not None:
-        ids, name = tokenizer.encode(_render_chat(prompt, tokenizer)), "messages"
-    else:
-        ids, name = list(prompt.token_ids or ()), "token_ids"
-        if not ids:
-            raise _invalid("token_ids", "must not be empty")
-        _check_ids(ids, "token_ids", limits.vocab_size)
-    if len(ids) >= limits.max_model_len:
-        raise _invalid(name, f"the prompt is {len(ids)} tokens, which leaves no room to generate within the "
-                             f"context of {limits.max_model_len} tokens")
+        return _text_ids(prompt.text, "prompt", tokenizer, limits)
+    if prompt.messages is not None:
+        return _text_ids(_render_chat(prompt, tokenizer), "messages", tokenizer, limits)
+    ids = list(prompt.token_ids or ())
+    if not ids:
+        raise _invalid("token_ids", "must not be empty")
+    _check_ids(ids, "token_ids", limits.vocab_size)
+    _check_room(len(ids), "token_ids", limits)
     return ids
+
+
+def _text_ids(text: str, name: str, tokenizer: Tokenizer, limits: ModelLimits) -> list[int]:
+    """The ids of ``text``, refused naming ``name`` before tokenizing when UTF-8 cannot encode it or its length
+    shows it cannot fit the context, and after when it yields no token or does not fit."""
+    try:
+        at_least = tokenizer.min_num_tokens(text)
+    except ValueError as error:
+        raise _invalid(name, str(error).partition(": ")[2]) from None
+    _check_room(at_least, name, limits, "at least ")
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise _invalid(name, "must not be empty: none of its characters is in the model's vocabulary")
+    _check_room(len(ids), name, limits)
+    return ids
+
+
+def _check_room(num_tokens: int, name: str, limits: ModelLimits, qualifier: str = "") -> None:
+    if num_tokens >= limits.max_model_len:
+        raise _invalid(name, f"the prompt is {qualifier}{num_tokens} tokens, which leaves no room to generate "
+                             f"within the context of {limits.max_model_len} tokens")
 
 
 def _render_chat(prompt: Prompt, tokenizer: Tokenizer) -> str:
@@ -97,8 +122,8 @@ def _render_chat(prompt: Prompt, tokenizer: Tokenizer) -> str:
     if not messages:
         raise _invalid("messages", "must hold at least one message")
     for i, message in enumerate(messages):
-        if not message["role"]:
-            raise _invalid(f"messages[{i}].role", "must not be empty")
+        if message["role"] not in ROLES:
+            raise _invalid(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {message['role']!r:.40}")
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=prompt.add_generation_prompt)
     except ValueError as error:
@@ -109,3 +134,28 @@ def _check_ids(ids: tuple[int, ...] | list[int], name: str, vocab_size: int) -> 
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise _invalid(name, f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def _prompt_chars(prompt: Prompt) -> int:
+    """The characters of text the prompt holds (0 for token ids)."""
+    if prompt.messages is not None:
+        return sum(len(m.role) + len(m.content) for m in prompt.messages)
+    return len(prompt.text or "")
+
+
+class Preparer:
+    """``prepare`` for an event loop: a request whose prompt holds over ``LONG_TEXT_CHARS`` characters is
+    templated and tokenized on one of ``num_threads`` threads (tokenizing without the GIL), so that it delays no
+    other request; a shorter one inline, where the work costs less than a hop to a thread. ``close`` when done."""
+
+    def __init__(self, num_threads: int = PREPARE_THREADS) -> None:
+        self._executor = ThreadPoolExecutor(num_threads, thread_name_prefix="radixserve-prepare")
+
+    async def prepare(self, request: GenerationRequest, tokenizer: Tokenizer, limits: ModelLimits) -> PreparedRequest:
+        if _prompt_chars(request.prompt) <= LONG_TEXT_CHARS:
+            return prepare(request, tokenizer, limits)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, prepare, request, tokenizer, limits)
+
+    def close(self) -> None:
+        """Stop the threads once the preparations under way end; later ones are not run."""
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -6,21 +6,34 @@ import math
 from dataclasses import dataclass, replace
 
 SEED_LIMIT = 2**63
+INT64_LIMIT = 2**63  # every int travels as an int64 (protobuf, OpenAI's schema)
 MAX_LOGPROBS = 20
 MAX_N = 64
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256
+
+
+MAX_SHOWN_CHARS = 80  # of a refused value, in its error
 
 
 def _require(ok: bool, name: str, expectation: str, value: object) -> None:
     if not ok:
-        raise ValueError(f"{name}: must be {expectation}, got {value!r}")
+        shown = repr(value)
+        if len(shown) > MAX_SHOWN_CHARS:
+            shown = f"{shown[:MAX_SHOWN_CHARS]}... ({len(shown)} characters)"
+        raise ValueError(f"{name}: must be {expectation}, got {shown}")
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_int64(value: object) -> bool:
+    return _is_int(value) and -INT64_LIMIT <= value < INT64_LIMIT  # type: ignore[operator]
+
+
 def _check_int(name: str, value: object) -> None:
-    _require(_is_int(value), name, "an int", value)
+    _require(_is_int64(value), name, "an int64 (an int in [-2**63, 2**63))", value)
 
 
 def _check_float(name: str, value: object) -> float:
@@ -30,6 +43,23 @@ def _check_float(name: str, value: object) -> float:
     return float(value)
 
 
+def _encodable(text: str) -> bool:
+    """Whether UTF-8 can carry ``text`` (a lone surrogate it cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_stops(stop: tuple[object, ...]) -> None:
+    _require(len(stop) <= MAX_STOP_SEQUENCES, "stop", f"at most {MAX_STOP_SEQUENCES} strings", len(stop))
+    for s in stop:
+        _require(isinstance(s, str) and s, "stop", "non-empty strings", s)
+        _require(len(s) <= MAX_STOP_CHARS, "stop", f"strings of at most {MAX_STOP_CHARS} characters", s)
+        _require(_encodable(s), "stop", "strings UTF-8 can encode (no lone surrogate)", s)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the tokens of one request.
@@ -37,8 +67,9 @@ class SamplingParams:
     ``temperature`` 0 means greedy. ``top_k`` -1 or 0 disables top-k. ``top_p`` keeps the smallest set of most
     likely tokens whose probability reaches ``top_p``; ``min_p`` drops tokens less likely than ``min_p`` times
     the most likely one. Penalty semantics are documented on ``radixserve.worker.sampler.SamplingState``.
-    ``seed`` makes sampling reproducible. ``stop_token_ids`` and ``stop`` (strings) end generation, as do the
-    model's eos ids unless ``ignore_eos``. Until ``min_tokens`` tokens are generated, eos and stop ids cannot be
+    ``seed`` makes sampling reproducible. ``stop_token_ids`` and ``stop`` (at most ``MAX_STOP_SEQUENCES``
+    non-empty strings of at most ``MAX_STOP_CHARS`` characters, each encodable as UTF-8) end generation, as do the
+    model's eos ids unless ``ignore_eos``. Every int fits an int64. Until ``min_tokens`` tokens are generated, eos and stop ids cannot be
     sampled. ``logprobs`` None returns no log-probabilities; 0 returns the chosen token's; k >= 1 also returns
     the k most likely alternatives. ``n`` is the number of independent samples (see ``for_sample``).
     Lists given for the tuple fields are converted to tuples.
@@ -97,11 +128,11 @@ class SamplingParams:
     def _validate_stops(self) -> None:
         _require(isinstance(self.stop_token_ids, (list, tuple)), "stop_token_ids", "a list of ints", self.stop_token_ids)
         ids = tuple(self.stop_token_ids)
-        _require(all(_is_int(t) and t >= 0 for t in ids), "stop_token_ids", "ints >= 0", ids)
+        _require(all(_is_int64(t) and t >= 0 for t in ids), "stop_token_ids", "ints in [0, 2**63)", ids)
         object.__setattr__(self, "stop_token_ids", ids)
         _require(isinstance(self.stop, (list, tuple)), "stop", "a list of strings", self.stop)
         stop = tuple(self.stop)
-        _require(all(isinstance(s, str) and s for s in stop), "stop", "non-empty strings", stop)
+        _check_stops(stop)
         object.__setattr__(self, "stop", stop)
 
     @property

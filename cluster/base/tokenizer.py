@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jinja2
 import jinja2.ext
 import tokenizers
 import tokenizers.decoders
+import tokenizers.models
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 _REPLACEMENT_CHAR = "\ufffd"
+LONG_TEXT_CHARS = 2048  # a text longer than this is tokenized without holding the GIL
+# Pre-tokenizers that split text but never drop any of it (a Split or Punctuation may, with "Removed").
+_KEEPING_PRE_TOKENIZERS = frozenset({"ByteLevel", "Digits", "Split", "Punctuation", "UnicodeScripts"})
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -23,6 +29,38 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 _BYTE_OF_CHAR = _byte_level_alphabet()
+
+
+class _TokenBound(NamedTuple):
+    """What bounds a byte-level BPE's token count from below: no token stands for more than ``max_token_bytes``
+    bytes of text, and the bytes in ``dropped`` (no token holds them) yield no token at all."""
+
+    max_token_bytes: int
+    dropped: bytes
+
+
+def _keeps_every_byte(pre_tokenizer: dict[str, Any] | None) -> bool:
+    """Whether the pre-tokenizer turns every byte of the text into a byte-level symbol and drops none."""
+    if pre_tokenizer is None:
+        return False
+    parts = pre_tokenizer["pretokenizers"] if pre_tokenizer["type"] == "Sequence" else [pre_tokenizer]
+    keeps = all(p["type"] in _KEEPING_PRE_TOKENIZERS and p.get("behavior") != "Removed" for p in parts)
+    return keeps and any(p["type"] == "ByteLevel" for p in parts)
+
+
+def _token_bound(backend: tokenizers.Tokenizer) -> _TokenBound | None:
+    """The bound of a byte-level BPE without a normalizer and without added tokens that swallow the whitespace
+    beside them; None for any other tokenizer (one may drop or merge text in ways no byte count bounds)."""
+    pre_tokenizer = backend.pre_tokenizer
+    shape = None if pre_tokenizer is None else json.loads(pre_tokenizer.__getstate__())
+    added = backend.get_added_tokens_decoder().values()
+    if (backend.normalizer is not None or not isinstance(backend.model, tokenizers.models.BPE)
+            or not _keeps_every_byte(shape) or any(token.lstrip or token.rstrip for token in added)):
+        return None
+    vocab = backend.get_vocab(with_added_tokens=False)
+    # Merges only join the byte-level symbols of the text, one character per byte: a piece holds len(piece) bytes.
+    max_token_bytes = max(max(map(len, vocab), default=1), *(len(token.content.encode()) for token in added))
+    return _TokenBound(max_token_bytes, bytes(sorted(b for c, b in _BYTE_OF_CHAR.items() if c not in vocab)))
 
 
 class Tokenizer:
@@ -44,6 +82,7 @@ class Tokenizer:
         self._eos_token_id = eos_token_id
         self._chat_template = chat_template
         self._compiled_template: jinja2.Template | None = None
+        self._bound = _token_bound(backend)
         added = backend.get_added_tokens_decoder()
         self._special_ids = tuple(sorted(i for i, token in added.items() if token.special))
 
@@ -87,10 +126,32 @@ class Tokenizer:
         return self._chat_template
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``; ``add_special_tokens`` applies the tokenizer's post-processor (e.g. a BOS)."""
+        """Token ids of ``text``; ``add_special_tokens`` applies the tokenizer's post-processor (e.g. a BOS).
+
+        A text over ``LONG_TEXT_CHARS`` is tokenized without holding the GIL, so other threads run meanwhile.
+        """
         if not isinstance(text, str):
             raise ValueError(f"text: must be a str, got {type(text).__name__}")
+        if len(text) > LONG_TEXT_CHARS:  # encode holds the GIL throughout; encode_batch releases it
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def min_num_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))``, found without tokenizing, in time linear in the text.
+
+        For a byte-level BPE (no normalizer, no pre-tokenizer dropping text, no added token stripping the
+        whitespace beside it) it is ``ceil(b / max_token_bytes)``, ``b`` counting the text's UTF-8 bytes that
+        some token holds; 0 for other tokenizers. Raises ValueError naming ``text`` when UTF-8 cannot encode it
+        (a lone surrogate), which ``encode`` cannot tokenize either.
+        """
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"text: must be text UTF-8 can encode: {error.reason} at character {error.start}") \
+                from None
+        if self._bound is None:
+            return 0
+        return -(-len(data.translate(None, self._bound.dropped)) // self._bound.max_token_bytes)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; an incomplete or invalid UTF-8 byte sequence decodes to U+FFFD."""

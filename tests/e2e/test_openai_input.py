@@ -79,6 +79,11 @@ BAD_REQUESTS = [
     ("stop", text(stop=[""])),
     ("stop_token_ids", text(stop_token_ids=[10**6])),
     ("prompt", text(prompt="")),
+    ("prompt", text(prompt="\x13")),  # a character SmolLM2's vocabulary lacks: no token
+    ("prompt", text(prompt="\x04", stream=True)),
+    ("stop", text(stop=["a", "b", "c", "d", "e"])),
+    ("stop", chat(stop="x" * 300)),
+    ("messages[0].role", chat(messages=[{"role": "wizard", "content": "Hi"}])),
     ("prompt", text(prompt=[])),
     ("prompt", text(prompt=[5, 49152])),
     ("prompt", text(prompt=["one", "two"])),

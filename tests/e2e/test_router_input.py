@@ -26,6 +26,7 @@ def _chat(*messages: tuple[str, str]) -> api_pb2.GenerateRequest:
 BAD_REQUESTS = [
     ("prompt", st.just(api_pb2.GenerateRequest())),
     ("text", st.just(api_pb2.GenerateRequest(text=""))),
+    ("text", st.sampled_from(["\x13", "\x04", "\x14\x13"]).map(lambda t: api_pb2.GenerateRequest(text=t))),
     ("token_ids", st.just(api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds()))),
     ("token_ids", st.integers(VOCAB_SIZE, 2**32 - 1).map(
         lambda t: api_pb2.GenerateRequest(token_ids=api_pb2.TokenIds(ids=[1, t, 2])))),
@@ -51,6 +52,9 @@ BAD_REQUESTS = [
     ("sampling.n", st.one_of(st.integers(-2**63, 0), st.integers(65, 2**63 - 1)).map(lambda v: _text(n=v))),
     ("sampling.min_tokens", st.integers(3, 2**40).map(lambda v: _text(min_tokens=v))),
     ("sampling.stop", st.just(_text(stop=[""]))),
+    ("sampling.stop", st.just(_text(stop=["a", "b", "c", "d", "e"]))),
+    ("sampling.stop", st.just(_text(stop=["x" * 300]))),
+    ("chat.messages[0].role", st.sampled_from(["wizard", "USER"]).map(lambda r: _chat((r, "Hi")))),
     ("sampling.stop_token_ids", st.integers(VOCAB_SIZE, 2**62).map(lambda v: _text(stop_token_ids=[v]))),
 ]
 

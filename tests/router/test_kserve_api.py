@@ -23,6 +23,7 @@ from undecodable import call_raw, refused, request_class, undecodable
 
 from radixserve.kserve.v2 import grpc_service_pb2 as pb
 from radixserve.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from radixserve.router import kserve_api
 from radixserve.router.kserve_tensors import INPUTS, SAMPLING_NAMES
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2
 
@@ -298,6 +299,12 @@ BAD_REQUESTS = [
     ("sampling_parameters.min_tokens", _sampling(min_tokens=9)),
     ("sampling_parameters.stop", _sampling(stop=[""])),
     ("sampling_parameters.stop", _sampling(stop=7)),
+    ("sampling_parameters.stop", _sampling(stop=["a", "b", "c", "d", "e"])),
+    ("sampling_parameters.stop", _sampling(stop="x" * 300)),
+    ("sampling_parameters.stop", _sampling(stop=["\ud800"])),
+    ("sampling_parameters.top_k", _sampling(top_k=2**70)),
+    ("sampling_parameters.max_tokens", _sampling(max_tokens=2**63)),
+    ("sampling_parameters.stop_token_ids", _sampling(stop_token_ids=[2**64])),
     ("sampling_parameters.stop_token_ids", _sampling(stop_token_ids=[10**9])),
     ("sampling_parameters.stop_token_ids", _sampling(stop_token_ids=[-1])),
     ("prompt", _replaced("prompt", bytes_tensor("prompt", b"hi"))),
@@ -337,6 +344,57 @@ def test_in_a_stream_each_malformed_request_gets_its_error_and_the_stream_goes_o
         assert not response.infer_response.outputs
     assert grouped["bad-stream"][0].error_message.startswith("INVALID_ARGUMENT: exclude_input_in_output: ")
     assert final_flags(grouped["good"])[-1]
+    settle(background_cluster)
+
+
+@pytest.mark.parametrize(("field", "sampling"), [("top_k", {"top_k": 2**70}), ("stop", {"stop": ["\ud800"]}),
+                                               ("seed", {"seed": 2**70})])
+def test_one_bad_request_of_a_stream_fails_alone(background_cluster: Cluster, stub: pb_grpc.GRPCInferenceServiceStub,
+                                                 field: str, sampling: dict[str, Any]):
+    requests = [infer_request(request_id=f"r{i}", stream=i % 2 == 0, sampling={**GREEDY, **(sampling if i == 2 else {})})
+                for i in range(5)]
+    grouped = by_id(stream(stub, requests))
+    [error] = grouped.pop("r2")
+    assert error.error_message.startswith(f"INVALID_ARGUMENT: sampling_parameters.{field}: "), error.error_message
+    assert sorted(grouped) == ["r0", "r1", "r3", "r4"]
+    assert all(final_flags(responses)[-1] and not any(r.error_message for r in responses)
+               for responses in grouped.values())
+    settle(background_cluster)
+
+
+def test_a_failure_in_one_request_of_a_stream_fails_it_alone(background_cluster: Cluster,
+                                                             stub: pb_grpc.GRPCInferenceServiceStub,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    decode = kserve_api.decode_inputs
+
+    def failing(request: pb.ModelInferRequest) -> Any:
+        if request.id == "boom":
+            raise RuntimeError("a bug")
+        return decode(request)
+    monkeypatch.setattr(kserve_api, "decode_inputs", failing)
+    requests = [infer_request(request_id=f"r{i}", stream=True) for i in range(3)]
+    grouped = by_id(stream(stub, [*requests[:2], infer_request(request_id="boom"), requests[2]]))
+    assert grouped.pop("boom")[0].error_message.startswith("INTERNAL: ")
+    assert sorted(grouped) == ["r0", "r1", "r2"] and all(final_flags(r)[-1] for r in grouped.values())
+    settle(background_cluster)
+
+
+def test_a_stream_serves_a_bounded_number_of_requests_at_once(background_cluster: Cluster,
+                                                             stub: pb_grpc.GRPCInferenceServiceStub,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(kserve_api, "MAX_STREAM_REQUESTS", 2)
+    engine = background_cluster.engines[0]
+    engine.gate.clear()
+    try:
+        call = stub.ModelStreamInfer(iter([infer_request(request_id=f"r{i}") for i in range(6)]), timeout=TIMEOUT_S)
+        deadline = time.monotonic() + TIMEOUT_S
+        while engine.load().num_waiting + engine.load().num_running < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held = background_cluster.router.core.num_in_flight
+    finally:
+        engine.gate.set()
+    assert held == 2
+    assert sorted(by_id(list(call))) == [f"r{i}" for i in range(6)]
     settle(background_cluster)
 
 

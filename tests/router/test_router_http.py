@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +19,16 @@ from router_cluster import Cluster
 
 from radixserve.cluster.base.bus import InProcessBus
 from radixserve.cluster.base.config import RouterConfig, SecurityConfig
+from radixserve.cluster.base.generation import ROLES
 from radixserve.cluster.base.metrics import scrape, total
+from radixserve.cluster.base.sampling_params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from radixserve.cluster.base.tokenizer import LONG_TEXT_CHARS, Tokenizer
 from radixserve.router.server import Router
 from radixserve.worker.models.loading import open_checkpoint
 
 KEY = "sk-test-0123456789"
 KEY_ENV = "RADIXSERVE_TEST_API_KEYS"
+TIMEOUT_S = 30.0
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 
 
@@ -122,3 +127,61 @@ def test_stopping_the_router_drains_http_requests(tiny_hf_dir: Path) -> None:
                 await http.get("/health")
     asyncio.run(asyncio.wait_for(main(), 120))
 
+
+
+def test_the_openapi_document_and_docs_show_the_generation_endpoints_and_their_limits(keyed: Cluster) -> None:
+    document = httpx.get(keyed.url + "/openapi.json")
+    assert document.status_code == 200
+    schema = document.json()
+    bodies = {path: schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+              for path in ("/v1/chat/completions", "/v1/completions")}
+    assert bodies == {"/v1/chat/completions": "#/components/schemas/ChatCompletionRequest",
+                      "/v1/completions": "#/components/schemas/CompletionRequest"}
+    models = schema["components"]["schemas"]
+    stop_list = next(s for s in models["CompletionRequest"]["properties"]["stop"]["anyOf"] if s["type"] == "array")
+    assert stop_list["maxItems"] == MAX_STOP_SEQUENCES and stop_list["items"]["maxLength"] == MAX_STOP_CHARS
+    assert set(models["ChatMessage"]["properties"]["role"]["enum"]) == set(ROLES)
+    docs = httpx.get(keyed.url + "/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+@pytest.mark.parametrize(("param", "body"), [
+    ("stop", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}),
+    ("stop", {**CHAT, "stop": "x" * (MAX_STOP_CHARS + 1)}),
+    ("messages[1].role", {**CHAT, "messages": [{"role": "system", "content": "Be terse."},
+                                                {"role": "wizard", "content": "Hi"}]}),
+])
+def test_too_many_or_too_long_stops_and_unknown_roles_are_400_naming_them(keyed: Cluster, param: str,
+                                                                         body: dict[str, object]) -> None:
+    reply = httpx.post(keyed.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop_while_a_short_request_is_served(
+        tiny_hf_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The long prompt's tokenization is held until the short request has its answer: were it on the event loop,
+    the short request could not be served meanwhile."""
+    tokenizing, released = threading.Event(), threading.Event()
+    threads: list[int] = []
+    encode = Tokenizer.encode
+
+    def held(self: Tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+        if len(text) > LONG_TEXT_CHARS:
+            threads.append(threading.get_ident())
+            tokenizing.set()
+            assert released.wait(TIMEOUT_S)
+        return encode(self, text, add_special_tokens)
+    monkeypatch.setattr(Tokenizer, "encode", held)
+
+    async def main() -> None:
+        async with cluster(tiny_hf_dir, 1) as c, httpx.AsyncClient(base_url=c.url, timeout=TIMEOUT_S) as http:
+            long = {"model": "tiny", "prompt": "a" * (LONG_TEXT_CHARS + 100), "max_tokens": 2}
+            big = asyncio.ensure_future(http.post("/v1/completions", json=long))
+            assert await asyncio.to_thread(tokenizing.wait, TIMEOUT_S)
+            small = await http.post("/v1/chat/completions", json=CHAT)
+            released.set()
+            assert small.status_code == 200, small.text
+            assert (await big).status_code in (200, 400)
+            assert threads and threading.get_ident() not in threads
+    asyncio.run(asyncio.wait_for(main(), 4 * TIMEOUT_S))

@@ -91,10 +91,29 @@ def test_a_worker_that_refuses_a_request_is_not_credited_with_its_pages(checkpoi
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert c.router.index.match(prompt_hashes(refused), ["w0", "w1"]) == {"w0": 0, "w1": 0}
             listed = await c.stub.ListWorkers(api_pb2.ListWorkersRequest(), timeout=TIMEOUT_S)
-            assert [w.num_indexed_pages for w in listed.workers] == [5, 5]  # each the prompt it accepted
+            assert [w.num_indexed_pages for w in listed.workers] == [4, 4]  # each the prompt it accepted
             for engine in c.engines:
                 engine.gate.set()
             await asyncio.gather(*held)
+    run(main)
+
+
+def test_the_router_credits_and_matches_only_the_pages_a_worker_can_match(checkpoint: Checkpoint):
+    """A worker never matches a page ending at the prompt's last token (it computes that token for its logits), so
+    a 20-token prompt in pages of 4 is credited with the 4 pages of its first 19 tokens, and a prompt sharing all 5
+    pages matches those 4."""
+    async def main() -> None:
+        async with cluster(checkpoint, num_workers=1) as c:
+            engine = c.engines[0]
+            engine.gate.clear()
+            held = asyncio.ensure_future(c.stub.Complete(request(), timeout=TIMEOUT_S))
+            await eventually(lambda: engine.load().num_waiting + engine.load().num_running == 1, "the request")
+            full_pages = prompt_hashes(request())
+            assert len(full_pages) == 5
+            assert c.router.index.num_pages("w0") == 4
+            assert c.router.index.match(full_pages, ["w0"]) == {"w0": 4}
+            engine.gate.set()
+            assert (await held).usage.prompt_tokens == 20
     run(main)
 
 

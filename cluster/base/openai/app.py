@@ -3,6 +3,8 @@
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streamed as server-sent events when
 ``stream`` is true: ``data: <chunk>`` events, then ``data: [DONE]``), ``GET /v1/models``, ``GET /version`` and
 ``GET /health`` (200 while ``backend.ready()``, else 503); a backend may add its own routes (``routes``).
+``GET /openapi.json`` is the OpenAPI document (the request bodies are ``protocol``'s models), ``GET /docs`` its
+interactive page; both are open, like ``/health``.
 
 A generation request goes through, in order: the API key (401, when keys are configured; ``/health`` is open),
 the body's size (413 over ``max_body_bytes``, before anything is parsed), the schema (400 naming the field:
@@ -33,6 +35,7 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
@@ -70,7 +73,7 @@ class _ClientGone(Exception):
 def create_app(backend: GenerationBackend, options: HttpOptions = HttpOptions(),
                on_refused: Callable[[str, Status], None] | None = None, routes: APIRouter | None = None) -> ASGIApp:
     """The API over ``backend``; ``routes`` are served too, behind the same API key check."""
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="radixserve", version=radixserve_version(), redoc_url=None)
     front = _FrontEnd(backend, options, on_refused)
     guarded = [Depends(front.authorize)]
     app.add_api_route("/v1/models", front.models, methods=["GET"], dependencies=guarded)
@@ -81,6 +84,7 @@ def create_app(backend: GenerationBackend, options: HttpOptions = HttpOptions(),
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _routing_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return _Api(app, front)
 
 
@@ -119,6 +123,35 @@ class _Api:
                 raise
             log.exception("a %s request failed", kind.method)
             await _INTERNAL_ERROR(scope, receive, send)
+
+
+_GENERATION_RESPONSES = {
+    "200": {"description": "The answer; server-sent events (text/event-stream) when the request's stream is true"},
+    "400": {"description": "An invalid request: OpenAI's error object, whose param names the field"},
+}
+
+
+def _request_body(kind: type[ApiFormat[Any]]) -> dict[str, Any]:
+    """The OpenAPI request body of an endpoint whose body ``kind.parse`` validates (not FastAPI)."""
+    schema = {"$ref": f"#/components/schemas/{kind.schema.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document of ``app`` plus the generation endpoints, which ``_Api`` serves outside FastAPI's
+    routing, with their request models among its schemas."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        paths = document.setdefault("paths", {})
+        for path, kind in _FORMATS.items():
+            schema = kind.schema.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[kind.schema.__name__] = schema
+            paths[path] = {"post": {"operationId": kind.method.replace(".", "_"), **_request_body(kind),
+                                    "responses": _GENERATION_RESPONSES}}
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 class _FrontEnd:

@@ -22,6 +22,9 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, field_validator
 
+from radixserve.cluster.base.generation import ROLES
+from radixserve.cluster.base.sampling_params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+
 Int64 = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]
 
 
@@ -69,9 +72,15 @@ def _prompt(value: object) -> str | tuple[int, ...]:
     raise ValueError("must be a string or a non-empty list of token ids")
 
 
-Stop = Annotated[tuple[str, ...], PlainValidator(_stop)]
-Content = Annotated[str, PlainValidator(_content)]
-PromptInput = Annotated[str | tuple[int, ...], PlainValidator(_prompt)]
+# What the schema shows of the fields validated by a function: the JSON each accepts (the OpenAPI document).
+_StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+_StopJson = _StopString | Annotated[list[_StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None
+_TextPart = dict[Literal["type", "text"], str]
+Stop = Annotated[tuple[str, ...], PlainValidator(_stop, json_schema_input_type=_StopJson)]
+Content = Annotated[str, PlainValidator(_content, json_schema_input_type=str | list[_TextPart] | None)]
+PromptInput = Annotated[str | tuple[int, ...], PlainValidator(
+    _prompt, json_schema_input_type=str | Annotated[list[Int64], Field(min_length=1)])]
+Role = Annotated[str, Field(json_schema_extra={"enum": list(ROLES)})]  # checked where the prompt is prepared
 
 
 class _Strict(BaseModel):
@@ -83,7 +92,7 @@ class StreamOptions(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: str
+    role: Role
     content: Content = ""
     name: str | None = None  # a participant's name: accepted, not rendered
 

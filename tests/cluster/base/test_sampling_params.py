@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from radixserve.cluster.base.sampling_params import SamplingParams
+from radixserve.cluster.base.sampling_params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, SamplingParams
 
 BAD_VALUES = [
     ("max_tokens", 0), ("max_tokens", -1), ("max_tokens", 1.5), ("max_tokens", True),
@@ -23,6 +23,11 @@ BAD_VALUES = [
     ("logprobs", -1), ("logprobs", 21), ("logprobs", 1.5),
     ("n", 0), ("n", 65), ("n", 2.0),
     ("min_tokens", -1), ("min_tokens", 17), ("min_tokens", 0.5),
+    # beyond int64, what every wire format carries
+    ("max_tokens", 2**63), ("top_k", 2**63), ("top_k", 2**70), ("stop_token_ids", [2**63]),
+    # stop strings: a bounded count and length, each text UTF-8 can carry (no lone surrogate)
+    ("stop", ["a"] * (MAX_STOP_SEQUENCES + 1)), ("stop", ["a" * (MAX_STOP_CHARS + 1)]), ("stop", ["\ud800"]),
+    ("stop", ["ok", "x\udfffy"]),
 ]
 
 
@@ -37,9 +42,17 @@ def test_bad_value_raises_naming_the_field(field: str, value: object) -> None:
     ("top_p", 1e-6), ("min_p", 0.0), ("min_p", 1.0), ("repetition_penalty", 1e-3), ("frequency_penalty", -2.0),
     ("frequency_penalty", 2.0), ("presence_penalty", -2.0), ("presence_penalty", 2.0), ("seed", 0),
     ("seed", 2**63 - 1), ("logprobs", 0), ("logprobs", 20), ("n", 64), ("min_tokens", 16),
+    ("max_tokens", 2**63 - 1), ("top_k", 2**63 - 1), ("stop_token_ids", (2**63 - 1,)),
+    ("stop", ("a",) * MAX_STOP_SEQUENCES), ("stop", ("\U0001f642" * MAX_STOP_CHARS,)),
 ])
 def test_boundary_values_are_accepted(field: str, value: object) -> None:
     assert getattr(SamplingParams(**{field: value}), field) == value
+
+
+def test_a_refused_stop_list_is_not_echoed_whole() -> None:
+    with pytest.raises(ValueError, match="^stop: ") as caught:
+        SamplingParams(stop=["x" * 100_000] * 2)
+    assert len(str(caught.value)) < 200
 
 
 def test_min_tokens_is_bounded_by_max_tokens() -> None:
