@@ -148,7 +148,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return self.load_report()
 
     def load_report(self) -> types_pb2.LoadReport:
-        """The engine's load now, as ``GetLoad`` answers it and the bus publisher publishes it."""
+        """The engine's load now, as ``GetLoad`` answers it and the bus publisher publishes it; ``draining`` from
+        ``begin_drain`` on, so routers send the worker nothing new."""
         load = self._engine.load()
         return types_pb2.LoadReport(
             num_running=load.num_running, num_waiting=load.num_waiting, num_pages_used=load.num_pages_used,
@@ -157,7 +158,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             hit_ratio=load.hit_ratio, num_requests_finished=load.num_requests_finished,
             num_generated_tokens=load.num_generated_tokens, incarnation=self._incarnation,
             num_pending_prefill_tokens=load.num_pending_prefill_tokens,
-            num_pending_output_tokens=load.num_pending_output_tokens)
+            num_pending_output_tokens=load.num_pending_output_tokens, draining=self._draining)
 
     def subscribe_kv(self) -> KvSubscription:
         """A subscription to the KV event batches (the freshest snapshot first); ``KvHubClosed`` once stopping."""
