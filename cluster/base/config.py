@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from radixserve.cluster.base.urls import redact_url
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")  # worker.models.quantization's linear methods
@@ -286,7 +288,7 @@ class BusConfig:
     def __post_init__(self) -> None:
         require(self.backend in BUS_BACKENDS, "backend", f"must be one of {BUS_BACKENDS}, got {self.backend!r}")
         require(self.url is None or self.url.startswith(("redis://", "rediss://", "unix://")), "url",
-                f"must be a redis://, rediss:// or unix:// URL, got {self.url!r}")
+                f"must be a redis://, rediss:// or unix:// URL, got {redact_url(self.url or '')!r}")
         require(self.url is None or self.backend == "redis", "url", 'is only read with backend = "redis"')
         require(bool(self.namespace) and ":" not in self.namespace, "namespace", "must be non-empty, without ':'")
         for name in ("worker_ttl_s", "load_interval_s"):
