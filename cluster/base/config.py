@@ -238,6 +238,11 @@ class SecurityConfig:
     ``api_keys_file`` and/or comma-separated in the environment variable named ``api_keys_env``: when any is
     given, every API call must carry one (``Authorization: Bearer <key>`` over HTTP, ``authorization`` metadata
     ``Bearer <key>`` over gRPC); health endpoints stay open. Keys are never logged nor exported as metrics.
+
+    ``cluster_key``: the credential of the cluster's own calls. Workers accept it alone on both their ports (client
+    keys are refused: a worker's API is internal), routers send it to workers, and a router's ``ListWorkers`` (an
+    admin call: it hands out the workers' addresses) needs it. Required with API keys; ``radixserve up``
+    generates one per cluster when none is given. It is left out of the config's repr and never printed.
     """
 
     cert_file: str | None = None
@@ -246,18 +251,24 @@ class SecurityConfig:
     worker_mtls: bool = False
     api_keys_file: str | None = None
     api_keys_env: str | None = None
+    cluster_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         require((self.cert_file is None) == (self.key_file is None), "key_file",
                 "cert_file and key_file go together (both or neither)")
         require(not self.worker_mtls or (self.cert_file is not None and self.ca_file is not None), "worker_mtls",
                 "needs cert_file, key_file and ca_file")
-        for name in ("cert_file", "key_file", "ca_file", "api_keys_file", "api_keys_env"):
+        for name in ("cert_file", "key_file", "ca_file", "api_keys_file", "api_keys_env", "cluster_key"):
             require(getattr(self, name) is None or bool(getattr(self, name)), name, "must not be empty")
 
     @property
     def tls(self) -> bool:
         return self.cert_file is not None
+
+    @property
+    def client_keys(self) -> bool:
+        """Whether API keys are configured (read by ``cluster.base.security.ApiKeys.from_config``)."""
+        return self.api_keys_file is not None or self.api_keys_env is not None
 
 
 BUS_BACKENDS = ("inprocess", "redis")

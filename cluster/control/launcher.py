@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -87,6 +88,7 @@ class ClusterRunner:
 
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
+        self._key_file: Path | None = None  # the cluster key this runner generated, kept for `status`
         self.router_address = ""
         self.router_addresses: list[str] = []
         self.http_address = ""
@@ -113,6 +115,9 @@ class ClusterRunner:
 
         ModelStore().resolve(self.config.engine.model)  # fail before starting anything
         self._api_keys = ApiKeys.from_config(self.config.security)  # read once, here: remote workers lack our env
+        if self.config.security.client_keys and self.config.security.cluster_key is None:
+            self.config = _with_new_cluster_key(self.config)
+            self._key_file = cluster_key_path()
         timer = _Timer(progress)
         if self.config.bus.backend == "redis" and self.config.bus.url is None:
             self._start_redis(timer)
@@ -182,6 +187,8 @@ class ClusterRunner:
         if self._owns_ray:
             timer.step("stopping Ray")
             self._step("stopping Ray", ray.shutdown)
+        if self._key_file is not None:
+            self._key_file.unlink(missing_ok=True)
         timer.step("stopped")
 
     @staticmethod
@@ -208,7 +215,7 @@ class ClusterRunner:
         from radixserve.cluster.control.pool import WorkerPool
 
         self._bus = make_bus(self.bus_config)
-        self._pool = WorkerPool(self.config, self._bus, self._api_keys, self.bus_config)
+        self._pool = WorkerPool(self.config, self._bus, self.bus_config)
         await self._pool.start(timer.step)
 
     async def _start_routers(self, timer: _Timer) -> list[Any]:
@@ -228,6 +235,24 @@ class ClusterRunner:
         self._targets_task = asyncio.create_task(keep_targets(self._bus, self.targets_path,
                                                               [f.metrics_address for f in found]))
         return found
+
+
+def _with_new_cluster_key(config: ClusterConfig) -> ClusterConfig:
+    """``config`` with a fresh cluster key, also kept (mode 0600) in ``cluster_key_path()`` while the cluster
+    runs, for ``radixserve status`` on this machine."""
+    key = secrets.token_urlsafe(32)
+    path = cluster_key_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(key)
+    return dataclasses.replace(config, security=dataclasses.replace(config.security, cluster_key=key))
+
+
+def cluster_key_path() -> Path:
+    """Where ``up`` keeps the cluster key it generated while the cluster runs."""
+    return radixserve_home() / "run" / "cluster.key"
 
 
 class _Timer:
