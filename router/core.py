@@ -15,7 +15,8 @@ Guarantees:
 - closing the stream (the client went away) or ``timeout_s`` passing cancels the worker's call, which aborts the
   request there and frees its KV pages;
 - bad input is INVALID_ARGUMENT naming the field; a full cluster (every worker tried refused it)
-  RESOURCE_EXHAUSTED; a cluster without an up worker (or a draining router) UNAVAILABLE.
+  RESOURCE_EXHAUSTED; a cluster without an up worker (or a draining router) UNAVAILABLE, saying how many are
+  draining and how many down.
 
 The tokenizer and the model's limits come from the workers (``GetInfo``), so a router needs no model files: see
 ``ModelView`` for which workers a request may go to.
@@ -174,7 +175,7 @@ class RouterCore:
             raise GenerationError(Status.UNAVAILABLE, "the router is draining; send to another router")
         served = self._model()
         if served is None:
-            raise GenerationError(Status.UNAVAILABLE, "no worker is up; retry shortly")
+            raise GenerationError(Status.UNAVAILABLE, self._workers.unavailable_reason())
         model, limits = served
         prepared = await self._preparer.prepare(request, model.tokenizer, limits)
         model = model.for_prompt(len(prepared.token_ids))

@@ -82,6 +82,10 @@ class RouterMetrics:
                                    ["outcome"], registry=registry)
         for outcome in ROUTE_HINT_OUTCOMES:  # the series exist from the start, on every router
             self.route_hints.labels(outcome)
+        self.background_task_failures = Counter(
+            _PREFIX + "background_task_failures",
+            "Unexpected errors that ended a background task (registry watch, KV log reader, KV relay, worker poll, "
+            "shared load, route hints), each logged; the task was restarted.", ["task"], registry=registry)
         self.retries = Counter(_PREFIX + "retries", "Requests retried on another worker, by the failure's code.",
                                ["code"], registry=registry)
         self.ttft = Histogram(_PREFIX + "time_to_first_token_seconds",

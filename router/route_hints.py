@@ -63,8 +63,11 @@ class RouteHints:
         self._enqueue(router_pb2.RouteHint(worker_id=worker_id, page_hashes=hashes, withdrawn=True))
 
     async def run(self) -> None:
-        """Publish and follow until ``stop`` (or the bus closes)."""
-        await asyncio.gather(self._publish(), self._follow())
+        """Publish and follow until ``stop`` (or the bus closes); an error in either loop stops both and is raised
+        (as an ``ExceptionGroup``), so that running it again restarts both."""
+        async with asyncio.TaskGroup() as loops:
+            loops.create_task(self._publish())
+            loops.create_task(self._follow())
 
     def stop(self) -> None:
         """End ``run``: both loops stop at their next step."""

@@ -21,8 +21,8 @@ from radixserve.cluster.base.metrics import MetricsEndpoint
 from radixserve.cluster.base.openai.app import COUNTED_METHODS as HTTP_METHODS
 from radixserve.cluster.base.openai.app import HttpOptions, create_app
 from radixserve.cluster.base.openai.server import HttpServer
-from radixserve.cluster.base.security import (ApiKeys, add_port, call_metadata, grpc_channel_credentials,
-                                              grpc_server, uvicorn_tls)
+from radixserve.cluster.base.security import (ApiKeys, add_port, call_metadata, cluster_keys,
+                                              grpc_channel_credentials, grpc_server, uvicorn_tls)
 from radixserve.cluster.base.wire import add_servicer
 from radixserve.router import kserve_api
 from radixserve.router.core import RETRYABLE, RouterCore
@@ -39,7 +39,9 @@ class Router:
 
     ``security`` secures its ports (TLS) and its calls to workers (TLS, the router's certificate under worker
     mTLS); with API keys (``api_keys``, by default those ``security`` names) every call but health and
-    reflection needs one, and the router's own calls to workers carry one. Its metrics (``self.metrics``) are
+    reflection needs one. Its calls to workers carry the cluster key (``security.cluster_key``), which
+    ``ListWorkers`` (an admin call: it names the workers' addresses) needs too: a client's key there is
+    PERMISSION_DENIED. Its metrics (``self.metrics``) are
     served at ``metrics_address`` from ``start`` until ``stop`` when ``metrics_port`` is given (0: a free port) on
     ``metrics_host``. ``http_address`` is where the HTTP API listens (None without ``config.http_port``).
 
@@ -57,13 +59,14 @@ class Router:
         self.config = config
         self.security = security or SecurityConfig()
         self.api_keys = api_keys if api_keys is not None else ApiKeys.from_config(self.security)
+        cluster_key = cluster_keys(self.security)
         self.index = PrefixIndex(config.pending_ttl_s, config.approx_ttl_s)
         self.metrics = RouterMetrics(CollectorRegistry(), config.policy)
         self.router_id = router_id
         self.bus = bus
         self.workers = WorkerSet(bus, self.index, self.metrics, WorkerChannels(
             config.health_interval_s, config.max_message_bytes, grpc_channel_credentials(self.security),
-            call_metadata(self.api_keys)), router_id, bus_config)
+            call_metadata(cluster_key)), router_id, bus_config)
         self.metrics.bind(self._gauges, self._bus_gauges)
         for status in RETRYABLE:  # the series dashboards rate() exist from the start, at 0
             self.metrics.retries.labels(status.name)
@@ -80,7 +83,8 @@ class Router:
         self.http_address: str | None = None
         self._metrics_at = None if metrics_port is None else (metrics_host, metrics_port)
         self._endpoint: MetricsEndpoint | None = None
-        self._server = grpc_server(config.max_message_bytes, self.api_keys)
+        self._server = grpc_server(config.max_message_bytes, self.api_keys, cluster_key,
+                                   [f"/{GENERATION.full_name}/ListWorkers"])
         add_servicer(self._server, GENERATION, self.service, self.service.count_undecodable)
         add_servicer(self._server, kserve_api.KSERVE, self.kserve, self.kserve.count_undecodable)
         self._health = HealthReporter(self._server, [GENERATION.full_name, kserve_api.KSERVE.full_name])

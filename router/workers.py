@@ -3,7 +3,8 @@
 ``WorkerSet`` follows the event bus registry: a worker announced there gets a ``WorkerClient``; a withdrawn one
 (or, on a shared bus, one whose heartbeat expired) is closed and forgotten by the prefix index. Each client
 polls its worker's load every ``health_interval_s``, which doubles as the health probe: a worker that stops
-answering is marked ``down`` and routed around until a poll succeeds again. A changed incarnation means the
+answering is marked ``down`` and routed around until a poll succeeds again; one whose load report (polled, or read
+from the shared bus) says it is draining is marked ``draining`` and sent nothing new. A changed incarnation means the
 worker restarted with an empty cache, so the index forgets it.
 
 KV events reach the index from each worker's log on the bus (``EventBus.follow_kv``), applied in the worker's
@@ -41,6 +42,7 @@ from radixserve.router.prefix_index import PrefixIndex
 from radixserve.router.route_hints import RouteHints
 from radixserve.router.routing import NO_REPORT, ReportedLoad, WorkerLoad
 from radixserve.router.shared_load import SharedLoad
+from radixserve.router.supervisor import Supervisor
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,9 @@ class WorkerChannels:
 
 
 class WorkerState:
+    """``up``: answering and taking requests; ``down``: a poll or call failed; ``draining``: answering, but its
+    last load report says it is stopping (it takes nothing new)."""
+
     UP = "up"
     DOWN = "down"
     DRAINING = "draining"
@@ -104,11 +109,12 @@ class WorkerClient:
     """
 
     def __init__(self, record: WorkerRecord, bus: EventBus, sequencer: KvEventSequencer,
-                 channels: WorkerChannels, relay: bool, on_entry: Callable[[str, bytes, float], None]) -> None:
+                 channels: WorkerChannels, relay: bool, on_entry: Callable[[str, bytes, float], None],
+                 supervisor: Supervisor) -> None:
         self.record = record
         self.info: worker_pb2.WorkerInfo | None = None
         self.load = types_pb2.LoadReport()
-        self.state = WorkerState.DOWN
+        self._answering = False  # its last load poll succeeded and no call failed UNAVAILABLE since
         self.num_routed = 0
         self.outstanding = WorkerLoad()  # what this router has in flight there
         self.peer_load = NO_REPORT
@@ -122,9 +128,10 @@ class WorkerClient:
         self._informed = asyncio.Event()
         self._on_entry = on_entry
         self._closed = False
-        self._poller = asyncio.create_task(self._poll())
-        self._follower: asyncio.Task[None] | None = asyncio.create_task(self._relay_events()) if relay else None
-        self._reader = asyncio.create_task(self._read_log())
+        self._supervisor = supervisor
+        self._poller = supervisor.start("worker_poll", self._poll, self.worker_id)
+        self._follower: asyncio.Task[None] | None = self._start_relay() if relay else None
+        self._reader = self._start_reader()
 
     @property
     def worker_id(self) -> str:
@@ -134,6 +141,14 @@ class WorkerClient:
     def events_live(self) -> bool:
         """Whether the index follows the worker's KV events (else its pages there are approximate)."""
         return self._sequencer.is_live(self.worker_id)
+
+    @property
+    def state(self) -> str:
+        """A ``WorkerState``: down unless answering; draining when its last load report (polled, or on a shared
+        bus published by the worker) says so."""
+        if not self._answering:
+            return WorkerState.DOWN
+        return WorkerState.DRAINING if self.load.draining else WorkerState.UP
 
     @property
     def serving(self) -> bool:
@@ -175,15 +190,15 @@ class WorkerClient:
 
     def mark_down(self, reason: str) -> None:
         """The worker failed a call: stop routing to it until a load poll succeeds."""
-        if self.state == WorkerState.UP:
+        if self._answering:
             log.warning("worker %s is down: %s", self.worker_id, reason)
-        self.state = WorkerState.DOWN
+        self._answering = False
 
     def resubscribe(self) -> None:
         """When relaying, restart the worker's KV event stream: the worker answers with a fresh snapshot."""
         if self._follower is not None:
             self._follower.cancel()
-            self._follower = asyncio.create_task(self._relay_events())
+            self._follower = self._start_relay()
 
     async def close(self) -> None:
         self._closed = True  # ends the log reader even where redis-py turned its cancellation into an error
@@ -213,16 +228,24 @@ class WorkerClient:
             if restarted:
                 self.resubscribe()
                 self.relearn()
+        if load.draining and not self.load.draining:
+            log.info("worker %s is draining: no new requests go there", self.worker_id)
         self.load = load
-        if self.state != WorkerState.UP:
+        if not self._answering:
             log.info("worker %s is up at %s", self.worker_id, self.record.address)
-        self.state = WorkerState.UP
+        self._answering = True
 
     def relearn(self) -> None:
         """Read the worker's KV event log again from its start: its snapshots are checked against the
         incarnation ``GetInfo`` reported, so a new incarnation's first snapshot may have been dropped."""
         self._reader.cancel()
-        self._reader = asyncio.create_task(self._read_log())
+        self._reader = self._start_reader()
+
+    def _start_reader(self) -> asyncio.Task[None]:
+        return self._supervisor.start("kv_log_reader", self._read_log, self.worker_id)
+
+    def _start_relay(self) -> asyncio.Task[None]:
+        return self._supervisor.start("kv_relay", self._relay_events, self.worker_id)
 
     async def _read_log(self) -> None:
         """Hand every entry of the worker's bus log to ``on_entry``; after ``Lost``, read it again from its start."""
@@ -257,7 +280,9 @@ class WorkerSet:
     """The workers a router knows, kept in step with the bus registry; feeds the prefix index from the workers'
     bus logs through ``sequencer``. On a shared bus it also exchanges load with the other routers
     (``router.shared_load``) as ``router_id``, every ``bus_config.load_interval_s``, and, with
-    ``bus_config.share_routes``, routing decisions (``router.route_hints``)."""
+    ``bus_config.share_routes``, routing decisions (``router.route_hints``). Every background task runs under a
+    ``Supervisor``: an unexpected error is logged, counted (``metrics.background_task_failures``) and the task
+    restarted."""
 
     def __init__(self, bus: EventBus, index: PrefixIndex, metrics: RouterMetrics, channels: WorkerChannels,
                  router_id: str = "router", bus_config: BusConfig | None = None) -> None:
@@ -272,6 +297,7 @@ class WorkerSet:
         self.route_hints = (RouteHints(bus, router_id, index, self.clients, metrics.route_hints)
                             if bus.shared and bus_config.share_routes else None)
         self._num_malformed: dict[str, int] = {}
+        self._supervisor = Supervisor(metrics.background_task_failures)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, timeout_s: float = 30.0) -> None:
@@ -290,11 +316,11 @@ class WorkerSet:
                 await asyncio.sleep(_RETRY_S)
         for record in members.values():
             await self._upsert(record)
-        self._tasks = [asyncio.create_task(self._watch_registry(registry))]
+        self._tasks = [self._supervisor.start("registry_watch", lambda: self._watch_registry(registry))]
         if self.shared_load is not None:
-            self._tasks.append(asyncio.create_task(self.shared_load.run()))
+            self._tasks.append(self._supervisor.start("shared_load", self.shared_load.run))
         if self.route_hints is not None:
-            self._tasks.append(asyncio.create_task(self.route_hints.run()))
+            self._tasks.append(self._supervisor.start("route_hints", self.route_hints.run))
 
     async def close(self) -> None:
         if self.shared_load is not None:
@@ -337,6 +363,14 @@ class WorkerSet:
     def serving(self) -> list[WorkerClient]:
         return [client for client in self.clients.values() if client.serving]
 
+    def unavailable_reason(self) -> str:
+        """Why no worker takes a request now (for an UNAVAILABLE answer): how many drain, how many are down."""
+        states = [client.state for client in self.clients.values()]
+        num_draining, num_down = states.count(WorkerState.DRAINING), states.count(WorkerState.DOWN)
+        if num_draining and num_draining == len(states):
+            return f"every worker ({num_draining}) is draining; retry shortly"
+        return f"no worker is up ({num_draining} draining, {num_down} down); retry shortly"
+
     def record_routed(self, worker_id: str, hashes: Sequence[int]) -> None:
         """A prompt with ``hashes`` went to ``worker_id``: the index credits it (``PrefixIndex.record_routed``),
         and so do the other replicas when routes are shared."""
@@ -358,7 +392,8 @@ class WorkerSet:
             self.sequencer.forget(record.worker_id)  # until the new client learns the incarnation
             await current.close()
         self.clients[record.worker_id] = WorkerClient(record, self._bus, self.sequencer, self._channels,
-                                                      relay=not self._bus.shared, on_entry=self.apply_entry)
+                                                      relay=not self._bus.shared, on_entry=self.apply_entry,
+                                                      supervisor=self._supervisor)
         for counter in (self._metrics.kv_resyncs, self._metrics.kv_malformed):  # rate() series exist from the start
             counter.labels(record.worker_id)
 
@@ -369,6 +404,9 @@ class WorkerSet:
             await client.close()
 
     async def _watch_registry(self, subscription: Subscription) -> None:
+        """Apply the registry's changes; first read the whole registry again, for the changes a restart after an
+        error missed (at the first start, a cheap repeat of ``start``'s read)."""
+        await self._reread_members()
         async for item in subscription:
             if isinstance(item, Lost):  # membership changes were dropped: re-read the whole registry
                 await self._reread_members()

@@ -36,7 +36,7 @@ from radixserve.cluster.base.metrics import MetricsEndpoint
 from radixserve.cluster.base.openai.app import HttpOptions
 from radixserve.cluster.base.openai.server import HttpServer
 from radixserve.cluster.base.sampling_params import SamplingParams
-from radixserve.cluster.base.security import ApiKeys, add_port, grpc_server, uvicorn_tls
+from radixserve.cluster.base.security import add_port, cluster_keys, grpc_server, uvicorn_tls
 from radixserve.cluster.base.wire import add_servicer, chunk_to_proto, grpc_code, sampling_params_from_proto
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from radixserve.worker.backend import EngineBackend, engine_error
@@ -148,7 +148,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return self.load_report()
 
     def load_report(self) -> types_pb2.LoadReport:
-        """The engine's load now, as ``GetLoad`` answers it and the bus publisher publishes it."""
+        """The engine's load now, as ``GetLoad`` answers it and the bus publisher publishes it; ``draining`` from
+        ``begin_drain`` on, so routers send the worker nothing new."""
         load = self._engine.load()
         return types_pb2.LoadReport(
             num_running=load.num_running, num_waiting=load.num_waiting, num_pages_used=load.num_pages_used,
@@ -157,7 +158,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             hit_ratio=load.hit_ratio, num_requests_finished=load.num_requests_finished,
             num_generated_tokens=load.num_generated_tokens, incarnation=self._incarnation,
             num_pending_prefill_tokens=load.num_pending_prefill_tokens,
-            num_pending_output_tokens=load.num_pending_output_tokens)
+            num_pending_output_tokens=load.num_pending_output_tokens, draining=self._draining)
 
     def subscribe_kv(self) -> KvSubscription:
         """A subscription to the KV event batches (the freshest snapshot first); ``KvHubClosed`` once stopping."""
@@ -195,8 +196,10 @@ class WorkerServer:
     ``start``); ``incarnation`` is a fresh uuid per server, so routers notice a restarted worker. With
     ``metrics_port`` (0: a free port) the engine's metrics are served at ``metrics_address`` from ``start``
     until ``stop``. ``security`` secures the gRPC port and the HTTP API (TLS; under ``worker_mtls`` only clients
-    with a certificate signed by ``ca_file`` are served); with API keys (``api_keys``, by default those
-    ``security`` names) every call but health and reflection needs one. ``http_port`` (0: a free port; None: none) serves the OpenAI-compatible API over the engine.
+    with a certificate signed by ``ca_file`` are served); with a cluster key (``security.cluster_key``, required
+    with API keys) every call on both ports but health and reflection needs that key, and clients' API keys are
+    refused: the worker's APIs are the cluster's own (routers, or a gateway given the cluster key).
+    ``http_port`` (0: a free port; None: none) serves the OpenAI-compatible API over the engine.
     With a shared ``bus`` (Redis) the worker keeps its own record, KV event log and load there
     (``worker.bus_publisher``, paced by ``bus_config``) from ``start`` until ``stop`` withdraws it; without one,
     whoever started it announces it and routers relay its events.
@@ -206,18 +209,17 @@ class WorkerServer:
                  max_message_bytes: int = 4 * 2**20,
                  max_pending_batches: int = DEFAULT_MAX_PENDING_BATCHES, metrics_host: str = "127.0.0.1",
                  metrics_port: int | None = None, http_port: int | None = None,
-                 security: SecurityConfig | None = None, api_keys: ApiKeys | None = None,
-                 bus: EventBus | None = None, bus_config: BusConfig | None = None) -> None:
+                 security: SecurityConfig | None = None, bus: EventBus | None = None, bus_config: BusConfig | None = None) -> None:
         self._engine = engine
         self._bus = bus
         self._bus_config = bus_config or BusConfig()
         self._publisher: BusPublisher | None = None
         self._security = security or SecurityConfig()
-        self._api_keys = api_keys if api_keys is not None else ApiKeys.from_config(self._security)
+        self._keys = cluster_keys(self._security)
         self._backend = EngineBackend(engine, worker_id)
         self._http: HttpServer | None = None
         if http_port is not None:
-            app = worker_app(engine, self._backend, HttpOptions(max_message_bytes, self._api_keys))
+            app = worker_app(engine, self._backend, HttpOptions(max_message_bytes, self._keys))
             self._http = HttpServer(app, host, http_port, uvicorn_tls(self._security, self._security.worker_mtls))
         self._metrics_at = None if metrics_port is None else (metrics_host, metrics_port)
         self._metrics: MetricsEndpoint | None = None
@@ -264,7 +266,7 @@ class WorkerServer:
         """Binds, starts serving (health SERVING) and returns the bound ``host:port``."""
         if self._server is not None:
             raise RuntimeError("WorkerServer: already started")
-        server = grpc_server(self._max_message_bytes, self._api_keys)
+        server = grpc_server(self._max_message_bytes, self._keys)
         port = add_port(server, _host_port(self._host, self._port), self._security,
                         require_client_certificate=self._security.worker_mtls)
         self._address = _host_port(self._host, port)

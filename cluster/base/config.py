@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from radixserve.cluster.base.urls import redact_url
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")  # worker.models.quantization's linear methods
@@ -237,6 +239,11 @@ class SecurityConfig:
     ``api_keys_file`` and/or comma-separated in the environment variable named ``api_keys_env``: when any is
     given, every API call must carry one (``Authorization: Bearer <key>`` over HTTP, ``authorization`` metadata
     ``Bearer <key>`` over gRPC); health endpoints stay open. Keys are never logged nor exported as metrics.
+
+    ``cluster_key``: the credential of the cluster's own calls. Workers accept it alone on both their ports (client
+    keys are refused: a worker's API is internal), routers send it to workers, and a router's ``ListWorkers`` (an
+    admin call: it hands out the workers' addresses) needs it. Required with API keys; ``radixserve up``
+    generates one per cluster when none is given. It is left out of the config's repr and never printed.
     """
 
     cert_file: str | None = None
@@ -245,18 +252,24 @@ class SecurityConfig:
     worker_mtls: bool = False
     api_keys_file: str | None = None
     api_keys_env: str | None = None
+    cluster_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         require((self.cert_file is None) == (self.key_file is None), "key_file",
                 "cert_file and key_file go together (both or neither)")
         require(not self.worker_mtls or (self.cert_file is not None and self.ca_file is not None), "worker_mtls",
                 "needs cert_file, key_file and ca_file")
-        for name in ("cert_file", "key_file", "ca_file", "api_keys_file", "api_keys_env"):
+        for name in ("cert_file", "key_file", "ca_file", "api_keys_file", "api_keys_env", "cluster_key"):
             require(getattr(self, name) is None or bool(getattr(self, name)), name, "must not be empty")
 
     @property
     def tls(self) -> bool:
         return self.cert_file is not None
+
+    @property
+    def client_keys(self) -> bool:
+        """Whether API keys are configured (read by ``cluster.base.security.ApiKeys.from_config``)."""
+        return self.api_keys_file is not None or self.api_keys_env is not None
 
 
 BUS_BACKENDS = ("inprocess", "redis")
@@ -287,7 +300,7 @@ class BusConfig:
     def __post_init__(self) -> None:
         require(self.backend in BUS_BACKENDS, "backend", f"must be one of {BUS_BACKENDS}, got {self.backend!r}")
         require(self.url is None or self.url.startswith(("redis://", "rediss://", "unix://")), "url",
-                f"must be a redis://, rediss:// or unix:// URL, got {self.url!r}")
+                f"must be a redis://, rediss:// or unix:// URL, got {redact_url(self.url or '')!r}")
         require(self.url is None or self.backend == "redis", "url", 'is only read with backend = "redis"')
         require(bool(self.namespace) and ":" not in self.namespace, "namespace", "must be non-empty, without ':'")
         for name in ("worker_ttl_s", "load_interval_s"):

@@ -8,8 +8,10 @@ its own certificate under ``worker_mtls``).
 
 API keys: ``ApiKeys`` holds the accepted keys; ``check`` takes an ``Authorization`` header or ``authorization``
 metadata value (``Bearer <key>``) and compares in constant time. ``ApiKeyInterceptor`` refuses gRPC calls without a
-valid key UNAUTHENTICATED, except the methods of the open services (health, reflection). No key ever reaches a
-log line, an error message or a metric.
+valid key UNAUTHENTICATED, except the methods of the open services (health, reflection); its admin methods need
+an admin key (a client key there is PERMISSION_DENIED). Two kinds of key: clients' (``ApiKeys.from_config``), which
+routers accept, and the cluster key (``cluster_keys``), which workers alone accept and routers send them, and which
+a router's admin calls need. No key ever reaches a log line, an error message or a metric.
 """
 
 from __future__ import annotations
@@ -85,32 +87,44 @@ class ApiKeys:
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without an accepted key (``authorization: Bearer <key>`` metadata) UNAUTHENTICATED, except
-    to ``open_services``."""
+    to ``open_services``. ``admin_methods`` (full names, ``/package.Service/Method``) take only ``admin_keys``
+    when there are any: a key of ``keys`` there is PERMISSION_DENIED."""
 
-    def __init__(self, keys: ApiKeys, open_services: Iterable[str] = OPEN_GRPC_SERVICES) -> None:
+    def __init__(self, keys: ApiKeys, open_services: Iterable[str] = OPEN_GRPC_SERVICES,
+                 admin_keys: ApiKeys = ApiKeys(), admin_methods: Iterable[str] = ()) -> None:
         self._keys = keys
         self._open = tuple(f"/{name}/" for name in open_services)
+        self._admin_keys = admin_keys
+        self._admin_methods = frozenset(admin_methods)
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
-        if not self._keys.required or details.method.startswith(self._open):
+        if details.method.startswith(self._open):
             return await continuation(details)
-        metadata = dict(details.invocation_metadata or ())
-        if self._keys.check(metadata.get("authorization")):
+        authorization = dict(details.invocation_metadata or ()).get("authorization")
+        if details.method in self._admin_methods and self._admin_keys.required:
+            if self._admin_keys.check(authorization):
+                return await continuation(details)
+            if self._keys.required and self._keys.check(authorization):
+                return _refusal(await continuation(details), grpc.StatusCode.PERMISSION_DENIED,
+                                "this is an admin call: it needs the cluster key, not a client's API key")
+            return _refusal(await continuation(details), grpc.StatusCode.UNAUTHENTICATED, _NO_KEY)
+        if self._keys.check(authorization):
             return await continuation(details)
-        handler = await continuation(details)
-        return _refusal(handler)
+        return _refusal(await continuation(details), grpc.StatusCode.UNAUTHENTICATED, _NO_KEY)
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED."""
-    message = "missing or invalid API key: send 'authorization: Bearer <key>' metadata"
+_NO_KEY = "missing or invalid API key: send 'authorization: Bearer <key>' metadata"
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that answers ``code`` with ``message``."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
         yield  # pragma: no cover - abort raises
 
     if handler is None:
@@ -159,9 +173,12 @@ def uvicorn_tls(config: SecurityConfig, require_client_certificate: bool = False
     return options
 
 
-def grpc_server(max_message_bytes: int, keys: ApiKeys) -> grpc.aio.Server:
-    """A gRPC server refusing messages over ``max_message_bytes`` and calls without an accepted key."""
-    interceptors = [ApiKeyInterceptor(keys)] if keys.required else []
+def grpc_server(max_message_bytes: int, keys: ApiKeys, admin_keys: ApiKeys = ApiKeys(),
+                admin_methods: Iterable[str] = ()) -> grpc.aio.Server:
+    """A gRPC server refusing messages over ``max_message_bytes`` and calls without an accepted key (see
+    ``ApiKeyInterceptor`` for ``admin_keys`` and ``admin_methods``)."""
+    interceptors = ([ApiKeyInterceptor(keys, admin_keys=admin_keys, admin_methods=admin_methods)]
+                    if keys.required or admin_keys.required else [])
     return grpc.aio.server(options=server_options(max_message_bytes), interceptors=interceptors)
 
 
@@ -172,6 +189,18 @@ def add_port(server: grpc.aio.Server, address: str, config: SecurityConfig,
     if credentials is None:
         return server.add_insecure_port(address)
     return server.add_secure_port(address, credentials)
+
+
+def cluster_keys(config: SecurityConfig) -> ApiKeys:
+    """The cluster key as the one key workers accept (none: workers take calls without a key). API keys without
+    a cluster key are a ValueError naming ``security.cluster_key``: workers must not be left open, nor take
+    clients' keys."""
+    if config.cluster_key is not None:
+        return ApiKeys(frozenset({config.cluster_key}))
+    if config.client_keys:
+        raise ValueError("security.cluster_key: required with API keys (workers accept only the cluster key; "
+                         "`radixserve up` generates one)")
+    return ApiKeys()
 
 
 def call_metadata(keys: ApiKeys) -> tuple[tuple[str, str], ...]:

@@ -21,6 +21,7 @@ from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2
 DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "RADIXSERVE_TARGET"
 API_KEY_ENV = "RADIXSERVE_API_KEY"
+CLUSTER_KEY_ENV = "RADIXSERVE_CLUSTER_KEY"
 CA_FILE_ENV = "RADIXSERVE_CA_FILE"
 _UNAVAILABLE_HINT = "is the cluster up? start it with `radixserve up`"
 
@@ -212,10 +213,22 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
                                                         "which stays out of the process list)")
 
 
-def _client(args: argparse.Namespace) -> ClusterClient:
+def _client(args: argparse.Namespace, admin: bool = False) -> ClusterClient:
+    """A client of ``args.target`` with ``--api-key``, else (``admin`` calls) the cluster key from
+    ``$RADIXSERVE_CLUSTER_KEY`` or the one ``up`` generated here, else ``$RADIXSERVE_API_KEY``."""
     if args.target is None:
         args.target = default_target()
-    return ClusterClient(args.target, ca_file=args.ca_file, api_key=args.api_key or os.environ.get(API_KEY_ENV))
+    key = args.api_key or (_cluster_key() if admin else None) or os.environ.get(API_KEY_ENV)
+    return ClusterClient(args.target, ca_file=args.ca_file, api_key=key)
+
+
+def _cluster_key() -> str | None:
+    from radixserve.cluster.control.launcher import cluster_key_path
+
+    try:
+        return os.environ.get(CLUSTER_KEY_ENV) or cluster_key_path().read_text().strip() or None
+    except OSError:
+        return None
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -269,7 +282,7 @@ def _summary(last: api_pb2.GenerateResponse | None, elapsed_s: float) -> str:
 def run_status(args: argparse.Namespace) -> int:
     """``radixserve status``: print one table row per worker behind the router."""
     try:
-        with _client(args) as client:
+        with _client(args, admin=True) as client:
             response = client.list_workers()
     except grpc.RpcError as error:
         return _report(error, args.target)

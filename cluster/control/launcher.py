@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -35,6 +37,9 @@ from radixserve.cluster.control.discovery import keep_targets, write_targets
 from radixserve.cluster.base.config import ClusterConfig, load_cluster_config
 from radixserve.cluster.base.model_store import ModelStore, radixserve_home
 from radixserve.cluster.base.security import ApiKeys
+from radixserve.cluster.base.urls import redact_url
+
+log = logging.getLogger(__name__)
 
 _DETACH_TIMEOUT_S = 900.0
 _DOWN_MARGIN_S = 60.0
@@ -83,6 +88,7 @@ class ClusterRunner:
 
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
+        self._key_file: Path | None = None  # the cluster key this runner generated, kept for `status`
         self.router_address = ""
         self.router_addresses: list[str] = []
         self.http_address = ""
@@ -109,6 +115,9 @@ class ClusterRunner:
 
         ModelStore().resolve(self.config.engine.model)  # fail before starting anything
         self._api_keys = ApiKeys.from_config(self.config.security)  # read once, here: remote workers lack our env
+        if self.config.security.client_keys and self.config.security.cluster_key is None:
+            self.config = _with_new_cluster_key(self.config)
+            self._key_file = cluster_key_path()
         timer = _Timer(progress)
         if self.config.bus.backend == "redis" and self.config.bus.url is None:
             self._start_redis(timer)
@@ -125,7 +134,7 @@ class ClusterRunner:
                    f"machine also builds the native kernels, about 30 s)")
         self._run(self._start_pool(timer))
         replicas = self.config.router.replicas
-        timer.step(f"starting {replicas} routers on Redis at {self.bus_config.url}" if self._bus_shared
+        timer.step(f"starting {replicas} routers on Redis at {redact_url(self.bus_config.url or '')}" if self._bus_shared
                    else "starting the router")
         found = self._run(self._start_routers(timer))
         self.router_addresses = [f.address for f in found]
@@ -149,35 +158,50 @@ class ClusterRunner:
         self._redis = LocalRedisServer(radixserve_home() / "run" / "redis")
         self._redis.start()
         self.bus_config = dataclasses.replace(self.config.bus, url=self._redis.url)
-        timer.step(f"started redis-server at {self._redis.url} (pid {self._redis.pid}, persistence off)")
+        timer.step(f"started redis-server at {redact_url(self._redis.url)} (pid {self._redis.pid}, persistence off)")
 
     def stop(self, progress: Callable[[str], None] = lambda _: None) -> None:
-        """Drain the router, then the workers, then stop Ray if this runner started it."""
+        """Drain the router, then the workers, then stop Ray if this runner started it. Also after a ``start``
+        that failed part way: each step that fails is logged and the next ones still run, so the local
+        redis-server and Ray never outlive a failed ``up``."""
         import ray
 
         timer = _Timer(progress)
         if self._targets_task is not None:
-            self._run(self._stop_targets(self._targets_task))
+            self._step("stopping the targets file", lambda: self._run(self._stop_targets(self._targets_task)))
         if self._router is not None or self._routers is not None:
             timer.step("draining the routers")
-            self._run(self._router.stop() if self._router is not None else self._routers.stop())
+            self._step("draining the routers", lambda: self._run(
+                self._router.stop() if self._router is not None else self._routers.stop()))
         if self._pool is not None:
             timer.step("draining the workers")
-            self._run(self._pool.stop(self.config.router.drain_timeout_s))
+            self._step("draining the workers", lambda: self._run(self._pool.stop(self.config.router.drain_timeout_s)))
         if self._bus is not None:
-            self._run(self._bus.close())
+            self._step("closing the bus", lambda: self._run(self._bus.close()))
         if self._redis is not None:
             timer.step("stopping redis-server")
-            self._redis.stop()
+            self._step("stopping redis-server", self._redis.stop)
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
         if self._owns_ray:
             timer.step("stopping Ray")
-            ray.shutdown()
+            self._step("stopping Ray", ray.shutdown)
+        if self._key_file is not None:
+            self._key_file.unlink(missing_ok=True)
         timer.step("stopped")
 
+    @staticmethod
+    def _step(what: str, action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except Exception:
+            log.exception("%s failed; going on with the rest of the stop", what)
+
     def _run(self, coroutine: Any) -> Any:
+        if not self._thread.is_alive():  # start failed before the loop ran: nothing of it is on the loop
+            coroutine.close()
+            return None
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     async def _stop_targets(self, task: asyncio.Task[None]) -> None:
@@ -191,7 +215,7 @@ class ClusterRunner:
         from radixserve.cluster.control.pool import WorkerPool
 
         self._bus = make_bus(self.bus_config)
-        self._pool = WorkerPool(self.config, self._bus, self._api_keys, self.bus_config)
+        self._pool = WorkerPool(self.config, self._bus, self.bus_config)
         await self._pool.start(timer.step)
 
     async def _start_routers(self, timer: _Timer) -> list[Any]:
@@ -211,6 +235,24 @@ class ClusterRunner:
         self._targets_task = asyncio.create_task(keep_targets(self._bus, self.targets_path,
                                                               [f.metrics_address for f in found]))
         return found
+
+
+def _with_new_cluster_key(config: ClusterConfig) -> ClusterConfig:
+    """``config`` with a fresh cluster key, also kept (mode 0600) in ``cluster_key_path()`` while the cluster
+    runs, for ``radixserve status`` on this machine."""
+    key = secrets.token_urlsafe(32)
+    path = cluster_key_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(key)
+    return dataclasses.replace(config, security=dataclasses.replace(config.security, cluster_key=key))
+
+
+def cluster_key_path() -> Path:
+    """Where ``up`` keeps the cluster key it generated while the cluster runs."""
+    return radixserve_home() / "run" / "cluster.key"
 
 
 class _Timer:
@@ -304,10 +346,13 @@ def _foreground(config: ClusterConfig) -> int:
     say = lambda message: print(message, flush=True)  # noqa: E731
     try:
         runner.start(say)
-    except ValueError as error:
+    except Exception as error:  # a bad config or model, a port in use, a Ray actor that failed to start, ...
         print(f"error: {error}", file=sys.stderr)
-        runner.stop()
-        return 2
+        runner.stop(say)
+        return 2 if isinstance(error, ValueError) else 1
+    except BaseException:  # Ctrl-C while starting
+        runner.stop(say)
+        raise
     for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs a SIGTERM handler of its own
         signal.signal(signum, lambda *_: stop.set())
     state = ClusterState(os.getpid(), runner.router_address, runner.ray_address,

@@ -27,7 +27,6 @@ from radixserve.cluster.base.bus import EventBus, WorkerRecord
 from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.base.config import (BusConfig, ClusterConfig, EngineConfig, MetricsConfig, PoolConfig,
                                             SecurityConfig)
-from radixserve.cluster.base.security import ApiKeys
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +45,7 @@ class WorkerActor:
     ``security``). Wrapped with ``ray.remote`` by ``WorkerPool``."""
 
     def __init__(self, worker_id: str, engine_config: EngineConfig, host: str, port: int, num_threads: int,
-                 metrics: MetricsConfig, http_port: int | None, security: SecurityConfig, api_keys: ApiKeys,
-                 bus: BusConfig) -> None:
+                 metrics: MetricsConfig, http_port: int | None, security: SecurityConfig, bus: BusConfig) -> None:
         import torch
 
         from radixserve.worker.engine import Engine
@@ -63,7 +61,7 @@ class WorkerActor:
             shared = make_bus(bus) if bus.backend != "inprocess" else None
             return WorkerServer(engine, worker_id, host=host, port=port, metrics_host=metrics.host,
                                 metrics_port=metrics.worker_port, http_port=http_port, security=security,
-                                api_keys=api_keys, bus=shared, bus_config=bus)
+                                bus=shared, bus_config=bus)
 
         self._server = self._call(build())
         self._call(self._server.start())
@@ -87,12 +85,10 @@ class WorkerPool:
     """Starts ``config.pool.num_workers`` actors on ``bus`` (configured by ``bus_config``, whose URL the actors
     connect to when it is shared); on the in-process bus it announces them and keeps their records current."""
 
-    def __init__(self, config: ClusterConfig, bus: EventBus, api_keys: ApiKeys | None = None,
-                 bus_config: BusConfig | None = None) -> None:
+    def __init__(self, config: ClusterConfig, bus: EventBus, bus_config: BusConfig | None = None) -> None:
         self._config = config
         self._bus = bus
         self._bus_config = bus_config or config.bus
-        self._api_keys = api_keys or ApiKeys()
         self.actors: list[Any] = []
         self._records: dict[str, WorkerRecord] = {}
         self._watchers: list[asyncio.Task[None]] = []
@@ -109,8 +105,7 @@ class WorkerPool:
                 max_concurrency=4)
             self.actors.append(options.remote(worker_name(i), self._config.engine, pool.worker_host,
                                               pool.worker_port, num_threads, self._config.metrics,
-                                              pool.worker_http_port, self._config.security, self._api_keys,
-                                              self._bus_config))
+                                              pool.worker_http_port, self._config.security, self._bus_config))
         records = []
         for i, actor in enumerate(self.actors):
             record = WorkerRecord.from_bytes(await asyncio.wait_for(actor.record.remote(), _STARTUP_TIMEOUT_S))

@@ -4,15 +4,25 @@ the tests run against.
 The server listens on 127.0.0.1 only, with persistence off (``--save "" --appendonly no``): a restart empties it,
 and the bus is built to recover from that (workers announce themselves again, logs restart with a snapshot). Its
 working directory and log file (``redis.log``) are in the directory given.
+
+The server dies with the process that started it, however that one ends (a crash, SIGKILL): on Linux it gets
+SIGTERM when the starting thread exits (``prctl(PR_SET_PDEATHSIG)``), so start it from a thread that lives as
+long as the server should (the main thread). ``radixserve up --detach`` starts it from the detached cluster
+process, which the server then outlives by nothing.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import shutil
 import signal
+import sys
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +32,22 @@ DEFAULT_BINARY = "redis-server"
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 _HOST = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` giving the child SIGTERM when the thread that forked it exits; None off Linux. The libc
+    function is looked up here, before the fork: the child only calls it (and exits if the parent is already gone)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
 
 
 def _free_port() -> int:
@@ -78,7 +104,7 @@ class LocalRedisServer:
         command = [self._binary, "--bind", _HOST, "--port", str(self._port), "--save", "", "--appendonly", "no",
                    "--daemonize", "no", "--dir", str(self._directory), "--logfile", str(self.log_path)]
         self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
+                                         stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent())
         try:
             self._wait_until_answering()
         except BaseException:

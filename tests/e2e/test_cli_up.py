@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import pytest
+
+from radixserve.cluster.control.launcher import _alive
 
 
 def _radixserve(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -55,3 +61,26 @@ def test_up_generate_status_down(tmp_path: Path, smollm2_path: Path):
     assert "draining the workers" in (home / "run" / "cluster.log").read_text()  # drained, not killed by Ray's handler
     after = _radixserve({**env, "RADIXSERVE_TARGET": router_address}, "status", timeout=60)
     assert after.returncode == 1 and "UNAVAILABLE" in after.stderr
+
+
+def test_up_that_fails_after_starting_redis_leaves_no_redis_server_running(tmp_path: Path, tiny_gguf_path: Path):
+    env = {**os.environ, "RADIXSERVE_HOME": str(tmp_path / "home")}
+    with socket.socket() as taken:  # the first router's port, in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        up = _radixserve(env, "up", "--model", str(tiny_gguf_path), "--workers", "1", "--routers", "2",
+                         "--port", str(port), "--http-port", "0", "--set", "engine.max_model_len=256",
+                         timeout=900)
+    started = re.search(r"started redis-server at redis://127\.0\.0\.1:(\d+)/0 \(pid (\d+)", up.stdout)
+    assert started is not None, up.stdout + up.stderr
+    redis_port, redis_pid = int(started[1]), int(started[2])
+    try:
+        assert not _alive(redis_pid), "the failed `up` left its redis-server running"
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", redis_port), timeout=2).close()
+        assert up.returncode == 1, up.stdout + up.stderr
+        assert "error:" in up.stderr and "stopping redis-server" in up.stdout
+    finally:
+        if _alive(redis_pid):
+            os.kill(redis_pid, signal.SIGKILL)  # ours: started by the `up` above

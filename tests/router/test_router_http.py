@@ -45,7 +45,7 @@ def keyed(tiny_hf_dir: Path) -> Iterator[Cluster]:
     loop = LoopThread()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(KEY_ENV, f"other-key, {KEY}")
-        context = cluster(tiny_hf_dir, 1, SecurityConfig(api_keys_env=KEY_ENV))
+        context = cluster(tiny_hf_dir, 1, SecurityConfig(api_keys_env=KEY_ENV, cluster_key="ck-router-http"))
         started = loop.run(context.__aenter__())
     try:
         yield started

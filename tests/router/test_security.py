@@ -1,15 +1,16 @@
 """TLS, worker mTLS and API keys on every port (gRPC and HTTP), with real servers (tiny engines, no Ray), real TLS
 and real clients (grpc, httpx, the openai SDK).
 
-One cluster serves every test: two workers requiring client certificates from the cluster's CA and an API key on
-both their ports, and a router speaking TLS on both of its ports with the same key set.
+One cluster serves every test: two workers requiring client certificates from the cluster's CA and the cluster
+key on both their ports, and a router speaking TLS on both of its ports with the clients' key set, calling the
+workers with the cluster key.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from loop_thread import LoopThread
 from radixserve.cluster.base.bus import InProcessBus, WorkerRecord
 from radixserve.cluster.base.config import CacheConfig, EngineConfig, RouterConfig, SecurityConfig
 from radixserve.cluster.base.metrics import scrape
-from radixserve.cluster.base.security import ApiKeys
+from radixserve.cluster.base.security import ApiKeys, cluster_keys
 from radixserve.cluster.control.client import ClusterClient
 from radixserve.router.server import Router
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
@@ -34,6 +35,7 @@ from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.service import WorkerServer
 
 KEY = "sk-test-0123456789abcdef"
+CLUSTER_KEY = "ck-test-fedcba9876543210"
 TIMEOUT_S = 30.0
 
 
@@ -53,7 +55,8 @@ def secured(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     keys_file = folder / "keys"
     keys_file.write_text(f"# the test's keys\n{KEY}\n\nsk-other\n")
     security = SecurityConfig(cert_file=str(server_cert.cert_file), key_file=str(server_cert.key_file),
-                              ca_file=str(server_cert.ca_file), worker_mtls=True, api_keys_file=str(keys_file))
+                              ca_file=str(server_cert.ca_file), worker_mtls=True, api_keys_file=str(keys_file),
+                              cluster_key=CLUSTER_KEY)
     keys = ApiKeys.from_config(security)
     checkpoint = open_checkpoint(tiny_hf_dir)
     config = EngineConfig(model="tiny", cache=CacheConfig(page_size=4, num_pages=64))
@@ -75,7 +78,7 @@ async def _start(security: SecurityConfig, keys: ApiKeys, checkpoint: Checkpoint
                  config: EngineConfig) -> tuple[InProcessBus, list[WorkerServer], Router]:
     """Two workers and a router, all secured by ``security`` and ``keys`` (created on the running loop)."""
     bus = InProcessBus()
-    workers = [WorkerServer(Engine(config, checkpoint), f"w{i}", http_port=0, security=security, api_keys=keys)
+    workers = [WorkerServer(Engine(config, checkpoint), f"w{i}", http_port=0, security=security)
                for i in range(2)]
     for i, worker in enumerate(workers):
         address = await worker.start()
@@ -166,7 +169,7 @@ def test_a_worker_serves_a_client_with_the_clusters_certificate_and_a_key_only(s
     stub_for = lambda channel: worker_pb2_grpc.WorkerStub(channel)  # noqa: E731
     with _channel(secured.workers[0].address, secured.server_cert.ca_file, secured.server_cert) as channel:
         info = stub_for(channel).GetInfo(worker_pb2.GetInfoRequest(), timeout=TIMEOUT_S,
-                                         metadata=[("authorization", f"Bearer {KEY}")])
+                                         metadata=[("authorization", f"Bearer {CLUSTER_KEY}")])
         assert info.worker_id == "w0"
         with pytest.raises(grpc.RpcError) as refused:
             stub_for(channel).GetInfo(worker_pb2.GetInfoRequest(), timeout=TIMEOUT_S)
@@ -182,7 +185,7 @@ def test_keys_appear_in_no_log_line_and_no_metric(secured: Secured, caplog: pyte
             except grpc.RpcError:
                 pass
     exported = scrape(secured.router.metrics_address)
-    for key in ("sk-wrong-guess", KEY, "sk-other"):
+    for key in ("sk-wrong-guess", KEY, "sk-other", CLUSTER_KEY):
         assert key not in caplog.text
         assert key not in str(exported)
 
@@ -216,7 +219,8 @@ def test_the_python_client_speaks_tls_with_a_key(secured: Secured) -> None:
     ca_file = str(secured.server_cert.ca_file)
     with ClusterClient(secured.router.address, timeout_s=TIMEOUT_S, ca_file=ca_file, api_key=KEY) as client:
         assert client.complete(token_ids=list(range(5, 25))).choices[0].token_ids
-        assert {w.worker_id for w in client.list_workers().workers} == {"w0", "w1"}
+    with ClusterClient(secured.router.address, timeout_s=TIMEOUT_S, ca_file=ca_file, api_key=CLUSTER_KEY) as admin:
+        assert {w.worker_id for w in admin.list_workers().workers} == {"w0", "w1"}
     with ClusterClient(secured.router.address, timeout_s=TIMEOUT_S, ca_file=ca_file) as keyless:
         with pytest.raises(grpc.RpcError) as refused:
             keyless.list_workers()
@@ -285,5 +289,60 @@ def test_a_workers_https_api_serves_the_clusters_certificate_with_a_key(secured:
     with _https(secured.server_cert.ca_file, secured.server_cert) as http:
         url = f"https://{secured.workers[0].http_address}"
         assert _completion(http, url, None).status_code == 401
-        served = _completion(http, url, KEY)
+        served = _completion(http, url, CLUSTER_KEY)
     assert served.status_code == 200, served.text
+
+
+def _worker_calls(stub: worker_pb2_grpc.WorkerStub, metadata: list[tuple[str, str]]) -> dict[str, Callable[[], object]]:
+    """Every method of the internal worker API, each as one call with ``metadata``."""
+    generate = worker_pb2.WorkerGenerateRequest(request_id="bypass", token_ids=list(range(5, 25)),
+                                                sampling=types_pb2.SamplingOptions(max_tokens=2))
+    return {
+        "GetInfo": lambda: stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=TIMEOUT_S, metadata=metadata),
+        "GetLoad": lambda: stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=TIMEOUT_S, metadata=metadata),
+        "StreamKvEvents": lambda: next(stub.StreamKvEvents(worker_pb2.StreamKvEventsRequest(), timeout=TIMEOUT_S,
+                                                           metadata=metadata)),
+        "Generate": lambda: list(stub.Generate(generate, timeout=TIMEOUT_S, metadata=metadata)),
+        "FlushCache": lambda: stub.FlushCache(worker_pb2.FlushCacheRequest(), timeout=TIMEOUT_S, metadata=metadata),
+    }
+
+
+@pytest.mark.parametrize("method", ["GetInfo", "GetLoad", "StreamKvEvents", "Generate", "FlushCache"])
+def test_a_client_key_opens_no_method_of_a_workers_internal_api(secured: Secured, method: str) -> None:
+    with _channel(secured.workers[0].address, secured.server_cert.ca_file, secured.server_cert) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            _worker_calls(stub, [("authorization", f"Bearer {KEY}")])[method]()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert _worker_calls(stub, [("authorization", f"Bearer {CLUSTER_KEY}")])[method]() is not None
+
+
+def test_list_workers_is_an_admin_call_that_needs_the_cluster_key(secured: Secured) -> None:
+    with _channel(secured.router.address, secured.server_cert.ca_file) as channel:
+        stub = api_pb2_grpc.GenerationStub(channel)
+        list_with = lambda key: stub.ListWorkers(api_pb2.ListWorkersRequest(), timeout=TIMEOUT_S,  # noqa: E731
+                                                 metadata=[("authorization", f"Bearer {key}")])
+        with pytest.raises(grpc.RpcError) as denied:
+            list_with(KEY)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED and "cluster key" in denied.value.details()
+        with pytest.raises(grpc.RpcError) as refused:
+            list_with("sk-wrong")
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert {w.worker_id for w in list_with(CLUSTER_KEY).workers} == {"w0", "w1"}
+        with pytest.raises(grpc.RpcError) as not_a_client_key:
+            _complete(channel, CLUSTER_KEY)
+        assert not_a_client_key.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_workers_https_api_refuses_a_client_key(secured: Secured) -> None:
+    with _https(secured.server_cert.ca_file, secured.server_cert) as http:
+        assert _completion(http, f"https://{secured.workers[0].http_address}", KEY).status_code == 401
+
+
+def test_api_keys_without_a_cluster_key_are_refused_naming_the_setting(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(KEY)
+    security = SecurityConfig(api_keys_file=str(keys_file))
+    with pytest.raises(ValueError, match="^security.cluster_key: required with API keys"):
+        cluster_keys(security)
+    assert CLUSTER_KEY not in repr(SecurityConfig(cluster_key=CLUSTER_KEY))

@@ -73,7 +73,7 @@ class CompletionChunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_pages_used", "num_pages_free", "num_pages_evictable", "num_prompt_tokens", "num_cached_prompt_tokens", "hit_ratio", "num_requests_finished", "num_generated_tokens", "incarnation", "num_pending_prefill_tokens", "num_pending_output_tokens")
+    __slots__ = ("num_running", "num_waiting", "num_pages_used", "num_pages_free", "num_pages_evictable", "num_prompt_tokens", "num_cached_prompt_tokens", "hit_ratio", "num_requests_finished", "num_generated_tokens", "incarnation", "num_pending_prefill_tokens", "num_pending_output_tokens", "draining")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_USED_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class LoadReport(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     NUM_PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_PENDING_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_pages_used: int
@@ -100,4 +101,5 @@ class LoadReport(_message.Message):
     incarnation: str
     num_pending_prefill_tokens: int
     num_pending_output_tokens: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_pages_used: _Optional[int] = ..., num_pages_free: _Optional[int] = ..., num_pages_evictable: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_prompt_tokens: _Optional[int] = ..., hit_ratio: _Optional[float] = ..., num_requests_finished: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., incarnation: _Optional[str] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_pending_output_tokens: _Optional[int] = ...) -> None: ...
+    draining: bool
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_pages_used: _Optional[int] = ..., num_pages_free: _Optional[int] = ..., num_pages_evictable: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_prompt_tokens: _Optional[int] = ..., hit_ratio: _Optional[float] = ..., num_requests_finished: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., incarnation: _Optional[str] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_pending_output_tokens: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
