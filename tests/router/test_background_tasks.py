@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
+from conditions import until
 from router_cluster import cluster
 
 from radixserve.cluster.base.buses import make_bus
@@ -38,13 +39,6 @@ def checkpoint(tiny_hf_dir: Path) -> Checkpoint:
 def run(main: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(main(), 120))
 
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(400):
-        if condition():
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def fail_once(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -73,8 +67,8 @@ def test_a_kv_log_reader_that_fails_once_is_logged_counted_and_the_index_keeps_l
                     token_ids=api_pb2.TokenIds(ids=prompt),
                     sampling=types_pb2.SamplingOptions(max_tokens=2, temperature=0)), timeout=TIMEOUT_S)
             hashes = [page_hashes(prompt, 4, namespace_seed("tiny")) for prompt in prompts]
-            await eventually(lambda: all(c.router.index.match(h, ["w0"])["w0"] == 5 for h in hashes),
-                             "both prompts' pages in the index")
+            await until(lambda: all(c.router.index.match(h, ["w0"])["w0"] == 5 for h in hashes),
+                        "both prompts' pages in the index")
             metrics = scrape(c.router.metrics_address)
             assert total(metrics, FAILURES, task="kv_log_reader") == 1
             assert total(metrics, FAILURES) == 1
@@ -104,12 +98,10 @@ def test_shared_load_that_fails_once_resumes_publishing(tmp_path: Path, caplog: 
         shared.exchange = fail_once(shared.exchange)  # type: ignore[method-assign]
         task = Supervisor(failures).start("shared_load", shared.run)
         try:
-            for _ in range(400):
-                if "router-0" in await peer.loads("router"):
-                    break
-                await asyncio.sleep(0.025)
-            else:
-                raise AssertionError("router-0 never published its load")
+            async def published() -> bool:
+                return "router-0" in await peer.loads("router")
+
+            await until(published, "router-0 to publish its load")
         finally:
             shared.stop()
             await task

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conditions import until
 from router_cluster import Cluster, cluster
 
 from radixserve.cluster.base.metrics import scrape, total
@@ -35,13 +36,6 @@ def request(first_token: int = 5) -> api_pb2.GenerateRequest:
                                    sampling=types_pb2.SamplingOptions(max_tokens=3, temperature=0))
 
 
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(400):
-        if condition():
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 @contextlib.asynccontextmanager
 async def draining(c: Cluster, index: int) -> AsyncIterator[None]:
@@ -52,7 +46,7 @@ async def draining(c: Cluster, index: int) -> AsyncIterator[None]:
         held = worker_pb2_grpc.WorkerStub(channel).Generate(worker_pb2.WorkerGenerateRequest(
             request_id=f"held-{index}", token_ids=list(range(300, 320)),
             sampling=types_pb2.SamplingOptions(max_tokens=2, temperature=0)), timeout=TIMEOUT_S)
-        await eventually(lambda: engine.load().num_running + engine.load().num_waiting == 1, "the held request")
+        await until(lambda: engine.load().num_running + engine.load().num_waiting == 1, "the held request")
         stopping = asyncio.ensure_future(server.stop(grace_s=DRAIN_GRACE_S))
         try:
             yield
@@ -66,8 +60,8 @@ async def draining(c: Cluster, index: int) -> AsyncIterator[None]:
 def test_a_draining_worker_gets_nothing_new_and_every_request_goes_to_the_other_one(checkpoint: Checkpoint):
     async def main() -> None:
         async with cluster(checkpoint) as c, draining(c, 0):
-            await eventually(lambda: c.router.workers.clients["w0"].state == "draining",
-                             "the router to see w0 draining")
+            await until(lambda: c.router.workers.clients["w0"].state == "draining",
+                        "the router to see w0 draining")
             listed = await c.stub.ListWorkers(api_pb2.ListWorkersRequest(), timeout=TIMEOUT_S)
             assert {w.worker_id: w.state for w in listed.workers} == {"w0": "draining", "w1": "up"}
             assert [w.load.draining for w in listed.workers] == [True, False]
@@ -84,8 +78,8 @@ def test_a_draining_worker_gets_nothing_new_and_every_request_goes_to_the_other_
 def test_with_every_worker_draining_a_request_is_unavailable_saying_so(checkpoint: Checkpoint):
     async def main() -> None:
         async with cluster(checkpoint) as c, draining(c, 0), draining(c, 1):
-            await eventually(lambda: all(w.state == "draining" for w in c.router.workers.clients.values()),
-                             "the router to see both workers draining")
+            await until(lambda: all(w.state == "draining" for w in c.router.workers.clients.values()),
+                        "the router to see both workers draining")
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await c.stub.Complete(request(), timeout=TIMEOUT_S)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
