@@ -107,7 +107,7 @@ def test_the_router_credits_and_matches_only_the_pages_a_worker_can_match(checkp
             engine = c.engines[0]
             engine.gate.clear()
             held = asyncio.ensure_future(c.stub.Complete(request(), timeout=TIMEOUT_S))
-            await eventually(lambda: engine.load().num_waiting + engine.load().num_running == 1, "the request")
+            await until(lambda: engine.load().num_waiting + engine.load().num_running == 1, "the request")
             full_pages = prompt_hashes(request())
             assert len(full_pages) == 5
             assert c.router.index.num_pages("w0") == 4
