@@ -2,8 +2,8 @@
 
 Requests are prepared as the router prepares them (``cluster.base.requests.Preparer``, with the engine's
 tokenizer and limits), then run on the engine. Errors, as ``GenerationError``: bad input INVALID_ARGUMENT naming
-the field; a request id already in flight ALREADY_EXISTS; a full queue (``EngineOverloaded``) RESOURCE_EXHAUSTED; a draining
-worker UNAVAILABLE; the request's own work failing (``RequestFailed``) or a failed engine step INTERNAL;
+the field; a request id already in flight ALREADY_EXISTS; a full queue (``EngineOverloaded``) RESOURCE_EXHAUSTED;
+a draining worker UNAVAILABLE; the request's own work failing (``RequestFailed``) or a failed engine step INTERNAL;
 ``timeout_s`` passing DEADLINE_EXCEEDED. Closing the stream aborts the request and frees its pages.
 """
 

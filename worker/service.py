@@ -209,7 +209,8 @@ class WorkerServer:
                  max_message_bytes: int = 4 * 2**20,
                  max_pending_batches: int = DEFAULT_MAX_PENDING_BATCHES, metrics_host: str = "127.0.0.1",
                  metrics_port: int | None = None, http_port: int | None = None,
-                 security: SecurityConfig | None = None, bus: EventBus | None = None, bus_config: BusConfig | None = None) -> None:
+                 security: SecurityConfig | None = None, bus: EventBus | None = None,
+                 bus_config: BusConfig | None = None) -> None:
         self._engine = engine
         self._bus = bus
         self._bus_config = bus_config or BusConfig()

@@ -5,14 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-SEED_LIMIT = 2**63
 INT64_LIMIT = 2**63  # every int travels as an int64 (protobuf, OpenAI's schema)
+SEED_LIMIT = INT64_LIMIT  # a seed is a non-negative int64
 MAX_LOGPROBS = 20
 MAX_N = 64
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
-
-
 MAX_SHOWN_CHARS = 80  # of a refused value, in its error
 
 
@@ -69,9 +67,9 @@ class SamplingParams:
     the most likely one. Penalty semantics are documented on ``radixserve.worker.sampler.SamplingState``.
     ``seed`` makes sampling reproducible. ``stop_token_ids`` and ``stop`` (at most ``MAX_STOP_SEQUENCES``
     non-empty strings of at most ``MAX_STOP_CHARS`` characters, each encodable as UTF-8) end generation, as do the
-    model's eos ids unless ``ignore_eos``. Every int fits an int64. Until ``min_tokens`` tokens are generated, eos and stop ids cannot be
-    sampled. ``logprobs`` None returns no log-probabilities; 0 returns the chosen token's; k >= 1 also returns
-    the k most likely alternatives. ``n`` is the number of independent samples (see ``for_sample``).
+    model's eos ids unless ``ignore_eos``. Every int fits an int64. Until ``min_tokens`` tokens are generated,
+    eos and stop ids cannot be sampled. ``logprobs`` None returns no log-probabilities; 0 returns the chosen
+    token's; k >= 1 also returns the k most likely alternatives. ``n`` is the number of independent samples (see ``for_sample``).
     Lists given for the tuple fields are converted to tuples.
     """
 

@@ -134,8 +134,8 @@ class ClusterRunner:
                    f"machine also builds the native kernels, about 30 s)")
         self._run(self._start_pool(timer))
         replicas = self.config.router.replicas
-        timer.step(f"starting {replicas} routers on Redis at {redact_url(self.bus_config.url or '')}" if self._bus_shared
-                   else "starting the router")
+        bus_url = redact_url(self.bus_config.url or "")
+        timer.step(f"starting {replicas} routers on Redis at {bus_url}" if self._bus_shared else "starting the router")
         found = self._run(self._start_routers(timer))
         self.router_addresses = [f.address for f in found]
         self.router_address = self.router_addresses[0]
