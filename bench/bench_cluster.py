@@ -599,11 +599,11 @@ def summarize_run(name: str, outcomes: list[Outcome], makespan: float, served: d
     total_served = max(1.0, sum(served.values()))
     return ContenderResult(
         policy=name, hit_ratio=hit_ratio, oracle_share=hit_ratio / oracle,
-        ttft_p50_ms=_ms(_quantile([o.ttft_s for o in done], 0.5)), ttft_p99_ms=_ms(_quantile([o.ttft_s for o in done], 0.99)),
-        e2e_p50_ms=_ms(_quantile([o.e2e_s for o in done], 0.5)), e2e_p99_ms=_ms(_quantile([o.e2e_s for o in done], 0.99)),
+        ttft_p50_ms=_ms(quantile([o.ttft_s for o in done], 0.5)), ttft_p99_ms=_ms(quantile([o.ttft_s for o in done], 0.99)),
+        e2e_p50_ms=_ms(quantile([o.e2e_s for o in done], 0.5)), e2e_p99_ms=_ms(quantile([o.e2e_s for o in done], 0.99)),
         requests_per_s=len(done) / makespan, output_tokens_per_s=sum(o.completion_tokens for o in done) / makespan,
         makespan_s=makespan, worker_share={wid: n / total_served for wid, n in sorted(served.items())},
-        router_overhead_p50_ms=_ms(_quantile(overhead, 0.5)), router_overhead_p99_ms=_ms(_quantile(overhead, 0.99)),
+        router_overhead_p50_ms=_ms(quantile(overhead, 0.5)), router_overhead_p99_ms=_ms(quantile(overhead, 0.99)),
         kv_pages_per_gib=kv_pages_per_gib, errors=len(outcomes) - len(done), outcomes=[asdict(o) for o in outcomes])
 
 
@@ -618,7 +618,7 @@ def peer_versions() -> dict[str, str]:
                                      timeout=60).stdout)
 
 
-def _quantile(values: list[float], q: float) -> float:
+def quantile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)

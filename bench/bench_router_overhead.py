@@ -30,14 +30,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench_cluster import (CONTENDERS, PEERS, RESULTS, Cluster, load_tokenizer, make_probe, peer_router,
-                           router_overhead, router_pid, word_vocabulary)
+                           quantile, router_overhead, router_pid, word_vocabulary)
 from machine import cpu_model
 from proc_cpu import cpu_seconds
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def hot_functions(collapsed: Path, top: int) -> list[str]:
@@ -84,7 +79,7 @@ def measure(name: str, url: str, cluster_workers: list, probe, pairs: int, profi
     if spy is not None:
         spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
         spy.wait(60)
-    return {"overhead_p50_ms": _quantile(diffs, 0.5) * 1000, "overhead_p99_ms": _quantile(diffs, 0.99) * 1000,
+    return {"overhead_p50_ms": quantile(diffs, 0.5) * 1000, "overhead_p99_ms": quantile(diffs, 0.99) * 1000,
             "router_cpu_ms_per_request": cpu_ms / pairs,
             "router_cpu_ms_per_request_net_of_idle": (cpu_ms - idle_rate * wall_s) / pairs,
             "router_idle_cpu_ms_per_s": idle_rate, "pair_wall_ms": wall_s * 1000 / pairs, "pairs": len(diffs)}
