@@ -35,6 +35,7 @@ from radixserve.cluster.base.bus import EventBus
 from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.control.discovery import keep_targets, write_targets
 from radixserve.cluster.base.config import ClusterConfig, load_cluster_config
+from radixserve.cluster.base.loop_thread import LoopThread
 from radixserve.cluster.base.model_store import ModelStore, radixserve_home
 from radixserve.cluster.base.security import ApiKeys
 from radixserve.cluster.base.urls import redact_url
@@ -96,8 +97,7 @@ class ClusterRunner:
         self.bus_config = config.bus  # with the URL of the local Redis once started
         self._redis: Any = None
         self._routers: Any = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="radixserve-cluster", daemon=True)
+        self._loop = LoopThread("radixserve-cluster")
         self._bus: EventBus | None = None
         self._pool: Any = None
         self._router: Any = None
@@ -129,7 +129,7 @@ class ClusterRunner:
         else:
             context = ray.init(**_ray_init_args(self.config), namespace=RAY_NAMESPACE)
             self.ray_address = context.address_info.get("gcs_address", "")
-        self._thread.start()
+        self._loop.start()
         timer.step(f"starting {pool.num_workers} workers ({self.config.engine.model}; the first start of a "
                    f"machine also builds the native kernels, about 30 s)")
         self._run(self._start_pool(timer))
@@ -181,9 +181,7 @@ class ClusterRunner:
         if self._redis is not None:
             timer.step("stopping redis-server")
             self._step("stopping redis-server", self._redis.stop)
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+        self._loop.stop()
         if self._owns_ray:
             timer.step("stopping Ray")
             self._step("stopping Ray", ray.shutdown)
@@ -199,10 +197,10 @@ class ClusterRunner:
             log.exception("%s failed; going on with the rest of the stop", what)
 
     def _run(self, coroutine: Any) -> Any:
-        if not self._thread.is_alive():  # start failed before the loop ran: nothing of it is on the loop
+        if not self._loop.running:  # start failed before the loop ran: nothing of it is on the loop
             coroutine.close()
             return None
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        return self._loop.call(coroutine)
 
     async def _stop_targets(self, task: asyncio.Task[None]) -> None:
         """Stop following the registry and empty the targets file: a stopped cluster leaves nothing to alert on."""

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ from radixserve.cluster.base.bus import EventBus, WorkerRecord
 from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.base.config import (BusConfig, ClusterConfig, EngineConfig, MetricsConfig, PoolConfig,
                                             SecurityConfig)
+from radixserve.cluster.base.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,7 @@ class WorkerActor:
 
         torch.set_num_threads(num_threads)
         engine = Engine.from_config(engine_config, worker_id)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"{worker_id}-loop", daemon=True)
-        self._thread.start()
+        self._loop = LoopThread(f"{worker_id}-loop").start()
 
         async def build() -> WorkerServer:  # a bus's connections belong to the loop that made them
             shared = make_bus(bus) if bus.backend != "inprocess" else None
@@ -67,7 +65,7 @@ class WorkerActor:
         self._call(self._server.start())
 
     def _call(self, coroutine: Any, timeout: float | None = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+        return self._loop.call(coroutine, timeout)
 
     def record(self) -> bytes:
         """This worker's registry record (``WorkerRecord.to_bytes``)."""

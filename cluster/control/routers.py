@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,6 +19,7 @@ import ray
 
 from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.base.config import BusConfig, ClusterConfig, MetricsConfig, RouterConfig, SecurityConfig
+from radixserve.cluster.base.loop_thread import LoopThread
 from radixserve.cluster.base.security import ApiKeys
 
 _STARTUP_TIMEOUT_S = 120.0
@@ -60,9 +60,7 @@ class RouterActor:
                  security: SecurityConfig, api_keys: ApiKeys) -> None:
         from radixserve.router.server import Router
 
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"{router_id}-loop", daemon=True)
-        self._thread.start()
+        self._loop = LoopThread(f"{router_id}-loop").start()
 
         async def build() -> Router:  # the bus's connections belong to the loop that made them
             return Router(config, make_bus(bus), metrics_host, metrics_port, security, api_keys, router_id, bus)
@@ -71,7 +69,7 @@ class RouterActor:
         self._call(self._router.start(), _STARTUP_TIMEOUT_S)
 
     def _call(self, coroutine: Any, timeout: float | None = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+        return self._loop.call(coroutine, timeout)
 
     def addresses(self) -> RouterAddresses:
         router = self._router

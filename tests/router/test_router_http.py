@@ -14,12 +14,12 @@ import httpx
 import openai
 import pytest
 import router_cluster
-from loop_thread import LoopThread
 from router_cluster import Cluster
 
 from radixserve.cluster.base.bus import InProcessBus
 from radixserve.cluster.base.config import RouterConfig, SecurityConfig
 from radixserve.cluster.base.generation import ROLES
+from radixserve.cluster.base.loop_thread import LoopThread
 from radixserve.cluster.base.metrics import scrape, total
 from radixserve.cluster.base.sampling_params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from radixserve.cluster.base.tokenizer import LONG_TEXT_CHARS, Tokenizer
@@ -42,16 +42,16 @@ def cluster(tiny_hf_dir: Path, num_workers: int, security: SecurityConfig | None
 @pytest.fixture(scope="module")
 def keyed(tiny_hf_dir: Path) -> Iterator[Cluster]:
     """One worker behind a router that requires ``KEY``."""
-    loop = LoopThread()
+    loop = LoopThread("test").start()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(KEY_ENV, f"other-key, {KEY}")
         context = cluster(tiny_hf_dir, 1, SecurityConfig(api_keys_env=KEY_ENV, cluster_key="ck-router-http"))
-        started = loop.run(context.__aenter__())
+        started = loop.call(context.__aenter__(), 60)
     try:
         yield started
     finally:
-        loop.run(context.__aexit__(None, None, None))
-        loop.close()
+        loop.call(context.__aexit__(None, None, None), 60)
+        loop.stop()
 
 
 def test_api_keys_are_required_except_for_health_and_never_echoed(keyed: Cluster,

@@ -16,13 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loop_thread import LoopThread
 from router_cluster import Cluster, cluster
 from undecodable import call_raw, refused, request_class, undecodable
 
 from radixserve.cluster.base.bus import Lost, Subscription
 from radixserve.cluster.base.config import EngineConfig
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
+from radixserve.cluster.base.loop_thread import LoopThread
 from radixserve.cluster.base.metrics import scrape, total
 from radixserve.cluster.base.tokenizer import Tokenizer
 from radixserve.v1 import api_pb2, api_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
@@ -402,13 +402,13 @@ GENERATION = api_pb2.DESCRIPTOR.services_by_name["Generation"]
 @pytest.fixture(scope="module")
 def background_cluster(checkpoint: Checkpoint) -> Iterator[Cluster]:
     """One worker and the router, served from a loop in another thread, for synchronous raw calls."""
-    thread = LoopThread()
+    thread = LoopThread("test").start()
     serving = cluster(checkpoint, num_workers=1)
     try:
-        yield thread.run(serving.__aenter__())
-        thread.run(serving.__aexit__(None, None, None))
+        yield thread.call(serving.__aenter__(), 60)
+        thread.call(serving.__aexit__(None, None, None), 60)
     finally:
-        thread.close()
+        thread.stop()
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ import openai
 import pytest
 from certificates import Authority, Issued
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loop_thread import LoopThread
 
 from radixserve.cluster.base.bus import InProcessBus, WorkerRecord
 from radixserve.cluster.base.config import CacheConfig, EngineConfig, RouterConfig, SecurityConfig
+from radixserve.cluster.base.loop_thread import LoopThread
 from radixserve.cluster.base.metrics import scrape
 from radixserve.cluster.base.security import ApiKeys, cluster_keys
 from radixserve.cluster.control.client import ClusterClient
@@ -60,18 +60,18 @@ def secured(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     keys = ApiKeys.from_config(security)
     checkpoint = open_checkpoint(tiny_hf_dir)
     config = EngineConfig(model="tiny", cache=CacheConfig(page_size=4, num_pages=64))
-    loop = LoopThread()
+    loop = LoopThread("test").start()
     try:
-        bus, workers, router = loop.run(_start(security, keys, checkpoint, config))
+        bus, workers, router = loop.call(_start(security, keys, checkpoint, config), 60)
         try:
             yield Secured(router, workers, server_cert, rogue_ca.issue("intruder"))
         finally:
-            loop.run(router.stop())
+            loop.call(router.stop(), 60)
             for worker in workers:
-                loop.run(worker.stop(grace_s=1))
-            loop.run(bus.close())
+                loop.call(worker.stop(grace_s=1), 60)
+            loop.call(bus.close(), 60)
     finally:
-        loop.close()
+        loop.stop()
 
 
 async def _start(security: SecurityConfig, keys: ApiKeys, checkpoint: Checkpoint,

@@ -13,9 +13,9 @@ import openai
 import pytest
 from cluster_calls import wait_for
 from gated_engine import GatedEngine
-from loop_thread import LoopThread
 
 from radixserve.cluster.base.config import CacheConfig, EngineConfig, SchedulerConfig
+from radixserve.cluster.base.loop_thread import LoopThread
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.loading import open_checkpoint
 from radixserve.worker.service import WorkerServer
@@ -38,17 +38,17 @@ def worker(tiny_hf_dir: Path) -> Iterator[Worker]:
     config = EngineConfig(model="tiny", cache=CacheConfig(page_size=4, num_pages=256),
                           scheduler=SchedulerConfig(max_waiting_requests=MAX_WAITING))
     engine = GatedEngine(config, checkpoint)
-    loop = LoopThread()
+    loop = LoopThread("test").start()
     server = WorkerServer(engine, "w0", http_port=0)
-    loop.run(server.start())
+    loop.call(server.start(), 60)
     url = f"http://{server.http_address}"
     sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
     try:
         yield Worker(engine, server, url, sdk)
     finally:
         engine.gate.set()
-        loop.run(server.stop(grace_s=5))
-        loop.close()
+        loop.call(server.stop(grace_s=5), 60)
+        loop.stop()
 
 
 def loads(worker: Worker) -> dict:

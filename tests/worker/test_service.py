@@ -18,11 +18,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loop_thread import LoopThread
 from undecodable import call_raw, refused, request_class, undecodable
 
 from radixserve.cluster.base.config import CacheConfig, EngineConfig, SchedulerConfig
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
+from radixserve.cluster.base.loop_thread import LoopThread
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.cluster.base.tokenizer import Tokenizer
 from radixserve.cluster.base.wire import sampling_options_to_proto
@@ -417,14 +417,14 @@ WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
 @pytest.fixture(scope="module")
 def raw_worker(checkpoint: Checkpoint) -> Iterator[grpc.Channel]:
     """A channel to a worker served from a loop in another thread, for synchronous raw calls."""
-    thread = LoopThread()
+    thread = LoopThread("test").start()
     server = WorkerServer(make_engine(checkpoint), "worker-0")
     try:
-        with grpc.insecure_channel(thread.run(server.start())) as channel:
+        with grpc.insecure_channel(thread.call(server.start(), 60)) as channel:
             yield channel
-        thread.run(server.stop(grace_s=5))
+        thread.call(server.stop(grace_s=5), 60)
     finally:
-        thread.close()
+        thread.stop()
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -575,7 +575,7 @@ def test_the_server_runs_on_a_loop_in_another_thread(checkpoint: Checkpoint) -> 
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(RPC_TIMEOUT_S)
-        loop.close()
+        loop.stop()
     assert stream_tokens(responses) == direct_run(checkpoint, PROMPT, GREEDY).tokens
     assert flushed.num_pages_freed == (len(PROMPT) + GREEDY.max_tokens - 1) // PAGE  # the last token has no KV
 

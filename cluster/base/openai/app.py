@@ -200,9 +200,8 @@ class _FrontEnd:
                 return
             await send({"type": "http.response.start", "status": 200, "headers": _EVENT_STREAM_HEADERS})
             async with contextlib.aclosing(_events(api, first, deltas)) as events:
-                async for event in events:
-                    await send({"type": "http.response.body", "body": event, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                async for piece in events:
+                    await send({"type": "http.response.body", "body": piece, "more_body": piece is not _DONE})
 
     async def _accept(self, request: Request,
                       kind: type[ApiFormat[Any]]) -> tuple[ApiFormat[Any], GenerationRequest]:
@@ -274,18 +273,23 @@ class _DisconnectWatch:
 
 async def _events(api: ApiFormat[Any], first: GenerationDelta | None,
                   deltas: AsyncIterator[GenerationDelta]) -> AsyncIterator[bytes]:
-    """The stream's server-sent events, starting from its first delta; closes ``deltas`` however it ends."""
+    """The stream's server-sent events, starting from its first delta: all of one delta's events in one piece
+    (one write to the socket), then ``[DONE]`` alone once ``deltas`` ended; closes ``deltas`` however it ends.
+
+    ``[DONE]`` waits for the backend's stream to finish (so a client that has it finds its request counted), the
+    last delta's events do not.
+    """
     async with _closing(deltas):
         delta = first
-        if delta is not None:
-            for chunk in api.opening(delta.request_id):
-                yield _event(chunk)
+        events = [] if delta is None else [_event(chunk) for chunk in api.opening(delta.request_id)]
         try:
             while delta is not None:
-                for chunk in api.chunks(delta):
-                    yield _event(chunk)
+                events += [_event(chunk) for chunk in api.chunks(delta)]
                 if delta.usage is not None and api.include_usage():
-                    yield _event(api.usage_chunk(delta.request_id, delta.usage))
+                    events.append(_event(api.usage_chunk(delta.request_id, delta.usage)))
+                if events:
+                    yield b"".join(events)
+                    events = []
                 delta = await anext(deltas, None)
         except GenerationError as error:
             yield _json_event(from_generation_error(error, api.field_name).body())
