@@ -43,7 +43,8 @@ from radixserve.router.metrics import RouterMetrics
 from radixserve.router.policies import RouteRequest, make_policy
 from radixserve.router.prefix_index import PrefixIndex
 from radixserve.router.routing import Decision, decide
-from radixserve.router.workers import WorkerCallFailed, WorkerClient, WorkerSet
+from radixserve.router.worker_session import WorkerCallFailed
+from radixserve.router.workers import WorkerClient, WorkerSet
 from radixserve.v1 import worker_pb2
 
 log = logging.getLogger(__name__)

@@ -33,9 +33,9 @@ from google.protobuf.message import DecodeError
 from radixserve.cluster.base.bus import (BusUnavailable, ChangeKind, EventBus, Lost, RegistryChange, Subscription,
                                          WorkerRecord)
 from radixserve.cluster.base.config import BusConfig
-from radixserve.cluster.base.generation import ChoiceDelta, Status
+from radixserve.cluster.base.generation import ChoiceDelta
 from radixserve.cluster.base.sampling_params import SamplingParams
-from radixserve.cluster.base.wire import chunk_from_proto, sampling_options_to_proto, status_of
+from radixserve.cluster.base.wire import chunk_from_proto, sampling_options_to_proto
 from radixserve.router.kv_events import BatchOutcome, KvEventSequencer
 from radixserve.router.metrics import RouterMetrics
 from radixserve.router.prefix_index import PrefixIndex
@@ -43,6 +43,7 @@ from radixserve.router.route_hints import RouteHints
 from radixserve.router.routing import NO_REPORT, ReportedLoad, WorkerLoad
 from radixserve.router.shared_load import SharedLoad
 from radixserve.router.supervisor import Supervisor
+from radixserve.router.worker_session import WorkerSession
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -60,15 +61,6 @@ class WorkerPart:
     num_prompt_tokens: int
     num_cached_tokens: int
     finished: bool
-
-
-class WorkerCallFailed(Exception):
-    """A worker call ended with ``status`` and ``details`` (the worker's own words)."""
-
-    def __init__(self, status: Status, details: str) -> None:
-        super().__init__(details)
-        self.status = status
-        self.details = details
 
 
 @dataclass(frozen=True)
@@ -125,6 +117,7 @@ class WorkerClient:
         self._metadata = channels.metadata
         self._channel = channels.open(record.address)
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._session = WorkerSession(self.stub, self._metadata)
         self._informed = asyncio.Event()
         self._on_entry = on_entry
         self._closed = False
@@ -171,22 +164,17 @@ class WorkerClient:
 
     async def generate(self, request_id: str, token_ids: tuple[int, ...], params: SamplingParams,
                        timeout_s: float | None) -> AsyncIterator[WorkerPart]:
-        """Stream the worker's answer to one request; a failed call raises ``WorkerCallFailed``.
+        """Stream the worker's answer to one request (over the worker's session stream,
+        ``router.worker_session``); a failed request raises ``WorkerCallFailed``.
 
-        Closing the stream before it ends cancels the call, which aborts the request on the worker and frees its
-        pages.
+        Closing the stream before it ends aborts the request on the worker and frees its pages.
         """
         request = worker_pb2.WorkerGenerateRequest(request_id=request_id, token_ids=token_ids,
                                                    sampling=sampling_options_to_proto(params))
-        call = self.stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
-        try:
-            async for part in call:
+        async with contextlib.aclosing(self._session.generate(request, timeout_s)) as parts:
+            async for part in parts:
                 yield WorkerPart(tuple(chunk_from_proto(c) for c in part.choices), part.num_prompt_tokens,
                                  part.num_cached_tokens, part.finished)
-        except grpc.aio.AioRpcError as error:
-            raise WorkerCallFailed(status_of(error.code()), error.details() or error.code().name) from None
-        finally:
-            call.cancel()  # no-op once finished
 
     def mark_down(self, reason: str) -> None:
         """The worker failed a call: stop routing to it until a load poll succeeds."""
@@ -203,6 +191,7 @@ class WorkerClient:
     async def close(self) -> None:
         self._closed = True  # ends the log reader even where redis-py turned its cancellation into an error
         await _cancel(self._poller, self._reader, *([self._follower] if self._follower is not None else []))
+        await self._session.close()
         await self._channel.close()
 
     async def refresh(self) -> None:

@@ -11,7 +11,8 @@ details start with the field's path in ``WorkerGenerateRequest`` (``request_id``
 ``sampling.<name>``); a full engine queue is
 ``RESOURCE_EXHAUSTED``; a request id already in flight is ``ALREADY_EXISTS``; a draining worker answers
 new Generate calls with ``UNAVAILABLE``; a request whose own work failed (sampling, stop checking, detokenizing)
-ends with ``INTERNAL`` naming it, and the other requests go on.
+ends with ``INTERNAL`` naming it, and the other requests go on. ``Session`` streams carry Generate requests
+multiplexed (``worker.session``), each ending as a Generate call of its own would.
 
 KV events: the service pumps the engine's events into a ``worker.kv_hub.KvEventHub``, which numbers them and
 fans them out to the gRPC ``StreamKvEvents`` streams and, on a shared bus, to the worker's own log there
@@ -37,7 +38,9 @@ from radixserve.cluster.base.openai.app import HttpOptions
 from radixserve.cluster.base.openai.server import HttpServer
 from radixserve.cluster.base.sampling_params import SamplingParams
 from radixserve.cluster.base.security import add_port, cluster_keys, grpc_server, uvicorn_tls
-from radixserve.cluster.base.wire import add_servicer, chunk_to_proto, grpc_code, sampling_params_from_proto
+from radixserve.cluster.base.generation import GenerationError, Status
+from radixserve.cluster.base.wire import (Undecodable, add_servicer, chunk_to_proto, grpc_code,
+                                          sampling_params_from_proto)
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from radixserve.worker.backend import EngineBackend, engine_error
 from radixserve.worker.bus_publisher import BusPublisher
@@ -46,6 +49,7 @@ from radixserve.worker.http_api import worker_app
 from radixserve.worker.kv_hub import (DEFAULT_MAX_PENDING_BATCHES, KvBatches, KvEventHub, KvHubClosed,
                                       KvSubscriberLagged, KvSubscription)
 from radixserve.worker.outputs import RequestOutput
+from radixserve.worker.session import serve_session
 
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
 SERVICE_NAME = SERVICE.full_name
@@ -110,34 +114,47 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        try:
+            async with contextlib.aclosing(self.responses(request)) as responses:
+                async for response in responses:
+                    yield response
+        except GenerationError as error:
+            await context.abort(grpc_code(error.status), str(error))
+
+    async def Session(self, requests: AsyncIterator[worker_pb2.WorkerSessionRequest | Undecodable],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerSessionResponse]:
+        async with contextlib.aclosing(serve_session(requests, self.responses)) as answers:
+            async for answer in answers:
+                if isinstance(answer, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, answer.details)
+                yield answer
+
+    async def responses(self, request: worker_pb2.WorkerGenerateRequest
+                        ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        """One Generate request's responses, counted in flight for ``wait_idle``; closing the stream aborts the
+        request and frees its pages. Raises ``GenerationError`` when the request is refused (draining:
+        UNAVAILABLE; a bad field, a full queue, an id in flight) or its own work failed (INTERNAL)."""
         if self._draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+            raise GenerationError(Status.UNAVAILABLE, "worker is draining")
         self._num_generating += 1
         self._idle.clear()
         try:
-            async with contextlib.aclosing(self._generate(request, context)) as responses:
-                async for response in responses:
-                    yield response
+            try:
+                outputs = self._engine.generate(list(request.token_ids), _request_params(request),
+                                                request.request_id)
+                first = await anext(outputs)  # the engine validates the request before its first output
+            except (ValueError, EngineOverloaded) as error:
+                raise engine_error(error).renamed(lambda name: _WIRE_FIELDS.get(name, name)) from None
+            async with contextlib.aclosing(outputs):
+                yield _response(first)
+                async for output in outputs:
+                    yield _response(output)
         except RequestFailed as error:  # this request's own work failed; the others go on
-            await context.abort(grpc.StatusCode.INTERNAL, str(error))
+            raise GenerationError(Status.INTERNAL, str(error)) from None
         finally:
             self._num_generating -= 1
             if not self._num_generating:
                 self._idle.set()
-
-    async def _generate(self, request: worker_pb2.WorkerGenerateRequest,
-                        context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
-        try:
-            outputs = self._engine.generate(list(request.token_ids), _request_params(request), request.request_id)
-            first = await anext(outputs)  # the engine validates the request before its first output
-        except (ValueError, EngineOverloaded) as error:
-            refusal = engine_error(error).renamed(lambda name: _WIRE_FIELDS.get(name, name))
-            await context.abort(grpc_code(refusal.status), str(refusal))
-        # Closing the engine's stream (also when this call is cancelled) aborts the request and frees its pages.
-        async with contextlib.aclosing(outputs):
-            yield _response(first)
-            async for output in outputs:
-                yield _response(output)
 
     async def GetInfo(self, request: worker_pb2.GetInfoRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.WorkerInfo:

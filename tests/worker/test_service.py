@@ -437,7 +437,8 @@ def test_undecodable_bytes_are_invalid_argument_naming_the_message(raw_worker: g
 
 
 def test_the_worker_has_no_abort_method(raw_worker: grpc.Channel) -> None:
-    """Routers abort a request by cancelling its Generate call; there is no separate Abort."""
+    """Routers abort a request by cancelling its Generate call or by an abort message on its Session stream;
+    there is no separate Abort."""
     with pytest.raises(grpc.RpcError) as caught:
         raw_worker.unary_unary("/radixserve.v1.Worker/Abort")(b"", timeout=RPC_TIMEOUT_S)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -30,6 +30,26 @@ class WorkerGenerateResponse(_message.Message):
     finished: bool
     def __init__(self, choices: _Optional[_Iterable[_Union[_types_pb2.CompletionChunk, _Mapping]]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
 
+class WorkerSessionRequest(_message.Message):
+    __slots__ = ("generate", "abort")
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    generate: WorkerGenerateRequest
+    abort: str
+    def __init__(self, generate: _Optional[_Union[WorkerGenerateRequest, _Mapping]] = ..., abort: _Optional[str] = ...) -> None: ...
+
+class WorkerSessionResponse(_message.Message):
+    __slots__ = ("request_id", "response", "error_code", "error_details")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_DETAILS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    response: WorkerGenerateResponse
+    error_code: int
+    error_details: str
+    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[WorkerGenerateResponse, _Mapping]] = ..., error_code: _Optional[int] = ..., error_details: _Optional[str] = ...) -> None: ...
+
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -40,6 +40,11 @@ class WorkerStub:
                 request_serializer=radixserve_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_worker__pb2.WorkerGenerateResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/radixserve.v1.Worker/Session',
+                request_serializer=radixserve_dot_v1_dot_worker__pb2.WorkerSessionRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_worker__pb2.WorkerSessionResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/radixserve.v1.Worker/GetInfo',
                 request_serializer=radixserve_dot_v1_dot_worker__pb2.GetInfoRequest.SerializeToString,
@@ -68,6 +73,18 @@ class WorkerServicer:
     def Generate(self, request, context):
         """Generate from token ids; streams deltas until every sample finished. Cancelling the call aborts the
         request and releases its KV pages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Generate requests multiplexed over one long-lived stream (routers keep one per worker: setting up a call
+        costs more than routing a request). A `generate` message starts a request (its request_id unique among the
+        stream's requests in flight), an `abort` message ends one and releases its KV pages. Each response names its
+        request; a request's last response is `finished` or carries an error (what Generate would end with). Ending
+        the stream aborts every request still running on it; a message that does not parse ends the stream
+        INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +123,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=radixserve_dot_v1_dot_worker__pb2.WorkerGenerateRequest.FromString,
                     response_serializer=radixserve_dot_v1_dot_worker__pb2.WorkerGenerateResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=radixserve_dot_v1_dot_worker__pb2.WorkerSessionRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_worker__pb2.WorkerSessionResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -155,6 +177,33 @@ class Worker:
             '/radixserve.v1.Worker/Generate',
             radixserve_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
             radixserve_dot_v1_dot_worker__pb2.WorkerGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/radixserve.v1.Worker/Session',
+            radixserve_dot_v1_dot_worker__pb2.WorkerSessionRequest.SerializeToString,
+            radixserve_dot_v1_dot_worker__pb2.WorkerSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
