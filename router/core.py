@@ -111,7 +111,8 @@ class RouterCore:
         self._workers = workers
         self._index = index
         self._metrics = metrics
-        self._policy = make_policy(config.policy, config.load_weight, random.Random(config.seed))
+        self._policy = make_policy(config.policy, config.load_weight, config.decode_weight,
+                                   random.Random(config.seed))
         self._view: ModelView | None = None
         self._preparer = Preparer()
         self.draining = False

@@ -76,28 +76,35 @@ def uncached_tokens(request: RouteRequest, candidate: Candidate) -> int:
 
 
 class PrefixPolicy(Policy):
-    """Least estimated work before the first token: ``uncached_tokens + load_weight * pending_tokens``.
+    """Least estimated work before the first token, in prompt tokens' time: ``uncached_tokens + load_weight *
+    (pending_prefill_tokens + decode_weight * pending_output_tokens)``: an output token still owed costs
+    ``decode_weight`` prompt tokens (a decode step does little work per token: on CPUs one output token takes about
+    as long as three prompt tokens of a prefill).
 
     Ties go to more matched pages, then fewer requests queued, then one drawn uniformly from ``rng``, so that
     idle workers share cold requests evenly.
 
-    When a hot prefix spreads: a worker holding the prefix keeps winning its requests while its
-    ``pending_tokens`` exceed another worker's by at most ``saved / load_weight``, ``saved`` being the prefill it
+    When a hot prefix spreads: a worker holding the prefix keeps winning its requests while its weighted
+    pending work exceeds another worker's by at most ``saved / load_weight``, ``saved`` being the prefill it
     saves over that other worker (the difference of their ``uncached_tokens``); past that, the next request goes
     to the other worker. A larger ``load_weight`` spreads sooner; 0 never spreads a cached prefix.
     """
 
     name = "prefix"
 
-    def __init__(self, load_weight: float, rng: random.Random) -> None:
+    def __init__(self, load_weight: float, decode_weight: float, rng: random.Random) -> None:
         if not load_weight >= 0:
             raise ValueError(f"load_weight: must be >= 0, got {load_weight}")
+        if not decode_weight >= 0:
+            raise ValueError(f"decode_weight: must be >= 0, got {decode_weight}")
         self._load_weight = load_weight
+        self._decode_weight = decode_weight
         self._rng = rng
 
     def cost(self, request: RouteRequest, candidate: Candidate) -> float:
         """The estimated work the request would wait on at the candidate, in tokens."""
-        return uncached_tokens(request, candidate) + self._load_weight * candidate.pending_tokens
+        pending = candidate.pending_prefill_tokens + self._decode_weight * candidate.pending_output_tokens
+        return uncached_tokens(request, candidate) + self._load_weight * pending
 
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
         return lowest([(self.cost(request, c), -c.matched_pages, c.num_queued) for c in candidates], self._rng)
@@ -221,19 +228,20 @@ class DynamoKvPolicy(Policy):
         return lowest([self.cost(request, c) for c in candidates], self._rng)
 
 
-_FACTORIES: dict[str, Callable[[float, random.Random], Policy]] = {
-    PrefixPolicy.name: lambda load_weight, rng: PrefixPolicy(load_weight, rng),
-    RoundRobinPolicy.name: lambda load_weight, rng: RoundRobinPolicy(),
-    LeastLoadPolicy.name: lambda load_weight, rng: LeastLoadPolicy(rng),
-    RandomPolicy.name: lambda load_weight, rng: RandomPolicy(rng),
-    PowerOfTwoPolicy.name: lambda load_weight, rng: PowerOfTwoPolicy(rng),
-    SglangCacheAwarePolicy.name: lambda load_weight, rng: SglangCacheAwarePolicy(rng),
-    DynamoKvPolicy.name: lambda load_weight, rng: DynamoKvPolicy(rng),
+_FACTORIES: dict[str, Callable[[float, float, random.Random], Policy]] = {
+    PrefixPolicy.name: lambda load_weight, decode_weight, rng: PrefixPolicy(load_weight, decode_weight, rng),
+    RoundRobinPolicy.name: lambda load_weight, decode_weight, rng: RoundRobinPolicy(),
+    LeastLoadPolicy.name: lambda load_weight, decode_weight, rng: LeastLoadPolicy(rng),
+    RandomPolicy.name: lambda load_weight, decode_weight, rng: RandomPolicy(rng),
+    PowerOfTwoPolicy.name: lambda load_weight, decode_weight, rng: PowerOfTwoPolicy(rng),
+    SglangCacheAwarePolicy.name: lambda load_weight, decode_weight, rng: SglangCacheAwarePolicy(rng),
+    DynamoKvPolicy.name: lambda load_weight, decode_weight, rng: DynamoKvPolicy(rng),
 }
 
 
-def make_policy(name: str, load_weight: float, rng: random.Random) -> Policy:
-    """The policy named ``name`` (one of ``cluster.config.POLICIES``); ``load_weight`` is used by ``prefix``."""
+def make_policy(name: str, load_weight: float, decode_weight: float, rng: random.Random) -> Policy:
+    """The policy named ``name`` (one of ``cluster.config.POLICIES``); ``load_weight`` and ``decode_weight`` are
+    used by ``prefix``."""
     if name not in POLICIES:
         raise ValueError(f"policy: must be one of {POLICIES}, got {name!r}")
-    return _FACTORIES[name](load_weight, rng)
+    return _FACTORIES[name](load_weight, decode_weight, rng)

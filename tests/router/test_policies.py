@@ -35,7 +35,7 @@ def busy(worker_id: str, num_in_flight: int, pending_tokens: int, matched_pages:
 
 @pytest.mark.parametrize("load_weight", [0.5, 1.0, 2.0, 4.0])
 def test_hot_prefix_spreads_exactly_when_its_backlog_outweighs_the_prefill_saved(load_weight: float) -> None:
-    policy = PrefixPolicy(load_weight, random.Random(0))
+    policy = PrefixPolicy(load_weight, 1.0, random.Random(0))
     matched = 32
     saved = matched * PAGE  # the cold worker prefills these prompt tokens on top of what both prefill
     threshold = int(saved / load_weight)  # pending tokens on the hot worker at which both costs are equal
@@ -47,7 +47,7 @@ def test_hot_prefix_spreads_exactly_when_its_backlog_outweighs_the_prefill_saved
 
 def test_a_full_hit_still_prefills_one_token() -> None:
     request = RouteRequest(num_prompt_tokens=4 * PAGE, max_tokens=8, page_size=PAGE)
-    policy = PrefixPolicy(1.0, random.Random(0))
+    policy = PrefixPolicy(1.0, 1.0, random.Random(0))
     full = busy("full", 1, pending_tokens=4 * PAGE - 1, matched_pages=4)  # cost 1 + 63 = 64 = a cold prefill
     assert policy.choose(request, [idle("cold"), full]) == 1  # equal cost: more matched pages wins
     full = busy("full", 1, pending_tokens=4 * PAGE, matched_pages=4)
@@ -56,16 +56,16 @@ def test_a_full_hit_still_prefills_one_token() -> None:
 
 def test_prefix_prefers_an_idle_worker_on_a_miss() -> None:
     candidates = [busy("a", 2, 300), idle("b"), busy("c", 1, 50)]
-    assert PrefixPolicy(1.0, random.Random(0)).choose(REQUEST, candidates) == 1
+    assert PrefixPolicy(1.0, 1.0, random.Random(0)).choose(REQUEST, candidates) == 1
 
 
 def test_prefix_falls_back_to_the_least_loaded_once_the_prefix_is_evicted() -> None:
     candidates = [busy("a", 3, 900), busy("b", 1, 120), busy("c", 2, 400)]
-    assert PrefixPolicy(1.0, random.Random(0)).choose(REQUEST, candidates) == 1
+    assert PrefixPolicy(1.0, 1.0, random.Random(0)).choose(REQUEST, candidates) == 1
 
 
 def test_prefix_ties_go_to_fewer_in_flight_then_spread_evenly() -> None:
-    policy = PrefixPolicy(1.0, random.Random(0))
+    policy = PrefixPolicy(1.0, 1.0, random.Random(0))
     tied = [busy("a", 3, 100), busy("b", 2, 100), busy("c", 2, 100), busy("d", 2, 100)]
     picks = Counter(policy.choose(REQUEST, tied) for _ in range(600))
     assert set(picks) == {1, 2, 3} and min(picks.values()) > 150  # never "a"; b, c, d about 200 each
@@ -73,7 +73,7 @@ def test_prefix_ties_go_to_fewer_in_flight_then_spread_evenly() -> None:
 
 def test_load_weight_zero_never_spreads_a_cached_prefix() -> None:
     hot = busy("hot", 50, 10**9, matched_pages=1)
-    assert PrefixPolicy(0.0, random.Random(0)).choose(REQUEST, [idle("cold"), hot]) == 1
+    assert PrefixPolicy(0.0, 1.0, random.Random(0)).choose(REQUEST, [idle("cold"), hot]) == 1
 
 
 def test_round_robin_cycles_in_id_order_whatever_the_candidate_order() -> None:
@@ -179,16 +179,32 @@ def test_dynamo_minimises_weighted_prefill_blocks_plus_active_blocks() -> None:
 def test_make_policy_builds_every_configured_policy_and_nothing_else() -> None:
     assert {cls.name for cls in Policy.__subclasses__()} == set(POLICIES)
     for name in POLICIES:
-        policy = make_policy(name, 1.0, random.Random(0))
+        policy = make_policy(name, 1.0, 1.0, random.Random(0))
         assert policy.name == name
         assert policy.choose(REQUEST, [idle("a")]) == 0
 
 
 def test_make_policy_rejects_unknown_names_and_lists_the_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"^policy: .*round_robin.*'fastest'"):
-        make_policy("fastest", 1.0, random.Random(0))
+        make_policy("fastest", 1.0, 1.0, random.Random(0))
 
 
 def test_prefix_rejects_a_negative_load_weight() -> None:
     with pytest.raises(ValueError, match="load_weight"):
-        make_policy("prefix", -0.5, random.Random(0))
+        make_policy("prefix", -0.5, 1.0, random.Random(0))
+
+
+def test_an_output_token_owed_weighs_decode_weight_prompt_tokens() -> None:
+    """The hot-prefix case of the cluster benchmark: a worker holding ten cheap cached requests (65 prompt tokens
+    and 32 output tokens each still owed) against one prefilling a cold 1,088-token prompt. Counted token for
+    token the cached worker looks idler (970 < 1,120) and would take the next cold group too; in time, its ten
+    requests' 320 output tokens cost three prompt tokens each, so the cold group goes to the other worker."""
+    cached = Candidate("cached", 0, 10, 10, pending_prefill_tokens=650, pending_output_tokens=320, active_pages=0)
+    cold = Candidate("cold", 0, 1, 1, pending_prefill_tokens=1088, pending_output_tokens=32, active_pages=0)
+    assert PrefixPolicy(0.35, 1.0, random.Random(0)).choose(REQUEST, [cached, cold]) == 0
+    assert PrefixPolicy(0.35, 3.0, random.Random(0)).choose(REQUEST, [cached, cold]) == 1
+
+
+def test_prefix_rejects_a_negative_decode_weight() -> None:
+    with pytest.raises(ValueError, match="decode_weight"):
+        make_policy("prefix", 0.35, -1.0, random.Random(0))

@@ -22,7 +22,7 @@ def test_decide_counts_the_chosen_workers_uncached_tokens_and_pages() -> None:
     index = PrefixIndex(30, 300, clock=lambda: 0.0)
     index.apply_stored("b", [11, 12, 13])
     request = RouteRequest(num_prompt_tokens=5 * PAGE + 3, max_tokens=10, page_size=PAGE)
-    decision = decide(PrefixPolicy(1.0, random.Random(0)), index, request, [11, 12, 99, 100, 101], ["a", "b"],
+    decision = decide(PrefixPolicy(1.0, 1.0, random.Random(0)), index, request, [11, 12, 99, 100, 101], ["a", "b"],
                       [WorkerLoad(), WorkerLoad()])
     assert decision.worker == 1 and decision.matched_pages == 2
     assert (decision.prefill_tokens, decision.output_tokens) == (5 * PAGE + 3 - 2 * PAGE, 10)
@@ -105,7 +105,8 @@ def _hot_prefix_requests(direct_on_holder: int) -> int:
     hashes = page_hashes(prompt, PAGE, 0)
     index = PrefixIndex(30, 300, clock=lambda: 0.0)
     index.apply_stored("h", hashes[: PREFIX_LEN // PAGE])
-    policy = PrefixPolicy(RouterConfig().load_weight, random.Random(0))
+    config = RouterConfig()
+    policy = PrefixPolicy(config.load_weight, config.decode_weight, random.Random(0))
     request = RouteRequest(len(prompt), OUTPUT_LEN, PAGE)
     loads = [WorkerLoad(), WorkerLoad()]
     per_request = SUFFIX_LEN + OUTPUT_LEN  # what each request still owes on the holder before it starts
@@ -121,17 +122,17 @@ def _hot_prefix_requests(direct_on_holder: int) -> int:
 
 
 def test_a_hot_prefix_spreads_once_its_holder_is_behind_by_the_prefill_it_saves_over_load_weight() -> None:
-    # load_weight 0.35: the holder keeps the prefix while its pending work (96 tokens a request: 64 to prefill,
-    # 32 to generate) exceeds the idle worker's by at most 2,048 / 0.35 = 5,851 tokens, that is for 61 requests
-    # in flight (61 * 96 = 5,856 > 5,851 only at the 62nd); the 62nd request goes to the other worker.
-    assert RouterConfig().load_weight == 0.35
-    assert _hot_prefix_requests(direct_on_holder=0) == 61
+    # load_weight 0.35, decode_weight 3: the holder keeps the prefix while its pending work (64 tokens a request
+    # to prefill, 32 to generate at 3 each: 160) exceeds the idle worker's by at most 2,048 / 0.35 = 5,851 tokens,
+    # that is for 37 requests in flight (37 * 160 = 5,920 > 5,851 only at the 38th); the 38th goes elsewhere.
+    assert (RouterConfig().load_weight, RouterConfig().decode_weight) == (0.35, 3.0)
+    assert _hot_prefix_requests(direct_on_holder=0) == 37
 
 
 def test_the_holders_own_report_counts_traffic_this_router_did_not_send() -> None:
     # 20 requests sent straight to the holder: it reports 20 more than this router has there, so the prefix
-    # spreads after 41 of this router's requests (41 + 20 = 61).
-    assert _hot_prefix_requests(direct_on_holder=20) == 41
+    # spreads after 17 of this router's requests (17 + 20 = 37).
+    assert _hot_prefix_requests(direct_on_holder=20) == 17
 
 
 def test_decide_takes_the_larger_of_own_and_reported_figures() -> None:

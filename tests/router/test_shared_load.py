@@ -2,9 +2,9 @@
 
 The review issue's hot-prefix case (``test_routing``): a 2,048-token prefix cached on the holder, 64-token
 suffixes, 32 output tokens, nothing finishing, and no load reports from the workers (the requests have not
-reached them yet, the worst case): one router keeps the prefix on its holder for 61 requests in flight and
-sends the 62nd elsewhere. Two routers taking turns, each seeing the other's published figures, must spread at
-the same total; without shared load each would let the holder take its own 61, 122 in all.
+reached them yet, the worst case): one router keeps the prefix on its holder for 37 requests in flight and
+sends the 38th elsewhere. Two routers taking turns, each seeing the other's published figures, must spread at
+the same total; without shared load each would let the holder take its own 37, 74 in all.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ async def total_in_flight_when_it_spreads(redis_url: str, shared: bool) -> int:
         index.apply_stored("h", hashes[: PREFIX_LEN // PAGE])  # both indexes read the holder's events
         clients = {w: Holder() for w in WORKERS}
         routers.append((index, clients, SharedLoad(bus, f"router-{i}", clients, interval_s=0.05),
-                        PrefixPolicy(RouterConfig().load_weight, random.Random(i))))
+                        PrefixPolicy(RouterConfig().load_weight, RouterConfig().decode_weight, random.Random(i))))
     try:
         for taken in range(1000):
             index, clients, exchange, policy = routers[taken % 2]
@@ -78,11 +78,11 @@ async def total_in_flight_when_it_spreads(redis_url: str, shared: bool) -> int:
 
 
 def test_two_routers_sharing_load_spread_a_hot_prefix_at_the_one_router_total(fresh_redis: LocalRedisServer) -> None:
-    assert asyncio.run(total_in_flight_when_it_spreads(fresh_redis.url, shared=True)) == 61
+    assert asyncio.run(total_in_flight_when_it_spreads(fresh_redis.url, shared=True)) == 37
 
 
 def test_without_shared_load_two_routers_pile_twice_as_many_onto_the_holder(fresh_redis: LocalRedisServer) -> None:
-    assert asyncio.run(total_in_flight_when_it_spreads(fresh_redis.url, shared=False)) == 122
+    assert asyncio.run(total_in_flight_when_it_spreads(fresh_redis.url, shared=False)) == 74
 
 
 def test_a_router_that_stops_publishing_drops_out_of_the_others_figures(fresh_redis: LocalRedisServer) -> None:

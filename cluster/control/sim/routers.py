@@ -66,7 +66,8 @@ class SimRouter:
     change to its ``loads`` goes through ``route`` and ``notice``, which keep that publication current.
     """
 
-    def __init__(self, worker_ids: Sequence[str], policy: str, load_weight: float, rng: random.Random,
+    def __init__(self, worker_ids: Sequence[str], policy: str, load_weight: float, decode_weight: float,
+                 rng: random.Random,
                  pending_ttl_s: float, approx_ttl_s: float, clock: Callable[[], float], load_interval_s: float,
                  phase_s: float) -> None:
         self._worker_ids = list(worker_ids)
@@ -74,7 +75,7 @@ class SimRouter:
         for worker_id in self._worker_ids:
             self.index.set_events_live(worker_id, True)
         self.loads = [WorkerLoad() for _ in self._worker_ids]
-        self._policy = make_policy(policy, load_weight, rng)
+        self._policy = make_policy(policy, load_weight, decode_weight, rng)
         self._published = Sampled(lambda at_s: self._figures(), load_interval_s, phase_s)
 
     def route(self, request: RouteRequest, hashes: Sequence[int], request_id: Hashable,

@@ -66,6 +66,7 @@ class SimConfig:
     host_kv_gib: float = 0.0
     host_bw: float = 32e9
     load_weight: float = RouterConfig.load_weight
+    decode_weight: float = RouterConfig.decode_weight
     step_noise: float = 0.0
     kv_event_lag_s: float = 0.005
     pending_ttl_s: float = 30.0
@@ -211,7 +212,7 @@ class _Simulation:
     def _router(self, r: int) -> SimRouter:
         config = self._config
         rng = random.Random(config.seed if r == 0 else f"{config.seed}:router-{r}")
-        return SimRouter(self._ids, config.policy, config.load_weight, rng, config.pending_ttl_s,
+        return SimRouter(self._ids, config.policy, config.load_weight, config.decode_weight, rng, config.pending_ttl_s,
                          config.approx_ttl_s, lambda: self.now, config.load_interval_s,
                          r * config.load_interval_s / config.num_routers)
 

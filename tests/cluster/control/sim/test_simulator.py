@@ -51,9 +51,10 @@ def test_a_host_tier_keeps_evicted_blocks_and_serves_them_back() -> None:
 
 def test_a_hot_prefix_stays_on_its_worker_until_the_backlog_outweighs_the_prefill_saved() -> None:
     burst = [request(10, PREFIX + (100 + i,)) for i in range(12)]
-    run = simulate(workload(request(0, PREFIX + (99,)), *burst), replace(SMALL, policy="prefix", load_weight=1.0))
+    run = simulate(workload(request(0, PREFIX + (99,)), *burst), replace(SMALL, policy="prefix", load_weight=1.0,
+                                                                             decode_weight=1.0))
     holder = run.outcomes[0].worker
-    # Each burst request prefills 4 tokens on the holder, 36 elsewhere, and owes 2 output tokens: the holder
+    # Each burst request prefills 4 tokens on the holder, 36 elsewhere, and owes 2 output tokens (at 1 each): the holder
     # takes requests while 4 + its backlog (6 per request) <= 36, i.e. 6 of them; then the other worker, holding
     # the prefix by routing from then on, takes turns with it.
     placed = ["h" if o.worker == holder else "o" for o in run.outcomes[1:]]
@@ -194,24 +195,25 @@ def taken_by_holder(**config: object) -> int:
 
 
 def test_with_shared_load_a_hot_prefix_spreads_at_the_same_total_in_flight_as_with_one_router() -> None:
-    # One router: the holder keeps the prefix while its pending work (96 tokens a request: 64 to prefill, 32 to
-    # generate) exceeds the idle worker's by at most 2,048 / 0.35 tokens, for 61 requests in flight, as in the
-    # router's own test. Two routers taking turns, publishing every 0.1 us (arrivals 1 us apart): each sees its
-    # own 30 or 31 plus the other's published ones, the same 61, and the 62nd goes to the other worker.
-    assert taken_by_holder() == 61
-    assert taken_by_holder(num_routers=2) == 61
-    # Without shared load each router counts only its own: it lets the holder take 61 of them, 122 in all (the
-    # 123rd, router 1's 62nd, leaves).
-    assert taken_by_holder(num_routers=2, shared_load=False) == 122
+    # One router: the holder keeps the prefix while its pending work (160 tokens a request: 64 to prefill, 32 to
+    # generate at decode_weight 3 each) exceeds the idle worker's by at most 2,048 / 0.35 tokens, for 37 requests
+    # in flight, as in the router's own test. Two routers taking turns, publishing every 0.1 us (arrivals 1 us
+    # apart): each sees its own 18 or 19 plus the other's published ones, the same 37, and the 38th goes to the
+    # other worker.
+    assert taken_by_holder() == 37
+    assert taken_by_holder(num_routers=2) == 37
+    # Without shared load each router counts only its own: it lets the holder take 37 of them, 74 in all (the
+    # 75th, router 1's 38th, leaves).
+    assert taken_by_holder(num_routers=2, shared_load=False) == 74
     # What a router published is up to load_interval_s old: a burst within one interval (the default 0.1 s)
     # looks to each router like its own traffic alone, as without shared load.
-    assert taken_by_holder(num_routers=2, load_interval_s=0.1) == 122
+    assert taken_by_holder(num_routers=2, load_interval_s=0.1) == 74
 
 
 def test_the_workers_load_reports_count_every_routers_traffic_once_polled() -> None:
     # Shared load off, but each router polls the workers every 0.1 us: the holder's report (its queue, prefill owed
-    # net of the prefix it caches) counts both routers' requests, and the prefix spreads at 61 again.
-    assert taken_by_holder(num_routers=2, shared_load=False, health_interval_s=1e-7) == 61
+    # net of the prefix it caches) counts both routers' requests, and the prefix spreads at 37 again.
+    assert taken_by_holder(num_routers=2, shared_load=False, health_interval_s=1e-7) == 37
 
 
 def test_with_shared_routes_a_prefix_still_in_its_prefill_draws_the_next_request_through_another_router() -> None:
