@@ -28,10 +28,6 @@ from radixserve.cluster.base.sampling_params import MAX_STOP_CHARS, MAX_STOP_SEQ
 Int64 = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _stop(value: object) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -65,7 +61,7 @@ def _prompt(value: object) -> str | tuple[int, ...]:
         value = value[0]
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and all(_is_int(t) for t in value):
+    if isinstance(value, list) and value and set(map(type, value)) == {int}:  # bool is not int here
         return tuple(value)
     if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
         raise ValueError("one prompt per request is served; send several requests")
