@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import grpc
-from test_service import (GREEDY, LONG, PROMPT, RPC_TIMEOUT_S, checkpoint, direct_run, eventually,  # noqa: F401
+from conditions import until
+from test_service import (GREEDY, LONG, PROMPT, RPC_TIMEOUT_S, checkpoint, direct_run,  # noqa: F401
                           make_engine, pages_released, request, run, serving, stream_tokens)
 
 from radixserve.cluster.base.sampling_params import SamplingParams
@@ -67,7 +68,7 @@ def test_an_abort_message_ends_its_request_and_frees_its_pages_while_the_stream_
                 assert (await call.read()).request_id == "long"
             assert not await pages_released(stub)  # the request holds pages while it runs
             await call.write(worker_pb2.WorkerSessionRequest(abort="long"))
-            await eventually(lambda: pages_released(stub))
+            await until(lambda: pages_released(stub), "the aborted request's pages to be freed")
             answers: Answers = {}
             await call.write(generate(request(PROMPT, request_id="after")))
             await read_until_ended(call, {"after"}, answers)
@@ -124,7 +125,7 @@ def test_ending_the_stream_aborts_every_request_on_it(checkpoint: Checkpoint) ->
             while seen != {"x", "y"}:
                 seen.add((await call.read()).request_id)
             call.cancel()
-            await eventually(lambda: pages_released(stub))
+            await until(lambda: pages_released(stub), "the stream's requests' pages to be freed")
 
     run(main)
     assert not engine.has_unfinished()
