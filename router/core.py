@@ -24,8 +24,8 @@ The tokenizer and the model's limits come from the workers (``GetInfo``), so a r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import dataclasses
 import logging
 import random
 import time
@@ -60,9 +60,9 @@ class ModelView:
     and hash its pages.
 
     A worker *matches* the view when its pages hash like the view's (namespace and page size) and it takes the
-    view's token ids (vocabulary size); it *serves* a request when it also has room for the request's prompt
-    (``min_model_len``, set per request by ``for_prompt``). Workers of another model or namespace are not routed
-    to while the view holds; the core learns a new view once no serving worker matches the current one.
+    view's token ids (vocabulary size); it *serves* a request when it also has room for the request's prompt.
+    Workers of another model or namespace are not routed to while the view holds; the core learns a new view once
+    no serving worker matches the current one.
     """
 
     model: str
@@ -70,7 +70,6 @@ class ModelView:
     page_size: int
     vocab_size: int
     tokenizer: Tokenizer
-    min_model_len: int = 0
 
     @classmethod
     def from_info(cls, info: worker_pb2.WorkerInfo) -> ModelView:
@@ -86,13 +85,19 @@ class ModelView:
         return (info.hash_namespace, info.page_size, info.vocab_size) == (
             self.hash_namespace, self.page_size, self.vocab_size)
 
-    def serves(self, info: worker_pb2.WorkerInfo) -> bool:
-        """Whether the worker matches and its context holds ``min_model_len`` tokens."""
-        return self.matches(info) and info.max_model_len >= self.min_model_len
+    def serves(self, info: worker_pb2.WorkerInfo, num_prompt_tokens: int) -> bool:
+        """Whether the worker matches and its context holds a prompt of ``num_prompt_tokens`` and one more."""
+        return self.matches(info) and info.max_model_len > num_prompt_tokens
 
-    def for_prompt(self, num_tokens: int) -> ModelView:
-        """The view for a request whose prompt is ``num_tokens`` long: it needs a context with room for one more."""
-        return dataclasses.replace(self, min_model_len=num_tokens + 1)
+
+@dataclass(frozen=True)
+class _Served:
+    """The model requests are served under while the worker set keeps its ``version``."""
+
+    version: int
+    view: ModelView
+    limits: ModelLimits
+    served: ServedModel
 
 
 class _Retry(GenerationError):
@@ -114,6 +119,7 @@ class RouterCore:
         self._policy = make_policy(config.policy, config.load_weight, config.decode_weight,
                                    random.Random(config.seed))
         self._view: ModelView | None = None
+        self._served: _Served | None = None
         self._preparer = Preparer()
         self.draining = False
         self.warm = False
@@ -121,10 +127,15 @@ class RouterCore:
 
     def served_model(self) -> ServedModel | None:
         served = self._model()
-        if served is None:
-            return None
-        view, limits = served
-        return ServedModel(view.model, limits.max_model_len, view.tokenizer)
+        return None if served is None else served.served
+
+    async def learn_model(self) -> None:
+        """Learn the model view from the serving workers now, on a thread: rebuilding a worker's tokenizer takes
+        a good part of a second, which the first request would otherwise wait for on the event loop (and every
+        request with it). Later changes of model are learned by the first request that finds them."""
+        infos = self._serving_infos()
+        if infos and not self._view_matches(infos):
+            self._view = await asyncio.to_thread(ModelView.from_info, infos[0])
 
     def close(self) -> None:
         """Release the threads requests are prepared on (after the last request)."""
@@ -178,9 +189,8 @@ class RouterCore:
         served = self._model()
         if served is None:
             raise GenerationError(Status.UNAVAILABLE, self._workers.unavailable_reason())
-        model, limits = served
-        prepared = await self._preparer.prepare(request, model.tokenizer, limits)
-        model = model.for_prompt(len(prepared.token_ids))
+        model = served.view
+        prepared = await self._preparer.prepare(request, model.tokenizer, served.limits)
         hashes = _matchable_pages(prepared.token_ids, model)
         deadline = None if prepared.timeout_s is None else time.monotonic() + prepared.timeout_s
         failures: list[_Retry] = []
@@ -198,20 +208,34 @@ class RouterCore:
                 self._metrics.retries.labels(failure.status.name).inc()
         raise _exhausted(failures)
 
-    def _model(self) -> tuple[ModelView, ModelLimits] | None:
+    def _model(self) -> _Served | None:
         """The view requests are served under, and its limits: the largest context among the serving workers
-        that match it. None while no worker serves.
+        that match it. None while no worker serves. Worked out again only when the worker set's version moved.
 
         The view holds while a serving worker matches it; once none does (the pool moved to another model or
         namespace), it is learned anew from the serving worker with the lowest id.
         """
-        infos = [c.info for c in sorted(self._workers.serving(), key=lambda c: c.worker_id) if c.info is not None]
-        if self._view is None or not any(self._view.matches(info) for info in infos):
-            if not infos:
-                return None
+        version = self._workers.version
+        if self._served is not None and self._served.version == version:
+            return self._served
+        infos = self._serving_infos()
+        if not infos:
+            return None
+        if not self._view_matches(infos):
             self._view = ModelView.from_info(infos[0])
         view = self._view
-        return view, ModelLimits(view.vocab_size, max(i.max_model_len for i in infos if view.matches(i)))
+        assert view is not None
+        limits = ModelLimits(view.vocab_size, max(i.max_model_len for i in infos if view.matches(i)))
+        self._served = _Served(version, view, limits, ServedModel(view.model, limits.max_model_len, view.tokenizer))
+        return self._served
+
+    def _serving_infos(self) -> list[worker_pb2.WorkerInfo]:
+        """What the serving workers serve, by worker id."""
+        clients = sorted(self._workers.serving(), key=lambda c: c.worker_id)
+        return [c.info for c in clients if c.info is not None]
+
+    def _view_matches(self, infos: list[worker_pb2.WorkerInfo]) -> bool:
+        return self._view is not None and any(self._view.matches(info) for info in infos)
 
     def _choose(self, prepared: PreparedRequest, hashes: list[int], model: ModelView,
                 tried: set[str]) -> tuple[WorkerClient, Decision] | None:
@@ -221,13 +245,13 @@ class RouterCore:
         that report may be a poll interval old, so the worker itself decides (RESOURCE_EXHAUSTED, retried on
         the next worker) rather than the router refusing on stale figures.
         """
+        num_prompt_tokens = len(prepared.token_ids)
         clients = [c for c in self._workers.serving()
-                   if c.worker_id not in tried and c.info is not None and model.serves(c.info)]
+                   if c.worker_id not in tried and c.info is not None and model.serves(c.info, num_prompt_tokens)]
         clients = [c for c in clients if not c.full] or clients
         if not clients:
             return None
-        route = RouteRequest(len(prepared.token_ids), prepared.params.max_tokens * prepared.params.n,
-                             model.page_size)
+        route = RouteRequest(num_prompt_tokens, prepared.params.max_tokens * prepared.params.n, model.page_size)
         started = time.perf_counter()
         decision = decide(self._policy, self._index, route, hashes, [c.worker_id for c in clients],
                           [c.outstanding for c in clients], [c.reported_load for c in clients],

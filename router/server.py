@@ -126,6 +126,7 @@ class Router:
             cold = [c.worker_id for c in self.workers.clients.values() if not c.events_live]
             log.warning("router %s: index not warm after %.0f s (no snapshot yet from %s); serving anyway",
                         self.router_id, warm_timeout_s, ", ".join(cold))
+        await self.core.learn_model()
         self.core.warm = True
         await self._health.set_serving(True)
         return self.address

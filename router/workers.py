@@ -97,15 +97,17 @@ class WorkerClient:
     ``peer_load`` is what the other routers last published of their requests there (shared load; zeros alone).
     With ``relay`` (the in-process bus) it appends the worker's gRPC KV event stream to the worker's bus log.
     ``on_entry(worker_id, entry, since)`` gets each entry of the log, ``since`` the wall-clock time its reading
-    began: entries sent before then are history caught up on, not event lag.
+    began: entries sent before then are history caught up on, not event lag. ``on_change()`` hears of every change
+    to whether it serves and what it serves (its state or its ``info``).
     """
 
     def __init__(self, record: WorkerRecord, bus: EventBus, sequencer: KvEventSequencer,
                  channels: WorkerChannels, relay: bool, on_entry: Callable[[str, bytes, float], None],
-                 supervisor: Supervisor) -> None:
+                 supervisor: Supervisor, on_change: Callable[[], None] = lambda: None) -> None:
         self.record = record
-        self.info: worker_pb2.WorkerInfo | None = None
-        self.load = types_pb2.LoadReport()
+        self._on_change = on_change
+        self._info: worker_pb2.WorkerInfo | None = None
+        self._load = types_pb2.LoadReport()
         self._answering = False  # its last load poll succeeded and no call failed UNAVAILABLE since
         self.num_routed = 0
         self.outstanding = WorkerLoad()  # what this router has in flight there
@@ -134,6 +136,33 @@ class WorkerClient:
     def events_live(self) -> bool:
         """Whether the index follows the worker's KV events (else its pages there are approximate)."""
         return self._sequencer.is_live(self.worker_id)
+
+    @property
+    def info(self) -> worker_pb2.WorkerInfo | None:
+        """What the worker serves, from its last ``GetInfo`` (None before the first)."""
+        return self._info
+
+    @info.setter
+    def info(self, info: worker_pb2.WorkerInfo | None) -> None:
+        self._info = info
+        self._on_change()
+
+    @property
+    def load(self) -> types_pb2.LoadReport:
+        """The worker's last load report (polled, or on a shared bus published by the worker)."""
+        return self._load
+
+    @load.setter
+    def load(self, report: types_pb2.LoadReport) -> None:
+        draining_changed = report.draining != self._load.draining
+        self._load = report
+        if draining_changed:
+            self._on_change()
+
+    def _set_answering(self, answering: bool) -> None:
+        if answering != self._answering:
+            self._answering = answering
+            self._on_change()
 
     @property
     def state(self) -> str:
@@ -180,7 +209,7 @@ class WorkerClient:
         """The worker failed a call: stop routing to it until a load poll succeeds."""
         if self._answering:
             log.warning("worker %s is down: %s", self.worker_id, reason)
-        self._answering = False
+        self._set_answering(False)
 
     def resubscribe(self) -> None:
         """When relaying, restart the worker's KV event stream: the worker answers with a fresh snapshot."""
@@ -222,7 +251,7 @@ class WorkerClient:
         self.load = load
         if not self._answering:
             log.info("worker %s is up at %s", self.worker_id, self.record.address)
-        self._answering = True
+        self._set_answering(True)
 
     def relearn(self) -> None:
         """Read the worker's KV event log again from its start: its snapshots are checked against the
@@ -288,6 +317,8 @@ class WorkerSet:
         self._num_malformed: dict[str, int] = {}
         self._supervisor = Supervisor(metrics.background_task_failures)
         self._tasks: list[asyncio.Task[None]] = []
+        self.version = 0  # changes whenever the serving workers, or what one serves, may have changed
+        self._serving: tuple[int, list[WorkerClient]] = (-1, [])
 
     async def start(self, timeout_s: float = 30.0) -> None:
         """Watch first, then read the current members, so no announcement falls in between. An unreachable bus
@@ -350,7 +381,16 @@ class WorkerSet:
         await asyncio.gather(*(client.refresh() for client in self.clients.values()))
 
     def serving(self) -> list[WorkerClient]:
-        return [client for client in self.clients.values() if client.serving]
+        """The workers that are up and informed, in the order they joined; recomputed only when ``version``
+        changed (the list is shared: do not modify it)."""
+        version, serving = self._serving
+        if version != self.version:
+            serving = [client for client in self.clients.values() if client.serving]
+            self._serving = (self.version, serving)
+        return serving
+
+    def _changed(self) -> None:
+        self.version += 1
 
     def unavailable_reason(self) -> str:
         """Why no worker takes a request now (for an UNAVAILABLE answer): how many drain, how many are down."""
@@ -382,13 +422,15 @@ class WorkerSet:
             await current.close()
         self.clients[record.worker_id] = WorkerClient(record, self._bus, self.sequencer, self._channels,
                                                       relay=not self._bus.shared, on_entry=self.apply_entry,
-                                                      supervisor=self._supervisor)
+                                                      supervisor=self._supervisor, on_change=self._changed)
+        self._changed()
         for counter in (self._metrics.kv_resyncs, self._metrics.kv_malformed):  # rate() series exist from the start
             counter.labels(record.worker_id)
 
     async def _remove(self, worker_id: str) -> None:
         self.sequencer.forget(worker_id)  # first: a gap seen meanwhile must not resubscribe a closing client
         client = self.clients.pop(worker_id, None)
+        self._changed()
         if client is not None:
             await client.close()
 

@@ -131,8 +131,8 @@ def _render_chat(prompt: Prompt, tokenizer: Tokenizer) -> str:
 
 
 def _check_ids(ids: tuple[int, ...] | list[int], name: str, vocab_size: int) -> None:
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):  # at C speed; the loop below only names the culprit
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
         raise _invalid(name, f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 

@@ -39,7 +39,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from radixserve.cluster.base.generation import (GenerationBackend, GenerationDelta, GenerationError,
@@ -113,7 +112,7 @@ class _Api:
             await send(message)
 
         try:
-            await self._front.serve(Request(scope, receive), kind, send_once_started)
+            await self._front.serve(scope, receive, kind, send_once_started)
         except _ClientGone:
             pass
         except ApiError as error:  # raised before the answer started
@@ -163,7 +162,10 @@ class _FrontEnd:
         self._created = int(time.time())
 
     async def authorize(self, request: Request) -> None:
-        if not self._options.api_keys.check(request.headers.get("authorization")):
+        self._authorize(request.headers.get("authorization"))
+
+    def _authorize(self, authorization: str | None) -> None:
+        if not self._options.api_keys.check(authorization):
             raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", status=Status.UNAUTHENTICATED)
 
@@ -181,12 +183,15 @@ class _FrontEnd:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
-    async def serve(self, request: Request, kind: type[ApiFormat[Any]], send: Send) -> None:
+    async def serve(self, scope: Scope, receive: Receive, kind: type[ApiFormat[Any]], send: Send) -> None:
         """Answer one generation request on ``send``. Raises ``ApiError`` before anything was sent, and
-        ``_ClientGone`` when the client went away (the backend's stream then closed)."""
-        await self.authorize(request)
-        api, generation = await self._accept(request, kind)
-        with _DisconnectWatch(request.receive):
+        ``_ClientGone`` when the client went away (the backend's stream then closed).
+
+        Starlette's ``Request`` stays off this path: the key is read from the raw headers and the body from
+        ``receive`` (each saves a layer of objects on every request)."""
+        self._authorize(_header(scope, b"authorization"))
+        api, generation = await self._accept(receive, kind)
+        with _DisconnectWatch(receive):
             deltas = self._backend.generate(generation, kind.method)
             try:
                 if not api.streaming:
@@ -196,18 +201,18 @@ class _FrontEnd:
             except GenerationError as error:
                 raise from_generation_error(error, api.field_name) from None
             if not api.streaming:
-                await whole(request.scope, request.receive, send)
+                await whole(scope, receive, send)
                 return
             await send({"type": "http.response.start", "status": 200, "headers": _EVENT_STREAM_HEADERS})
             async with contextlib.aclosing(_events(api, first, deltas)) as events:
                 async for piece in events:
                     await send({"type": "http.response.body", "body": piece, "more_body": piece is not _DONE})
 
-    async def _accept(self, request: Request,
+    async def _accept(self, receive: Receive,
                       kind: type[ApiFormat[Any]]) -> tuple[ApiFormat[Any], GenerationRequest]:
         """The request's format and neutral request; errors are counted as refused."""
         try:
-            body = kind.parse(await _read_body(request, self._options.max_body_bytes))
+            body = kind.parse(await _read_body(receive, self._options.max_body_bytes))
             api = kind(body, self._served(body.model))
             try:
                 return api, api.generation_request()
@@ -228,17 +233,28 @@ class _FrontEnd:
         return served
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The value of the request's header ``name`` (lower case; the first if repeated), None when absent."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
     """The body, read to its end (so that the client hears the answer) but never held beyond ``limit`` bytes."""
     body = bytearray()
     size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= limit:
-                body += chunk
-    except ClientDisconnect:
-        raise _ClientGone() from None
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        size += len(chunk)
+        if size <= limit:
+            body += chunk
     if size > limit:
         raise ApiError(413, f"the body is {size} bytes, over the limit of {limit}", code="request_too_large",
                        status=Status.RESOURCE_EXHAUSTED)
@@ -309,11 +325,16 @@ def _json_event(value: object) -> bytes:
 
 @contextlib.asynccontextmanager
 async def _closing(stream: AsyncIterator[GenerationDelta]) -> AsyncIterator[None]:
-    """Closes ``stream`` on the way out, also when the request was cancelled (the client went away)."""
+    """Closes ``stream`` on the way out, also when the request was cancelled (the client went away): then
+    shielded from a second cancellation (an anyio scope costs more than the rest of the close, so only then)."""
     try:
         yield
     finally:
-        with anyio.CancelScope(shield=True):
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()  # type: ignore[attr-defined]
+        else:
             await stream.aclose()  # type: ignore[attr-defined]
 
 

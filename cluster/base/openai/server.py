@@ -50,8 +50,10 @@ class HttpServer:
     (``cluster.base.security.uvicorn_tls``), empty for plain HTTP. Runs once: ``start``, then ``stop``."""
 
     def __init__(self, app: ASGIApp, host: str, port: int, tls: Mapping[str, Any] | None = None) -> None:
+        # No X-Forwarded-* rewriting (nothing here reads the client's address) and no Server header: each is
+        # work on every request.
         self._config = uvicorn.Config(app, host=host, port=port, lifespan="off", log_level="warning",
-                                      access_log=False, **dict(tls or {}))
+                                      access_log=False, proxy_headers=False, server_header=False, **dict(tls or {}))
         self._server = _Server(self._config)
         self._task: asyncio.Task[None] | None = None
         self.address: str | None = None
