@@ -1,9 +1,11 @@
 """The router's end of ``Worker.Session``: every request routed to one worker over one long-lived stream.
 
 Setting up a gRPC call costs more than routing a request (``bench/bench_front_door_floor.py``: about 0.9 ms on a
-2-core EPYC), so a ``WorkerSession`` opens one stream on first use and writes each request on it as a message.
-The stream's reader hands each answer to the request it names; its writer sends the messages queued by the
-requests (a request never awaits a write, so closing one never blocks).
+2-core EPYC), so a ``WorkerSession`` opens one stream on first use and sends each request on it as a message. The
+stream is the worker's framed Session (``worker.session_tcp``: the same messages over plain TCP, a write and a
+read on the event loop each) where the worker offers one, else the gRPC ``Session`` call (a TLS cluster), whose
+messages a task of its own writes. The stream's reader hands each answer to the request it names; a request never
+awaits a send, so closing one never blocks.
 
 Guarantees, as a Generate call of its own would give them:
 
@@ -18,11 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
-from collections.abc import AsyncIterator
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from radixserve.cluster.base.framing import FrameError, frame, read_frame
 from radixserve.cluster.base.generation import Status
 from radixserve.cluster.base.wire import status_of
 from radixserve.v1 import worker_pb2, worker_pb2_grpc
@@ -30,6 +37,7 @@ from radixserve.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+_CONNECT_TIMEOUT_S = 10.0
 
 
 class WorkerCallFailed(Exception):
@@ -42,38 +50,129 @@ class WorkerCallFailed(Exception):
 
 
 _Answer = worker_pb2.WorkerSessionResponse | WorkerCallFailed
+FramedTarget = Callable[[], tuple[str, int] | None]
 
 
-class _Stream:
-    """One open Session call: its outgoing messages and the requests waiting for answers on it."""
+class _Stream(ABC):
+    """One open session: the requests waiting for answers on it, and how a message is sent."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
-        self.call = call
-        self.outbox: asyncio.Queue[worker_pb2.WorkerSessionRequest] = asyncio.Queue()
+    def __init__(self) -> None:
         self.waiting: dict[str, asyncio.Queue[_Answer]] = {}
         self.failure: WorkerCallFailed | None = None
 
+    @abstractmethod
+    def send(self, message: worker_pb2.WorkerSessionRequest) -> None:
+        """Send ``message`` without waiting (an error of the connection shows in the answers)."""
+
+    @abstractmethod
+    def answers(self) -> AsyncIterator[worker_pb2.WorkerSessionResponse]:
+        """The worker's answers, ending or raising ``WorkerCallFailed`` when the session ends."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """End the session: the worker aborts every request still running on it."""
+
+
+class _GrpcStream(_Stream):
+    """A ``Worker.Session`` call; its messages are written by a task of its own, one at a time."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        super().__init__()
+        self.call = call
+        self.outbox: asyncio.Queue[worker_pb2.WorkerSessionRequest] = asyncio.Queue()
+
+    def send(self, message: worker_pb2.WorkerSessionRequest) -> None:
+        self.outbox.put_nowait(message)
+
+    async def answers(self) -> AsyncIterator[worker_pb2.WorkerSessionResponse]:
+        try:
+            async for answer in self.call:
+                yield answer
+        except grpc.aio.AioRpcError as error:
+            raise WorkerCallFailed(status_of(error.code()), error.details() or error.code().name) from None
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+    async def write(self) -> None:
+        try:
+            while True:
+                await self.call.write(await self.outbox.get())
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the call ended: the reader hears why and fails its requests
+            self.call.cancel()
+
+
+class _FramedStream(_Stream):
+    """A framed Session connection (``worker.session_tcp``): a message is one write on the transport."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_message_bytes: int) -> None:
+        super().__init__()
+        self._reader = reader
+        self._writer = writer
+        self._max_bytes = max_message_bytes
+
+    @classmethod
+    async def open(cls, host: str, port: int, metadata: tuple[tuple[str, str], ...],
+                   max_message_bytes: int) -> _FramedStream:
+        """Connect and send the hello (the ``authorization`` of ``metadata``); ``WorkerCallFailed``
+        (UNAVAILABLE) when the worker cannot be reached."""
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), _CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as error:
+            raise WorkerCallFailed(Status.UNAVAILABLE, f"framed session to {host}:{port}: {error!r}") from None
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        authorization = dict(metadata).get("authorization", "")
+        writer.write(frame(worker_pb2.WorkerSessionHello(authorization=authorization).SerializeToString()))
+        return cls(reader, writer, max_message_bytes)
+
+    def send(self, message: worker_pb2.WorkerSessionRequest) -> None:
+        self._writer.write(frame(message.SerializeToString()))
+
+    async def answers(self) -> AsyncIterator[worker_pb2.WorkerSessionResponse]:
+        try:
+            while (data := await read_frame(self._reader, self._max_bytes)) is not None:
+                answer = worker_pb2.WorkerSessionResponse.FromString(data)
+                if not answer.request_id and answer.error_code:  # the worker refused the whole session
+                    code = _CODES.get(answer.error_code, grpc.StatusCode.UNKNOWN)
+                    raise WorkerCallFailed(status_of(code), answer.error_details or code.name)
+                yield answer
+        except (ConnectionError, FrameError, DecodeError) as error:
+            raise WorkerCallFailed(Status.UNAVAILABLE, f"the framed session failed: {error}") from None
+
+    def cancel(self) -> None:
+        self._writer.close()
+
 
 class WorkerSession:
-    """Requests to one worker over one Session stream (``stub``), each call carrying ``metadata``."""
+    """Requests to one worker over one session: the framed one at ``framed()`` (``(host, port)``, or None where
+    the worker offers none), else the gRPC ``Session`` of ``stub``; each carries ``metadata``. The target is
+    asked again whenever a session is opened (a restarted worker may listen elsewhere)."""
 
-    def __init__(self, stub: worker_pb2_grpc.WorkerStub, metadata: tuple[tuple[str, str], ...]) -> None:
+    def __init__(self, stub: worker_pb2_grpc.WorkerStub, metadata: tuple[tuple[str, str], ...],
+                 framed: FramedTarget = lambda: None, max_message_bytes: int = 4 * 2**20) -> None:
         self._stub = stub
         self._metadata = metadata
+        self._framed = framed
+        self._max_bytes = max_message_bytes
         self._stream: _Stream | None = None
+        self._opening = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def generate(self, request: worker_pb2.WorkerGenerateRequest,
                        timeout_s: float | None) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         """The worker's responses to ``request`` (its ``request_id`` unique among this session's requests in
         flight), up to the finished one; ``WorkerCallFailed`` when it fails."""
-        stream = self._open()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        stream = self._stream
+        if stream is None or stream.failure is not None:
+            stream = await self._open()
         request_id = request.request_id
         answers: asyncio.Queue[_Answer] = asyncio.Queue()
         stream.waiting[request_id] = answers
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         ended = False
-        stream.outbox.put_nowait(worker_pb2.WorkerSessionRequest(generate=request))
+        stream.send(worker_pb2.WorkerSessionRequest(generate=request))
         try:
             while not ended:
                 answer = await _next(answers, deadline)
@@ -89,56 +188,57 @@ class WorkerSession:
         finally:
             stream.waiting.pop(request_id, None)
             if not ended and stream.failure is None:
-                stream.outbox.put_nowait(worker_pb2.WorkerSessionRequest(abort=request_id))
+                stream.send(worker_pb2.WorkerSessionRequest(abort=request_id))
 
     async def close(self) -> None:
-        """End the stream (the worker aborts what still runs on it); requests waiting on it fail CANCELLED."""
+        """End the session (the worker aborts what still runs on it); requests waiting on it fail CANCELLED."""
         stream, self._stream = self._stream, None
         if stream is not None:
-            stream.call.cancel()
+            stream.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _open(self) -> _Stream:
-        if self._stream is None or self._stream.failure is not None:
-            stream = _Stream(self._stub.Session(metadata=self._metadata))
-            self._stream = stream
-            for work in (self._write(stream), self._read(stream)):
-                task = asyncio.get_running_loop().create_task(work)
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        return self._stream
+    async def _open(self) -> _Stream:
+        async with self._opening:  # one opening at a time: the requests waiting for it share its stream
+            if self._stream is None or self._stream.failure is not None:
+                target = self._framed()
+                if target is None:
+                    stream: _Stream = _GrpcStream(self._stub.Session(metadata=self._metadata))
+                    self._start(stream.write())
+                else:
+                    stream = await _FramedStream.open(*target, self._metadata, self._max_bytes)
+                self._stream = stream
+                self._start(_read(stream))
+            return self._stream
 
-    async def _write(self, stream: _Stream) -> None:
-        try:
-            while True:
-                await stream.call.write(await stream.outbox.get())
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the call ended: the reader hears why and fails its requests
-            stream.call.cancel()
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _read(self, stream: _Stream) -> None:
-        try:
-            async for answer in stream.call:
-                waiting = stream.waiting.get(answer.request_id)
-                if waiting is not None:
-                    waiting.put_nowait(answer)
-            failure = WorkerCallFailed(Status.UNAVAILABLE, "the worker ended the session stream")
-        except grpc.aio.AioRpcError as error:
-            failure = WorkerCallFailed(status_of(error.code()), error.details() or error.code().name)
-        except asyncio.CancelledError:
-            failure = WorkerCallFailed(Status.CANCELLED, "the session stream was closed")
-            raise
-        except Exception as error:  # a bug: the requests on the stream still end
-            log.exception("a worker session stream failed")
-            failure = WorkerCallFailed(Status.INTERNAL, f"the session stream failed: {error!r}")
-        finally:
-            stream.failure = failure
-            stream.call.cancel()
-            for waiting in stream.waiting.values():
-                waiting.put_nowait(failure)
+
+async def _read(stream: _Stream) -> None:
+    """Hand each answer to the request it names; when the session ends, fail every request still on it."""
+    try:
+        async for answer in stream.answers():
+            waiting = stream.waiting.get(answer.request_id)
+            if waiting is not None:
+                waiting.put_nowait(answer)
+        failure = WorkerCallFailed(Status.UNAVAILABLE, "the worker ended the session stream")
+    except WorkerCallFailed as error:
+        failure = error
+    except asyncio.CancelledError:
+        failure = WorkerCallFailed(Status.CANCELLED, "the session stream was closed")
+        raise
+    except Exception as error:  # a bug: the requests on the stream still end
+        log.exception("a worker session stream failed")
+        failure = WorkerCallFailed(Status.INTERNAL, f"the session stream failed: {error!r}")
+    finally:
+        stream.failure = failure
+        stream.cancel()
+        for waiting in stream.waiting.values():
+            waiting.put_nowait(failure)
 
 
 async def _next(answers: asyncio.Queue[_Answer], deadline: float | None) -> _Answer:

@@ -119,7 +119,7 @@ class WorkerClient:
         self._metadata = channels.metadata
         self._channel = channels.open(record.address)
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
-        self._session = WorkerSession(self.stub, self._metadata)
+        self._session = WorkerSession(self.stub, self._metadata, self._framed_target, channels.max_message_bytes)
         self._informed = asyncio.Event()
         self._on_entry = on_entry
         self._closed = False
@@ -204,6 +204,13 @@ class WorkerClient:
             async for part in parts:
                 yield WorkerPart(tuple(chunk_from_proto(c) for c in part.choices), part.num_prompt_tokens,
                                  part.num_cached_tokens, part.finished)
+
+    def _framed_target(self) -> tuple[str, int] | None:
+        """Where the worker's framed Session listens (on the host of its address), None where it offers none."""
+        if self.info is None or not self.info.session_port:
+            return None
+        host = self.record.address.rpartition(":")[0].strip("[]")
+        return host, self.info.session_port
 
     def mark_down(self, reason: str) -> None:
         """The worker failed a call: stop routing to it until a load poll succeeds."""

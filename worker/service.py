@@ -50,6 +50,7 @@ from radixserve.worker.kv_hub import (DEFAULT_MAX_PENDING_BATCHES, KvBatches, Kv
                                       KvSubscriberLagged, KvSubscription)
 from radixserve.worker.outputs import RequestOutput
 from radixserve.worker.session import serve_session
+from radixserve.worker.session_tcp import SessionListener
 
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
 SERVICE_NAME = SERVICE.full_name
@@ -76,6 +77,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._num_generating = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def offer_framed_session(self, port: int) -> None:
+        """Tell routers (``GetInfo``) that a framed Session (``worker.session_tcp``) listens on ``port``."""
+        self._info.session_port = port
+
+    @property
+    def offered_session_port(self) -> int | None:
+        return self._info.session_port or None
 
     def start(self) -> None:
         """Starts draining the engine's KV events every ``_PUMP_INTERVAL_S``; call on the serving loop."""
@@ -250,6 +259,7 @@ class WorkerServer:
         self._address: str | None = None
         self._server: grpc.aio.Server | None = None
         self._service: WorkerService | None = None
+        self._sessions: SessionListener | None = None
         self._health: HealthReporter | None = None
         self._stopping = False
 
@@ -264,6 +274,13 @@ class WorkerServer:
     @property
     def metrics_address(self) -> str | None:
         return self._metrics.address if self._metrics is not None else None
+
+    @property
+    def session_port(self) -> int | None:
+        """The framed Session's port (``worker.session_tcp``); None without one (TLS) or before ``start``."""
+        if self._service is None:
+            return None
+        return self._service.offered_session_port
 
     @property
     def http_address(self) -> str | None:
@@ -291,6 +308,9 @@ class WorkerServer:
         self._service = WorkerService(self._engine, self._worker_id, self._address, self._incarnation,
                                       self._max_pending_batches)
         add_servicer(server, SERVICE, self._service)
+        if not self._security.tls:  # the framed Session is plain TCP: TLS clusters keep to the gRPC one
+            self._sessions = SessionListener(self._service.responses, self._keys, self._max_message_bytes)
+            self._service.offer_framed_session(await self._sessions.start(self._host))
         self._health = HealthReporter(server, [SERVICE_NAME])
         await self._health.set_serving(True)
         await server.start()
@@ -319,6 +339,8 @@ class WorkerServer:
         self._backend.draining = True
         await health.set_serving(False)
         await service.wait_idle(grace_s)
+        if self._sessions is not None:
+            await self._sessions.stop()
         if self._http is not None:
             await self._http.stop(deadline - time.monotonic())
         if self._publisher is not None:

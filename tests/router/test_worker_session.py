@@ -1,4 +1,5 @@
-"""The router's end of a worker's Session stream (``router.worker_session``) against a real worker server."""
+"""The router's end of a worker's Session stream (``router.worker_session``) against a real worker server, over
+each transport: the framed Session (plain TCP) and the gRPC call (what a TLS cluster uses)."""
 
 from __future__ import annotations
 
@@ -49,11 +50,26 @@ def run(main: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(bounded())
 
 
+@pytest.fixture(params=["framed", "grpc"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def session_to(channel: grpc.aio.Channel, servers: list[WorkerServer], transport: str) -> WorkerSession:
+    """A session to the last of ``servers`` (looked up at each opening) over ``transport``."""
+    def framed() -> tuple[str, int] | None:
+        port = servers[-1].session_port
+        assert port is not None
+        return ("127.0.0.1", port) if transport == "framed" else None
+    return WorkerSession(worker_pb2_grpc.WorkerStub(channel), (), framed)
+
+
 def idle(engine: GatedEngine) -> bool:
     return not engine.has_unfinished() and engine.load().num_pages_used == engine.load().num_pages_evictable
 
 
-def test_requests_share_one_stream_and_closing_one_early_aborts_it_on_the_worker(tiny_hf_dir: Path) -> None:
+def test_requests_share_one_stream_and_closing_one_early_aborts_it_on_the_worker(tiny_hf_dir: Path,
+                                                                                 transport: str) -> None:
     engine = make_engine(tiny_hf_dir)
 
     async def main() -> tuple[list[int], list[int]]:
@@ -61,7 +77,7 @@ def test_requests_share_one_stream_and_closing_one_early_aborts_it_on_the_worker
         address = await server.start()
         try:
             async with grpc.aio.insecure_channel(address) as channel:
-                session = WorkerSession(worker_pb2_grpc.WorkerStub(channel), ())
+                session = session_to(channel, [server], transport)
                 first = await tokens(session, "a")
                 parts = session.generate(request("long", LONG), 30.0)
                 await anext(parts)
@@ -78,7 +94,8 @@ def test_requests_share_one_stream_and_closing_one_early_aborts_it_on_the_worker
     assert engine.stats.num_requests_finished == 3 and engine.stats.num_generated_tokens < LONG.max_tokens + 12
 
 
-def test_a_passed_deadline_is_deadline_exceeded_and_aborts_the_request_on_the_worker(tiny_hf_dir: Path) -> None:
+def test_a_passed_deadline_is_deadline_exceeded_and_aborts_the_request_on_the_worker(tiny_hf_dir: Path,
+                                                                                   transport: str) -> None:
     engine = make_engine(tiny_hf_dir)
     engine.gate.clear()
 
@@ -87,7 +104,7 @@ def test_a_passed_deadline_is_deadline_exceeded_and_aborts_the_request_on_the_wo
         address = await server.start()
         try:
             async with grpc.aio.insecure_channel(address) as channel:
-                session = WorkerSession(worker_pb2_grpc.WorkerStub(channel), ())
+                session = session_to(channel, [server], transport)
                 with pytest.raises(WorkerCallFailed) as expired:
                     await tokens(session, "held", timeout_s=0.2)
                 await until(lambda: "held" in engine.abort_requests, "the abort of 'held'")
@@ -102,7 +119,8 @@ def test_a_passed_deadline_is_deadline_exceeded_and_aborts_the_request_on_the_wo
     assert run(main).status == Status.DEADLINE_EXCEEDED
 
 
-def test_a_failed_stream_fails_its_requests_and_the_next_request_opens_a_new_one(tiny_hf_dir: Path) -> None:
+def test_a_failed_stream_fails_its_requests_and_the_next_request_opens_a_new_one(tiny_hf_dir: Path,
+                                                                                 transport: str) -> None:
     held_engine, fresh_engine = make_engine(tiny_hf_dir), make_engine(tiny_hf_dir)
     held_engine.gate.clear()
 
@@ -110,7 +128,8 @@ def test_a_failed_stream_fails_its_requests_and_the_next_request_opens_a_new_one
         first = WorkerServer(held_engine, "w0")
         address = await first.start()
         async with grpc.aio.insecure_channel(address) as channel:
-            session = WorkerSession(worker_pb2_grpc.WorkerStub(channel), ())
+            servers = [first]
+            session = session_to(channel, servers, transport)
             held = asyncio.create_task(tokens(session, "held"))
             await until(held_engine.has_unfinished, "the request to reach the worker")
             await first.stop(grace_s=0)  # the worker goes away with the request in flight
@@ -119,6 +138,7 @@ def test_a_failed_stream_fails_its_requests_and_the_next_request_opens_a_new_one
                 await held
             second = WorkerServer(fresh_engine, "w0", port=int(address.rpartition(":")[2]))
             await second.start()
+            servers.append(second)
             try:
                 after = await tokens(session, "after")
             finally:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from radixserve.v1 import types_pb2 as radixserve_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aradixserve/v1/worker.proto\x12\rradixserve.v1\x1a\x19radixserve/v1/types.proto\"p\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.radixserve.v1.SamplingOptions\"\x91\x01\n\x16WorkerGenerateResponse\x12/\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x1e.radixserve.v1.CompletionChunk\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\"i\n\x14WorkerSessionRequest\x12\x38\n\x08generate\x18\x01 \x01(\x0b\x32$.radixserve.v1.WorkerGenerateRequestH\x00\x12\x0f\n\x05\x61\x62ort\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"\x8f\x01\n\x15WorkerSessionResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x37\n\x08response\x18\x02 \x01(\x0b\x32%.radixserve.v1.WorkerGenerateResponse\x12\x12\n\nerror_code\x18\x03 \x01(\r\x12\x15\n\rerror_details\x18\x04 \x01(\t\"\x10\n\x0eGetInfoRequest\"\xaa\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x16\n\x0ehash_namespace\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x11\n\tnum_pages\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1c\n\x14max_running_requests\x18\t \x01(\r\x12\x1c\n\x14max_waiting_requests\x18\n \x01(\r\x12\x13\n\x0bincarnation\x18\x0b \x01(\t\x12/\n\ttokenizer\x18\x0c \x01(\x0b\x32\x1c.radixserve.v1.TokenizerSpec\"\x94\x01\n\rTokenizerSpec\x12\x14\n\x0c\x62\x61\x63kend_json\x18\x01 \x01(\t\x12\x19\n\x0c\x62os_token_id\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0c\x65os_token_id\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x15\n\rchat_template\x18\x04 \x01(\tB\x0f\n\r_bos_token_idB\x0f\n\r_eos_token_id\"\x10\n\x0eGetLoadRequest\"\x17\n\x15StreamKvEventsRequest\"\x80\x01\n\x07KvEvent\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.radixserve.v1.KvEvent.Kind\x12\x13\n\x0bpage_hashes\x18\x02 \x03(\x06\"5\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06STORED\x10\x01\x12\x0b\n\x07REMOVED\x10\x02\"\x94\x01\n\x0cKvEventBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\r\n\x05reset\x18\x04 \x01(\x08\x12&\n\x06\x65vents\x18\x05 \x03(\x0b\x32\x16.radixserve.v1.KvEvent\x12\x13\n\x0bsent_unix_s\x18\x06 \x01(\x01\"\x13\n\x11\x46lushCacheRequest\"-\n\x12\x46lushCacheResponse\x12\x17\n\x0fnum_pages_freed\x18\x01 \x01(\r2\xf1\x03\n\x06Worker\x12Y\n\x08Generate\x12$.radixserve.v1.WorkerGenerateRequest\x1a%.radixserve.v1.WorkerGenerateResponse0\x01\x12X\n\x07Session\x12#.radixserve.v1.WorkerSessionRequest\x1a$.radixserve.v1.WorkerSessionResponse(\x01\x30\x01\x12\x43\n\x07GetInfo\x12\x1d.radixserve.v1.GetInfoRequest\x1a\x19.radixserve.v1.WorkerInfo\x12\x43\n\x07GetLoad\x12\x1d.radixserve.v1.GetLoadRequest\x1a\x19.radixserve.v1.LoadReport\x12U\n\x0eStreamKvEvents\x12$.radixserve.v1.StreamKvEventsRequest\x1a\x1b.radixserve.v1.KvEventBatch0\x01\x12Q\n\nFlushCache\x12 .radixserve.v1.FlushCacheRequest\x1a!.radixserve.v1.FlushCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aradixserve/v1/worker.proto\x12\rradixserve.v1\x1a\x19radixserve/v1/types.proto\"p\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.radixserve.v1.SamplingOptions\"\x91\x01\n\x16WorkerGenerateResponse\x12/\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x1e.radixserve.v1.CompletionChunk\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\"i\n\x14WorkerSessionRequest\x12\x38\n\x08generate\x18\x01 \x01(\x0b\x32$.radixserve.v1.WorkerGenerateRequestH\x00\x12\x0f\n\x05\x61\x62ort\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"\x8f\x01\n\x15WorkerSessionResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x37\n\x08response\x18\x02 \x01(\x0b\x32%.radixserve.v1.WorkerGenerateResponse\x12\x12\n\nerror_code\x18\x03 \x01(\r\x12\x15\n\rerror_details\x18\x04 \x01(\t\"+\n\x12WorkerSessionHello\x12\x15\n\rauthorization\x18\x01 \x01(\t\"\x10\n\x0eGetInfoRequest\"\xc0\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x16\n\x0ehash_namespace\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x11\n\tnum_pages\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1c\n\x14max_running_requests\x18\t \x01(\r\x12\x1c\n\x14max_waiting_requests\x18\n \x01(\r\x12\x13\n\x0bincarnation\x18\x0b \x01(\t\x12/\n\ttokenizer\x18\x0c \x01(\x0b\x32\x1c.radixserve.v1.TokenizerSpec\x12\x14\n\x0csession_port\x18\r \x01(\r\"\x94\x01\n\rTokenizerSpec\x12\x14\n\x0c\x62\x61\x63kend_json\x18\x01 \x01(\t\x12\x19\n\x0c\x62os_token_id\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0c\x65os_token_id\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x15\n\rchat_template\x18\x04 \x01(\tB\x0f\n\r_bos_token_idB\x0f\n\r_eos_token_id\"\x10\n\x0eGetLoadRequest\"\x17\n\x15StreamKvEventsRequest\"\x80\x01\n\x07KvEvent\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.radixserve.v1.KvEvent.Kind\x12\x13\n\x0bpage_hashes\x18\x02 \x03(\x06\"5\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06STORED\x10\x01\x12\x0b\n\x07REMOVED\x10\x02\"\x94\x01\n\x0cKvEventBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\r\n\x05reset\x18\x04 \x01(\x08\x12&\n\x06\x65vents\x18\x05 \x03(\x0b\x32\x16.radixserve.v1.KvEvent\x12\x13\n\x0bsent_unix_s\x18\x06 \x01(\x01\"\x13\n\x11\x46lushCacheRequest\"-\n\x12\x46lushCacheResponse\x12\x17\n\x0fnum_pages_freed\x18\x01 \x01(\r2\xf1\x03\n\x06Worker\x12Y\n\x08Generate\x12$.radixserve.v1.WorkerGenerateRequest\x1a%.radixserve.v1.WorkerGenerateResponse0\x01\x12X\n\x07Session\x12#.radixserve.v1.WorkerSessionRequest\x1a$.radixserve.v1.WorkerSessionResponse(\x01\x30\x01\x12\x43\n\x07GetInfo\x12\x1d.radixserve.v1.GetInfoRequest\x1a\x19.radixserve.v1.WorkerInfo\x12\x43\n\x07GetLoad\x12\x1d.radixserve.v1.GetLoadRequest\x1a\x19.radixserve.v1.LoadReport\x12U\n\x0eStreamKvEvents\x12$.radixserve.v1.StreamKvEventsRequest\x1a\x1b.radixserve.v1.KvEventBatch0\x01\x12Q\n\nFlushCache\x12 .radixserve.v1.FlushCacheRequest\x1a!.radixserve.v1.FlushCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,26 +40,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERSESSIONREQUEST']._serialized_end=439
   _globals['_WORKERSESSIONRESPONSE']._serialized_start=442
   _globals['_WORKERSESSIONRESPONSE']._serialized_end=585
-  _globals['_GETINFOREQUEST']._serialized_start=587
-  _globals['_GETINFOREQUEST']._serialized_end=603
-  _globals['_WORKERINFO']._serialized_start=606
-  _globals['_WORKERINFO']._serialized_end=904
-  _globals['_TOKENIZERSPEC']._serialized_start=907
-  _globals['_TOKENIZERSPEC']._serialized_end=1055
-  _globals['_GETLOADREQUEST']._serialized_start=1057
-  _globals['_GETLOADREQUEST']._serialized_end=1073
-  _globals['_STREAMKVEVENTSREQUEST']._serialized_start=1075
-  _globals['_STREAMKVEVENTSREQUEST']._serialized_end=1098
-  _globals['_KVEVENT']._serialized_start=1101
-  _globals['_KVEVENT']._serialized_end=1229
-  _globals['_KVEVENT_KIND']._serialized_start=1176
-  _globals['_KVEVENT_KIND']._serialized_end=1229
-  _globals['_KVEVENTBATCH']._serialized_start=1232
-  _globals['_KVEVENTBATCH']._serialized_end=1380
-  _globals['_FLUSHCACHEREQUEST']._serialized_start=1382
-  _globals['_FLUSHCACHEREQUEST']._serialized_end=1401
-  _globals['_FLUSHCACHERESPONSE']._serialized_start=1403
-  _globals['_FLUSHCACHERESPONSE']._serialized_end=1448
-  _globals['_WORKER']._serialized_start=1451
-  _globals['_WORKER']._serialized_end=1948
+  _globals['_WORKERSESSIONHELLO']._serialized_start=587
+  _globals['_WORKERSESSIONHELLO']._serialized_end=630
+  _globals['_GETINFOREQUEST']._serialized_start=632
+  _globals['_GETINFOREQUEST']._serialized_end=648
+  _globals['_WORKERINFO']._serialized_start=651
+  _globals['_WORKERINFO']._serialized_end=971
+  _globals['_TOKENIZERSPEC']._serialized_start=974
+  _globals['_TOKENIZERSPEC']._serialized_end=1122
+  _globals['_GETLOADREQUEST']._serialized_start=1124
+  _globals['_GETLOADREQUEST']._serialized_end=1140
+  _globals['_STREAMKVEVENTSREQUEST']._serialized_start=1142
+  _globals['_STREAMKVEVENTSREQUEST']._serialized_end=1165
+  _globals['_KVEVENT']._serialized_start=1168
+  _globals['_KVEVENT']._serialized_end=1296
+  _globals['_KVEVENT_KIND']._serialized_start=1243
+  _globals['_KVEVENT_KIND']._serialized_end=1296
+  _globals['_KVEVENTBATCH']._serialized_start=1299
+  _globals['_KVEVENTBATCH']._serialized_end=1447
+  _globals['_FLUSHCACHEREQUEST']._serialized_start=1449
+  _globals['_FLUSHCACHEREQUEST']._serialized_end=1468
+  _globals['_FLUSHCACHERESPONSE']._serialized_start=1470
+  _globals['_FLUSHCACHERESPONSE']._serialized_end=1515
+  _globals['_WORKER']._serialized_start=1518
+  _globals['_WORKER']._serialized_end=2015
 # @@protoc_insertion_point(module_scope)

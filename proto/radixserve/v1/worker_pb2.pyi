@@ -50,12 +50,18 @@ class WorkerSessionResponse(_message.Message):
     error_details: str
     def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[WorkerGenerateResponse, _Mapping]] = ..., error_code: _Optional[int] = ..., error_details: _Optional[str] = ...) -> None: ...
 
+class WorkerSessionHello(_message.Message):
+    __slots__ = ("authorization",)
+    AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
+    authorization: str
+    def __init__(self, authorization: _Optional[str] = ...) -> None: ...
+
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "address", "model", "hash_namespace", "page_size", "num_pages", "max_model_len", "vocab_size", "max_running_requests", "max_waiting_requests", "incarnation", "tokenizer")
+    __slots__ = ("worker_id", "address", "model", "hash_namespace", "page_size", "num_pages", "max_model_len", "vocab_size", "max_running_requests", "max_waiting_requests", "incarnation", "tokenizer", "session_port")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +74,7 @@ class WorkerInfo(_message.Message):
     MAX_WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_PORT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     model: str
@@ -80,7 +87,8 @@ class WorkerInfo(_message.Message):
     max_waiting_requests: int
     incarnation: str
     tokenizer: TokenizerSpec
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., hash_namespace: _Optional[str] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., incarnation: _Optional[str] = ..., tokenizer: _Optional[_Union[TokenizerSpec, _Mapping]] = ...) -> None: ...
+    session_port: int
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., hash_namespace: _Optional[str] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., incarnation: _Optional[str] = ..., tokenizer: _Optional[_Union[TokenizerSpec, _Mapping]] = ..., session_port: _Optional[int] = ...) -> None: ...
 
 class TokenizerSpec(_message.Message):
     __slots__ = ("backend_json", "bos_token_id", "eos_token_id", "chat_template")

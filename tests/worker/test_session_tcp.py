@@ -1,0 +1,158 @@
+"""The worker's framed Session (``worker.session_tcp``) spoken by hand over a real TCP connection."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import grpc
+from conditions import until
+from test_service import (GREEDY, LONG, PROMPT, RPC_TIMEOUT_S, checkpoint, direct_run,  # noqa: F401
+                          make_engine, pages_released, request, run, stream_tokens)
+
+from radixserve.cluster.base.config import SecurityConfig
+from radixserve.cluster.base.framing import frame, read_frame
+from radixserve.v1 import worker_pb2, worker_pb2_grpc
+from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.service import WorkerServer
+
+MAX_BYTES = 4 * 2**20
+KEY = "cluster-secret"
+
+
+class Client:
+    """One framed Session connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, authorization: str = "") -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(frame(worker_pb2.WorkerSessionHello(authorization=authorization).SerializeToString()))
+        return cls(reader, writer)
+
+    def send(self, message: worker_pb2.WorkerSessionRequest) -> None:
+        self.writer.write(frame(message.SerializeToString()))
+
+    async def answer(self) -> worker_pb2.WorkerSessionResponse | None:
+        data = await asyncio.wait_for(read_frame(self.reader, MAX_BYTES), RPC_TIMEOUT_S)
+        return None if data is None else worker_pb2.WorkerSessionResponse.FromString(data)
+
+    async def tokens(self, request_id: str) -> list[int]:
+        answers = []
+        while not answers or not (answers[-1].response.finished or answers[-1].error_code):
+            answer = await self.answer()
+            assert answer is not None and answer.request_id == request_id, answer
+            answers.append(answer)
+        assert not answers[-1].error_code, answers[-1]
+        return stream_tokens([a.response for a in answers])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def test_a_framed_session_serves_what_a_generate_call_would(checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint)
+
+    async def main() -> list[int]:
+        server = WorkerServer(engine, "worker-0")
+        address = await server.start()
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                info = await worker_pb2_grpc.WorkerStub(channel).GetInfo(worker_pb2.GetInfoRequest(),
+                                                                         timeout=RPC_TIMEOUT_S)
+            assert info.session_port == server.session_port
+            client = await Client.connect(info.session_port)
+            client.send(worker_pb2.WorkerSessionRequest(generate=request(PROMPT, request_id="a")))
+            tokens = await client.tokens("a")
+            client.close()
+            return tokens
+        finally:
+            await server.stop(grace_s=5)
+
+    assert run(main) == direct_run(checkpoint, PROMPT, GREEDY).tokens
+
+
+def test_without_the_cluster_key_the_session_is_refused_unauthenticated(checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint)
+
+    async def main() -> tuple[worker_pb2.WorkerSessionResponse | None, worker_pb2.WorkerSessionResponse | None,
+                              list[int]]:
+        server = WorkerServer(engine, "worker-0", security=SecurityConfig(cluster_key=KEY))
+        await server.start()
+        try:
+            assert server.session_port is not None
+            refusals = []
+            for authorization in ("", "Bearer not-the-key"):
+                client = await Client.connect(server.session_port, authorization)
+                client.send(worker_pb2.WorkerSessionRequest(generate=request(PROMPT, request_id="sneaky")))
+                refusals.append(await client.answer())
+                assert await client.answer() is None  # then the worker closes the connection
+                client.close()
+            allowed = await Client.connect(server.session_port, f"Bearer {KEY}")
+            allowed.send(worker_pb2.WorkerSessionRequest(generate=request(PROMPT, request_id="a")))
+            tokens = await allowed.tokens("a")
+            allowed.close()
+            return refusals[0], refusals[1], tokens
+        finally:
+            await server.stop(grace_s=5)
+
+    missing, wrong, tokens = run(main)
+    for refusal in (missing, wrong):
+        assert refusal is not None and refusal.request_id == ""
+        assert refusal.error_code == grpc.StatusCode.UNAUTHENTICATED.value[0], refusal
+    assert engine.stats.num_requests_finished == 1 and tokens == direct_run(checkpoint, PROMPT, GREEDY).tokens
+
+
+def test_a_frame_that_does_not_parse_or_is_too_long_is_refused_and_the_worker_serves_on(
+        checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint)
+
+    async def main() -> list[worker_pb2.WorkerSessionResponse | None]:
+        server = WorkerServer(engine, "worker-0")
+        await server.start()
+        try:
+            assert server.session_port is not None
+            refusals = []
+            for raw in (frame(b"\xff\xff\xff"), struct.pack("<I", MAX_BYTES + 1)):
+                client = await Client.connect(server.session_port)
+                client.writer.write(raw)
+                refusals.append(await client.answer())
+                client.close()
+            after = await Client.connect(server.session_port)
+            after.send(worker_pb2.WorkerSessionRequest(generate=request(PROMPT, request_id="after")))
+            assert await after.tokens("after") == direct_run(checkpoint, PROMPT, GREEDY).tokens
+            after.close()
+            return refusals
+        finally:
+            await server.stop(grace_s=5)
+
+    for refusal in run(main):
+        assert refusal is not None and refusal.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0], refusal
+        assert "WorkerSessionRequest" in refusal.error_details
+
+
+def test_closing_the_connection_aborts_its_running_request_and_frees_its_pages(checkpoint: Checkpoint) -> None:
+    engine = make_engine(checkpoint)
+
+    async def main() -> None:
+        server = WorkerServer(engine, "worker-0")
+        address = await server.start()
+        try:
+            assert server.session_port is not None
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = worker_pb2_grpc.WorkerStub(channel)
+                client = await Client.connect(server.session_port)
+                client.send(worker_pb2.WorkerSessionRequest(generate=request(PROMPT, LONG, request_id="long")))
+                for _ in range(3):
+                    answer = await client.answer()
+                    assert answer is not None and answer.request_id == "long"
+                assert not await pages_released(stub)  # the request holds pages while it runs
+                client.close()
+                await until(lambda: pages_released(stub), "the closed connection's request to free its pages")
+        finally:
+            await server.stop(grace_s=5)
+
+    run(main)
+    assert "long" in engine.abort_requests and not engine.has_unfinished()

@@ -1,0 +1,134 @@
+"""The worker's framed Session: ``Worker.Session``'s messages over plain TCP (``cluster.base.framing``).
+
+A routed request crosses the Session twice (the request in, its tokens out); over gRPC each message costs both
+sides a hop through grpcio's completion-queue thread, over a framed stream one write and one read on the event loop
+(``cluster.base.framing`` gives the figures). The messages and their meaning are the gRPC Session's
+(``worker.session.serve_session``):
+
+- the client's first frame is a ``WorkerSessionHello`` carrying what gRPC metadata would (``authorization``); a
+  worker with a cluster key answers a wrong or missing one with a ``WorkerSessionResponse`` whose ``request_id``
+  is empty and whose ``error_code`` is UNAUTHENTICATED, and closes the connection;
+- then each frame is a ``WorkerSessionRequest`` and each frame back a ``WorkerSessionResponse``; a frame that does
+  not parse, or is over ``max_message_bytes``, is answered like the hello's refusal (INVALID_ARGUMENT) and ends the
+  connection;
+- the connection's end, however it ends, aborts every request still running on it (which frees their pages).
+
+It serves plain TCP only: a worker configured for TLS offers none (``WorkerInfo.session_port`` 0) and its routers
+use the gRPC Session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
+from google.protobuf.message import DecodeError
+
+from radixserve.cluster.base.framing import FrameError, frame, read_frame
+from radixserve.cluster.base.generation import Status
+from radixserve.cluster.base.security import ApiKeys
+from radixserve.cluster.base.wire import Undecodable, grpc_code
+from radixserve.v1 import worker_pb2
+from radixserve.worker.session import Responses, serve_session
+
+
+class SessionListener:
+    """Serves framed Sessions on ``host`` (``start``: port 0 takes a free port) over ``responses`` (the worker's
+    ``WorkerService.responses``), to clients with one of ``keys`` (any client when none is required), with frames
+    up to ``max_message_bytes``. Runs once: ``start``, then ``stop``."""
+
+    def __init__(self, responses: Responses, keys: ApiKeys, max_message_bytes: int) -> None:
+        self._responses = responses
+        self._keys = keys
+        self._max_bytes = max_message_bytes
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int = 0) -> int:
+        """Listen and return the bound port; OSError when it cannot be bound."""
+        self._server = await asyncio.start_server(self._connection, host, port)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening and end every connection (aborting what still runs on them)."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if await self._admitted(reader, writer):
+                await self._serve(reader, writer)
+        except (ConnectionError, FrameError):
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _admitted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Read the hello; refuse (and say why) a client without an accepted key."""
+        data = await read_frame(reader, self._max_bytes)
+        if data is None:
+            return False
+        try:
+            hello = worker_pb2.WorkerSessionHello.FromString(data)
+        except DecodeError:
+            await _refuse(writer, Status.INVALID_ARGUMENT, "WorkerSessionHello: cannot be parsed")
+            return False
+        if not self._keys.check(hello.authorization or None):
+            await _refuse(writer, Status.UNAUTHENTICATED, "missing or invalid cluster key")
+            return False
+        return True
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Feed the frames to ``serve_session`` and write its answers back, until either side ends."""
+        inbox: asyncio.Queue[worker_pb2.WorkerSessionRequest | Undecodable] = asyncio.Queue()
+        answering = asyncio.create_task(self._answer(_messages(inbox), writer))
+        try:
+            while not answering.done() and (data := await read_frame(reader, self._max_bytes)) is not None:
+                inbox.put_nowait(_parse(data))
+        except FrameError as error:
+            inbox.put_nowait(Undecodable(f"WorkerSessionRequest: {error}"))
+            await asyncio.wait([answering], timeout=1.0)  # let the refusal go out
+        finally:
+            answering.cancel()  # aborts every request still running on the connection
+            await asyncio.gather(answering, return_exceptions=True)
+
+    async def _answer(self, requests: AsyncIterator[worker_pb2.WorkerSessionRequest | Undecodable],
+                      writer: asyncio.StreamWriter) -> None:
+        async with contextlib.aclosing(serve_session(requests, self._responses)) as answers:
+            async for answer in answers:
+                if isinstance(answer, Undecodable):
+                    await _refuse(writer, Status.INVALID_ARGUMENT, answer.details)
+                    return
+                writer.write(frame(answer.SerializeToString()))
+                await writer.drain()
+
+
+async def _messages(inbox: asyncio.Queue[worker_pb2.WorkerSessionRequest | Undecodable]
+                    ) -> AsyncIterator[worker_pb2.WorkerSessionRequest | Undecodable]:
+    while True:
+        yield await inbox.get()
+
+
+def _parse(data: bytes) -> worker_pb2.WorkerSessionRequest | Undecodable:
+    try:
+        return worker_pb2.WorkerSessionRequest.FromString(data)
+    except DecodeError as error:
+        return Undecodable(f"WorkerSessionRequest: cannot be parsed: {error}")
+
+
+async def _refuse(writer: asyncio.StreamWriter, status: Status, details: str) -> None:
+    """The connection-wide refusal: an answer naming no request."""
+    refusal = worker_pb2.WorkerSessionResponse(error_code=grpc_code(status).value[0], error_details=details)
+    writer.write(frame(refusal.SerializeToString()))
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
