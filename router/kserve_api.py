@@ -113,6 +113,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             answer = await fold(self._generate("ModelInfer", generation))
         except GenerationError as error:
             await context.abort(grpc_code(error.status), str(error))
+        except Exception:  # a bug: INTERNAL, as on the other APIs, rather than grpcio's UNKNOWN naming the type
+            log.exception("a ModelInfer request failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         return _response(request, inputs, answer_outputs(answer, inputs.text if inputs.prepend_input else ""))
 
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest | Undecodable],

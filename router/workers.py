@@ -10,7 +10,9 @@ worker restarted with an empty cache, so the index forgets it.
 KV events reach the index from each worker's log on the bus (``EventBus.follow_kv``), applied in the worker's
 sequence order (``KvEventSequencer``), so routers learn of events the same way whatever the backend. On a
 shared bus the worker writes its log itself; on the in-process bus the worker's client relays the worker's
-gRPC event stream into it. A lost stretch of the log (``Lost``) makes the router read the log again from its
+gRPC event stream into it, subscribing again every ``snapshot_interval_batches`` batches as a worker writing its own
+log does: the worker answers with a fresh snapshot, and the log drops what came before the previous one (else it
+would grow without bound, and a reader starting on it would replay more than it can hold). A lost stretch of the log (``Lost``) makes the router read the log again from its
 start: what it applied already is dropped as duplicates and stale snapshots, and if the log was trimmed past
 its cursor, its first entry is a snapshot newer than the cursor. A gap in the sequence makes it wait for the
 next snapshot (and, when relaying, ask the worker for one). An entry that is not a batch of the log's worker is counted, logged and skipped.
@@ -98,13 +100,16 @@ class WorkerClient:
     With ``relay`` (the in-process bus) it appends the worker's gRPC KV event stream to the worker's bus log.
     ``on_entry(worker_id, entry, since)`` gets each entry of the log, ``since`` the wall-clock time its reading
     began: entries sent before then are history caught up on, not event lag. ``on_change()`` hears of every change
-    to whether it serves and what it serves (its state or its ``info``).
+    to whether it serves and what it serves (its state or its ``info``). A relay subscribes again every
+    ``snapshot_interval_batches`` live batches.
     """
 
     def __init__(self, record: WorkerRecord, bus: EventBus, sequencer: KvEventSequencer,
                  channels: WorkerChannels, relay: bool, on_entry: Callable[[str, bytes, float], None],
-                 supervisor: Supervisor, on_change: Callable[[], None] = lambda: None) -> None:
+                 supervisor: Supervisor, on_change: Callable[[], None] = lambda: None,
+                 snapshot_interval_batches: int = BusConfig.snapshot_interval_batches) -> None:
         self.record = record
+        self._snapshot_interval = snapshot_interval_batches
         self._on_change = on_change
         self._info: worker_pb2.WorkerInfo | None = None
         self._load = types_pb2.LoadReport()
@@ -289,16 +294,30 @@ class WorkerClient:
                 await asyncio.sleep(_RETRY_S)
 
     async def _relay_events(self) -> None:
-        """Append the worker's gRPC KV event stream to its bus log (a reset batch as a snapshot)."""
+        """Append the worker's gRPC KV event streams to its bus log, one after another."""
         while True:
             try:
-                stream = self.stub.StreamKvEvents(worker_pb2.StreamKvEventsRequest(), metadata=self._metadata)
-                async for batch in stream:
-                    await self._bus.append_kv(self.worker_id, batch.SerializeToString(), snapshot=batch.reset)
+                if await self._relay_stream():
+                    continue  # subscribed again on purpose: the next stream's snapshot follows at once
             except grpc.aio.AioRpcError as error:
                 log.debug("kv events of %s interrupted: %s", self.worker_id, error.code().name)
             self._sequencer.resync(self.worker_id)  # until the next stream's snapshot
             await asyncio.sleep(_RETRY_S)
+
+    async def _relay_stream(self) -> bool:
+        """Append one KV event stream to the bus log (a reset batch as a snapshot): True once it relayed
+        ``snapshot_interval_batches`` live batches (time for a fresh snapshot), False when the worker ended it."""
+        stream = self.stub.StreamKvEvents(worker_pb2.StreamKvEventsRequest(), metadata=self._metadata)
+        num_live = 0
+        try:
+            async for batch in stream:
+                await self._bus.append_kv(self.worker_id, batch.SerializeToString(), snapshot=batch.reset)
+                num_live += not batch.reset
+                if num_live >= self._snapshot_interval:
+                    return True
+            return False
+        finally:
+            stream.cancel()
 
 
 class WorkerSet:
@@ -312,6 +331,7 @@ class WorkerSet:
     def __init__(self, bus: EventBus, index: PrefixIndex, metrics: RouterMetrics, channels: WorkerChannels,
                  router_id: str = "router", bus_config: BusConfig | None = None) -> None:
         bus_config = bus_config or BusConfig()
+        self._bus_config = bus_config
         self._bus = bus
         self._index = index
         self.sequencer = KvEventSequencer(index)
@@ -427,9 +447,10 @@ class WorkerSet:
         if current is not None:
             self.sequencer.forget(record.worker_id)  # until the new client learns the incarnation
             await current.close()
-        self.clients[record.worker_id] = WorkerClient(record, self._bus, self.sequencer, self._channels,
-                                                      relay=not self._bus.shared, on_entry=self.apply_entry,
-                                                      supervisor=self._supervisor, on_change=self._changed)
+        self.clients[record.worker_id] = WorkerClient(
+            record, self._bus, self.sequencer, self._channels, relay=not self._bus.shared, on_entry=self.apply_entry,
+            supervisor=self._supervisor, on_change=self._changed,
+            snapshot_interval_batches=self._bus_config.snapshot_interval_batches)
         self._changed()
         for counter in (self._metrics.kv_resyncs, self._metrics.kv_malformed):  # rate() series exist from the start
             counter.labels(record.worker_id)

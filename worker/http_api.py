@@ -5,8 +5,9 @@ load endpoints other gateways probe (SMG asks for ``/get_model_info`` or ``/mode
 Load reports (``/loads``, ``/v1/loads``; query parameters are ignored) follow SGLang's ``/v1/loads`` shape, one
 ``dp_rank`` 0 entry: ``num_running_reqs``, ``num_waiting_reqs``, ``num_total_reqs``, ``num_used_tokens`` (KV
 tokens held by requests, the evictable cache left out), ``max_total_num_tokens`` (the pool), ``token_usage``
-(their ratio), ``cache_hit_rate``, ``max_running_requests``, and ``num_waiting_uncached_tokens`` (prompt tokens
-still to prefill before the first token).
+(their ratio), ``cache_hit_rate``, ``max_running_requests``, ``num_waiting_uncached_tokens`` (prompt tokens
+still to prefill before the first token) and ``draining`` (the worker is stopping and takes nothing new; also in
+``aggregate``).
 """
 
 from __future__ import annotations
@@ -26,21 +27,24 @@ from radixserve.worker.engine import Engine
 
 def worker_app(engine: Engine, backend: EngineBackend, options: HttpOptions) -> ASGIApp:
     """The OpenAI API over ``backend`` (serving ``engine``) and the info endpoints, behind ``options``."""
-    return create_app(backend, options, routes=_info_routes(engine))
+    return create_app(backend, options, routes=_info_routes(engine, backend))
 
 
-def _info_routes(engine: Engine) -> APIRouter:
+def _info_routes(engine: Engine, backend: EngineBackend) -> APIRouter:
     routes = APIRouter()
-    replies = {"/model_info": model_info, "/get_model_info": model_info, "/server_info": server_info,
-               "/get_server_info": server_info, "/loads": load_report, "/v1/loads": load_report}
+    replies: dict[str, Callable[[], dict[str, Any]]] = {
+        "/model_info": lambda: model_info(engine), "/get_model_info": lambda: model_info(engine),
+        "/server_info": lambda: server_info(engine), "/get_server_info": lambda: server_info(engine),
+        "/loads": lambda: load_report(engine, backend.draining),
+        "/v1/loads": lambda: load_report(engine, backend.draining)}
     for path, reply in replies.items():
-        routes.add_api_route(path, _endpoint(reply, engine), methods=["GET"])
+        routes.add_api_route(path, _endpoint(reply), methods=["GET"])
     return routes
 
 
-def _endpoint(reply: Callable[[Engine], dict[str, Any]], engine: Engine) -> Callable[[], Awaitable[dict[str, Any]]]:
+def _endpoint(reply: Callable[[], dict[str, Any]]) -> Callable[[], Awaitable[dict[str, Any]]]:
     async def endpoint() -> dict[str, Any]:
-        return reply(engine)
+        return reply()
     return endpoint
 
 
@@ -60,7 +64,7 @@ def server_info(engine: Engine) -> dict[str, Any]:
             "max_waiting_requests": config.scheduler.max_waiting_requests, "version": radixserve_version()}
 
 
-def load_report(engine: Engine) -> dict[str, Any]:
+def load_report(engine: Engine, draining: bool) -> dict[str, Any]:
     """See the module docstring."""
     load = engine.load()
     page_size = engine.config.cache.page_size
@@ -71,9 +75,9 @@ def load_report(engine: Engine) -> dict[str, Any]:
             "max_total_num_tokens": total, "token_usage": round(used / total, 4),
             "cache_hit_rate": round(load.hit_ratio, 4),
             "max_running_requests": engine.config.scheduler.max_running_requests,
-            "num_waiting_uncached_tokens": load.num_pending_prefill_tokens}
+            "num_waiting_uncached_tokens": load.num_pending_prefill_tokens, "draining": draining}
     aggregate = {"total_running_reqs": load.num_running, "total_waiting_reqs": load.num_waiting,
-                 "total_reqs": rank["num_total_reqs"], "avg_token_usage": rank["token_usage"]}
+                 "total_reqs": rank["num_total_reqs"], "avg_token_usage": rank["token_usage"], "draining": draining}
     return {"timestamp": datetime.now(timezone.utc).isoformat(), "version": radixserve_version(), "dp_rank_count": 1,
             "loads": [rank], "aggregate": aggregate}
 

@@ -225,7 +225,9 @@ class WorkerServer:
     with a certificate signed by ``ca_file`` are served); with a cluster key (``security.cluster_key``, required
     with API keys) every call on both ports but health and reflection needs that key, and clients' API keys are
     refused: the worker's APIs are the cluster's own (routers, or a gateway given the cluster key).
-    ``http_port`` (0: a free port; None: none) serves the OpenAI-compatible API over the engine.
+    ``http_port`` (0: a free port; None: none) serves the OpenAI-compatible API over the engine. Without TLS the
+    worker also serves the framed Session (``worker.session_tcp``) on a free port of ``host``, named in ``GetInfo``
+    (``session_port``), behind the same cluster key.
     With a shared ``bus`` (Redis) the worker keeps its own record, KV event log and load there
     (``worker.bus_publisher``, paced by ``bus_config``) from ``start`` until ``stop`` withdraws it; without one,
     whoever started it announces it and routers relay its events.
@@ -328,8 +330,8 @@ class WorkerServer:
 
     async def stop(self, grace_s: float) -> None:
         """Drains, then stops: health NOT_SERVING (HTTP ``/health`` 503) and new Generate calls and HTTP requests
-        refused with UNAVAILABLE, up to ``grace_s`` for the requests in flight (the rest are cancelled, which
-        aborts them), KV event streams ended with UNAVAILABLE. A no-op before ``start`` or when already stopping."""
+        refused with UNAVAILABLE, up to ``grace_s`` for the requests in flight, the HTTP API's included (it
+        answers meanwhile, ``/loads`` saying ``draining``; the rest are then cancelled, which aborts them), KV event streams ended with UNAVAILABLE. A no-op before ``start`` or when already stopping."""
         server, service, health = self._server, self._service, self._health
         if server is None or service is None or health is None or self._stopping:
             return
@@ -339,6 +341,7 @@ class WorkerServer:
         self._backend.draining = True
         await health.set_serving(False)
         await service.wait_idle(grace_s)
+        await self._backend.wait_idle(deadline - time.monotonic())  # the HTTP API's, answering /loads meanwhile
         if self._sessions is not None:
             await self._sessions.stop()
         if self._http is not None:

@@ -379,6 +379,23 @@ def test_a_failure_in_one_request_of_a_stream_fails_it_alone(background_cluster:
     settle(background_cluster)
 
 
+def test_a_bug_under_model_infer_is_internal_and_the_server_serves_on(background_cluster: Cluster,
+                                                                      stub: pb_grpc.GRPCInferenceServiceStub,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    decode = kserve_api.decode_inputs
+
+    def failing(request: pb.ModelInferRequest) -> Any:
+        if request.id == "boom":
+            raise RuntimeError("a bug")
+        return decode(request)
+    monkeypatch.setattr(kserve_api, "decode_inputs", failing)
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.ModelInfer(infer_request(request_id="boom"), timeout=TIMEOUT_S)
+    assert failed.value.code() == grpc.StatusCode.INTERNAL and failed.value.details() == "internal error"
+    assert outputs(stub.ModelInfer(infer_request(request_id="after"), timeout=TIMEOUT_S))["text_output"]
+    settle(background_cluster)
+
+
 def test_a_stream_serves_a_bounded_number_of_requests_at_once(background_cluster: Cluster,
                                                              stub: pb_grpc.GRPCInferenceServiceStub,
                                                              monkeypatch: pytest.MonkeyPatch):

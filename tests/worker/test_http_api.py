@@ -3,6 +3,7 @@ endpoints) over 127.0.0.1 with the tiny model, driven by the openai SDK and http
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -179,3 +180,29 @@ def test_a_client_giving_up_on_a_whole_answer_aborts_its_request(worker: Worker)
              "the abandoned request to end")
     assert worker.engine.load().num_generated_tokens == before.num_generated_tokens  # aborted before any step
     assert idle(worker)
+
+
+def test_a_draining_worker_says_so_in_its_load_report(tiny_hf_dir: Path) -> None:
+    engine = GatedEngine(EngineConfig(model="tiny", cache=CacheConfig(page_size=4, num_pages=256)),
+                         open_checkpoint(tiny_hf_dir))
+    loop = LoopThread("test-drain").start()
+    server = WorkerServer(engine, "w1", http_port=0)
+    loop.call(server.start(), 60)
+    url = f"http://{server.http_address}"
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    engine.gate.clear()
+    held = threading.Thread(target=sdk.completions.create, kwargs=dict(model="tiny", prompt="held", max_tokens=2))
+    try:
+        held.start()
+        report = httpx.get(f"{url}/v1/loads").json()
+        assert report["loads"][0]["draining"] is False and report["aggregate"]["draining"] is False
+        wait_for(lambda: httpx.get(f"{url}/v1/loads").json()["loads"][0]["num_total_reqs"] == 1, 10,
+                 "the request to be held")
+        stopping = asyncio.run_coroutine_threadsafe(server.stop(grace_s=30), loop.loop)
+        wait_for(lambda: httpx.get(f"{url}/loads").json()["loads"][0]["draining"], 10, "the report to say draining")
+        assert httpx.get(f"{url}/v1/loads").json()["aggregate"]["draining"] is True
+    finally:
+        engine.gate.set()
+        held.join(timeout=30)
+    stopping.result(60)
+    loop.stop()

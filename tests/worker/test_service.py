@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from conditions import until
 from engine_runs import Completed, run_to_completion
 from gated_engine import GatedEngine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -84,18 +84,6 @@ def request(prompt: list[int], params: SamplingParams = GREEDY,
 async def generate(stub: worker_pb2_grpc.WorkerStub,
                    req: worker_pb2.WorkerGenerateRequest) -> Responses:
     return [response async for response in stub.Generate(req, timeout=RPC_TIMEOUT_S)]
-
-
-async def eventually(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 10.0) -> None:
-    """Polls ``condition`` (a function or a coroutine function) until it holds; fails after ``timeout_s``."""
-    async def holds() -> bool:
-        result = condition()
-        return await result if inspect.isawaitable(result) else result
-
-    async def poll() -> None:
-        while not await holds():
-            await asyncio.sleep(0.02)  # the poll interval
-    await asyncio.wait_for(poll(), timeout_s)
 
 
 def direct_run(checkpoint: Checkpoint, prompt: list[int], params: SamplingParams) -> Completed:
@@ -196,7 +184,7 @@ def test_an_id_in_flight_is_already_exists_and_a_full_queue_is_resource_exhauste
         async with serving(engine) as (_, channel):
             stub = worker_pb2_grpc.WorkerStub(channel)
             held = asyncio.create_task(generate(stub, request(PROMPT, request_id="held")))
-            await eventually(engine.has_unfinished)
+            await until(engine.has_unfinished, "the request to reach the engine")
             with pytest.raises(grpc.aio.AioRpcError) as duplicate:
                 await generate(stub, request(PROMPT, request_id="held"))
             with pytest.raises(grpc.aio.AioRpcError) as overloaded:
@@ -226,7 +214,7 @@ def test_cancelling_a_stream_aborts_the_request_and_frees_its_pages(checkpoint: 
             received = [await call.read() for _ in range(3)]
             assert not await pages_released(stub)  # the request holds pages while it runs
             call.cancel()
-            await eventually(lambda: pages_released(stub))
+            await until(lambda: pages_released(stub), "the request's pages to be freed")
             return len(stream_tokens(received))
 
     num_received = run(main)
@@ -246,7 +234,7 @@ def test_a_passed_deadline_aborts_the_request(checkpoint: Checkpoint) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as expired:
                 [r async for r in stub.Generate(request(PROMPT, LONG), timeout=0.5)]
             engine.gate.set()
-            await eventually(lambda: pages_released(stub))
+            await until(lambda: pages_released(stub), "the request's pages to be freed")
             return expired.value
 
     assert run(main).code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -515,9 +503,9 @@ def test_health_reflection_and_a_graceful_drain(checkpoint: Checkpoint) -> None:
             assert SERVICE_NAME in listed
             stub = worker_pb2_grpc.WorkerStub(channel)
             in_flight = asyncio.create_task(generate(stub, request(PROMPT)))
-            await eventually(engine.has_unfinished)
+            await until(engine.has_unfinished, "the request to reach the engine")
             stopping = asyncio.create_task(server.stop(grace_s=RPC_TIMEOUT_S))
-            await eventually(lambda: is_not_serving(channel, SERVICE_NAME))
+            await until(lambda: is_not_serving(channel, SERVICE_NAME), "health NOT_SERVING")
             assert await health_status(channel, "") == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await generate(stub, request(PROMPT, request_id="late"))
@@ -543,14 +531,14 @@ def test_stop_ends_kv_streams_and_cancels_what_outlives_the_grace(checkpoint: Ch
             events = stub.StreamKvEvents(worker_pb2.StreamKvEventsRequest(), timeout=RPC_TIMEOUT_S)
             await read_batch(events)
             stuck = asyncio.create_task(generate(stub, request(PROMPT, LONG)))
-            await eventually(engine.has_unfinished)
+            await until(engine.has_unfinished, "the request to reach the engine")
             await server.stop(grace_s=0.2)
             engine.gate.set()
             with pytest.raises(grpc.aio.AioRpcError) as ended:
                 await read_batch(events)
             with pytest.raises(grpc.aio.AioRpcError) as cancelled:
                 await stuck
-            await eventually(lambda: not engine.has_unfinished())
+            await until(lambda: not engine.has_unfinished(), "the engine to finish")
             return ended.value, cancelled.value
 
     ended, cancelled = run(main)
