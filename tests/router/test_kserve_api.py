@@ -362,9 +362,9 @@ def test_one_bad_request_of_a_stream_fails_alone(background_cluster: Cluster, st
     settle(background_cluster)
 
 
-def test_a_failure_in_one_request_of_a_stream_fails_it_alone(background_cluster: Cluster,
-                                                             stub: pb_grpc.GRPCInferenceServiceStub,
-                                                             monkeypatch: pytest.MonkeyPatch):
+@pytest.fixture
+def boom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug (RuntimeError) under the request whose id is "boom"."""
     decode = kserve_api.decode_inputs
 
     def failing(request: pb.ModelInferRequest) -> Any:
@@ -372,6 +372,10 @@ def test_a_failure_in_one_request_of_a_stream_fails_it_alone(background_cluster:
             raise RuntimeError("a bug")
         return decode(request)
     monkeypatch.setattr(kserve_api, "decode_inputs", failing)
+
+
+def test_a_failure_in_one_request_of_a_stream_fails_it_alone(background_cluster: Cluster,
+                                                             stub: pb_grpc.GRPCInferenceServiceStub, boom: None):
     requests = [infer_request(request_id=f"r{i}", stream=True) for i in range(3)]
     grouped = by_id(stream(stub, [*requests[:2], infer_request(request_id="boom"), requests[2]]))
     assert grouped.pop("boom")[0].error_message.startswith("INTERNAL: ")
@@ -381,14 +385,7 @@ def test_a_failure_in_one_request_of_a_stream_fails_it_alone(background_cluster:
 
 def test_a_bug_under_model_infer_is_internal_and_the_server_serves_on(background_cluster: Cluster,
                                                                       stub: pb_grpc.GRPCInferenceServiceStub,
-                                                                      monkeypatch: pytest.MonkeyPatch):
-    decode = kserve_api.decode_inputs
-
-    def failing(request: pb.ModelInferRequest) -> Any:
-        if request.id == "boom":
-            raise RuntimeError("a bug")
-        return decode(request)
-    monkeypatch.setattr(kserve_api, "decode_inputs", failing)
+                                                                      boom: None):
     with pytest.raises(grpc.RpcError) as failed:
         stub.ModelInfer(infer_request(request_id="boom"), timeout=TIMEOUT_S)
     assert failed.value.code() == grpc.StatusCode.INTERNAL and failed.value.details() == "internal error"
