@@ -135,8 +135,7 @@ class _FramedStream(_Stream):
             while (data := await read_frame(self._reader, self._max_bytes)) is not None:
                 answer = worker_pb2.WorkerSessionResponse.FromString(data)
                 if not answer.request_id and answer.error_code:  # the worker refused the whole session
-                    code = _CODES.get(answer.error_code, grpc.StatusCode.UNKNOWN)
-                    raise WorkerCallFailed(status_of(code), answer.error_details or code.name)
+                    raise _failure(answer)
                 yield answer
         except (ConnectionError, FrameError, DecodeError) as error:
             raise WorkerCallFailed(Status.UNAVAILABLE, f"the framed session failed: {error}") from None
@@ -181,8 +180,7 @@ class WorkerSession:
                     raise answer
                 if answer.error_code:
                     ended = True
-                    code = _CODES.get(answer.error_code, grpc.StatusCode.UNKNOWN)
-                    raise WorkerCallFailed(status_of(code), answer.error_details or code.name)
+                    raise _failure(answer)
                 ended = answer.response.finished
                 yield answer.response
         finally:
@@ -216,6 +214,12 @@ class WorkerSession:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _failure(answer: worker_pb2.WorkerSessionResponse) -> WorkerCallFailed:
+    """The failure an answer carrying an error code reports."""
+    code = _CODES.get(answer.error_code, grpc.StatusCode.UNKNOWN)
+    return WorkerCallFailed(status_of(code), answer.error_details or code.name)
 
 
 async def _read(stream: _Stream) -> None:

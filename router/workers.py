@@ -10,11 +10,12 @@ worker restarted with an empty cache, so the index forgets it.
 KV events reach the index from each worker's log on the bus (``EventBus.follow_kv``), applied in the worker's
 sequence order (``KvEventSequencer``), so routers learn of events the same way whatever the backend. On a
 shared bus the worker writes its log itself; on the in-process bus the worker's client relays the worker's
-gRPC event stream into it, subscribing again every ``snapshot_interval_batches`` batches as a worker writing its own
-log does: the worker answers with a fresh snapshot, and the log drops what came before the previous one (else it
-would grow without bound, and a reader starting on it would replay more than it can hold). A lost stretch of the log (``Lost``) makes the router read the log again from its
-start: what it applied already is dropped as duplicates and stale snapshots, and if the log was trimmed past
-its cursor, its first entry is a snapshot newer than the cursor. A gap in the sequence makes it wait for the
+gRPC event stream into it, subscribing again every ``snapshot_interval_batches`` batches as a worker writing
+its own log does: the worker answers with a fresh snapshot, and the log drops what came before the previous one
+(else it would grow without bound, and a reader starting on it would replay more than it can hold). A lost
+stretch of the log (``Lost``) makes the router read the log again from its start: what it applied already is
+dropped as duplicates and stale snapshots, and if the log was trimmed past its cursor, its first entry is a
+snapshot newer than the cursor. A gap in the sequence makes it wait for the
 next snapshot (and, when relaying, ask the worker for one). An entry that is not a batch of the log's worker is counted, logged and skipped.
 While the bus is unreachable the index keeps what it knew (its events no longer live) and routing goes on.
 """

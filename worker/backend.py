@@ -18,6 +18,7 @@ from radixserve.cluster.base.generation import (GenerationDelta, GenerationError
                                                 Status, Usage)
 from radixserve.cluster.base.requests import ModelLimits, Preparer
 from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed, RequestIdInUse
+from radixserve.worker.in_flight import InFlight
 from radixserve.worker.outputs import RequestOutput
 
 # The engine's own field names -> the neutral request's.
@@ -27,8 +28,8 @@ _FIELDS = {"prompt_token_ids": "token_ids"}
 class EngineBackend:
     """Serves ``engine``'s model under ``engine.config.model``; deltas carry ``worker_id``.
 
-    ``draining`` refuses new requests (UNAVAILABLE) and makes ``ready`` false; ``num_in_flight`` counts the
-    requests being served, ``wait_idle`` waits for none to be.
+    ``draining`` refuses new requests (UNAVAILABLE) and makes ``ready`` false; ``in_flight`` counts the
+    requests being served.
     """
 
     def __init__(self, engine: Engine, worker_id: str) -> None:
@@ -38,9 +39,7 @@ class EngineBackend:
         self._limits = ModelLimits(engine.model_config.vocab_size, engine.max_model_len)
         self._preparer = Preparer()
         self.draining = False
-        self.num_in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.in_flight = InFlight()
 
     def served_model(self) -> ServedModel:
         return self._served
@@ -52,34 +51,21 @@ class EngineBackend:
         """Release the threads requests are prepared on (after the last request)."""
         self._preparer.close()
 
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait (at most ``timeout_s``) until no request is being served; says whether none is."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), max(timeout_s, 0.0))
-        except TimeoutError:
-            return False
-        return True
-
     async def generate(self, request: GenerationRequest, method: str) -> AsyncIterator[GenerationDelta]:
         if self.draining:
             raise GenerationError(Status.UNAVAILABLE, "the worker is draining; send to another worker")
         prepared = await self._preparer.prepare(request, self._engine.tokenizer, self._limits)
         deadline = None if prepared.timeout_s is None else time.monotonic() + prepared.timeout_s
-        self.num_in_flight += 1
-        self._idle.clear()
         num_tokens = 0
-        try:
-            outputs = self._engine.generate(list(prepared.token_ids), prepared.params, prepared.request_id)
-            async with contextlib.aclosing(outputs):
-                while (output := await _next(outputs, deadline)) is not None:
-                    num_tokens += sum(len(o.token_ids) for o in output.outputs)
-                    yield self._delta(output, num_tokens)
-        except (ValueError, EngineOverloaded, RequestFailed, RuntimeError) as error:
-            raise engine_error(error) from None
-        finally:
-            self.num_in_flight -= 1
-            if not self.num_in_flight:
-                self._idle.set()
+        with self.in_flight.track():
+            try:
+                outputs = self._engine.generate(list(prepared.token_ids), prepared.params, prepared.request_id)
+                async with contextlib.aclosing(outputs):
+                    while (output := await _next(outputs, deadline)) is not None:
+                        num_tokens += sum(len(o.token_ids) for o in output.outputs)
+                        yield self._delta(output, num_tokens)
+            except (ValueError, EngineOverloaded, RequestFailed, RuntimeError) as error:
+                raise engine_error(error) from None
 
     def _delta(self, output: RequestOutput, num_tokens: int) -> GenerationDelta:
         usage = Usage(output.num_prompt_tokens, output.num_cached_tokens, num_tokens) if output.finished else None

@@ -32,11 +32,17 @@ def worker_app(engine: Engine, backend: EngineBackend, options: HttpOptions) -> 
 
 def _info_routes(engine: Engine, backend: EngineBackend) -> APIRouter:
     routes = APIRouter()
-    replies: dict[str, Callable[[], dict[str, Any]]] = {
-        "/model_info": lambda: model_info(engine), "/get_model_info": lambda: model_info(engine),
-        "/server_info": lambda: server_info(engine), "/get_server_info": lambda: server_info(engine),
-        "/loads": lambda: load_report(engine, backend.draining),
-        "/v1/loads": lambda: load_report(engine, backend.draining)}
+    def model() -> dict[str, Any]:
+        return model_info(engine)
+
+    def server() -> dict[str, Any]:
+        return server_info(engine)
+
+    def loads() -> dict[str, Any]:
+        return load_report(engine, backend.draining)
+
+    replies = {"/model_info": model, "/get_model_info": model, "/server_info": server,
+               "/get_server_info": server, "/loads": loads, "/v1/loads": loads}
     for path, reply in replies.items():
         routes.add_api_route(path, _endpoint(reply), methods=["GET"])
     return routes

@@ -48,6 +48,7 @@ from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed
 from radixserve.worker.http_api import worker_app
 from radixserve.worker.kv_hub import (DEFAULT_MAX_PENDING_BATCHES, KvBatches, KvEventHub, KvHubClosed,
                                       KvSubscriberLagged, KvSubscription)
+from radixserve.worker.in_flight import InFlight
 from radixserve.worker.outputs import RequestOutput
 from radixserve.worker.session import serve_session
 from radixserve.worker.session_tcp import SessionListener
@@ -74,17 +75,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.batches = KvBatches(worker_id, incarnation)
         self._pump_task: asyncio.Task[None] | None = None
         self._draining = False
-        self._num_generating = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._in_flight = InFlight()
 
     def offer_framed_session(self, port: int) -> None:
         """Tell routers (``GetInfo``) that a framed Session (``worker.session_tcp``) listens on ``port``."""
         self._info.session_port = port
-
-    @property
-    def offered_session_port(self) -> int | None:
-        return self._info.session_port or None
 
     def start(self) -> None:
         """Starts draining the engine's KV events every ``_PUMP_INTERVAL_S``; call on the serving loop."""
@@ -96,11 +91,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Waits up to ``timeout_s`` for the Generate calls in flight to end; True if they all did."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        return await self._in_flight.wait_idle(timeout_s)
 
     async def close(self) -> None:
         """Stops the pump after a last drain and ends every KV event stream with UNAVAILABLE."""
@@ -145,25 +136,20 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         UNAVAILABLE; a bad field, a full queue, an id in flight) or its own work failed (INTERNAL)."""
         if self._draining:
             raise GenerationError(Status.UNAVAILABLE, "worker is draining")
-        self._num_generating += 1
-        self._idle.clear()
-        try:
+        with self._in_flight.track():
             try:
-                outputs = self._engine.generate(list(request.token_ids), _request_params(request),
-                                                request.request_id)
-                first = await anext(outputs)  # the engine validates the request before its first output
-            except (ValueError, EngineOverloaded) as error:
-                raise engine_error(error).renamed(lambda name: _WIRE_FIELDS.get(name, name)) from None
-            async with contextlib.aclosing(outputs):
-                yield _response(first)
-                async for output in outputs:
-                    yield _response(output)
-        except RequestFailed as error:  # this request's own work failed; the others go on
-            raise GenerationError(Status.INTERNAL, str(error)) from None
-        finally:
-            self._num_generating -= 1
-            if not self._num_generating:
-                self._idle.set()
+                try:
+                    outputs = self._engine.generate(list(request.token_ids), _request_params(request),
+                                                    request.request_id)
+                    first = await anext(outputs)  # the engine validates the request before its first output
+                except (ValueError, EngineOverloaded) as error:
+                    raise engine_error(error).renamed(lambda name: _WIRE_FIELDS.get(name, name)) from None
+                async with contextlib.aclosing(outputs):
+                    yield _response(first)
+                    async for output in outputs:
+                        yield _response(output)
+            except RequestFailed as error:  # this request's own work failed; the others go on
+                raise GenerationError(Status.INTERNAL, str(error)) from None
 
     async def GetInfo(self, request: worker_pb2.GetInfoRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.WorkerInfo:
@@ -262,6 +248,7 @@ class WorkerServer:
         self._server: grpc.aio.Server | None = None
         self._service: WorkerService | None = None
         self._sessions: SessionListener | None = None
+        self._session_port: int | None = None
         self._health: HealthReporter | None = None
         self._stopping = False
 
@@ -280,9 +267,7 @@ class WorkerServer:
     @property
     def session_port(self) -> int | None:
         """The framed Session's port (``worker.session_tcp``); None without one (TLS) or before ``start``."""
-        if self._service is None:
-            return None
-        return self._service.offered_session_port
+        return self._session_port
 
     @property
     def http_address(self) -> str | None:
@@ -312,7 +297,8 @@ class WorkerServer:
         add_servicer(server, SERVICE, self._service)
         if not self._security.tls:  # the framed Session is plain TCP: TLS clusters keep to the gRPC one
             self._sessions = SessionListener(self._service.responses, self._keys, self._max_message_bytes)
-            self._service.offer_framed_session(await self._sessions.start(self._host))
+            self._session_port = await self._sessions.start(self._host)
+            self._service.offer_framed_session(self._session_port)
         self._health = HealthReporter(server, [SERVICE_NAME])
         await self._health.set_serving(True)
         await server.start()
@@ -331,7 +317,8 @@ class WorkerServer:
     async def stop(self, grace_s: float) -> None:
         """Drains, then stops: health NOT_SERVING (HTTP ``/health`` 503) and new Generate calls and HTTP requests
         refused with UNAVAILABLE, up to ``grace_s`` for the requests in flight, the HTTP API's included (it
-        answers meanwhile, ``/loads`` saying ``draining``; the rest are then cancelled, which aborts them), KV event streams ended with UNAVAILABLE. A no-op before ``start`` or when already stopping."""
+        answers meanwhile, ``/loads`` saying ``draining``; the rest are then cancelled, which aborts them), KV
+        event streams ended with UNAVAILABLE. A no-op before ``start`` or when already stopping."""
         server, service, health = self._server, self._service, self._health
         if server is None or service is None or health is None or self._stopping:
             return
@@ -341,7 +328,7 @@ class WorkerServer:
         self._backend.draining = True
         await health.set_serving(False)
         await service.wait_idle(grace_s)
-        await self._backend.wait_idle(deadline - time.monotonic())  # the HTTP API's, answering /loads meanwhile
+        await self._backend.in_flight.wait_idle(deadline - time.monotonic())  # HTTP's, /loads answering meanwhile
         if self._sessions is not None:
             await self._sessions.stop()
         if self._http is not None:
