@@ -237,11 +237,19 @@ class WorkerClient:
         await self._channel.close()
 
     async def refresh(self) -> None:
-        """Poll the worker's load now; a failed poll marks it down."""
+        """Poll the worker's load now; a failed poll marks it down. Refreshes may overlap (the poll, a status
+        request's): each learns a new incarnation only if no other did meanwhile, and one that ends after the
+        client was closed changes nothing (a newer client of the worker owns its cursor by then)."""
         try:
             await self._refresh()
         except grpc.aio.AioRpcError as error:
-            self.mark_down(f"{error.code().name}: {error.details()}")
+            if not self._closed:
+                self.mark_down(f"{error.code().name}: {error.details()}")
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._closed or (task is not None and task.cancelling()):
+                raise
+            # else closing the channel cancelled the poll's call, not the caller (a status request) itself
 
     async def _poll(self) -> None:
         while True:
@@ -252,19 +260,31 @@ class WorkerClient:
         timeout = max(self._interval * 4, 1.0)
         load = await self.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=timeout, metadata=self._metadata)
         if self.info is None or load.incarnation != self.info.incarnation:
-            restarted = self.info is not None
-            self.info = await self.stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=timeout, metadata=self._metadata)
-            self._sequencer.follow(self.worker_id, self.info.incarnation)  # which starts with an empty cache
-            self._informed.set()
-            if restarted:
-                self.resubscribe()
-                self.relearn()
+            info = await self.stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=timeout, metadata=self._metadata)
+            if not self._closed:
+                self._learn(info)
+        if self._closed:  # replaced meanwhile: a newer client of the worker owns its cursor
+            return
         if load.draining and not self.load.draining:
             log.info("worker %s is draining: no new requests go there", self.worker_id)
         self.load = load
         if not self._answering:
             log.info("worker %s is up at %s", self.worker_id, self.record.address)
         self._set_answering(True)
+
+    def _learn(self, info: worker_pb2.WorkerInfo) -> None:
+        """Take ``info`` as what the worker serves; a new incarnation is followed from an empty cache (learning
+        the followed one again would drop the snapshot its reader may have applied already, and the next
+        snapshot comes only when the relay subscribes again)."""
+        if self.info is not None and info.incarnation == self.info.incarnation:
+            return
+        restarted = self.info is not None
+        self.info = info
+        self._sequencer.follow(self.worker_id, info.incarnation)  # which starts with an empty cache
+        self._informed.set()
+        if restarted:
+            self.resubscribe()
+            self.relearn()
 
     def relearn(self) -> None:
         """Read the worker's KV event log again from its start: its snapshots are checked against the
