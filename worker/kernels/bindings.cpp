@@ -1,6 +1,7 @@
 // The Python module of the native kernels (kernels/build.py compiles every source here into it, per instruction
 // set). Calls release the GIL: they touch no Python object once their arguments are converted.
-#include <torch/extension.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include "kernels.h"
 

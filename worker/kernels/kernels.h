@@ -2,7 +2,7 @@
 // instruction set (bindings.cpp exposes them to Python). Contracts are stated where each is defined.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>

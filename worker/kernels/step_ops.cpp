@@ -9,7 +9,10 @@
 //   pass over its rows instead of the several torch operations (and temporaries) they take unfused.
 #include "kernels.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <cmath>
