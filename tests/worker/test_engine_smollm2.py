@@ -16,8 +16,8 @@ from radixserve.cluster.base.sampling_params import SamplingParams
 SYSTEM = ("You are a concise assistant for a team that runs a large language model serving cluster. Answer in "
           "plain words, prefer short sentences, and say so when you are not sure. The team cares about latency, "
           "throughput and cost, and about reusing the key-value cache of prompts that share a prefix.")
-QUESTIONS = ["What is a radix tree?", "Why does batching help throughput?", "What is a KV cache?",
-             "Name a prime number larger than 10.", "What does LRU stand for?", "What is the capital of Japan?"]
+QUESTIONS = ["What is a radix tree?", "Why does batching help throughput?", "Name a prime number larger than 10.",
+             "What is the capital of Japan?"]
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
@@ -61,7 +61,8 @@ def test_smollm2_greedy_output_does_not_depend_on_caching_chunking_or_batching(e
     engine.scheduler.config = SchedulerConfig(max_num_batched_tokens=512)
 
     engine.cache.flush()
-    others = [SamplingParams(max_tokens=8 + i % 17, temperature=0.9, top_p=0.95, seed=i) for i in range(26)]
+    others = [SamplingParams(max_tokens=8 + i % 17, temperature=0.9, top_p=0.95, seed=i)
+              for i in range(32 - len(prompts))]  # a batch of 32
     for i, prompt in enumerate(prompts):
         engine.add_request(prompt, GREEDY, f"greedy-{i}")
     for i, params in enumerate(others):
