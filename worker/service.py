@@ -212,8 +212,8 @@ class WorkerServer:
     with API keys) every call on both ports but health and reflection needs that key, and clients' API keys are
     refused: the worker's APIs are the cluster's own (routers, or a gateway given the cluster key).
     ``http_port`` (0: a free port; None: none) serves the OpenAI-compatible API over the engine. Without TLS the
-    worker also serves the framed Session (``worker.session_tcp``) on a free port of ``host``, named in ``GetInfo``
-    (``session_port``), behind the same cluster key.
+    worker also serves the framed Session (``worker.session_tcp``) on ``session_port`` of ``host`` (0: a free
+    port; None: none), named in ``GetInfo``, behind the same cluster key.
     With a shared ``bus`` (Redis) the worker keeps its own record, KV event log and load there
     (``worker.bus_publisher``, paced by ``bus_config``) from ``start`` until ``stop`` withdraws it; without one,
     whoever started it announces it and routers relay its events.
@@ -224,7 +224,7 @@ class WorkerServer:
                  max_pending_batches: int = DEFAULT_MAX_PENDING_BATCHES, metrics_host: str = "127.0.0.1",
                  metrics_port: int | None = None, http_port: int | None = None,
                  security: SecurityConfig | None = None, bus: EventBus | None = None,
-                 bus_config: BusConfig | None = None) -> None:
+                 bus_config: BusConfig | None = None, session_port: int | None = 0) -> None:
         self._engine = engine
         self._bus = bus
         self._bus_config = bus_config or BusConfig()
@@ -248,6 +248,7 @@ class WorkerServer:
         self._server: grpc.aio.Server | None = None
         self._service: WorkerService | None = None
         self._sessions: SessionListener | None = None
+        self._session_port_wanted = session_port
         self._session_port: int | None = None
         self._health: HealthReporter | None = None
         self._stopping = False
@@ -266,7 +267,8 @@ class WorkerServer:
 
     @property
     def session_port(self) -> int | None:
-        """The framed Session's port (``worker.session_tcp``); None without one (TLS) or before ``start``."""
+        """The framed Session's port (``worker.session_tcp``); None without one (TLS, or ``session_port`` None) or
+        before ``start``."""
         return self._session_port
 
     @property
@@ -295,9 +297,10 @@ class WorkerServer:
         self._service = WorkerService(self._engine, self._worker_id, self._address, self._incarnation,
                                       self._max_pending_batches)
         add_servicer(server, SERVICE, self._service)
-        if not self._security.tls:  # the framed Session is plain TCP: TLS clusters keep to the gRPC one
+        # The framed Session is plain TCP: TLS clusters keep to the gRPC one.
+        if not self._security.tls and self._session_port_wanted is not None:
             self._sessions = SessionListener(self._service.responses, self._keys, self._max_message_bytes)
-            self._session_port = await self._sessions.start(self._host)
+            self._session_port = await self._sessions.start(self._host, self._session_port_wanted)
             self._service.offer_framed_session(self._session_port)
         self._health = HealthReporter(server, [SERVICE_NAME])
         await self._health.set_serving(True)

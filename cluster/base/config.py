@@ -189,8 +189,9 @@ class PoolConfig:
     ``ray_address`` None starts a local Ray; otherwise it is joined (``"auto"`` or ``host:port``).
     ``num_gpus_per_worker`` None asks Ray for one GPU per worker when the engine runs on CUDA, none otherwise.
     ``worker_port`` 0 lets each worker pick a free port for its gRPC service, ``worker_http_port`` for its
-    OpenAI-compatible HTTP API (None: none). A worker that dies is restarted by Ray up to
-    ``max_restarts`` times (-1: always).
+    OpenAI-compatible HTTP API (None: none), ``worker_session_port`` for its framed Session (the routers' path to
+    it, ``worker.session_tcp``; None: none, and the routers use the gRPC Session; a TLS cluster never has one).
+    A worker that dies is restarted by Ray up to ``max_restarts`` times (-1: always).
     """
 
     num_workers: int = 2
@@ -198,6 +199,7 @@ class PoolConfig:
     worker_host: str = "127.0.0.1"
     worker_port: int = 0
     worker_http_port: int | None = 0
+    worker_session_port: int | None = 0
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float | None = None
     max_restarts: int = -1
@@ -209,8 +211,9 @@ class PoolConfig:
                  "must be >= 0")
         require(self.max_restarts >= -1, "max_restarts", "must be >= -1")
         require(0 <= self.worker_port < 65536, "worker_port", "must be in [0, 65535]")
-        require(self.worker_http_port is None or 0 <= self.worker_http_port < 65536, "worker_http_port",
-                "must be in [0, 65535]")
+        for name in ("worker_http_port", "worker_session_port"):
+            port = getattr(self, name)
+            require(port is None or 0 <= port < 65536, name, "must be in [0, 65535]")
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,12 @@ def worker_name(index: int) -> str:
 
 
 class WorkerActor:
-    """One engine behind the internal gRPC API (and the HTTP API on ``http_port`` unless None, secured by
-    ``security``). Wrapped with ``ray.remote`` by ``WorkerPool``."""
+    """One engine behind the internal gRPC API (and the HTTP API on ``http_port`` unless None, the framed Session
+    on ``session_port`` unless None, secured by ``security``). Wrapped with ``ray.remote`` by ``WorkerPool``."""
 
     def __init__(self, worker_id: str, engine_config: EngineConfig, host: str, port: int, num_threads: int,
-                 metrics: MetricsConfig, http_port: int | None, security: SecurityConfig, bus: BusConfig) -> None:
+                 metrics: MetricsConfig, http_port: int | None, security: SecurityConfig, bus: BusConfig,
+                 session_port: int | None = 0) -> None:
         import torch
 
         from radixserve.worker.engine import Engine
@@ -59,7 +60,7 @@ class WorkerActor:
             shared = make_bus(bus) if bus.backend != "inprocess" else None
             return WorkerServer(engine, worker_id, host=host, port=port, metrics_host=metrics.host,
                                 metrics_port=metrics.worker_port, http_port=http_port, security=security,
-                                bus=shared, bus_config=bus)
+                                bus=shared, bus_config=bus, session_port=session_port)
 
         self._server = self._call(build())
         self._call(self._server.start())
@@ -103,7 +104,8 @@ class WorkerPool:
                 max_concurrency=4)
             self.actors.append(options.remote(worker_name(i), self._config.engine, pool.worker_host,
                                               pool.worker_port, num_threads, self._config.metrics,
-                                              pool.worker_http_port, self._config.security, self._bus_config))
+                                              pool.worker_http_port, self._config.security, self._bus_config,
+                                              pool.worker_session_port))
         records = []
         for i, actor in enumerate(self.actors):
             record = WorkerRecord.from_bytes(await asyncio.wait_for(actor.record.remote(), _STARTUP_TIMEOUT_S))

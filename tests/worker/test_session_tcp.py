@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 
 import grpc
@@ -156,3 +157,23 @@ def test_closing_the_connection_aborts_its_running_request_and_frees_its_pages(c
 
     run(main)
     assert "long" in engine.abort_requests and not engine.has_unfinished()
+
+
+def test_the_session_listens_on_the_port_asked_for_and_not_at_all_with_none(checkpoint: Checkpoint) -> None:
+    with socket.socket() as probe:  # a port free a moment ago, for the worker to take
+        probe.bind(("127.0.0.1", 0))
+        wanted = probe.getsockname()[1]
+
+    async def info_of(session_port: int | None) -> tuple[int | None, int]:
+        server = WorkerServer(make_engine(checkpoint), "worker-0", session_port=session_port)
+        address = await server.start()
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                info = await worker_pb2_grpc.WorkerStub(channel).GetInfo(worker_pb2.GetInfoRequest(),
+                                                                         timeout=RPC_TIMEOUT_S)
+            return server.session_port, info.session_port
+        finally:
+            await server.stop(grace_s=5)
+
+    assert run(lambda: info_of(wanted)) == (wanted, wanted)
+    assert run(lambda: info_of(None)) == (None, 0)  # GetInfo's 0: none offered, routers use the gRPC Session

@@ -32,6 +32,7 @@ def test_toml_then_overrides(tmp_path: Path):
     ("[router]\npolicy = \"fastest\"\n", "router.policy"),
     ("[engine]\nkv_cache_dtype = \"fp8\"\n", "engine.kv_cache_dtype"),
     ("[pool]\nnum_workers = 0\n", "pool.num_workers"),
+    ("[pool]\nworker_session_port = 70000\n", "pool.worker_session_port"),
     ("router = 3\n", "router"),
     ("[pool\n", "config"),
 ])
