@@ -131,7 +131,7 @@ class ClusterRunner:
             self.ray_address = context.address_info.get("gcs_address", "")
         self._loop.start()
         timer.step(f"starting {pool.num_workers} workers ({self.config.engine.model}; the first start of a "
-                   f"machine also builds the native kernels, about 30 s)")
+                   f"machine also builds the native kernels, about 40 s on 2 cores)")
         self._run(self._start_pool(timer))
         replicas = self.config.router.replicas
         bus_url = redact_url(self.bus_config.url or "")
