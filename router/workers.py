@@ -259,12 +259,13 @@ class WorkerClient:
     async def _refresh(self) -> None:
         timeout = max(self._interval * 4, 1.0)
         load = await self.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=timeout, metadata=self._metadata)
+        info = None
         if self.info is None or load.incarnation != self.info.incarnation:
             info = await self.stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=timeout, metadata=self._metadata)
-            if not self._closed:
-                self._learn(info)
         if self._closed:  # replaced meanwhile: a newer client of the worker owns its cursor
             return
+        if info is not None:
+            self._learn(info)
         if load.draining and not self.load.draining:
             log.info("worker %s is draining: no new requests go there", self.worker_id)
         self.load = load
