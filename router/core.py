@@ -39,6 +39,7 @@ from radixserve.cluster.base.generation import (GenerationDelta, GenerationError
 from radixserve.cluster.base.hashing import namespace_seed, page_hashes
 from radixserve.cluster.base.requests import ModelLimits, PreparedRequest, Preparer
 from radixserve.cluster.base.tokenizer import Tokenizer
+from radixserve.cluster.base.wire import chunk_from_proto
 from radixserve.router.metrics import RouterMetrics
 from radixserve.router.policies import RouteRequest, make_policy
 from radixserve.router.prefix_index import PrefixIndex
@@ -155,13 +156,17 @@ class RouterCore:
         self.num_in_flight += 1
         started = time.monotonic()
         first_token = True
+        ttft: float | None = None
         try:
             async with contextlib.aclosing(self._serve(request)) as deltas:
                 async for delta in deltas:
                     if first_token and any(choice.token_ids for choice in delta.choices):
                         first_token = False
-                        self._metrics.ttft.observe(time.monotonic() - started)
+                        ttft = time.monotonic() - started
                     yield delta
+                    if ttft is not None:  # observed once the client has the token, off its path
+                        self._metrics.ttft.observe(ttft)
+                        ttft = None
         except GenerationError as error:
             self._finish(method, error.status.name)
             raise
@@ -258,7 +263,9 @@ class RouterCore:
                           [c.peer_load for c in clients])
         chosen = clients[decision.worker]
         matched = min(decision.matched_pages * model.page_size / max(route.num_prompt_tokens, 1), 1.0)
-        self._metrics.on_decision(chosen.worker_id, time.perf_counter() - started, matched)
+        # Recorded at the loop's next turn, which comes once the request is on its way to the worker.
+        asyncio.get_running_loop().call_soon(self._metrics.on_decision, chosen.worker_id,
+                                             time.perf_counter() - started, matched)
         return chosen, decision
 
     async def _attempt(self, client: WorkerClient, decision: Decision, prepared: PreparedRequest,
@@ -281,17 +288,20 @@ class RouterCore:
             parts = client.generate(attempt_id, prepared.token_ids, prepared.params, timeout_s)
             async with contextlib.aclosing(parts):
                 async for part in parts:
-                    if not responded:
-                        responded = True
-                        client.outstanding.first_token(attempt_id)
-                    num_new = sum(len(choice.token_ids) for choice in part.choices)
-                    client.outstanding.progress(attempt_id, num_new)
+                    choices = tuple(chunk_from_proto(c) for c in part.choices)
+                    num_new = sum(len(choice.token_ids) for choice in choices)
                     num_tokens += num_new
                     usage = None
                     if part.finished:
                         usage = Usage(part.num_prompt_tokens, part.num_cached_tokens, num_tokens)
+                    yield GenerationDelta(prepared.request_id, choices, client.worker_id, usage)
+                    # The accounting waits until the client has the tokens (no await comes between).
+                    if not responded:
+                        responded = True
+                        client.outstanding.first_token(attempt_id)
+                    client.outstanding.progress(attempt_id, num_new)
+                    if usage is not None:
                         self._count_tokens(client.worker_id, usage)
-                    yield GenerationDelta(prepared.request_id, part.choices, client.worker_id, usage)
         except WorkerCallFailed as failure:
             if not responded:
                 self._workers.withdraw_routed(client.worker_id, hashes)

@@ -36,9 +36,8 @@ from google.protobuf.message import DecodeError
 from radixserve.cluster.base.bus import (BusUnavailable, ChangeKind, EventBus, Lost, RegistryChange, Subscription,
                                          WorkerRecord)
 from radixserve.cluster.base.config import BusConfig
-from radixserve.cluster.base.generation import ChoiceDelta
 from radixserve.cluster.base.sampling_params import SamplingParams
-from radixserve.cluster.base.wire import chunk_from_proto, sampling_options_to_proto
+from radixserve.cluster.base.wire import sampling_options_to_proto
 from radixserve.router.kv_events import BatchOutcome, KvEventSequencer
 from radixserve.router.metrics import RouterMetrics
 from radixserve.router.prefix_index import PrefixIndex
@@ -53,17 +52,6 @@ log = logging.getLogger(__name__)
 
 _RETRY_S = 0.5  # pause before re-subscribing to a worker's KV events
 _MALFORMED_LOG_EVERY = 100  # log the first malformed entry of a worker's log, then every this many
-
-
-@dataclass(frozen=True)
-class WorkerPart:
-    """One message of a worker's answer: what each sample produced since the previous one; the prompt's token
-    counts; ``finished`` on the last."""
-
-    choices: tuple[ChoiceDelta, ...]
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    finished: bool
 
 
 @dataclass(frozen=True)
@@ -197,19 +185,16 @@ class WorkerClient:
             return False
         return self.load.num_waiting >= self.info.max_waiting_requests
 
-    async def generate(self, request_id: str, token_ids: tuple[int, ...], params: SamplingParams,
-                       timeout_s: float | None) -> AsyncIterator[WorkerPart]:
-        """Stream the worker's answer to one request (over the worker's session stream,
-        ``router.worker_session``); a failed request raises ``WorkerCallFailed``.
+    def generate(self, request_id: str, token_ids: tuple[int, ...], params: SamplingParams,
+                 timeout_s: float | None) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        """The worker's responses to one request, over its session stream (``router.worker_session``), sent at the
+        first ``anext``; a failed request raises ``WorkerCallFailed``.
 
         Closing the stream before it ends aborts the request on the worker and frees its pages.
         """
         request = worker_pb2.WorkerGenerateRequest(request_id=request_id, token_ids=token_ids,
                                                    sampling=sampling_options_to_proto(params))
-        async with contextlib.aclosing(self._session.generate(request, timeout_s)) as parts:
-            async for part in parts:
-                yield WorkerPart(tuple(chunk_from_proto(c) for c in part.choices), part.num_prompt_tokens,
-                                 part.num_cached_tokens, part.finished)
+        return self._session.generate(request, timeout_s)
 
     def _framed_target(self) -> tuple[str, int] | None:
         """Where the worker's framed Session listens (on the host of its address), None where it offers none."""

@@ -1,12 +1,13 @@
 """The worker's end of ``Worker.Session``: Generate requests multiplexed over one stream.
 
 A router keeps one such stream per worker, because setting up a gRPC call costs more than routing a request
-(``bench/bench_front_door_floor.py``). ``serve_session`` reads the stream's messages as they come: a ``generate``
+(``bench/bench_front_door_floor.py``). A ``SessionServer`` takes the stream's messages as they come: a ``generate``
 starts the request as a task of its own, an ``abort`` cancels that task (which aborts the request in the engine
-and frees its pages). Each request's responses are tagged with its id; one that is refused or fails ends with a
-response carrying the gRPC status code and details its own Generate call would have ended with. When the client
-closes its side, the requests still running finish first; when the stream ends otherwise (cancelled, the router
-gone), every request still running is aborted.
+and frees its pages). Each request's responses are tagged with its id and handed to the transport by the
+request's own task, as the engine yields them (no queue and no task between the engine and the socket: each hop
+costs a turn of the event loop, with caches cold after a model step). One that is refused or fails ends with a
+response carrying the gRPC status code and details its own Generate call would have ended with.
+``serve_session`` adapts it to the gRPC ``Session`` call; ``worker.session_tcp`` to the framed one.
 """
 
 from __future__ import annotations
@@ -22,17 +23,83 @@ from radixserve.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 Responses = Callable[[worker_pb2.WorkerGenerateRequest], AsyncIterator[worker_pb2.WorkerGenerateResponse]]
+Send = Callable[[worker_pb2.WorkerSessionResponse], None]
 _Answer = worker_pb2.WorkerSessionResponse | Undecodable | None
+
+
+class SessionServer:
+    """One Session stream's requests: ``receive`` each message as it arrives; every answer goes to ``send``
+    (which must not block: a transport write, a queue put), from the task serving its request. ``finish`` when
+    the client is done sending (the requests still running end first), ``close`` when the stream ended otherwise
+    (every request still running is aborted)."""
+
+    def __init__(self, responses: Responses, send: Send) -> None:
+        self._responses = responses
+        self._send = send
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    def receive(self, message: worker_pb2.WorkerSessionRequest) -> None:
+        if message.WhichOneof("kind") == "abort":
+            task = self._running.get(message.abort)
+            if task is not None:
+                task.cancel()
+            return
+        request = message.generate
+        request_id = request.request_id
+        if not request_id:
+            self._send(_error(request_id, GenerationError(Status.INVALID_ARGUMENT, "must not be empty on a "
+                                                          "session stream", "request_id")))
+        elif request_id in self._running:
+            self._send(_error(request_id, GenerationError(Status.ALREADY_EXISTS, f"{request_id!r} is in "
+                                                          "flight on this stream", "request_id")))
+        else:
+            self._running[request_id] = asyncio.get_running_loop().create_task(self._serve(request))
+
+    async def finish(self) -> None:
+        """Wait for the requests still running to end."""
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Abort every request still running, and wait for them to end."""
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, request: worker_pb2.WorkerGenerateRequest) -> None:
+        request_id = request.request_id
+        try:
+            async with contextlib.aclosing(self._responses(request)) as parts:
+                async for part in parts:
+                    self._send(worker_pb2.WorkerSessionResponse(request_id=request_id, response=part))
+        except GenerationError as error:
+            self._send(_error(request_id, error))
+        except Exception:  # a bug: the request still gets its end, and the stream's other requests go on
+            log.exception("request %s failed on a session stream", request_id)
+            self._send(_error(request_id, GenerationError(Status.INTERNAL, "internal error")))
+        finally:
+            self._running.pop(request_id, None)
 
 
 async def serve_session(requests: AsyncIterator[worker_pb2.WorkerSessionRequest | Undecodable],
                         responses: Responses) -> AsyncIterator[worker_pb2.WorkerSessionResponse | Undecodable]:
-    """The answers to a Session stream's ``requests``, each request served by ``responses`` (which raises
+    """The answers to a gRPC Session stream's ``requests``, each request served by ``responses`` (which raises
     ``GenerationError`` for a request refused or failed). A message that does not parse is yielded as the
-    ``Undecodable`` it is, and ends the stream: its request cannot be named."""
+    ``Undecodable`` it is, and ends the stream: its request cannot be named. When the client closes its side, the
+    requests still running finish first; when the stream ends otherwise, every request still running is aborted."""
     outbox: asyncio.Queue[_Answer] = asyncio.Queue()
-    running: dict[str, asyncio.Task[None]] = {}
-    reader = asyncio.create_task(_read(requests, responses, outbox, running))
+    server = SessionServer(responses, outbox.put_nowait)
+
+    async def read() -> None:
+        async for message in requests:
+            if isinstance(message, Undecodable):
+                outbox.put_nowait(message)
+                return
+            server.receive(message)
+        await server.finish()
+        outbox.put_nowait(None)
+
+    reader = asyncio.create_task(read())
     try:
         while (answer := await outbox.get()) is not None:
             yield answer
@@ -40,51 +107,8 @@ async def serve_session(requests: AsyncIterator[worker_pb2.WorkerSessionRequest 
                 return
     finally:
         reader.cancel()
-        for task in list(running.values()):
-            task.cancel()
-        await asyncio.gather(reader, *running.values(), return_exceptions=True)
-
-
-async def _read(requests: AsyncIterator[worker_pb2.WorkerSessionRequest | Undecodable], responses: Responses,
-                outbox: asyncio.Queue[_Answer], running: dict[str, asyncio.Task[None]]) -> None:
-    async for message in requests:
-        if isinstance(message, Undecodable):
-            outbox.put_nowait(message)
-            return
-        if message.WhichOneof("kind") == "abort":
-            task = running.get(message.abort)
-            if task is not None:
-                task.cancel()
-            continue
-        request = message.generate
-        request_id = request.request_id
-        if not request_id:
-            outbox.put_nowait(_error(request_id, GenerationError(Status.INVALID_ARGUMENT, "must not be empty on a "
-                                                                 "session stream", "request_id")))
-            continue
-        if request_id in running:
-            outbox.put_nowait(_error(request_id, GenerationError(Status.ALREADY_EXISTS, f"{request_id!r} is in "
-                                                                 "flight on this stream", "request_id")))
-            continue
-        running[request_id] = asyncio.create_task(_serve(request, responses, outbox, running))
-    await asyncio.gather(*running.values(), return_exceptions=True)  # the client is done sending: finish the rest
-    outbox.put_nowait(None)
-
-
-async def _serve(request: worker_pb2.WorkerGenerateRequest, responses: Responses, outbox: asyncio.Queue[_Answer],
-                 running: dict[str, asyncio.Task[None]]) -> None:
-    request_id = request.request_id
-    try:
-        async with contextlib.aclosing(responses(request)) as parts:
-            async for part in parts:
-                outbox.put_nowait(worker_pb2.WorkerSessionResponse(request_id=request_id, response=part))
-    except GenerationError as error:
-        outbox.put_nowait(_error(request_id, error))
-    except Exception:  # a bug: the request still gets its end, and the stream's other requests go on
-        log.exception("request %s failed on a session stream", request_id)
-        outbox.put_nowait(_error(request_id, GenerationError(Status.INTERNAL, "internal error")))
-    finally:
-        running.pop(request_id, None)
+        await server.close()
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 def _error(request_id: str, error: GenerationError) -> worker_pb2.WorkerSessionResponse:

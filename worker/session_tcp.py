@@ -3,7 +3,7 @@
 A routed request crosses the Session twice (the request in, its tokens out); over gRPC each message costs both
 sides a hop through grpcio's completion-queue thread, over a framed stream one write and one read on the event loop
 (``cluster.base.framing`` gives the figures). The messages and their meaning are the gRPC Session's
-(``worker.session.serve_session``):
+(``worker.session.SessionServer``):
 
 - the client's first frame is a ``WorkerSessionHello`` carrying what gRPC metadata would (``authorization``); a
   worker with a cluster key answers a wrong or missing one with a ``WorkerSessionResponse`` whose ``request_id``
@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
 
 from google.protobuf.message import DecodeError
 
@@ -31,7 +30,7 @@ from radixserve.cluster.base.generation import Status
 from radixserve.cluster.base.security import ApiKeys
 from radixserve.cluster.base.wire import Undecodable, grpc_code
 from radixserve.v1 import worker_pb2
-from radixserve.worker.session import Responses, serve_session
+from radixserve.worker.session import Responses, SessionServer
 
 
 class SessionListener:
@@ -89,34 +88,27 @@ class SessionListener:
         return True
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Feed the frames to ``serve_session`` and write its answers back, until either side ends."""
-        inbox: asyncio.Queue[worker_pb2.WorkerSessionRequest | Undecodable] = asyncio.Queue()
-        answering = asyncio.create_task(self._answer(_messages(inbox), writer))
-        try:
-            while not answering.done() and (data := await read_frame(reader, self._max_bytes)) is not None:
-                inbox.put_nowait(_parse(data))
-        except FrameError as error:
-            inbox.put_nowait(Undecodable(f"WorkerSessionRequest: {error}"))
-            await asyncio.wait([answering], timeout=1.0)  # let the refusal go out
-        finally:
-            answering.cancel()  # aborts every request still running on the connection
-            await asyncio.gather(answering, return_exceptions=True)
+        """Hand each frame to a ``SessionServer`` whose requests write their answers on ``writer``, until the
+        connection ends or a frame is refused.
 
-    async def _answer(self, requests: AsyncIterator[worker_pb2.WorkerSessionRequest | Undecodable],
-                      writer: asyncio.StreamWriter) -> None:
-        async with contextlib.aclosing(serve_session(requests, self._responses)) as answers:
-            async for answer in answers:
-                if isinstance(answer, Undecodable):
-                    await _refuse(writer, Status.INVALID_ARGUMENT, answer.details)
-                    return
+        Answers are written without waiting for the transport to drain: each is a few tokens, the requests on a
+        connection are bounded by the worker's queue, so what the transport may buffer is too."""
+        def send(answer: worker_pb2.WorkerSessionResponse) -> None:
+            if not writer.is_closing():
                 writer.write(frame(answer.SerializeToString()))
-                await writer.drain()
 
-
-async def _messages(inbox: asyncio.Queue[worker_pb2.WorkerSessionRequest | Undecodable]
-                    ) -> AsyncIterator[worker_pb2.WorkerSessionRequest | Undecodable]:
-    while True:
-        yield await inbox.get()
+        server = SessionServer(self._responses, send)
+        try:
+            while (data := await read_frame(reader, self._max_bytes)) is not None:
+                message = _parse(data)
+                if isinstance(message, Undecodable):
+                    await _refuse(writer, Status.INVALID_ARGUMENT, message.details)
+                    return
+                server.receive(message)
+        except FrameError as error:
+            await _refuse(writer, Status.INVALID_ARGUMENT, f"WorkerSessionRequest: {error}")
+        finally:
+            await server.close()  # aborts every request still running on the connection
 
 
 def _parse(data: bytes) -> worker_pb2.WorkerSessionRequest | Undecodable:

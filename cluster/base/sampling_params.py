@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 INT64_LIMIT = 2**63  # every int travels as an int64 (protobuf, OpenAI's schema)
@@ -58,6 +59,18 @@ def _check_stops(stop: tuple[object, ...]) -> None:
         _require(_encodable(s), "stop", "strings UTF-8 can encode (no lone surrogate)", s)
 
 
+# Each float parameter's range: a test of the value and how its error states the range. Every request builds
+# ``SamplingParams`` at least twice (front end and worker), so the rules are built once, here.
+_FLOAT_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "temperature": (lambda v: v >= 0, ">= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "> 0"),
+    "frequency_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "presence_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
+}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the tokens of one request.
@@ -110,15 +123,7 @@ class SamplingParams:
             _require(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"None or in [0, {MAX_LOGPROBS}]", self.logprobs)
 
     def _validate_floats(self) -> None:
-        ranges = {
-            "temperature": (lambda v: v >= 0, ">= 0"),
-            "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-            "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-            "repetition_penalty": (lambda v: v > 0, "> 0"),
-            "frequency_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
-            "presence_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
-        }
-        for name, (ok, expectation) in ranges.items():
+        for name, (ok, expectation) in _FLOAT_RANGES.items():
             value = _check_float(name, getattr(self, name))
             _require(ok(value), name, expectation, value)
             object.__setattr__(self, name, value)

@@ -35,6 +35,7 @@ from radixserve.cluster.base.bus import EventBus
 from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.control.discovery import keep_targets, write_targets
 from radixserve.cluster.base.config import ClusterConfig, load_cluster_config
+from radixserve.cluster.base.heap import freeze_startup_heap
 from radixserve.cluster.base.loop_thread import LoopThread
 from radixserve.cluster.base.model_store import ModelStore, radixserve_home
 from radixserve.cluster.base.security import ApiKeys
@@ -351,6 +352,7 @@ def _foreground(config: ClusterConfig) -> int:
     except BaseException:  # Ctrl-C while starting
         runner.stop(say)
         raise
+    freeze_startup_heap()
     for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs a SIGTERM handler of its own
         signal.signal(signum, lambda *_: stop.set())
     state = ClusterState(os.getpid(), runner.router_address, runner.ray_address,

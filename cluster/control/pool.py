@@ -26,6 +26,7 @@ from radixserve.cluster.base.bus import EventBus, WorkerRecord
 from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.base.config import (BusConfig, ClusterConfig, EngineConfig, MetricsConfig, PoolConfig,
                                             SecurityConfig)
+from radixserve.cluster.base.heap import freeze_startup_heap
 from radixserve.cluster.base.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class WorkerActor:
 
         self._server = self._call(build())
         self._call(self._server.start())
+        freeze_startup_heap()
 
     def _call(self, coroutine: Any, timeout: float | None = None) -> Any:
         return self._loop.call(coroutine, timeout)

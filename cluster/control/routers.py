@@ -19,6 +19,7 @@ import ray
 
 from radixserve.cluster.base.buses import make_bus
 from radixserve.cluster.base.config import BusConfig, ClusterConfig, MetricsConfig, RouterConfig, SecurityConfig
+from radixserve.cluster.base.heap import freeze_startup_heap
 from radixserve.cluster.base.loop_thread import LoopThread
 from radixserve.cluster.base.security import ApiKeys
 
@@ -67,6 +68,7 @@ class RouterActor:
 
         self._router = self._call(build())
         self._call(self._router.start(), _STARTUP_TIMEOUT_S)
+        freeze_startup_heap()
 
     def _call(self, coroutine: Any, timeout: float | None = None) -> Any:
         return self._loop.call(coroutine, timeout)
