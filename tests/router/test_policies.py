@@ -195,14 +195,33 @@ def test_prefix_rejects_a_negative_load_weight() -> None:
 
 
 def test_an_output_token_owed_weighs_decode_weight_prompt_tokens() -> None:
-    """The hot-prefix case of the cluster benchmark: a worker holding ten cheap cached requests (65 prompt tokens
-    and 32 output tokens each still owed) against one prefilling a cold 1,088-token prompt. Counted token for
-    token the cached worker looks idler (970 < 1,120) and would take the next cold group too; in time, its ten
-    requests' 320 output tokens cost three prompt tokens each, so the cold group goes to the other worker."""
-    cached = Candidate("cached", 0, 10, 10, pending_prefill_tokens=650, pending_output_tokens=320, active_pages=0)
-    cold = Candidate("cold", 0, 1, 1, pending_prefill_tokens=1088, pending_output_tokens=32, active_pages=0)
+    """A worker holding ten cheap cached requests (65 prompt tokens and 32 output tokens each still owed) against
+    one prefilling a 1,088-token prompt, both holding the request's first page. Counted token for token the cached
+    worker looks idler (970 < 1,120) and takes the request; in time, its ten requests' 320 output tokens cost
+    three prompt tokens each, so the request goes to the other worker."""
+    cached = Candidate("cached", 1, 10, 10, pending_prefill_tokens=650, pending_output_tokens=320, active_pages=0)
+    cold = Candidate("cold", 1, 1, 1, pending_prefill_tokens=1088, pending_output_tokens=32, active_pages=0)
     assert PrefixPolicy(0.35, 1.0, random.Random(0)).choose(REQUEST, [cached, cold]) == 0
     assert PrefixPolicy(0.35, 3.0, random.Random(0)).choose(REQUEST, [cached, cold]) == 1
+
+
+def test_a_new_prefix_joins_the_worker_with_fewer_requests_unless_another_is_far_less_loaded() -> None:
+    """The hot-prefix case of the cluster benchmark: a prompt no worker holds (a new group) between a worker
+    serving ten cheap requests of a hot prefix and one prefilling a single long prompt. In tokens the first looks
+    a little idler; the group's later requests will follow the first, so it joins the worker serving fewer
+    requests. A worker far less loaded in tokens (by more than twice the prompt's weighted prefill) still wins."""
+    policy = PrefixPolicy(0.35, 3.0, random.Random(0))
+    hot = Candidate("hot", 0, 10, 10, pending_prefill_tokens=650, pending_output_tokens=0, active_pages=0)
+    cold = Candidate("cold", 0, 1, 1, pending_prefill_tokens=1088, pending_output_tokens=0, active_pages=0)
+    assert policy.cost(REQUEST, hot) < policy.cost(REQUEST, cold)
+    assert policy.choose(REQUEST, [hot, cold]) == 1
+    band = 2 * REQUEST.num_prompt_tokens  # NEW_PREFIX_SLACK x the prompt, in pending tokens (load_weight cancels)
+    swamped = Candidate("swamped", 0, 1, 1, pending_prefill_tokens=650 + band + 1, pending_output_tokens=0,
+                        active_pages=0)
+    assert policy.choose(REQUEST, [hot, swamped]) == 0
+    within = Candidate("within", 0, 1, 1, pending_prefill_tokens=650 + band - 1, pending_output_tokens=0,
+                       active_pages=0)
+    assert policy.choose(REQUEST, [hot, within]) == 1
 
 
 def test_prefix_rejects_a_negative_decode_weight() -> None:
