@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -115,6 +115,38 @@ class _Request:
         output = sum(min(seq.params.max_tokens - seq.num_generated, max_model_len - len(seq.token_ids))
                      for seq in self.seqs if seq.status is not SeqStatus.FINISHED)
         return prefill, output
+
+
+class RequestStream:
+    """The outputs of one request the engine took in (``Engine.submit``), in order, up to its finished one;
+    ``RequestFailed`` when the request's own work or a step running it failed (after the outputs before the
+    failure). ``close`` (idempotent) ends it: before the finished output, that aborts the request and frees its
+    pages. Its consumer must close it however it ends."""
+
+    def __init__(self, request_id: str, queue: asyncio.Queue[RequestOutput],
+                 on_close: Callable[[str, bool], None]) -> None:
+        self.request_id = request_id
+        self._queue = queue
+        self._on_close = on_close
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        self._finished = item.finished
+        if item.error is not None:
+            raise RequestFailed(item.error)
+        return item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._on_close(self.request_id, self._finished)
 
 
 class Engine:
@@ -513,6 +545,17 @@ class Engine:
 
     # ---- asyncio --------------------------------------------------------------------------------------
 
+    def submit(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+               request_id: str | None = None) -> RequestStream:
+        """Takes the request in now (``add_request``'s checks and errors) and returns the stream of its outputs,
+        which its consumer must close however it ends. Call on the event loop: the stepping starts at its next
+        turn, whether or not anyone reads the stream yet."""
+        request_id = self.add_request(prompt, params, request_id)
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._ensure_driver()
+        return RequestStream(request_id, queue, self._end_stream)
+
     async def generate(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; closing the iterator early aborts the request.
@@ -522,23 +565,19 @@ class Engine:
         responsive; one driver task serves every concurrent ``generate`` of this engine,
         and ends when nothing is left to do.
         """
-        request_id = self.add_request(prompt, params, request_id)
-        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._streams[request_id] = stream
-        self._ensure_driver()
-        finished = False
+        stream = self.submit(prompt, params, request_id)
         try:
-            while not finished:
-                item = await stream.get()
-                finished = item.finished
-                if item.error is not None:
-                    raise RequestFailed(item.error)
-                yield item
+            async for output in stream:
+                yield output
         finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
-                self._ensure_driver()
+            stream.close()
+
+    def _end_stream(self, request_id: str, finished: bool) -> None:
+        """A stream was closed: forget it, and abort its request unless it finished."""
+        self._streams.pop(request_id, None)
+        if not finished:
+            self.abort(request_id)
+            self._ensure_driver()
 
     def _ensure_driver(self) -> None:
         if self._driver is None or self._driver.done():

@@ -18,14 +18,21 @@ class InFlight:
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
-        self.count += 1
-        self._idle.clear()
+        self.begin()
         try:
             yield
         finally:
-            self.count -= 1
-            if not self.count:
-                self._idle.set()
+            self.end()
+
+    def begin(self) -> None:
+        """Count one more request, until its ``end``."""
+        self.count += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self._idle.set()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` (none when not positive) for every request to end; True if they all did."""

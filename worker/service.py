@@ -44,13 +44,13 @@ from radixserve.cluster.base.wire import (Undecodable, add_servicer, chunk_to_pr
 from radixserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from radixserve.worker.backend import EngineBackend, engine_error
 from radixserve.worker.bus_publisher import BusPublisher
-from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed
+from radixserve.worker.engine import Engine, EngineOverloaded, RequestFailed, RequestStream
 from radixserve.worker.http_api import worker_app
 from radixserve.worker.kv_hub import (DEFAULT_MAX_PENDING_BATCHES, KvBatches, KvEventHub, KvHubClosed,
                                       KvSubscriberLagged, KvSubscription)
 from radixserve.worker.in_flight import InFlight
 from radixserve.worker.outputs import RequestOutput
-from radixserve.worker.session import serve_session
+from radixserve.worker.session import Admitted, serve_session
 from radixserve.worker.session_tcp import SessionListener
 
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
@@ -123,33 +123,34 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Session(self, requests: AsyncIterator[worker_pb2.WorkerSessionRequest | Undecodable],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerSessionResponse]:
-        async with contextlib.aclosing(serve_session(requests, self.responses)) as answers:
+        async with contextlib.aclosing(serve_session(requests, self.admit)) as answers:
             async for answer in answers:
                 if isinstance(answer, Undecodable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, answer.details)
                 yield answer
 
-    async def responses(self, request: worker_pb2.WorkerGenerateRequest
-                        ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
-        """One Generate request's responses, counted in flight for ``wait_idle``; closing the stream aborts the
-        request and frees its pages. Raises ``GenerationError`` when the request is refused (draining:
-        UNAVAILABLE; a bad field, a full queue, an id in flight) or its own work failed (INTERNAL)."""
+    def admit(self, request: worker_pb2.WorkerGenerateRequest) -> Admitted:
+        """Take one Generate request in now; its responses follow, counted in flight for ``wait_idle`` until the
+        stream is closed (which the caller must do however it ends; closing early aborts the request and frees its
+        pages). Raises ``GenerationError`` when the request is refused (draining: UNAVAILABLE; a bad field, a full
+        queue, an id in flight); the stream raises it when the request's own work failed (INTERNAL)."""
         if self._draining:
             raise GenerationError(Status.UNAVAILABLE, "worker is draining")
-        with self._in_flight.track():
-            try:
-                try:
-                    outputs = self._engine.generate(list(request.token_ids), _request_params(request),
-                                                    request.request_id)
-                    first = await anext(outputs)  # the engine validates the request before its first output
-                except (ValueError, EngineOverloaded) as error:
-                    raise engine_error(error).renamed(lambda name: _WIRE_FIELDS.get(name, name)) from None
-                async with contextlib.aclosing(outputs):
-                    yield _response(first)
-                    async for output in outputs:
-                        yield _response(output)
-            except RequestFailed as error:  # this request's own work failed; the others go on
-                raise GenerationError(Status.INTERNAL, str(error)) from None
+        try:
+            outputs = self._engine.submit(list(request.token_ids), _request_params(request), request.request_id)
+        except (ValueError, EngineOverloaded) as error:
+            raise engine_error(error).renamed(lambda name: _WIRE_FIELDS.get(name, name)) from None
+        return _Responses(outputs, self._in_flight)
+
+    async def responses(self, request: worker_pb2.WorkerGenerateRequest
+                        ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        """``admit``'s responses as a generator, whose closing closes the stream."""
+        admitted = self.admit(request)
+        try:
+            async for response in admitted:
+                yield response
+        finally:
+            admitted.close()
 
     async def GetInfo(self, request: worker_pb2.GetInfoRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.WorkerInfo:
@@ -299,7 +300,7 @@ class WorkerServer:
         add_servicer(server, SERVICE, self._service)
         # The framed Session is plain TCP: TLS clusters keep to the gRPC one.
         if not self._security.tls and self._session_port_wanted is not None:
-            self._sessions = SessionListener(self._service.responses, self._keys, self._max_message_bytes)
+            self._sessions = SessionListener(self._service.admit, self._keys, self._max_message_bytes)
             self._session_port = await self._sessions.start(self._host, self._session_port_wanted)
             self._service.offer_framed_session(self._session_port)
         self._health = HealthReporter(server, [SERVICE_NAME])
@@ -352,6 +353,31 @@ def _request_params(request: worker_pb2.WorkerGenerateRequest) -> SamplingParams
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise ValueError(f"request_id: {len(request.request_id)} characters, at most {MAX_REQUEST_ID_CHARS} allowed")
     return sampling_params_from_proto(request.sampling)
+
+
+class _Responses:
+    """An admitted request's responses (``Admitted``), counted in ``in_flight`` until closed."""
+
+    def __init__(self, outputs: RequestStream, in_flight: InFlight) -> None:
+        self._outputs = outputs
+        self._in_flight = in_flight
+        self._closed = False
+        in_flight.begin()
+
+    def __aiter__(self) -> _Responses:
+        return self
+
+    async def __anext__(self) -> worker_pb2.WorkerGenerateResponse:
+        try:
+            return _response(await anext(self._outputs))
+        except RequestFailed as error:  # this request's own work failed; the others go on
+            raise GenerationError(Status.INTERNAL, str(error)) from None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._outputs.close()
+            self._in_flight.end()
 
 
 def _response(output: RequestOutput) -> worker_pb2.WorkerGenerateResponse:

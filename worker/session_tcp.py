@@ -30,16 +30,16 @@ from radixserve.cluster.base.generation import Status
 from radixserve.cluster.base.security import ApiKeys
 from radixserve.cluster.base.wire import Undecodable, grpc_code
 from radixserve.v1 import worker_pb2
-from radixserve.worker.session import Responses, SessionServer
+from radixserve.worker.session import Admit, SessionServer
 
 
 class SessionListener:
-    """Serves framed Sessions on ``host`` (``start``: port 0 takes a free port) over ``responses`` (the worker's
-    ``WorkerService.responses``), to clients with one of ``keys`` (any client when none is required), with frames
-    up to ``max_message_bytes``. Runs once: ``start``, then ``stop``."""
+    """Serves framed Sessions on ``host`` (``start``: port 0 takes a free port), taking requests in with
+    ``admit`` (the worker's ``WorkerService.admit``), to clients with one of ``keys`` (any client when none is
+    required), with frames up to ``max_message_bytes``. Runs once: ``start``, then ``stop``."""
 
-    def __init__(self, responses: Responses, keys: ApiKeys, max_message_bytes: int) -> None:
-        self._responses = responses
+    def __init__(self, admit: Admit, keys: ApiKeys, max_message_bytes: int) -> None:
+        self._admit = admit
         self._keys = keys
         self._max_bytes = max_message_bytes
         self._server: asyncio.Server | None = None
@@ -97,7 +97,7 @@ class SessionListener:
             if not writer.is_closing():
                 writer.write(frame(answer.SerializeToString()))
 
-        server = SessionServer(self._responses, send)
+        server = SessionServer(self._admit, send)
         try:
             while (data := await read_frame(reader, self._max_bytes)) is not None:
                 message = _parse(data)

@@ -159,6 +159,35 @@ def test_closing_the_connection_aborts_its_running_request_and_frees_its_pages(c
     assert "long" in engine.abort_requests and not engine.has_unfinished()
 
 
+def test_a_request_aborted_in_the_write_that_brought_it_is_aborted_in_the_engine_and_the_session_serves_on(
+        checkpoint: Checkpoint) -> None:
+    """The worker takes a request in as its frame arrives, before the task that forwards its tokens runs: an abort
+    read in the same turn cancels that task before it ever ran, and must still end the request in the engine."""
+    engine = make_engine(checkpoint)
+
+    async def main() -> list[int]:
+        server = WorkerServer(engine, "worker-0")
+        address = await server.start()
+        try:
+            assert server.session_port is not None
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = worker_pb2_grpc.WorkerStub(channel)
+                client = await Client.connect(server.session_port)
+                both = [worker_pb2.WorkerSessionRequest(generate=request(PROMPT, LONG, request_id="long")),
+                        worker_pb2.WorkerSessionRequest(abort="long")]
+                client.writer.write(b"".join(frame(m.SerializeToString()) for m in both))
+                await until(lambda: pages_released(stub), "the aborted request's pages to be freed")
+                client.send(worker_pb2.WorkerSessionRequest(generate=request(PROMPT, request_id="after")))
+                tokens = await client.tokens("after")  # nothing of "long" came first
+                client.close()
+                return tokens
+        finally:
+            await server.stop(grace_s=5)
+
+    assert run(main) == direct_run(checkpoint, PROMPT, GREEDY).tokens
+    assert "long" in engine.abort_requests and not engine.has_unfinished()
+
+
 def test_the_session_listens_on_the_port_asked_for_and_not_at_all_with_none(checkpoint: Checkpoint) -> None:
     with socket.socket() as probe:  # a port free a moment ago, for the worker to take
         probe.bind(("127.0.0.1", 0))
