@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
+from collections.abc import AsyncIterator
 
 import grpc
 from conditions import until
@@ -15,6 +17,7 @@ from radixserve.cluster.base.config import SecurityConfig
 from radixserve.cluster.base.framing import frame, read_frame
 from radixserve.v1 import worker_pb2, worker_pb2_grpc
 from radixserve.worker.models.checkpoint import Checkpoint
+from radixserve.worker.engine import Engine
 from radixserve.worker.service import WorkerServer
 
 MAX_BYTES = 4 * 2**20
@@ -51,6 +54,19 @@ class Client:
 
     def close(self) -> None:
         self.writer.close()
+
+
+@contextlib.asynccontextmanager
+async def session_client(engine: Engine) -> AsyncIterator[tuple[worker_pb2_grpc.WorkerStub, Client]]:
+    """A worker serving ``engine``: its gRPC stub and a framed Session client; the worker stops on the way out."""
+    server = WorkerServer(engine, "worker-0")
+    address = await server.start()
+    try:
+        assert server.session_port is not None
+        async with grpc.aio.insecure_channel(address) as channel:
+            yield worker_pb2_grpc.WorkerStub(channel), await Client.connect(server.session_port)
+    finally:
+        await server.stop(grace_s=5)
 
 
 def test_a_framed_session_serves_what_a_generate_call_would(checkpoint: Checkpoint) -> None:
@@ -138,22 +154,14 @@ def test_closing_the_connection_aborts_its_running_request_and_frees_its_pages(c
     engine = make_engine(checkpoint)
 
     async def main() -> None:
-        server = WorkerServer(engine, "worker-0")
-        address = await server.start()
-        try:
-            assert server.session_port is not None
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = worker_pb2_grpc.WorkerStub(channel)
-                client = await Client.connect(server.session_port)
-                client.send(worker_pb2.WorkerSessionRequest(generate=request(PROMPT, LONG, request_id="long")))
-                for _ in range(3):
-                    answer = await client.answer()
-                    assert answer is not None and answer.request_id == "long"
-                assert not await pages_released(stub)  # the request holds pages while it runs
-                client.close()
-                await until(lambda: pages_released(stub), "the closed connection's request to free its pages")
-        finally:
-            await server.stop(grace_s=5)
+        async with session_client(engine) as (stub, client):
+            client.send(worker_pb2.WorkerSessionRequest(generate=request(PROMPT, LONG, request_id="long")))
+            for _ in range(3):
+                answer = await client.answer()
+                assert answer is not None and answer.request_id == "long"
+            assert not await pages_released(stub)  # the request holds pages while it runs
+            client.close()
+            await until(lambda: pages_released(stub), "the closed connection's request to free its pages")
 
     run(main)
     assert "long" in engine.abort_requests and not engine.has_unfinished()
@@ -166,23 +174,15 @@ def test_a_request_aborted_in_the_write_that_brought_it_is_aborted_in_the_engine
     engine = make_engine(checkpoint)
 
     async def main() -> list[int]:
-        server = WorkerServer(engine, "worker-0")
-        address = await server.start()
-        try:
-            assert server.session_port is not None
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = worker_pb2_grpc.WorkerStub(channel)
-                client = await Client.connect(server.session_port)
-                both = [worker_pb2.WorkerSessionRequest(generate=request(PROMPT, LONG, request_id="long")),
-                        worker_pb2.WorkerSessionRequest(abort="long")]
-                client.writer.write(b"".join(frame(m.SerializeToString()) for m in both))
-                await until(lambda: pages_released(stub), "the aborted request's pages to be freed")
-                client.send(worker_pb2.WorkerSessionRequest(generate=request(PROMPT, request_id="after")))
-                tokens = await client.tokens("after")  # nothing of "long" came first
-                client.close()
-                return tokens
-        finally:
-            await server.stop(grace_s=5)
+        async with session_client(engine) as (stub, client):
+            both = [worker_pb2.WorkerSessionRequest(generate=request(PROMPT, LONG, request_id="long")),
+                    worker_pb2.WorkerSessionRequest(abort="long")]
+            client.writer.write(b"".join(frame(m.SerializeToString()) for m in both))
+            await until(lambda: pages_released(stub), "the aborted request's pages to be freed")
+            client.send(worker_pb2.WorkerSessionRequest(generate=request(PROMPT, request_id="after")))
+            tokens = await client.tokens("after")  # nothing of "long" came first
+            client.close()
+            return tokens
 
     assert run(main) == direct_run(checkpoint, PROMPT, GREEDY).tokens
     assert "long" in engine.abort_requests and not engine.has_unfinished()
