@@ -114,9 +114,10 @@ class SessionServer:
 
 async def serve_session(requests: AsyncIterator[worker_pb2.WorkerSessionRequest | Undecodable],
                         admit: Admit) -> AsyncIterator[worker_pb2.WorkerSessionResponse | Undecodable]:
-    """The answers to a gRPC Session stream's ``requests``, each request taken in by ``admit``. A message that does not parse is yielded as the
-    ``Undecodable`` it is, and ends the stream: its request cannot be named. When the client closes its side, the
-    requests still running finish first; when the stream ends otherwise, every request still running is aborted."""
+    """The answers to a gRPC Session stream's ``requests``, each request taken in by ``admit``. A message that
+    does not parse is yielded as the ``Undecodable`` it is, and ends the stream: its request cannot be named. When
+    the client closes its side, the requests still running finish first; when the stream ends otherwise, every
+    request still running is aborted."""
     outbox: asyncio.Queue[_Answer] = asyncio.Queue()
     server = SessionServer(admit, outbox.put_nowait)
 
