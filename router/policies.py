@@ -75,11 +75,6 @@ def uncached_tokens(request: RouteRequest, candidate: Candidate) -> int:
     return max(request.num_prompt_tokens - candidate.matched_pages * request.page_size, 1)
 
 
-# How far above the least cost a new prefix may go to join a worker serving fewer requests: in multiples of its
-# own weighted prefill (``PrefixPolicy``; 2 from the simulator's runs of bench_cluster.py's workloads).
-NEW_PREFIX_SLACK = 2.0
-
-
 class PrefixPolicy(Policy):
     """Least estimated work before the first token, in prompt tokens' time: ``uncached_tokens + load_weight *
     (pending_prefill_tokens + decode_weight * pending_output_tokens)``: an output token still owed costs
@@ -89,12 +84,8 @@ class PrefixPolicy(Policy):
     Ties go to more matched pages, then fewer requests queued, then one drawn uniformly from ``rng``, so that
     idle workers share cold requests evenly.
 
-    A prompt no worker holds a page of (a new prefix) goes, among the workers whose cost is within
-    ``NEW_PREFIX_SLACK`` times its own weighted prefill of the least, to the one with the fewest requests queued
-    (then the least cost): the requests that later share its prefix will follow it, so it should join the worker
-    serving the smaller share of the traffic, which the pending tokens misjudge while one fresh long prefill
-    dominates them (on ``bench_cluster.py``'s ``hot_prefix`` they sent cold groups to the worker holding the hot
-    prompt). The band keeps a worker far less loaded in tokens preferred.
+    A prompt no worker holds a page of (a new prefix) follows the same rule: the least pending work wins, not
+    the fewest requests (a worker serving many cached requests of a hot prefix owes little work per request).
 
     When a hot prefix spreads: a worker holding the prefix keeps winning its requests while its weighted
     pending work exceeds another worker's by at most ``saved / load_weight``, ``saved`` being the prefill it
@@ -119,10 +110,6 @@ class PrefixPolicy(Policy):
         return uncached_tokens(request, candidate) + self._load_weight * pending
 
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
-        if not any(c.matched_pages for c in candidates):
-            costs = [self.cost(request, c) for c in candidates]
-            near = min(costs) + NEW_PREFIX_SLACK * self._load_weight * request.num_prompt_tokens
-            return lowest([(cost > near, c.num_queued, cost) for cost, c in zip(costs, candidates)], self._rng)
         return lowest([(self.cost(request, c), -c.matched_pages, c.num_queued) for c in candidates], self._rng)
 
 

@@ -205,23 +205,16 @@ def test_an_output_token_owed_weighs_decode_weight_prompt_tokens() -> None:
     assert PrefixPolicy(0.35, 3.0, random.Random(0)).choose(REQUEST, [cached, cold]) == 1
 
 
-def test_a_new_prefix_joins_the_worker_with_fewer_requests_unless_another_is_far_less_loaded() -> None:
-    """The hot-prefix case of the cluster benchmark: a prompt no worker holds (a new group) between a worker
-    serving ten cheap requests of a hot prefix and one prefilling a single long prompt. In tokens the first looks
-    a little idler; the group's later requests will follow the first, so it joins the worker serving fewer
-    requests. A worker far less loaded in tokens (by more than twice the prompt's weighted prefill) still wins."""
+def test_a_new_prefix_goes_to_the_worker_owing_less_work_though_it_serves_more_requests() -> None:
+    """A prompt no worker holds (a new group) between a worker serving ten cheap requests of a hot prefix and one
+    prefilling a single long prompt: the first owes less work, so it takes the group, whatever the request counts
+    (the simulator over 32 seeds of bench_cluster.py's workloads: joining the worker with fewer requests instead
+    lost throughput on eviction and hot_prefix)."""
     policy = PrefixPolicy(0.35, 3.0, random.Random(0))
     hot = Candidate("hot", 0, 10, 10, pending_prefill_tokens=650, pending_output_tokens=0, active_pages=0)
     cold = Candidate("cold", 0, 1, 1, pending_prefill_tokens=1088, pending_output_tokens=0, active_pages=0)
-    assert policy.cost(REQUEST, hot) < policy.cost(REQUEST, cold)
-    assert policy.choose(REQUEST, [hot, cold]) == 1
-    band = 2 * REQUEST.num_prompt_tokens  # NEW_PREFIX_SLACK x the prompt, in pending tokens (load_weight cancels)
-    swamped = Candidate("swamped", 0, 1, 1, pending_prefill_tokens=650 + band + 1, pending_output_tokens=0,
-                        active_pages=0)
-    assert policy.choose(REQUEST, [hot, swamped]) == 0
-    within = Candidate("within", 0, 1, 1, pending_prefill_tokens=650 + band - 1, pending_output_tokens=0,
-                       active_pages=0)
-    assert policy.choose(REQUEST, [hot, within]) == 1
+    assert policy.choose(REQUEST, [hot, cold]) == 0
+    assert policy.choose(REQUEST, [cold, hot]) == 1
 
 
 def test_prefix_rejects_a_negative_decode_weight() -> None:
