@@ -3,7 +3,8 @@
 ``WorkerSet`` follows the event bus registry: a worker announced there gets a ``WorkerClient``; a withdrawn one
 (or, on a shared bus, one whose heartbeat expired) is closed and forgotten by the prefix index. Each client
 polls its worker's load every ``health_interval_s``, which doubles as the health probe: a worker that stops
-answering is marked ``down`` and routed around until a poll succeeds again; one whose load report (polled, or read
+answering is marked ``down`` and routed around until a poll succeeds again (a refused call marks it down at once, a
+poll past its deadline only the second in a row: one can be the router's own stall); one whose load report (polled, or read
 from the shared bus) says it is draining is marked ``draining`` and sent nothing new. A changed incarnation means the
 worker restarted with an empty cache, so the index forgets it.
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 _RETRY_S = 0.5  # pause before re-subscribing to a worker's KV events
 _MALFORMED_LOG_EVERY = 100  # log the first malformed entry of a worker's log, then every this many
+_MISSED_POLLS_DOWN = 2  # load polls past their deadline in a row that mark a worker down
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class WorkerClient:
         self._info: worker_pb2.WorkerInfo | None = None
         self._load = types_pb2.LoadReport()
         self._answering = False  # its last load poll succeeded and no call failed UNAVAILABLE since
+        self._missed_polls = 0  # load polls past their deadline since the last that succeeded
         self.num_routed = 0
         self.outstanding = WorkerLoad()  # what this router has in flight there
         self.peer_load = NO_REPORT
@@ -222,14 +225,23 @@ class WorkerClient:
         await self._channel.close()
 
     async def refresh(self) -> None:
-        """Poll the worker's load now; a failed poll marks it down. Refreshes may overlap (the poll, a status
-        request's): each learns a new incarnation only if no other did meanwhile, and one that ends after the
-        client was closed changes nothing (a newer client of the worker owns its cursor by then)."""
+        """Poll the worker's load now; a failed poll marks it down, but for the first of polls past their deadline:
+        a stall of the router's own process (a blocked event loop) makes every poll in flight miss its deadline at
+        once, whatever the workers did, and the next poll tells the two apart. Refreshes may overlap (the poll, a
+        status request's): each learns a new incarnation only if no other did meanwhile, and one that ends after
+        the client was closed changes nothing (a newer client of the worker owns its cursor by then)."""
         try:
             await self._refresh()
+            self._missed_polls = 0
         except grpc.aio.AioRpcError as error:
-            if not self._closed:
-                self.mark_down(f"{error.code().name}: {error.details()}")
+            if self._closed:
+                return
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self._missed_polls += 1
+                if self._missed_polls < _MISSED_POLLS_DOWN:
+                    log.info("worker %s: a load poll missed its deadline; down if the next one does", self.worker_id)
+                    return
+            self.mark_down(f"{error.code().name}: {error.details()}")
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not self._closed or (task is not None and task.cancelling()):

@@ -9,12 +9,13 @@ import dataclasses
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from conditions import until
 from router_cluster import cluster
 
 from radixserve.router import workers
-from radixserve.v1 import worker_pb2_grpc
+from radixserve.v1 import api_pb2, types_pb2, worker_pb2_grpc
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.models.loading import open_checkpoint
 
@@ -111,4 +112,50 @@ def test_a_refresh_ending_after_its_client_was_replaced_leaves_the_new_client_li
             assert first is not c.router.workers.clients["w0"]
             await until(lambda: second.events_live and second.state == workers.WorkerState.UP,
                         "the second client to stay live")
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+class MissingStub(worker_pb2_grpc.WorkerStub):
+    """A worker stub whose ``GetLoad`` fails DEADLINE_EXCEEDED while ``MissingStub.misses`` is above 0, each
+    failure taking one: what a poll sees when the router's own process stalled past the poll's deadline."""
+
+    misses = 0
+
+    def __init__(self, channel: object) -> None:
+        super().__init__(channel)
+        real = self.GetLoad
+
+        async def get_load(*args: object, **kwargs: object) -> object:
+            if MissingStub.misses > 0:
+                MissingStub.misses -= 1
+                raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(),
+                                           grpc.aio.Metadata(), "Deadline Exceeded")
+            return await real(*args, **kwargs)
+
+        self.GetLoad = get_load
+
+
+def test_one_load_poll_past_its_deadline_leaves_the_worker_up_and_polls_that_keep_missing_mark_it_down(
+        checkpoint: Checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the fix a single poll past its deadline marked the worker down: a two-second stall of the test
+    process made both workers' polls miss at once, and a request found no worker up (UNAVAILABLE)."""
+    monkeypatch.setattr(workers.worker_pb2_grpc, "WorkerStub", MissingStub)
+    monkeypatch.setattr(MissingStub, "misses", 0)
+
+    async def main() -> None:
+        async with cluster(checkpoint, num_workers=1) as c:
+            client = c.router.workers.clients["w0"]
+            await until(lambda: client.state == workers.WorkerState.UP, "the worker to be up")
+            MissingStub.misses = 1
+            await client.refresh()  # this poll, or the poller's, misses; the failure is handled before it returns
+            assert MissingStub.misses == 0
+            assert client.state == workers.WorkerState.UP
+            reply = await c.stub.Complete(api_pb2.GenerateRequest(
+                token_ids=api_pb2.TokenIds(ids=list(range(5, 25))),
+                sampling=types_pb2.SamplingOptions(max_tokens=2, temperature=0)), timeout=30)
+            assert reply.worker_id == "w0"
+            MissingStub.misses = 10**9  # the worker stops answering in time
+            await until(lambda: client.state == workers.WorkerState.DOWN, "the worker to be marked down")
+            MissingStub.misses = 0
+            await until(lambda: client.state == workers.WorkerState.UP, "the worker to be up again")
     asyncio.run(asyncio.wait_for(main(), 120))
