@@ -20,7 +20,9 @@ workload (``SMALL_POOL_GIB``) in float32 and in int8 (``engine.kv_cache_dtype``)
 arrival schedule as streamed ``/v1/completions`` requests (``stream_options.include_usage``); TTFT is taken at the
 first SSE chunk that carries a choice. Each contender runs ``--repeats`` times (default 2), all runs in one
 shuffled order (``--order-seed``), because this machine's noise moves a run's throughput by 10-30%: the table gives
-medians and the spread (lowest-highest) of each contender's runs.
+medians and the spread (lowest-highest) of each contender's runs. ``--seeds`` runs each contender on the arrivals
+of several workload seeds (``--repeats`` times each): one arrival sequence's draw of group order and timing can
+suit one routing rule by luck; a second table gives each seed's figures.
 
 Reported per contender: prefix hit ratio (cached / prompt tokens, from ``usage.prompt_tokens_details``) and its
 share of the oracle's (one unbounded cache that sees every request in arrival order), TTFT and end-to-end
@@ -77,6 +79,7 @@ from radixserve.v1 import api_pb2, api_pb2_grpc
 from radixserve.worker.models.loading import open_checkpoint
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 RESULTS = Path(__file__).parent / "results"
 PEERS_VENV = Path(__file__).parent / ".venv-peers"
@@ -159,6 +162,7 @@ class ContenderResult:
     kv_pages_per_gib: float  # each worker's KV pool pages (their mean, as the workers report them) per GiB
     errors: int
     router_cpu_ms_per_request: float = float("nan")  # the router process's CPU time over the replay / requests
+    seed: int | None = None  # the workload seed the run's arrivals came from (None in files before --seeds)
     outcomes: list[dict] = field(default_factory=list)
 
 
@@ -548,15 +552,16 @@ def front_door(contender: Contender, cluster: Cluster, workers: Sequence[WorkerE
             yield url
 
 
-def run_shuffled(names: Sequence[str], repeats: int, seed: int, run_one: Callable[[str], T]) -> list[T]:
-    """``run_one(name)`` ``repeats`` times for each of ``names``, all in one order shuffled by ``seed``, so that a
-    noisy machine's drift spreads over every contender; a progress line on stderr per run."""
-    order = [name for name in names for _ in range(repeats)]
+def run_shuffled(keys: Sequence[K], repeats: int, seed: int, run_one: Callable[[K], T]) -> list[T]:
+    """``run_one(key)`` ``repeats`` times for each of ``keys`` (contender names, or (name, workload seed) pairs),
+    all in one order shuffled by ``seed``, so that a noisy machine's drift spreads over every contender; a
+    progress line on stderr per run."""
+    order = [key for key in keys for _ in range(repeats)]
     random.Random(seed).shuffle(order)
     results = []
-    for i, name in enumerate(order, start=1):
-        print(f"run {i}/{len(order)}: {name} ...", file=sys.stderr, flush=True)
-        results.append(run_one(name))
+    for i, key in enumerate(order, start=1):
+        print(f"run {i}/{len(order)}: {key} ...", file=sys.stderr, flush=True)
+        results.append(run_one(key))
     return results
 
 
@@ -654,8 +659,11 @@ def summarize(results: list[ContenderResult]) -> dict[str, dict[str, object]]:
     return summary
 
 
-def print_table(summary: dict[str, dict], oracle: float) -> None:
-    print(f"\noracle hit ratio: {oracle:.3f}; medians over each contender's runs, (lowest-highest) beside\n")
+def print_table(summary: dict[str, dict], oracles: dict[int, float]) -> None:
+    """The summary's table, the oracle's hit ratio of each workload seed above it and the targets below."""
+    ratios = ", ".join(f"{oracle:.3f}" + (f" (seed {seed})" if len(oracles) > 1 else "")
+                       for seed, oracle in oracles.items())
+    print(f"\noracle hit ratio: {ratios}; medians over each contender's runs, (lowest-highest) beside\n")
     print("| contender | runs | hit ratio | of oracle | TTFT p50 | TTFT p99 | e2e p50 | e2e p99 | req/s "
           "| busier worker's share | HTTP router overhead p50 / p99 | router CPU / request | KV pages / GiB | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -670,6 +678,19 @@ def print_table(summary: dict[str, dict], oracle: float) -> None:
               f"{shares} | {r['router_overhead_p50_ms']:.2f} / {r['router_overhead_p99_ms']:.2f} ms | "
               f"{spread('router_cpu_ms_per_request', '.2f')} ms | {r['kv_pages_per_gib']:,.0f} | {r['errors']} |")
     print("\ntargets (medians): " + "; ".join(target_lines(summary)))
+
+
+def print_seed_table(results: list[ContenderResult], seeds: Sequence[int]) -> None:
+    """Per workload seed, each contender's median req/s and TTFT p99 over its runs of that seed."""
+    print("\n| contender | " + " | ".join(f"seed {seed}: req/s, TTFT p99" for seed in seeds) + " |")
+    print("|---|" + "---|" * len(seeds))
+    for name in dict.fromkeys(r.policy for r in results):
+        cells = []
+        for seed in seeds:
+            runs = [r for r in results if r.policy == name and r.seed == seed]
+            cells.append(f"{statistics.median(r.requests_per_s for r in runs):.3f}, "
+                         f"{statistics.median(r.ttft_p99_ms for r in runs) / 1000:.1f} s")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def target_lines(summary: dict[str, dict]) -> list[str]:
@@ -753,6 +774,9 @@ def main() -> int:
                         choices=list(CONTENDERS))
     parser.add_argument("--repeats", type=int, default=2, help="runs of each contender, all in one shuffled order")
     parser.add_argument("--order-seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="workload seeds: each contender runs --repeats times on each seed's arrivals (default: "
+                        "the workload's own seed); one arrival sequence favours whichever rule its draw suits")
     parser.add_argument("--kv-memory-gib", type=float, default=0.3,
                         help="KV cache per worker (0.3 GiB, 6.5k tokens, holds about 6 of the 8 groups' prompts)")
     parser.add_argument("--overhead-pairs", type=int, default=60)
@@ -763,18 +787,31 @@ def main() -> int:
     out = args.out or default_out(workload)
     tokenizer = load_tokenizer()
     vocabulary = word_vocabulary(tokenizer)
-    arrivals = workload.arrivals(vocabulary)
-    texts = prompt_texts(arrivals, tokenizer)
     probe = make_probe(vocabulary, tokenizer)
-    oracle = oracle_hit_ratio(arrivals, MODEL)
-    results = run_shuffled(args.contenders, args.repeats, args.order_seed,
-                           lambda name: run_contender(CONTENDERS[name], arrivals, texts, probe, workload, args, oracle))
+    seeds = args.seeds or [workload.seed]
+    specs = {seed: dataclasses.replace(workload, seed=seed) for seed in seeds}
+    arrivals = {seed: spec.arrivals(vocabulary) for seed, spec in specs.items()}
+    texts = {seed: prompt_texts(arrivals[seed], tokenizer) for seed in seeds}
+    oracles = {seed: oracle_hit_ratio(arrivals[seed], MODEL) for seed in seeds}
+
+    def run_one(key: tuple[str, int]) -> ContenderResult:
+        name, seed = key
+        result = run_contender(CONTENDERS[name], arrivals[seed], texts[seed], probe, specs[seed], args, oracles[seed])
+        result.seed = seed
+        return result
+
+    results = run_shuffled([(name, seed) for name in args.contenders for seed in seeds], args.repeats,
+                           args.order_seed, run_one)
     summary = summarize(results)
-    print_table(summary, oracle)
+    print_table(summary, oracles)
+    if len(seeds) > 1:
+        print_seed_table(results, seeds)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"workload_name": workload.name, "workload": asdict(workload),
-                               "kv_memory_gib": args.kv_memory_gib,
-                               "oracle_hit_ratio": oracle, "cpu": cpu_model(), "peers": peer_versions(),
+                               "kv_memory_gib": args.kv_memory_gib, "seeds": seeds,
+                               "oracle_hit_ratio": oracles[seeds[0]],
+                               "oracle_hit_ratios": {str(seed): oracle for seed, oracle in oracles.items()},
+                               "cpu": cpu_model(), "peers": peer_versions(),
                                "contenders": {n: asdict(CONTENDERS[n]) for n in args.contenders},
                                "order": [r.policy for r in results], "summary": summary,
                                "results": [asdict(r) for r in results]}, indent=1))

@@ -70,7 +70,8 @@ def measured_runs(paths: list[Path]) -> tuple[dict, dict[str, list[dict]]]:
         if (data["workload"], data["kv_memory_gib"]) != (first["workload"], first["kv_memory_gib"]):
             raise SystemExit(f"{path}: another workload or KV size than {paths[0]}")
         for result in data["results"]:
-            by_policy.setdefault(result["policy"], []).append(result)
+            if result.get("seed") in (None, data["workload"]["seed"]):  # runs of other seeds replay other arrivals
+                by_policy.setdefault(result["policy"], []).append(result)
     return first, by_policy
 
 
