@@ -32,8 +32,8 @@ overhead: the TTFT of a short cached request through the contender minus the sam
 worker that served it (each pair also asks the other worker, so the serving one, known from the counters
 afterwards, always has its direct twin), in pairs whose order alternates; the router process's CPU time per
 request over the replay (user and system from /proc, of the process listening on the contender's HTTP port: for
-ours the ``radixserve up`` process hosting the router, for a peer its own); and the KV pages per GiB of pool the
-workers report.
+ours the ``radixserve up`` process hosting the router, for a peer its own) and the two worker processes' together
+(each the process listening on the worker's HTTP port); and the KV pages per GiB of pool the workers report.
 
     bash bench/peers/setup.sh                      # once: the peers and aiperf in bench/.venv-peers
     python bench/bench_cluster.py                  # table on stdout, JSON in bench/results/cluster.json
@@ -162,6 +162,7 @@ class ContenderResult:
     kv_pages_per_gib: float  # each worker's KV pool pages (their mean, as the workers report them) per GiB
     errors: int
     router_cpu_ms_per_request: float = float("nan")  # the router process's CPU time over the replay / requests
+    worker_cpu_ms_per_request: float = float("nan")  # the worker processes' CPU time over the replay / requests
     seed: int | None = None  # the workload seed the run's arrivals came from (None in files before --seeds)
     outcomes: list[dict] = field(default_factory=list)
 
@@ -574,8 +575,8 @@ def router_pid(url: str) -> int:
 def run_contender(contender: Contender, arrivals: list[Arrival], texts: Sequence[str], probe: Probe,
                   w: WorkloadSpec, args: argparse.Namespace, oracle: float) -> ContenderResult:
     """One run on a fresh cluster: the replay, then the overhead pairs, through the contender's front door (a peer
-    routes to the workers itself; our router then runs round_robin, unused). The router process's CPU time (user
-    and system, from /proc) is read before and after the replay."""
+    routes to the workers itself; our router then runs round_robin, unused). The router process's and the worker
+    processes' CPU time (user and system, from /proc) are read before and after the replay."""
     cluster_policy = contender.policy if contender.router == "radixserve" else "round_robin"
     kv_memory_gib = contender.kv_memory_gib or args.kv_memory_gib
     with Cluster(cluster_policy, kv_memory_gib, settings=contender.settings) as cluster:
@@ -584,15 +585,19 @@ def run_contender(contender: Contender, arrivals: list[Arrival], texts: Sequence
         with front_door(contender, cluster, workers) as url:
             before = settled_finished(workers, 0)
             pid = router_pid(url)
+            worker_pids = [router_pid(worker.http_url) for worker in workers]
             cpu_before = cpu_seconds(pid)
+            workers_cpu_before = sum(map(cpu_seconds, worker_pids))
             outcomes, makespan = asyncio.run(replay(url, arrivals, w.output_len,
                                                     texts if contender.text_prompts else None))
             router_cpu_s = cpu_seconds(pid) - cpu_before
+            workers_cpu_s = sum(map(cpu_seconds, worker_pids)) - workers_cpu_before
             after = settled_finished(workers, sum(before.values()) + len(arrivals))
             overhead = asyncio.run(router_overhead(url, workers, args.overhead_pairs, probe, contender.text_prompts))
     served = {wid: after[wid] - before.get(wid, 0.0) for wid in after}
     result = summarize_run(contender.name, outcomes, makespan, served, overhead, oracle, kv_pages_per_gib)
     result.router_cpu_ms_per_request = _ms(router_cpu_s / len(arrivals))
+    result.worker_cpu_ms_per_request = _ms(workers_cpu_s / len(arrivals))
     return result
 
 
@@ -638,7 +643,7 @@ def _ms(seconds: float) -> float:
 
 SUMMARY_FIELDS = ("hit_ratio", "oracle_share", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
                   "requests_per_s", "output_tokens_per_s", "router_overhead_p50_ms", "router_overhead_p99_ms",
-                  "kv_pages_per_gib", "router_cpu_ms_per_request")
+                  "kv_pages_per_gib", "router_cpu_ms_per_request", "worker_cpu_ms_per_request")
 
 
 def summarize(results: list[ContenderResult]) -> dict[str, dict[str, object]]:
@@ -665,8 +670,9 @@ def print_table(summary: dict[str, dict], oracles: dict[int, float]) -> None:
                        for seed, oracle in oracles.items())
     print(f"\noracle hit ratio: {ratios}; medians over each contender's runs, (lowest-highest) beside\n")
     print("| contender | runs | hit ratio | of oracle | TTFT p50 | TTFT p99 | e2e p50 | e2e p99 | req/s "
-          "| busier worker's share | HTTP router overhead p50 / p99 | router CPU / request | KV pages / GiB | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| busier worker's share | HTTP router overhead p50 / p99 | router CPU / request | workers' CPU / request "
+          "| KV pages / GiB | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in summary.items():
         def spread(figure: str, fmt: str, scale: float = 1.0) -> str:
             low, high = r[figure + "_range"]
@@ -676,7 +682,8 @@ def print_table(summary: dict[str, dict], oracles: dict[int, float]) -> None:
               f"{spread('ttft_p50_ms', ',.1f', 1e-3)} s | {spread('ttft_p99_ms', ',.1f', 1e-3)} s | "
               f"{r['e2e_p50_ms'] / 1000:,.1f} s | {r['e2e_p99_ms'] / 1000:,.1f} s | {spread('requests_per_s', '.3f')} | "
               f"{shares} | {r['router_overhead_p50_ms']:.2f} / {r['router_overhead_p99_ms']:.2f} ms | "
-              f"{spread('router_cpu_ms_per_request', '.2f')} ms | {r['kv_pages_per_gib']:,.0f} | {r['errors']} |")
+              f"{spread('router_cpu_ms_per_request', '.2f')} ms | {spread('worker_cpu_ms_per_request', '.0f')} ms | "
+              f"{r['kv_pages_per_gib']:,.0f} | {r['errors']} |")
     print("\ntargets (medians): " + "; ".join(target_lines(summary)))
 
 
