@@ -403,7 +403,7 @@ def test_a_stream_serves_a_bounded_number_of_requests_at_once(background_cluster
         call = stub.ModelStreamInfer(iter([infer_request(request_id=f"r{i}") for i in range(6)]), timeout=TIMEOUT_S)
         deadline = time.monotonic() + TIMEOUT_S
         while engine.load().num_waiting + engine.load().num_running < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.01)  # the poll interval
         held = background_cluster.router.core.num_in_flight
     finally:
         engine.gate.set()

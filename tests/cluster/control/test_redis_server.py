@@ -20,7 +20,7 @@ from radixserve.cluster.control.redis_server import LocalRedisServer
 server = LocalRedisServer(Path(sys.argv[1]))
 server.start()
 print(server.pid, flush=True)
-time.sleep(600)
+time.sleep(600)  # the parent of redis-server lives on until the test kills it (600 s only bounds it)
 """
 
 
@@ -29,7 +29,7 @@ def wait_gone(pid: int) -> bool:
     while time.monotonic() < deadline:
         if not _alive(pid):
             return True
-        time.sleep(0.05)
+        time.sleep(0.05)  # the poll interval
     return False
 
 
