@@ -3,10 +3,10 @@
 ``WorkerSet`` follows the event bus registry: a worker announced there gets a ``WorkerClient``; a withdrawn one
 (or, on a shared bus, one whose heartbeat expired) is closed and forgotten by the prefix index. Each client
 polls its worker's load every ``health_interval_s``, which doubles as the health probe: a worker that stops
-answering is marked ``down`` and routed around until a poll succeeds again (a refused call marks it down at once, a
-poll past its deadline only the second in a row: one can be the router's own stall); one whose load report (polled, or read
-from the shared bus) says it is draining is marked ``draining`` and sent nothing new. A changed incarnation means the
-worker restarted with an empty cache, so the index forgets it.
+answering is marked ``down`` and routed around until a poll succeeds again (a refused call marks it down at once,
+a poll past its deadline only the second in a row: one can be the router's own stall); one whose load report
+(polled, or read from the shared bus) says it is draining is marked ``draining`` and sent nothing new. A changed
+incarnation means the worker restarted with an empty cache, so the index forgets it.
 
 KV events reach the index from each worker's log on the bus (``EventBus.follow_kv``), applied in the worker's
 sequence order (``KvEventSequencer``), so routers learn of events the same way whatever the backend. On a
