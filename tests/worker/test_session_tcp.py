@@ -57,25 +57,30 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def session_client(engine: Engine) -> AsyncIterator[tuple[worker_pb2_grpc.WorkerStub, Client]]:
-    """A worker serving ``engine``: its gRPC stub and a framed Session client; the worker stops on the way out."""
-    server = WorkerServer(engine, "worker-0")
+async def serving(engine: Engine, security: SecurityConfig | None = None) -> AsyncIterator[tuple[WorkerServer, str]]:
+    """A worker serving ``engine``, started, with its gRPC address and a framed Session port; stopped on the way
+    out."""
+    server = WorkerServer(engine, "worker-0", security=security)
     address = await server.start()
     try:
         assert server.session_port is not None
-        async with grpc.aio.insecure_channel(address) as channel:
-            yield worker_pb2_grpc.WorkerStub(channel), await Client.connect(server.session_port)
+        yield server, address
     finally:
         await server.stop(grace_s=5)
+
+
+@contextlib.asynccontextmanager
+async def session_client(engine: Engine) -> AsyncIterator[tuple[worker_pb2_grpc.WorkerStub, Client]]:
+    """A worker serving ``engine``: its gRPC stub and a framed Session client; the worker stops on the way out."""
+    async with serving(engine) as (server, address), grpc.aio.insecure_channel(address) as channel:
+        yield worker_pb2_grpc.WorkerStub(channel), await Client.connect(server.session_port)
 
 
 def test_a_framed_session_serves_what_a_generate_call_would(checkpoint: Checkpoint) -> None:
     engine = make_engine(checkpoint)
 
     async def main() -> list[int]:
-        server = WorkerServer(engine, "worker-0")
-        address = await server.start()
-        try:
+        async with serving(engine) as (server, address):
             async with grpc.aio.insecure_channel(address) as channel:
                 info = await worker_pb2_grpc.WorkerStub(channel).GetInfo(worker_pb2.GetInfoRequest(),
                                                                          timeout=RPC_TIMEOUT_S)
@@ -85,8 +90,6 @@ def test_a_framed_session_serves_what_a_generate_call_would(checkpoint: Checkpoi
             tokens = await client.tokens("a")
             client.close()
             return tokens
-        finally:
-            await server.stop(grace_s=5)
 
     assert run(main) == direct_run(checkpoint, PROMPT, GREEDY).tokens
 
@@ -96,10 +99,7 @@ def test_without_the_cluster_key_the_session_is_refused_unauthenticated(checkpoi
 
     async def main() -> tuple[worker_pb2.WorkerSessionResponse | None, worker_pb2.WorkerSessionResponse | None,
                               list[int]]:
-        server = WorkerServer(engine, "worker-0", security=SecurityConfig(cluster_key=KEY))
-        await server.start()
-        try:
-            assert server.session_port is not None
+        async with serving(engine, SecurityConfig(cluster_key=KEY)) as (server, _):
             refusals = []
             for authorization in ("", "Bearer not-the-key"):
                 client = await Client.connect(server.session_port, authorization)
@@ -112,8 +112,6 @@ def test_without_the_cluster_key_the_session_is_refused_unauthenticated(checkpoi
             tokens = await allowed.tokens("a")
             allowed.close()
             return refusals[0], refusals[1], tokens
-        finally:
-            await server.stop(grace_s=5)
 
     missing, wrong, tokens = run(main)
     for refusal in (missing, wrong):
@@ -127,10 +125,7 @@ def test_a_frame_that_does_not_parse_or_is_too_long_is_refused_and_the_worker_se
     engine = make_engine(checkpoint)
 
     async def main() -> list[worker_pb2.WorkerSessionResponse | None]:
-        server = WorkerServer(engine, "worker-0")
-        await server.start()
-        try:
-            assert server.session_port is not None
+        async with serving(engine) as (server, _):
             refusals = []
             for raw in (frame(b"\xff\xff\xff"), struct.pack("<I", MAX_BYTES + 1)):
                 client = await Client.connect(server.session_port)
@@ -142,8 +137,6 @@ def test_a_frame_that_does_not_parse_or_is_too_long_is_refused_and_the_worker_se
             assert await after.tokens("after") == direct_run(checkpoint, PROMPT, GREEDY).tokens
             after.close()
             return refusals
-        finally:
-            await server.stop(grace_s=5)
 
     for refusal in run(main):
         assert refusal is not None and refusal.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0], refusal
