@@ -566,9 +566,9 @@ def run_shuffled(keys: Sequence[K], repeats: int, seed: int, run_one: Callable[[
     return results
 
 
-def router_pid(url: str) -> int:
-    """The pid of the router process serving ``url`` (``http://host:port``): the one listening on its port (for
-    ours, the ``radixserve up`` process that hosts the router)."""
+def serving_pid(url: str) -> int:
+    """The pid of the process serving ``url`` (``http://host:port``): the one listening on its port (for our router,
+    the ``radixserve up`` process that hosts it; for a worker, its actor's process)."""
     return listening_pid(int(url.rpartition(":")[2]))
 
 
@@ -584,8 +584,8 @@ def run_contender(contender: Contender, arrivals: list[Arrival], texts: Sequence
         kv_pages_per_gib = cluster.kv_pages_per_gib()
         with front_door(contender, cluster, workers) as url:
             before = settled_finished(workers, 0)
-            pid = router_pid(url)
-            worker_pids = [router_pid(worker.http_url) for worker in workers]
+            pid = serving_pid(url)
+            worker_pids = [serving_pid(worker.http_url) for worker in workers]
             cpu_before = cpu_seconds(pid)
             workers_cpu_before = sum(map(cpu_seconds, worker_pids))
             outcomes, makespan = asyncio.run(replay(url, arrivals, w.output_len,

@@ -30,7 +30,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench_cluster import (CONTENDERS, PEERS, RESULTS, Cluster, load_tokenizer, make_probe, peer_router,
-                           quantile, router_overhead, router_pid, word_vocabulary)
+                           quantile, router_overhead, serving_pid, word_vocabulary)
 from machine import cpu_model
 from proc_cpu import cpu_seconds
 
@@ -65,7 +65,7 @@ def measure(name: str, url: str, cluster_workers: list, probe, pairs: int, profi
     """One contender's overhead pairs, its router's CPU time per routed request (as read, and net of its idle
     rate over the pairs' wall time), and its profile if asked."""
     contender = CONTENDERS[name]
-    pid = router_pid(url)
+    pid = serving_pid(url)
     idle_rate = idle_cpu_ms_per_s(pid, idle_s)
     spy = None
     if profile is not None and contender.router == "radixserve":
