@@ -2,10 +2,10 @@
 
 Setting up a gRPC call costs more than routing a request (``bench/bench_front_door_floor.py``: about 0.9 ms on a
 2-core EPYC), so a ``WorkerSession`` opens one stream on first use and sends each request on it as a message. The
-stream is the worker's framed Session (``worker.session_tcp``: the same messages over plain TCP, a write and a
-read on the event loop each) where the worker offers one, else the gRPC ``Session`` call (a TLS cluster), whose
-messages a task of its own writes. The stream's reader hands each answer to the request it names; a request never
-awaits a send, so closing one never blocks.
+stream is the worker's framed Session (``worker.session_tcp``: the same messages over plain TCP, a write on the
+event loop each, and each answer handed to its request in the I/O callback that read it) where the worker offers
+one, else the gRPC ``Session`` call (a TLS cluster), whose messages a task of its own writes and another reads. A
+request never awaits a send, so closing one never blocks.
 
 Guarantees, as a Generate call of its own would give them:
 
@@ -24,12 +24,12 @@ import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from radixserve.cluster.base.framing import FrameError, frame, read_frame
+from radixserve.cluster.base.framing import FrameDecoder, FrameError, frame
 from radixserve.cluster.base.generation import Status
 from radixserve.cluster.base.wire import status_of
 from radixserve.v1 import worker_pb2, worker_pb2_grpc
@@ -65,16 +65,28 @@ class _Stream(ABC):
         """Send ``message`` without waiting (an error of the connection shows in the answers)."""
 
     @abstractmethod
-    def answers(self) -> AsyncIterator[worker_pb2.WorkerSessionResponse]:
-        """The worker's answers, ending or raising ``WorkerCallFailed`` when the session ends."""
-
-    @abstractmethod
     def cancel(self) -> None:
         """End the session: the worker aborts every request still running on it."""
 
+    def deliver(self, answer: worker_pb2.WorkerSessionResponse) -> None:
+        """Hand ``answer`` to the request it names (none when that request already ended)."""
+        waiting = self.waiting.get(answer.request_id)
+        if waiting is not None:
+            waiting.put_nowait(answer)
+
+    def fail(self, failure: WorkerCallFailed) -> None:
+        """The session ended: every request still on it fails with ``failure``, and the next request opens a new
+        session. Only the first call counts."""
+        if self.failure is None:
+            self.failure = failure
+            self.cancel()
+            for waiting in self.waiting.values():
+                waiting.put_nowait(failure)
+
 
 class _GrpcStream(_Stream):
-    """A ``Worker.Session`` call; its messages are written by a task of its own, one at a time."""
+    """A ``Worker.Session`` call; its messages are written by a task of its own, one at a time, and its answers
+    read by another (``read``)."""
 
     def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
         super().__init__()
@@ -83,13 +95,6 @@ class _GrpcStream(_Stream):
 
     def send(self, message: worker_pb2.WorkerSessionRequest) -> None:
         self.outbox.put_nowait(message)
-
-    async def answers(self) -> AsyncIterator[worker_pb2.WorkerSessionResponse]:
-        try:
-            async for answer in self.call:
-                yield answer
-        except grpc.aio.AioRpcError as error:
-            raise WorkerCallFailed(status_of(error.code()), error.details() or error.code().name) from None
 
     def cancel(self) -> None:
         self.call.cancel()
@@ -103,45 +108,82 @@ class _GrpcStream(_Stream):
         except Exception:  # the call ended: the reader hears why and fails its requests
             self.call.cancel()
 
+    async def read(self) -> None:
+        """Deliver each answer; when the call ends, fail every request still on it."""
+        failure = WorkerCallFailed(Status.UNAVAILABLE, "the worker ended the session stream")
+        try:
+            async for answer in self.call:
+                self.deliver(answer)
+        except grpc.aio.AioRpcError as error:
+            failure = WorkerCallFailed(status_of(error.code()), error.details() or error.code().name)
+        except asyncio.CancelledError:
+            failure = WorkerCallFailed(Status.CANCELLED, "the session stream was closed")
+            raise
+        except Exception as error:  # a bug: the requests on the stream still end
+            log.exception("a worker session stream failed")
+            failure = WorkerCallFailed(Status.INTERNAL, f"the session stream failed: {error!r}")
+        finally:
+            self.fail(failure)
 
-class _FramedStream(_Stream):
-    """A framed Session connection (``worker.session_tcp``): a message is one write on the transport."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_message_bytes: int) -> None:
+class _FramedStream(_Stream, asyncio.Protocol):
+    """A framed Session connection (``worker.session_tcp``): a message is one write on the transport, and each
+    answer is delivered in the I/O callback that brought it (no reader task between)."""
+
+    def __init__(self, max_message_bytes: int) -> None:
         super().__init__()
-        self._reader = reader
-        self._writer = writer
-        self._max_bytes = max_message_bytes
+        self._decoder = FrameDecoder(max_message_bytes)
+        self._transport: asyncio.Transport | None = None
 
     @classmethod
     async def open(cls, host: str, port: int, metadata: tuple[tuple[str, str], ...],
                    max_message_bytes: int) -> _FramedStream:
         """Connect and send the hello (the ``authorization`` of ``metadata``); ``WorkerCallFailed``
         (UNAVAILABLE) when the worker cannot be reached."""
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), _CONNECT_TIMEOUT_S)
+            transport, stream = await asyncio.wait_for(
+                loop.create_connection(lambda: cls(max_message_bytes), host, port), _CONNECT_TIMEOUT_S)
         except (OSError, TimeoutError) as error:
             raise WorkerCallFailed(Status.UNAVAILABLE, f"framed session to {host}:{port}: {error!r}") from None
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         authorization = dict(metadata).get("authorization", "")
-        writer.write(frame(worker_pb2.WorkerSessionHello(authorization=authorization).SerializeToString()))
-        return cls(reader, writer, max_message_bytes)
+        transport.write(frame(worker_pb2.WorkerSessionHello(authorization=authorization).SerializeToString()))
+        return stream
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for payload in self._decoder.feed(data):
+                answer = worker_pb2.WorkerSessionResponse.FromString(payload)
+                if not answer.request_id and answer.error_code:  # the worker refused the whole session
+                    self.fail(_failure(answer))
+                    return
+                self.deliver(answer)
+        except (FrameError, DecodeError) as error:
+            self.fail(WorkerCallFailed(Status.UNAVAILABLE, f"the framed session failed: {error}"))
+        except Exception as error:  # a bug: the requests on the stream still end
+            log.exception("a worker session stream failed")
+            self.fail(WorkerCallFailed(Status.INTERNAL, f"the session stream failed: {error!r}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._decoder.check_ended()
+            failure = WorkerCallFailed(Status.UNAVAILABLE, "the worker ended the session stream" if exc is None
+                                       else f"the framed session failed: {exc}")
+        except FrameError as error:
+            failure = WorkerCallFailed(Status.UNAVAILABLE, f"the framed session failed: {error}")
+        self.fail(failure)
 
     def send(self, message: worker_pb2.WorkerSessionRequest) -> None:
-        self._writer.write(frame(message.SerializeToString()))
-
-    async def answers(self) -> AsyncIterator[worker_pb2.WorkerSessionResponse]:
-        try:
-            while (data := await read_frame(self._reader, self._max_bytes)) is not None:
-                answer = worker_pb2.WorkerSessionResponse.FromString(data)
-                if not answer.request_id and answer.error_code:  # the worker refused the whole session
-                    raise _failure(answer)
-                yield answer
-        except (ConnectionError, FrameError, DecodeError) as error:
-            raise WorkerCallFailed(Status.UNAVAILABLE, f"the framed session failed: {error}") from None
+        assert self._transport is not None
+        self._transport.write(frame(message.SerializeToString()))
 
     def cancel(self) -> None:
-        self._writer.close()
+        if self._transport is not None:
+            self._transport.close()
 
 
 class WorkerSession:
@@ -192,7 +234,7 @@ class WorkerSession:
         """End the session (the worker aborts what still runs on it); requests waiting on it fail CANCELLED."""
         stream, self._stream = self._stream, None
         if stream is not None:
-            stream.cancel()
+            stream.fail(WorkerCallFailed(Status.CANCELLED, "the session stream was closed"))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -202,12 +244,12 @@ class WorkerSession:
             if self._stream is None or self._stream.failure is not None:
                 target = self._framed()
                 if target is None:
-                    stream: _Stream = _GrpcStream(self._stub.Session(metadata=self._metadata))
-                    self._start(stream.write())
+                    grpc_stream = _GrpcStream(self._stub.Session(metadata=self._metadata))
+                    self._start(grpc_stream.write())
+                    self._start(grpc_stream.read())
+                    self._stream = grpc_stream
                 else:
-                    stream = await _FramedStream.open(*target, self._metadata, self._max_bytes)
-                self._stream = stream
-                self._start(_read(stream))
+                    self._stream = await _FramedStream.open(*target, self._metadata, self._max_bytes)
             return self._stream
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
@@ -220,29 +262,6 @@ def _failure(answer: worker_pb2.WorkerSessionResponse) -> WorkerCallFailed:
     """The failure an answer carrying an error code reports."""
     code = _CODES.get(answer.error_code, grpc.StatusCode.UNKNOWN)
     return WorkerCallFailed(status_of(code), answer.error_details or code.name)
-
-
-async def _read(stream: _Stream) -> None:
-    """Hand each answer to the request it names; when the session ends, fail every request still on it."""
-    try:
-        async for answer in stream.answers():
-            waiting = stream.waiting.get(answer.request_id)
-            if waiting is not None:
-                waiting.put_nowait(answer)
-        failure = WorkerCallFailed(Status.UNAVAILABLE, "the worker ended the session stream")
-    except WorkerCallFailed as error:
-        failure = error
-    except asyncio.CancelledError:
-        failure = WorkerCallFailed(Status.CANCELLED, "the session stream was closed")
-        raise
-    except Exception as error:  # a bug: the requests on the stream still end
-        log.exception("a worker session stream failed")
-        failure = WorkerCallFailed(Status.INTERNAL, f"the session stream failed: {error!r}")
-    finally:
-        stream.failure = failure
-        stream.cancel()
-        for waiting in stream.waiting.values():
-            waiting.put_nowait(failure)
 
 
 async def _next(answers: asyncio.Queue[_Answer], deadline: float | None) -> _Answer:

@@ -20,12 +20,12 @@ use the gRPC Session.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
+from typing import cast
 
 from google.protobuf.message import DecodeError
 
-from radixserve.cluster.base.framing import FrameError, frame, read_frame
+from radixserve.cluster.base.framing import FrameDecoder, FrameError, frame
 from radixserve.cluster.base.generation import Status
 from radixserve.cluster.base.security import ApiKeys
 from radixserve.cluster.base.wire import Undecodable, grpc_code
@@ -43,72 +43,106 @@ class SessionListener:
         self._keys = keys
         self._max_bytes = max_message_bytes
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: set[_Connection] = set()
 
     async def start(self, host: str, port: int = 0) -> int:
         """Listen and return the bound port; OSError when it cannot be bound."""
-        self._server = await asyncio.start_server(self._connection, host, port)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self._admit, self._keys, self._max_bytes, self._connections), host, port)
         return self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         """Stop listening and end every connection (aborting what still runs on them)."""
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        connections = list(self._connections)
+        for connection in connections:
+            connection.abort()
+        await asyncio.gather(*(connection.ended() for connection in connections), return_exceptions=True)
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+class _Connection(asyncio.Protocol):
+    """One framed Session connection: the hello, then each frame handed to a ``SessionServer`` in the I/O callback
+    that read it, the requests writing their answers on the transport. Listed in ``connections`` until its
+    requests were aborted after its end.
+
+    Answers are written without waiting for the transport to drain: each is a few tokens, the requests on a
+    connection are bounded by the worker's queue, so what the transport may buffer is too."""
+
+    def __init__(self, admit: Admit, keys: ApiKeys, max_message_bytes: int, connections: set[_Connection]) -> None:
+        self._admit = admit
+        self._keys = keys
+        self._decoder = FrameDecoder(max_message_bytes)
+        self._connections = connections
+        self._transport: asyncio.Transport | None = None
+        self._server: SessionServer | None = None  # once the hello was accepted
+        self._closing: asyncio.Task[None] | None = None
+        self._ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
         try:
-            if await self._admitted(reader, writer):
-                await self._serve(reader, writer)
-        except (ConnectionError, FrameError):
-            pass
-        finally:
-            self._connections.discard(task)
-            writer.close()
-
-    async def _admitted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Read the hello; refuse (and say why) a client without an accepted key."""
-        data = await read_frame(reader, self._max_bytes)
-        if data is None:
-            return False
-        try:
-            hello = worker_pb2.WorkerSessionHello.FromString(data)
-        except DecodeError:
-            await _refuse(writer, Status.INVALID_ARGUMENT, "WorkerSessionHello: cannot be parsed")
-            return False
-        if not self._keys.check(hello.authorization or None):
-            await _refuse(writer, Status.UNAUTHENTICATED, "missing or invalid cluster key")
-            return False
-        return True
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Hand each frame to a ``SessionServer`` whose requests write their answers on ``writer``, until the
-        connection ends or a frame is refused.
-
-        Answers are written without waiting for the transport to drain: each is a few tokens, the requests on a
-        connection are bounded by the worker's queue, so what the transport may buffer is too."""
-        def send(answer: worker_pb2.WorkerSessionResponse) -> None:
-            if not writer.is_closing():
-                writer.write(frame(answer.SerializeToString()))
-
-        server = SessionServer(self._admit, send)
-        try:
-            while (data := await read_frame(reader, self._max_bytes)) is not None:
-                message = _parse(data)
-                if isinstance(message, Undecodable):
-                    await _refuse(writer, Status.INVALID_ARGUMENT, message.details)
+            for payload in self._decoder.feed(data):
+                if self._server is None:
+                    self._hello(payload)
+                elif isinstance(message := _parse(payload), Undecodable):
+                    self._refuse(Status.INVALID_ARGUMENT, message.details)
+                else:
+                    self._server.receive(message)
+                if self._transport is None or self._transport.is_closing():
                     return
-                server.receive(message)
         except FrameError as error:
-            await _refuse(writer, Status.INVALID_ARGUMENT, f"WorkerSessionRequest: {error}")
+            self._refuse(Status.INVALID_ARGUMENT, f"{self._expected()}: {error}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = asyncio.get_running_loop().create_task(self._end())
+
+    def abort(self) -> None:
+        """End the connection now, without flushing what is left to write."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    def ended(self) -> asyncio.Future[None]:
+        """Done once the connection ended and its requests were aborted."""
+        return self._ended
+
+    async def _end(self) -> None:
+        try:
+            if self._server is not None:
+                await self._server.close()  # aborts every request still running on the connection
         finally:
-            await server.close()  # aborts every request still running on the connection
+            self._connections.discard(self)
+            self._ended.set_result(None)
+
+    def _expected(self) -> str:
+        return "WorkerSessionHello" if self._server is None else "WorkerSessionRequest"
+
+    def _hello(self, payload: bytes) -> None:
+        """Accept the client, or refuse it (and say why) without an accepted key."""
+        try:
+            hello = worker_pb2.WorkerSessionHello.FromString(payload)
+        except DecodeError:
+            self._refuse(Status.INVALID_ARGUMENT, "WorkerSessionHello: cannot be parsed")
+            return
+        if not self._keys.check(hello.authorization or None):
+            self._refuse(Status.UNAUTHENTICATED, "missing or invalid cluster key")
+            return
+        self._server = SessionServer(self._admit, self._send)
+
+    def _send(self, answer: worker_pb2.WorkerSessionResponse) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(frame(answer.SerializeToString()))
+
+    def _refuse(self, status: Status, details: str) -> None:
+        """The connection-wide refusal: an answer naming no request, then the connection's end (once written)."""
+        self._send(worker_pb2.WorkerSessionResponse(error_code=grpc_code(status).value[0], error_details=details))
+        assert self._transport is not None
+        self._transport.close()
 
 
 def _parse(data: bytes) -> worker_pb2.WorkerSessionRequest | Undecodable:
@@ -116,11 +150,3 @@ def _parse(data: bytes) -> worker_pb2.WorkerSessionRequest | Undecodable:
         return worker_pb2.WorkerSessionRequest.FromString(data)
     except DecodeError as error:
         return Undecodable(f"WorkerSessionRequest: cannot be parsed: {error}")
-
-
-async def _refuse(writer: asyncio.StreamWriter, status: Status, details: str) -> None:
-    """The connection-wide refusal: an answer naming no request."""
-    refusal = worker_pb2.WorkerSessionResponse(error_code=grpc_code(status).value[0], error_details=details)
-    writer.write(frame(refusal.SerializeToString()))
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import grpc
 import pytest
+import uvloop
 from conditions import until
 from gated_engine import GatedEngine
 
@@ -47,7 +48,8 @@ async def tokens(session: WorkerSession, request_id: str, timeout_s: float | Non
 def run(main: Callable[[], Awaitable[T]]) -> T:
     async def bounded() -> T:
         return await asyncio.wait_for(main(), 120)
-    return asyncio.run(bounded())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the loop every serving process runs
+        return runner.run(bounded())
 
 
 @pytest.fixture(params=["framed", "grpc"])

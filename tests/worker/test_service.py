@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+import uvloop
 from conditions import until
 from engine_runs import Completed, run_to_completion
 from gated_engine import GatedEngine
@@ -59,7 +60,8 @@ def run(main: Callable[[], Awaitable[T]]) -> T:
     """Runs an async test body on a fresh loop, bounded in time."""
     async def bounded() -> T:
         return await asyncio.wait_for(main(), 120)
-    return asyncio.run(bounded())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the loop every serving process runs
+        return runner.run(bounded())
 
 
 @contextlib.asynccontextmanager

@@ -14,7 +14,7 @@ from test_service import (GREEDY, LONG, PROMPT, RPC_TIMEOUT_S, checkpoint, direc
                           make_engine, pages_released, request, run, stream_tokens)
 
 from radixserve.cluster.base.config import SecurityConfig
-from radixserve.cluster.base.framing import frame, read_frame
+from radixserve.cluster.base.framing import frame
 from radixserve.v1 import worker_pb2, worker_pb2_grpc
 from radixserve.worker.models.checkpoint import Checkpoint
 from radixserve.worker.engine import Engine
@@ -40,8 +40,15 @@ class Client:
         self.writer.write(frame(message.SerializeToString()))
 
     async def answer(self) -> worker_pb2.WorkerSessionResponse | None:
-        data = await asyncio.wait_for(read_frame(self.reader, MAX_BYTES), RPC_TIMEOUT_S)
-        return None if data is None else worker_pb2.WorkerSessionResponse.FromString(data)
+        """The next frame's message, read by hand (a 4-byte little-endian length, then the message); None once
+        the worker closed the connection."""
+        try:
+            (size,) = struct.unpack("<I", await asyncio.wait_for(self.reader.readexactly(4), RPC_TIMEOUT_S))
+            data = await asyncio.wait_for(self.reader.readexactly(size), RPC_TIMEOUT_S)
+        except asyncio.IncompleteReadError as error:
+            assert not error.partial, "the connection ended inside a frame"
+            return None
+        return worker_pb2.WorkerSessionResponse.FromString(data)
 
     async def tokens(self, request_id: str) -> list[int]:
         answers = []
