@@ -27,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import itertools
+import os
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import cached_property
 
 from radixserve.cluster.base.config import RouterConfig
 from radixserve.cluster.base.generation import (GenerationDelta, GenerationError, GenerationRequest, ServedModel,
@@ -81,6 +83,11 @@ class ModelView:
             eos_token_id=spec.eos_token_id if spec.HasField("eos_token_id") else None)
         return cls(info.model, info.hash_namespace, info.page_size, info.vocab_size, tokenizer)
 
+    @cached_property
+    def hash_seed(self) -> int:
+        """The parent hash of a prompt's first page under this view's namespace."""
+        return namespace_seed(self.hash_namespace)
+
     def matches(self, info: worker_pb2.WorkerInfo) -> bool:
         """Whether the worker's pages hash like ours and it takes our token ids."""
         return (info.hash_namespace, info.page_size, info.vocab_size) == (
@@ -122,6 +129,10 @@ class RouterCore:
         self._view: ModelView | None = None
         self._served: _Served | None = None
         self._preparer = Preparer()
+        # Worker-side request ids: a random prefix per router and a count, unique among every router's requests
+        # at a worker without a call for random bytes per request.
+        self._attempt_prefix = os.urandom(8).hex() + "-"
+        self._attempt_count = itertools.count()
         self.draining = False
         self.warm = False
         self.num_in_flight = 0
@@ -277,7 +288,7 @@ class RouterCore:
         credit is withdrawn when the call fails before the worker's first response: a worker that refused or
         failed the request holds none of it.
         """
-        attempt_id = uuid.uuid4().hex
+        attempt_id = f"{self._attempt_prefix}{next(self._attempt_count):x}"
         client.outstanding.begin(attempt_id, decision.prefill_tokens, decision.output_tokens, decision.active_pages)
         client.num_routed += 1
         self._workers.record_routed(client.worker_id, hashes)
@@ -333,7 +344,7 @@ class RouterCore:
 def _matchable_pages(token_ids: tuple[int, ...], model: ModelView) -> list[int]:
     """The hashes of the prompt's pages a worker can match: those of all but its last token, which a worker
     always computes (its logits give the first output token), so it never matches a page ending there."""
-    return page_hashes(token_ids[:-1], model.page_size, namespace_seed(model.hash_namespace))
+    return page_hashes(token_ids[:-1], model.page_size, model.hash_seed)
 
 
 def _exhausted(failures: list[_Retry]) -> GenerationError:

@@ -10,9 +10,9 @@ Python's salted ``hash()`` is never used: digests are equal across processes and
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array
 from collections.abc import Sequence
-
-import numpy as np
 
 _DIGEST_BYTES = 8
 
@@ -35,7 +35,10 @@ def page_hashes(tokens: Sequence[int], page_size: int, parent: int) -> list[int]
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {page_size}")
     num_pages = len(tokens) // page_size
-    raw = np.asarray(tokens[: num_pages * page_size], dtype="<u4").tobytes()
+    words = array("I", tokens[: num_pages * page_size])  # C unsigned int: 4 bytes wherever CPython runs
+    if sys.byteorder == "big":
+        words.byteswap()
+    raw = words.tobytes()
     page_bytes = page_size * 4
     hashes: list[int] = []
     for i in range(num_pages):
