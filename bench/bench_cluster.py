@@ -437,11 +437,17 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str,
 
 
 async def _read_events(response: httpx.Response, outcome: Outcome, sent: float) -> None:
-    async for line in response.aiter_lines():
+    """Reads the events up to ``[DONE]``, then the body to its end, as the async openai client does over HTTP/1.1
+    (``drain_response_async``): a response left unread closes its connection, and every request would pay a new
+    one."""
+    lines = response.aiter_lines()
+    async for line in lines:
         if not line.startswith("data:"):
             continue
         data = line[len("data:"):].strip()
         if data == "[DONE]":
+            async for _ in lines:
+                pass
             return
         chunk = json.loads(data)
         if "error" in chunk:
